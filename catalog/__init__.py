@@ -1,0 +1,1 @@
+"""The model catalog shared by the CLIs and daemons."""

@@ -1,0 +1,1 @@
+"""rbees-orcd: the thin router in front of the workers."""

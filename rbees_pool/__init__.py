@@ -1,0 +1,1 @@
+"""rbees-pool: the model catalog, downloads and worker lifecycle on one host."""

@@ -1,0 +1,51 @@
+"""One exception hierarchy for the worker: every failure carries a stable code from the SPEC."""
+
+from __future__ import annotations
+
+
+class RbeesError(Exception):
+    """Base error. `code` is the stable string clients and scripts match on."""
+
+    code = "INTERNAL"
+    retriable = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+    def to_dict(self) -> dict[str, object]:
+        return {"code": self.code, "message": self.message, "retriable": self.retriable}
+
+
+class ModelLoadError(RbeesError):
+    """The model file is unreadable, corrupt, truncated or of an unsupported kind."""
+
+    code = "MODEL_LOAD_FAILED"
+
+
+class VramOOM(RbeesError):
+    """The GPU lacks the memory the model, its KV cache and its slots need."""
+
+    code = "VRAM_OOM"
+
+
+class CudaError(RbeesError):
+    """A CUDA call failed; the worker cannot continue on that device."""
+
+    code = "CUDA_ERROR"
+
+
+class InvalidParams(RbeesError):
+    """A request or a configuration value is out of its allowed range."""
+
+    code = "INVALID_PARAMS"
+
+
+class AllSlotsBusy(RbeesError):
+    """Every slot of the worker is generating; the client may retry shortly."""
+
+    code = "ALL_SLOTS_BUSY"
+    retriable = True

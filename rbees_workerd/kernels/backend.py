@@ -1,0 +1,161 @@
+"""The one interface both compute backends implement.
+
+The model (`engine/model.py`) is written once against this interface and never
+branches on the backend. Arrays are whatever the backend owns (NumPy arrays on
+the CPU, device arrays on CUDA); the model only creates them through the
+backend and passes them back to it.
+
+Shapes use these letters: T tokens in the step (prompt tokens of one sequence
+during prefill, one token per active sequence during decode, or a mix), D model
+width, H query heads, G key/value heads, E head size, N/K output/input
+features of a matrix, S slots, C context length, V vocabulary.
+
+All activations are float32. Weight matrices are `[N, K]` (GGUF row-major,
+one row per output feature) and stay in their quantized GGUF format.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+Array = Any  # a backend-owned array; the model treats it as opaque
+
+
+@dataclass(frozen=True)
+class SamplingRow:
+    """What the backend needs to pick the next token of one sequence.
+
+    `uniform` is a random number in [0, 1) drawn on the host from the
+    sequence's own seeded generator, so that a seed reproduces a run on any
+    backend that implements the same filtering. `history` holds the token ids
+    the repetition penalty applies to (prompt and generated, most recent last).
+    """
+
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repetition_penalty: float
+    uniform: float
+    history: np.ndarray  # int32
+
+
+class Backend(ABC):
+    """Memory and math for one device. Ops write into caller-provided `out` arrays."""
+
+    name: str  # "cpu" or "cuda"
+    device: str  # a human-readable device description, e.g. "cpu" or "cuda:0 NVIDIA H100"
+
+    # ---- memory -----------------------------------------------------------------
+    @abstractmethod
+    def weight(self, qtype: int, shape: tuple[int, int], raw: np.ndarray) -> Any:
+        """Prepare a quantized `[N, K]` matrix from its raw GGUF bytes (`uint8[N, row_bytes]`).
+
+        The result stays quantized (a repacking of the same blocks is fine).
+        `qtype` is a `gguf.GGMLQuantizationType` value.
+        """
+
+    @abstractmethod
+    def vector(self, data: np.ndarray) -> Array:
+        """A dense float32 array (norm weights, biases) copied to the device."""
+
+    @abstractmethod
+    def zeros(self, shape: tuple[int, ...], dtype: Any = np.float32) -> Array:
+        """A zero-filled array on the device (scratch buffers, the KV cache)."""
+
+    @abstractmethod
+    def upload(self, host: np.ndarray, out: Array) -> None:
+        """Copy a host array into an existing device array of the same shape (token ids, positions)."""
+
+    @abstractmethod
+    def download(self, a: Array) -> np.ndarray:
+        """Copy a device array to the host."""
+
+    @abstractmethod
+    def memory_bytes(self) -> int:
+        """Bytes this backend holds for weights, cache and scratch (VRAM on CUDA)."""
+
+    # ---- ops --------------------------------------------------------------------
+    @abstractmethod
+    def embed(self, table: Any, tokens: Array, out: Array) -> None:
+        """out[t, :] = dequantized row tokens[t] of the `[V, D]` embedding table."""
+
+    @abstractmethod
+    def matmul(self, x: Array, w: Any, out: Array, bias: Array | None = None) -> None:
+        """out[T, N] = x[T, K] @ w[N, K].T (+ bias[N])."""
+
+    @abstractmethod
+    def rmsnorm(self, x: Array, weight: Array, eps: float, out: Array) -> None:
+        """out[t] = x[t] / sqrt(mean(x[t]**2) + eps) * weight."""
+
+    @abstractmethod
+    def rope(self, x: Array, positions: Array, theta: float, neox: bool) -> None:
+        """Rotate x[T, heads, E] in place by position.
+
+        `neox=False` rotates adjacent pairs (2i, 2i+1) (llama GGUF files);
+        `neox=True` rotates (i, i + E/2) (qwen2).
+        """
+
+    @abstractmethod
+    def attention(
+        self,
+        q: Array,
+        k: Array,
+        v: Array,
+        cache_k: Array,
+        cache_v: Array,
+        slots: Array,
+        positions: Array,
+        out: Array,
+    ) -> None:
+        """Store k/v[T, G, E] at (slots[t], positions[t]) of cache_k/v[S, C, G, E], then attend.
+
+        Token t attends causally to positions 0..positions[t] of its own slot,
+        query head h using key/value head h // (H // G); scale 1/sqrt(E).
+        out is [T, H, E]. All of a step's k/v are stored before any token attends.
+        """
+
+    @abstractmethod
+    def swiglu(self, gate: Array, up: Array, out: Array) -> None:
+        """out = silu(gate) * up."""
+
+    @abstractmethod
+    def add(self, x: Array, y: Array) -> None:
+        """x += y (the residual stream)."""
+
+    @abstractmethod
+    def gather_rows(self, x: Array, rows: Array, out: Array) -> None:
+        """out[r] = x[rows[r]] (the tokens whose logits are needed)."""
+
+    @abstractmethod
+    def sample(self, logits: Array, rows: list[SamplingRow]) -> np.ndarray:
+        """Pick one token id per logits row; only the ids cross to the host.
+
+        The filtering order is fixed so backends agree: repetition penalty
+        (llama.cpp rule: positive logits divided, negative multiplied) on the
+        distinct ids of `history`; temperature 0 means argmax (lowest id on
+        ties); else logits / temperature, keep the top_k (0 = all), softmax,
+        keep the smallest prefix of the sorted probabilities whose sum reaches
+        top_p, drop those below min_p * max probability, renormalize, and take
+        the first token (in descending probability order) whose cumulative
+        probability exceeds `uniform`.
+        """
+
+    # ---- step execution ----------------------------------------------------------
+    def run_step(self, key: Hashable, step: Callable[[], None]) -> None:
+        """Run one forward step; `key` identifies its shapes.
+
+        The CPU runs `step` directly. A GPU backend may capture the launches
+        the first time a key is seen and replay the capture afterwards, which
+        is why a step reads its variable inputs (tokens, positions, slots)
+        only from device buffers that `upload` refreshes before each call.
+        """
+        step()
+
+    def synchronize(self) -> None:
+        """Wait until the device has finished queued work (no-op on the CPU)."""
