@@ -1,13 +1,21 @@
-"""GGUF files: memory-mapped reading (with the `gguf` package) and validation before use."""
+"""GGUF files: memory-mapped reading (with the `gguf` package) and validation before use.
+
+`load_gguf` rejects everything structural (magic, version, truncation, tensor bounds and
+alignment, tensor types) with a ModelLoadError; the engine then calls
+`ModelConfig.from_gguf(f)` (architecture, hyperparameters) and `cfg.check_tensors(f)`
+(tensor names and shapes against the metadata).
+"""
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf.gguf_reader import ReaderField
 
 from rbees_workerd.errors import ModelLoadError
 
@@ -26,6 +34,9 @@ SUPPORTED_QTYPES = frozenset(
         GGMLQuantizationType.Q6_K,
     }
 )
+SUPPORTED_VERSIONS = (2, 3)
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_HEADER = struct.Struct("<IIQQ")  # magic, version, tensor count, metadata key count
 
 
 @dataclass(frozen=True)
@@ -52,30 +63,148 @@ class Tensor:
         return dequantize(self.raw, self.qtype).astype(np.float32).reshape(self.shape)
 
 
+class _Truncated(Exception):
+    """A read ran past the end of the file."""
+
+    def __init__(self, end: int) -> None:
+        super().__init__(end)
+        self.end = end
+
+
+class _CheckedReader(GGUFReader):
+    """GGUFReader that never reads past the end of the map (the base class silently returns
+    short arrays there) and checks every tensor's info before it builds the tensor views."""
+
+    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
+        end = int(offset) + np.dtype(dtype).itemsize * int(count)
+        if end > len(self.data):
+            raise _Truncated(end)
+        return super()._get(offset, dtype, count, override_order)
+
+    def _get_field_parts(
+        self, orig_offs: int, raw_type: int
+    ) -> tuple[int, list[np.ndarray], list[int], list[GGUFValueType]]:
+        """Arrays in bulk: the base class builds two NumPy views per element, which takes
+        seconds for a 50k-token vocabulary. Gives the same `contents()`."""
+        if raw_type != GGUFValueType.ARRAY or self.byte_order != "I":
+            return super()._get_field_parts(orig_offs, raw_type)
+        raw_itype = self._get(orig_offs, np.uint32)
+        count = self._get(orig_offs + 4, np.uint64)
+        itype = GGUFValueType(int(raw_itype[0]))
+        n, offs = int(count[0]), orig_offs + 12
+        types = [GGUFValueType.ARRAY] + ([itype] if n else [])
+        if itype == GGUFValueType.STRING:
+            parts: list[np.ndarray] = [raw_itype, count]
+            buf, size = self.data.view(np.ndarray), len(self.data)  # plain views: memmap's are slow
+            for _ in range(n):
+                if offs + 8 > size:
+                    raise _Truncated(offs + 8)
+                (length,) = struct.unpack_from("<Q", buf, offs)
+                if offs + 8 + length > size:
+                    raise _Truncated(offs + 8 + length)
+                parts.append(buf[offs + 8 : offs + 8 + length])
+                offs += 8 + length
+            return offs - orig_offs, parts, list(range(2, 2 + n)), types
+        scalar = self.gguf_scalar_to_np.get(itype)
+        if scalar is None:  # arrays of arrays: rare and small
+            return super()._get_field_parts(orig_offs, raw_type)
+        values = self._get(offs, scalar, n)
+        return 12 + int(values.nbytes), [raw_itype, count, values], [2], types
+
+    def _build_tensors(self, start_offs: int, fields: list[ReaderField]) -> None:
+        if self.byte_order != "I":
+            raise ModelLoadError("big-endian GGUF files are not supported")
+        spans = [_check_tensor_info(f, start_offs, int(self.alignment), len(self.data)) for f in fields]
+        spans.sort()
+        for (_, a_end, a_name), (b_start, _, b_name) in zip(spans, spans[1:], strict=False):
+            if b_start < a_end:
+                raise ModelLoadError(f"tensors {a_name} and {b_name} overlap (corrupt tensor offsets)")
+        super()._build_tensors(start_offs, fields)
+
+
+def _check_tensor_info(field: ReaderField, data_start: int, alignment: int, size: int) -> tuple[int, int, str]:
+    """Validate one tensor-info record; returns its (start, end, name) byte span in the file."""
+    _, name_data, n_dims, dims, raw_type, offset = field.parts
+    name = bytes(name_data).decode("utf-8", errors="replace")
+    if not 1 <= int(n_dims[0]) <= _MAX_DIMS:
+        raise ModelLoadError(f"tensor {name} has {int(n_dims[0])} dimensions (1 to {_MAX_DIMS} allowed)")
+    ne = [int(d) for d in dims]
+    if min(ne) <= 0:
+        raise ModelLoadError(f"tensor {name} has an empty dimension {ne}")
+    try:
+        qtype = GGMLQuantizationType(int(raw_type[0]))
+    except ValueError:
+        raise ModelLoadError(f"tensor {name} has unknown type id {int(raw_type[0])}") from None
+    if qtype not in SUPPORTED_QTYPES:
+        names = ", ".join(sorted(t.name for t in SUPPORTED_QTYPES))
+        raise ModelLoadError(f"tensor {name} has unsupported quant type {qtype.name} (supported: {names})")
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    if ne[0] % block:
+        raise ModelLoadError(f"tensor {name}: row length {ne[0]} is not a multiple of {qtype.name} blocks")
+    n_bytes = int(np.prod(ne, dtype=object)) // block * type_size
+    rel = int(offset[0])
+    if rel % alignment:
+        raise ModelLoadError(f"tensor {name}: data offset {rel} is not aligned to {alignment} bytes")
+    start = data_start + rel
+    if start + n_bytes > size:
+        raise ModelLoadError(
+            f"tensor {name}: data [{start}, {start + n_bytes}) extends past the end of the file "
+            f"({size} bytes): the file is truncated or the tensor offset is corrupt"
+        )
+    return start, start + n_bytes, name
+
+
+def _check_header(path: Path) -> None:
+    """Magic and version first, so that the commonest wrong files get a precise message."""
+    if path.is_dir():
+        raise ModelLoadError(f"{path} is a directory, not a GGUF file")
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(_HEADER.size)
+    except FileNotFoundError:
+        raise ModelLoadError(f"no such file: {path}") from None
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {path}: {e.strerror or e}") from e
+    if size == 0:
+        raise ModelLoadError(f"{path.name}: the file is empty")
+    if len(head) < 4 or struct.unpack_from("<I", head)[0] != GGUF_MAGIC:
+        raise ModelLoadError(f"{path.name}: bad magic {head[:4]!r}, not a GGUF file")
+    if len(head) < _HEADER.size:
+        raise ModelLoadError(f"{path.name}: the file is truncated inside its {_HEADER.size}-byte header")
+    version = struct.unpack_from("<I", head, 4)[0]
+    if version not in SUPPORTED_VERSIONS:
+        raise ModelLoadError(f"{path.name}: unsupported GGUF version {version} (supported: 2, 3)")
+
+
 class GGUFFile:
     """A validated, memory-mapped GGUF model file."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        _check_header(self.path)
         try:
-            reader = GGUFReader(self.path, "r")
-        except FileNotFoundError as e:
-            raise ModelLoadError(f"no such file: {self.path}") from e
-        except Exception as e:  # the gguf package raises ValueError, struct errors, ...
-            raise ModelLoadError(f"{self.path.name}: not a readable GGUF file ({e})") from e
-        self._reader = reader
-        self.metadata: dict[str, Any] = {}
-        for key, field in reader.fields.items():
-            if key.startswith("GGUF."):
-                continue
-            self.metadata[key] = field.contents()
+            reader = _CheckedReader(self.path, "r")
+            metadata = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+        except ModelLoadError:
+            raise
+        except _Truncated as e:
+            raise ModelLoadError(
+                f"{self.path.name}: the file is truncated: its header and metadata need at least "
+                f"{e.end} bytes, the file has {self.file_size}"
+            ) from None
+        except Exception as e:  # the gguf package raises ValueError, KeyError, UnicodeDecodeError...
+            raise ModelLoadError(f"{self.path.name}: corrupt GGUF header or metadata ({e})") from e
+        self._reader: GGUFReader | None = reader
+        self.metadata: dict[str, Any] = metadata
+        if not isinstance(metadata.get("general.architecture"), str):
+            raise ModelLoadError(f"{self.path.name}: metadata key general.architecture is missing")
         self.tensors: dict[str, Tensor] = {}
         for t in reader.tensors:
-            qtype = GGMLQuantizationType(t.tensor_type)
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-            raw = t.data.view(np.uint8)
             rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-            self.tensors[t.name] = Tensor(t.name, qtype, shape, raw.reshape(rows, -1))
+            raw = t.data.view(np.uint8).reshape(rows, -1)
+            self.tensors[t.name] = Tensor(t.name, GGMLQuantizationType(t.tensor_type), shape, raw)
 
     @property
     def architecture(self) -> str:
@@ -86,15 +215,11 @@ class GGUFFile:
         return self.path.stat().st_size
 
     def close(self) -> None:
-        """Drop the memory map so its pages leave the process once the weights are prepared."""
+        """Drop this object's references to the memory map, so that it is unmapped (its pages
+        leave our RSS) as soon as the last `Tensor.raw` view the caller kept is gone. It is never
+        unmapped by force: a live view would then crash the process on its next read."""
         self.tensors.clear()
-        mm = getattr(self._reader, "data", None)
-        self._reader = None  # type: ignore[assignment]
-        if mm is not None and hasattr(mm, "_mmap") and mm._mmap is not None:
-            try:
-                mm._mmap.close()
-            except BufferError:
-                pass  # a view is still alive somewhere; the mapping goes with it
+        self._reader = None
 
 
 def load_gguf(path: str | Path) -> GGUFFile:

@@ -76,6 +76,13 @@ class Backend(ABC):
     def download(self, a: Array) -> np.ndarray:
         """Copy a device array to the host."""
 
+    def check_fits(self, needed_bytes: int) -> None:
+        """Raise VramOOM before allocating when the device cannot hold `needed_bytes` more.
+
+        The engine calls this once with its whole need (weights, KV cache, scratch).
+        Host memory is not checked: the CPU backend accepts anything.
+        """
+
     @abstractmethod
     def memory_bytes(self) -> int:
         """Bytes this backend holds for weights, cache and scratch (VRAM on CUDA)."""

@@ -1,0 +1,192 @@
+"""Benchmark the worker daemon over HTTP: time to first token, tokens/s at 1/4/8 concurrent streams,
+and the HTTP+SSE overhead per token against the same engine generating in-process.
+
+    .venv/bin/python bench/worker_http.py --model models-cache/SmolLM2-135M-Instruct.Q4_1.gguf
+
+Starts its own `rbees-workerd` (or uses --url), runs each concurrency level after a warm-up, and
+prints a table (or one JSON object with --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle. Once upon a time,"
+
+
+async def _one_stream(client: httpx.AsyncClient, job_id: str, max_tokens: int) -> dict[str, float]:
+    body = {"job_id": job_id, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0}
+    t0 = time.perf_counter()
+    first = last = None
+    tokens = 0
+    engine_rate = 0.0
+    async with client.stream("POST", "/execute", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            frame = json.loads(line[6:])
+            if frame["type"] == "token":
+                last = time.perf_counter()
+                first = first or last
+                tokens += 1
+            elif frame["type"] == "metrics":
+                engine_rate = frame["tokens_per_sec"]
+    assert first is not None and last is not None
+    return {
+        "ttft_s": first - t0,
+        "tokens": tokens,
+        "end_s": last - t0,
+        "first_s": first - t0,
+        "engine_tokens_per_sec": engine_rate,
+    }
+
+
+async def run_level(url: str, concurrency: int, max_tokens: int) -> dict[str, float]:
+    """`concurrency` streams started together; aggregate tokens/s over the wall time of the level."""
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(
+            *(
+                _one_stream(client, f"bench-{concurrency}-{i}-{time.monotonic_ns()}", max_tokens)
+                for i in range(concurrency)
+            )
+        )
+        wall = time.perf_counter() - t0
+    total = sum(r["tokens"] for r in results)
+    per_stream = [(r["tokens"] - 1) / (r["end_s"] - r["first_s"]) for r in results if r["end_s"] > r["first_s"]]
+    return {
+        "concurrency": concurrency,
+        "tokens": total,
+        "wall_s": round(wall, 3),
+        "aggregate_tokens_per_sec": round(total / wall, 2),
+        "per_stream_tokens_per_sec": round(statistics.mean(per_stream), 2),
+        "ttft_ms_mean": round(1000 * statistics.mean(r["ttft_s"] for r in results), 1),
+        "ttft_ms_max": round(1000 * max(r["ttft_s"] for r in results), 1),
+        "engine_reported_tokens_per_sec": round(statistics.mean(r["engine_tokens_per_sec"] for r in results), 2),
+    }
+
+
+def engine_rate(model: str, max_tokens: int, context_length: int) -> float:
+    """Single-sequence decode tokens/s of the same engine in this process (no HTTP), best of 3."""
+    from rbees_workerd.engine.engine import Engine
+    from rbees_workerd.engine.types import GenerationParams
+
+    engine = Engine.load(model, slots=1, context_length=context_length)
+    ids = engine.tokenizer.encode(PROMPT)
+    params = GenerationParams(max_tokens=max_tokens, temperature=0.0)
+    engine.generate_all(ids, params)  # warm-up
+    return max(engine.generate_all(ids, params).decode_tokens_per_sec for _ in range(3))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_daemon(model: str, slots: int, context_length: int) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "rbees_workerd.server",
+        "--worker-id",
+        "bench",
+        "--model",
+        model,
+        "--port",
+        str(port),
+        "--slots",
+        str(slots),
+        "--context-length",
+        str(context_length),
+        "--log-level",
+        "WARNING",
+    ]
+    env = {**os.environ, "NUMBA_CACHE_DIR": os.environ.get("NUMBA_CACHE_DIR", str(REPO / ".numba-cache"))}
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the daemon exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=5).json()["state"] == "Ready":
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("the daemon did not become ready")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(REPO / "models-cache" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    p.add_argument("--url", help="an already running worker (skips starting one)")
+    p.add_argument("--levels", default="1,4,8", help="concurrency levels")
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--context-length", type=int, default=512)
+    p.add_argument("--no-engine", action="store_true", help="skip the in-process engine comparison")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+
+    proc = None
+    url = args.url
+    if url is None:
+        proc, url = start_daemon(args.model, max(levels), args.context_length)
+    try:
+        asyncio.run(run_level(url, 1, 8))  # warm-up: first-call compilation and caches
+        asyncio.run(run_level(url, max(levels), 8))
+        results = [asyncio.run(run_level(url, c, args.max_tokens)) for c in levels]
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(120)
+    report: dict[str, Any] = {"levels": results}
+    single = next((r for r in results if r["concurrency"] == 1), None)
+    if single is not None and not args.no_engine:
+        rate = engine_rate(args.model, args.max_tokens, args.context_length)
+        report["engine_in_process_tokens_per_sec"] = round(rate, 2)
+        report["http_overhead_ms_per_token"] = round(1000 / single["per_stream_tokens_per_sec"] - 1000 / rate, 3)
+    base = single["aggregate_tokens_per_sec"] if single else None
+    for r in results:
+        r["speedup_vs_1"] = round(r["aggregate_tokens_per_sec"] / base, 2) if base else None
+    if args.json:
+        print(json.dumps(report))
+        return
+    cols = [
+        "concurrency",
+        "aggregate_tokens_per_sec",
+        "speedup_vs_1",
+        "per_stream_tokens_per_sec",
+        "ttft_ms_mean",
+        "ttft_ms_max",
+        "engine_reported_tokens_per_sec",
+    ]
+    print(" | ".join(cols))
+    for r in results:
+        print(" | ".join(str(r[c]) for c in cols))
+    for key in ("engine_in_process_tokens_per_sec", "http_overhead_ms_per_token"):
+        if key in report:
+            print(f"{key}: {report[key]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""`rbees-pool`: the local pool CLI (catalog, downloads, workers). Errors exit with the codes in exitcodes.py."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from catalog.errors import CatalogError
+from rbees_pool import cli_models, cli_status, cli_workers
+from rbees_pool.exitcodes import exit_code_for
+from rbees_pool.output import err_console
+from rbees_pool.paths import PoolPaths, default_root
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Manage this pool host: model catalog and downloads, worker daemons, host status.",
+)
+app.add_typer(cli_models.app, name="models")
+app.add_typer(cli_workers.app, name="worker")
+app.add_typer(cli_status.backends_app, name="backends")
+app.command("status")(cli_status.status)
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    root: Annotated[
+        Path | None,
+        typer.Option("--root", envvar="RBEES_HOME", help="Pool root (default ~/.rbees).", show_default=False),
+    ] = None,
+) -> None:
+    ctx.obj = PoolPaths((root or default_root()).expanduser().resolve())
+
+
+def main() -> None:
+    """Run the CLI; a catalog or pool error prints `error: CODE: message` on stderr and exits with its code."""
+    try:
+        app(prog_name="rbees-pool")
+    except CatalogError as exc:
+        err_console.print(f"error: {escape(str(exc))}")
+        sys.exit(int(exit_code_for(exc.code)))

@@ -1,0 +1,1 @@
+"""Worker processes on this host: runtime records, ports, spawn, readiness and stop."""

@@ -1,0 +1,27 @@
+"""A worker's GET /health, as the pool sees it."""
+
+from __future__ import annotations
+
+
+def fetch_health(url: str, timeout_s: float = 2.0) -> dict[str, object] | None:
+    """The worker's /health document, or None when it does not answer (yet) or answers garbage."""
+    import httpx  # slow to import; most commands never poll a worker
+
+    try:
+        response = httpx.get(f"{url}/health", timeout=timeout_s)
+        doc = response.json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def tail(path: str, lines: int = 20) -> str:
+    """The last lines of a log file (empty when it does not exist)."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(0, 2)
+            log.seek(max(0, log.tell() - 64 * 1024))
+            text = log.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])

@@ -1,0 +1,300 @@
+"""The engine: a loaded model plus the sequences it is generating, advanced one batched step at a time.
+
+`step()` builds one flat batch: a token for every sequence that is decoding,
+then prompt chunks of sequences still being prefilled, up to the model's step
+size. A request submitted between steps joins at the next one (continuous
+batching). The engine is not thread-safe: one thread owns it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rbees_workerd.engine.config import ModelConfig
+from rbees_workerd.engine.gguf import load_gguf
+from rbees_workerd.engine.model import Transformer, kv_cache_bytes, scratch_bytes
+from rbees_workerd.engine.sampling import SeededUniforms
+from rbees_workerd.engine.tokenizer import StreamDecoder, Tokenizer
+from rbees_workerd.engine.types import (
+    Event,
+    FinishEvent,
+    GenerationParams,
+    GenerationResult,
+    StopReason,
+    TokenEvent,
+)
+from rbees_workerd.errors import AllSlotsBusy, InvalidParams
+from rbees_workerd.kernels.backend import Backend, SamplingRow
+
+DEFAULT_CONTEXT = 4096
+REPETITION_WINDOW = 64  # llama.cpp's default penalty_last_n
+
+
+def make_backend(name: str, gpu: int = 0, threads: int | None = None) -> Backend:
+    if name == "cpu":
+        from rbees_workerd.kernels.cpu.backend import CpuBackend
+
+        return CpuBackend(threads)
+    if name == "cuda":
+        from rbees_workerd.kernels.cuda import CudaBackend
+
+        return CudaBackend(gpu)
+    raise InvalidParams(f"unknown backend {name!r} (expected cpu or cuda)")
+
+
+@dataclass
+class Sequence:
+    id: int
+    slot: int
+    prompt: list[int]
+    params: GenerationParams
+    decoder: StreamDecoder
+    uniforms: SeededUniforms
+    generated: list[int] = field(default_factory=list)
+    cached: int = 0  # tokens already in the KV cache
+    held: str = ""  # decoded text not yet emitted: it may be the start of a stop string
+    cancelled: bool = False
+    t_start: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.cached < len(self.prompt)
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, model_name: str) -> None:
+        self.model = model
+        self.config: ModelConfig = model.cfg
+        self.backend = model.be
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.slots = model.slots
+        self.context_length = model.context_length
+        self._free = list(range(self.slots - 1, -1, -1))
+        self._active: dict[int, Sequence] = {}
+        self._ids = itertools.count(1)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        backend: str = "cpu",
+        gpu: int = 0,
+        slots: int = 1,
+        context_length: int | None = None,
+        on_progress: Callable[[float], None] | None = None,
+        threads: int | None = None,
+        max_step_tokens: int = 256,
+    ) -> Engine:
+        """Read, validate and prepare a GGUF model; raises ModelLoadError, VramOOM, InvalidParams."""
+        if slots < 1:
+            raise InvalidParams("slots must be at least 1")
+        f = load_gguf(path)
+        try:
+            cfg = ModelConfig.from_gguf(f)
+            cfg.check_tensors(f)
+            tokenizer = Tokenizer.from_gguf(f.metadata)
+            ctx = min(cfg.context_length, context_length or DEFAULT_CONTEXT)
+            if ctx < 1:
+                raise InvalidParams("context length must be at least 1")
+            be = make_backend(backend, gpu, threads)
+            weights = sum(t.raw.nbytes for t in f.tensors.values())
+            be.check_fits(weights + kv_cache_bytes(cfg, slots, ctx) + scratch_bytes(cfg, max_step_tokens))
+            model = Transformer(cfg, f, be, slots, ctx, max_step_tokens, on_progress)
+        finally:
+            f.close()
+        return cls(model, tokenizer, Path(path).stem)
+
+    # ---- sequences
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def has_work(self) -> bool:
+        return bool(self._active)
+
+    def submit(self, prompt_ids: list[int], params: GenerationParams) -> Sequence:
+        """Queue a sequence for the next step; raises AllSlotsBusy or InvalidParams."""
+        if not prompt_ids:
+            raise InvalidParams("the prompt encodes to no tokens")
+        if len(prompt_ids) >= self.context_length:
+            raise InvalidParams(
+                f"the prompt has {len(prompt_ids)} tokens; the context holds {self.context_length}"
+            )
+        if params.max_tokens < 1:
+            raise InvalidParams("max_tokens must be at least 1")
+        if not self._free:
+            raise AllSlotsBusy(f"all {self.slots} slots are generating")
+        seq = Sequence(
+            id=next(self._ids),
+            slot=self._free.pop(),
+            prompt=list(prompt_ids),
+            params=params,
+            decoder=self.tokenizer.stream_decoder(continuation=True),
+            uniforms=SeededUniforms(params.seed),
+        )
+        self._active[seq.id] = seq
+        return seq
+
+    def cancel(self, seq_id: int) -> None:
+        """The sequence ends with CANCELLED at the next step (unknown ids are ignored)."""
+        seq = self._active.get(seq_id)
+        if seq is not None:
+            seq.cancelled = True
+
+    # ---- stepping
+    def step(self) -> list[Event]:
+        events: list[Event] = []
+        for seq in [s for s in self._active.values() if s.cancelled]:
+            events.append(self._finish(seq, "CANCELLED"))
+        if not self._active:
+            return events
+
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        rows: list[int] = []
+        sampled: list[Sequence] = []
+        budget = self.model.max_step_tokens
+        for seq in self._active.values():  # decoding sequences first: one token each
+            if not seq.prefilling:
+                rows.append(len(tokens))
+                sampled.append(seq)
+                tokens.append(seq.generated[-1])
+                positions.append(seq.cached)
+                slots.append(seq.slot)
+                seq.cached += 1
+        budget -= len(tokens)
+        for seq in self._active.values():  # then prompt chunks
+            if not seq.prefilling or budget <= 0:
+                continue
+            chunk = seq.prompt[seq.cached : seq.cached + budget]
+            tokens.extend(chunk)
+            positions.extend(range(seq.cached, seq.cached + len(chunk)))
+            slots.extend([seq.slot] * len(chunk))
+            seq.cached += len(chunk)
+            budget -= len(chunk)
+            if not seq.prefilling:
+                rows.append(len(tokens) - 1)
+                sampled.append(seq)
+
+        logits = self.model.run(
+            np.asarray(tokens, np.int32), np.asarray(positions, np.int32), np.asarray(slots, np.int32),
+            np.asarray(rows, np.int32),
+        )  # fmt: skip
+        if not sampled:
+            return events
+        picks = self.backend.sample(logits, [self._sampling_row(seq) for seq in sampled])
+        for seq, token in zip(sampled, picks.tolist(), strict=True):
+            events.extend(self._accept(seq, int(token)))
+        return events
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        p = seq.params
+        history = (seq.prompt + seq.generated)[-REPETITION_WINDOW:]
+        return SamplingRow(
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            min_p=p.min_p,
+            repetition_penalty=p.repetition_penalty,
+            uniform=seq.uniforms.next(),
+            history=np.asarray(history, np.int32),
+        )
+
+    def _accept(self, seq: Sequence, token: int) -> list[Event]:
+        if seq.t_first is None:
+            seq.t_first = time.perf_counter()
+        if token in self.tokenizer.eos_ids:
+            return self._flush_and_finish(seq, "EOS")
+        seq.generated.append(token)
+        text, stop = self._stop_scan(seq, seq.decoder.push(token))
+        events: list[Event] = [TokenEvent(seq.id, token, text, len(seq.generated) - 1)]
+        if stop is not None:
+            events.append(self._finish(seq, "STOP_SEQUENCE", stop))
+        elif len(seq.generated) >= seq.params.max_tokens or seq.cached >= self.context_length:
+            events.extend(self._flush_and_finish(seq, "MAX_TOKENS"))
+        return events
+
+    def _stop_scan(self, seq: Sequence, new_text: str) -> tuple[str, str | None]:
+        """Text that can be emitted now, and the stop string that matched, if any.
+
+        Text that might be the beginning of a stop string is held back until
+        the next tokens decide, so a matched stop string is never emitted.
+        """
+        stops = seq.params.stop
+        pending = seq.held + new_text
+        if not stops:
+            return pending, None
+        hits = [(pending.find(s), s) for s in stops if s and s in pending]
+        if hits:
+            at, stop = min(hits)
+            seq.held = ""
+            return pending[:at], stop
+        keep = 0
+        for s in stops:
+            for n in range(min(len(s) - 1, len(pending)), 0, -1):
+                if pending.endswith(s[:n]):
+                    keep = max(keep, n)
+                    break
+        seq.held = pending[len(pending) - keep :]
+        return pending[: len(pending) - keep], None
+
+    def _flush_and_finish(self, seq: Sequence, reason: StopReason) -> list[Event]:
+        events: list[Event] = []
+        tail = seq.held + seq.decoder.flush()
+        seq.held = ""
+        if tail and seq.generated:
+            events.append(TokenEvent(seq.id, seq.generated[-1], tail, len(seq.generated) - 1))
+        events.append(self._finish(seq, reason))
+        return events
+
+    def _finish(self, seq: Sequence, reason: StopReason, stop: str | None = None) -> FinishEvent:
+        del self._active[seq.id]
+        self._free.append(seq.slot)
+        now = time.perf_counter()
+        first = seq.t_first or now
+        return FinishEvent(
+            seq_id=seq.id,
+            stop_reason=reason,
+            tokens_out=len(seq.generated),
+            prompt_tokens=seq.prompt_tokens,
+            prefill_time_ms=(first - seq.t_start) * 1000,
+            decode_time_ms=(now - first) * 1000,
+            stop_sequence=stop,
+        )
+
+    # ---- one-shot use
+    def generate(self, prompt_ids: list[int], params: GenerationParams) -> Iterator[Event]:
+        """Run one sequence to its end, yielding its events (the engine must be otherwise idle)."""
+        seq = self.submit(prompt_ids, params)
+        while seq.id in self._active:
+            yield from (e for e in self.step() if e.seq_id == seq.id)
+
+    def generate_all(self, prompt_ids: list[int], params: GenerationParams) -> GenerationResult:
+        result = GenerationResult(text="", prompt_tokens=len(prompt_ids))
+        parts: list[str] = []
+        for event in self.generate(prompt_ids, params):
+            if isinstance(event, TokenEvent):
+                parts.append(event.text)
+                if not result.token_ids or event.index >= len(result.token_ids):
+                    result.token_ids.append(event.token_id)
+            else:
+                result.stop_reason = event.stop_reason
+                result.stop_sequence = event.stop_sequence
+                if event.prefill_time_ms > 0:
+                    result.prefill_tokens_per_sec = event.prompt_tokens / (event.prefill_time_ms / 1000)
+                if event.decode_time_ms > 0 and event.tokens_out > 1:
+                    result.decode_tokens_per_sec = (event.tokens_out - 1) / (event.decode_time_ms / 1000)
+        result.text = "".join(parts)
+        return result

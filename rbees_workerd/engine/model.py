@@ -1,0 +1,171 @@
+"""The transformer forward pass (llama, qwen2), written once against the Backend interface.
+
+One `run` call is one step over a flat batch of tokens: the prompt tokens of a
+sequence being prefilled, one token for each sequence being decoded, or both.
+Each token carries its KV-cache slot and position, so prefill and batched
+decode are the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from rbees_workerd.engine.config import ModelConfig
+from rbees_workerd.engine.gguf import GGUFFile
+from rbees_workerd.kernels.backend import Array, Backend
+
+
+@dataclass
+class Layer:
+    attn_norm: Array
+    wq: Any
+    wk: Any
+    wv: Any
+    wo: Any
+    bq: Array | None
+    bk: Array | None
+    bv: Array | None
+    ffn_norm: Array
+    w_gate: Any
+    w_up: Any
+    w_down: Any
+    cache_k: Array  # [slots, context, G, E]
+    cache_v: Array
+
+
+class Scratch:
+    """Activation buffers for up to `t_max` tokens; steps use their first T rows."""
+
+    def __init__(self, cfg: ModelConfig, be: Backend, t_max: int) -> None:
+        h, g, e = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.tokens = be.zeros((t_max,), np.int32)
+        self.positions = be.zeros((t_max,), np.int32)
+        self.slots = be.zeros((t_max,), np.int32)
+        self.rows = be.zeros((t_max,), np.int32)
+        self.x = be.zeros((t_max, cfg.dim))
+        self.h = be.zeros((t_max, cfg.dim))
+        self.q = be.zeros((t_max, h, e))
+        self.k = be.zeros((t_max, g, e))
+        self.v = be.zeros((t_max, g, e))
+        self.att = be.zeros((t_max, h, e))
+        self.gate = be.zeros((t_max, cfg.ffn_dim))
+        self.up = be.zeros((t_max, cfg.ffn_dim))
+        self.last = be.zeros((t_max, cfg.dim))
+
+
+def scratch_bytes(cfg: ModelConfig, t_max: int) -> int:
+    """What `Scratch` allocates, for the up-front memory check."""
+    per_token = 4 * (4 + 3 * cfg.dim + 2 * cfg.n_heads * cfg.head_dim + 2 * cfg.n_kv_heads * cfg.head_dim)
+    return t_max * (per_token + 8 * cfg.ffn_dim)
+
+
+def kv_cache_bytes(cfg: ModelConfig, slots: int, context_length: int) -> int:
+    return 2 * 4 * cfg.n_layers * slots * context_length * cfg.n_kv_heads * cfg.head_dim
+
+
+class Transformer:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        f: GGUFFile,
+        be: Backend,
+        slots: int,
+        context_length: int,
+        max_step_tokens: int = 256,
+        on_progress: Callable[[float], None] | None = None,
+    ) -> None:
+        self.cfg, self.be = cfg, be
+        self.slots, self.context_length, self.max_step_tokens = slots, context_length, max_step_tokens
+        t = f.tensors
+
+        def mat(name: str) -> Any:
+            return be.weight(int(t[name].qtype), t[name].shape, t[name].raw)
+
+        def vec(name: str) -> Array | None:
+            return be.vector(t[name].as_float32()) if name in t else None
+
+        self.token_embd = mat("token_embd.weight")
+        self.output = self.token_embd if cfg.tied_embeddings else mat("output.weight")
+        self.output_norm = vec("output_norm.weight")
+        cache_shape = (slots, context_length, cfg.n_kv_heads, cfg.head_dim)
+        self.layers: list[Layer] = []
+        for i in range(cfg.n_layers):
+            p = f"blk.{i}."
+            self.layers.append(
+                Layer(
+                    attn_norm=vec(p + "attn_norm.weight"),
+                    wq=mat(p + "attn_q.weight"),
+                    wk=mat(p + "attn_k.weight"),
+                    wv=mat(p + "attn_v.weight"),
+                    wo=mat(p + "attn_output.weight"),
+                    bq=vec(p + "attn_q.bias"),
+                    bk=vec(p + "attn_k.bias"),
+                    bv=vec(p + "attn_v.bias"),
+                    ffn_norm=vec(p + "ffn_norm.weight"),
+                    w_gate=mat(p + "ffn_gate.weight"),
+                    w_up=mat(p + "ffn_up.weight"),
+                    w_down=mat(p + "ffn_down.weight"),
+                    cache_k=be.zeros(cache_shape),
+                    cache_v=be.zeros(cache_shape),
+                )
+            )
+            if on_progress:
+                on_progress((i + 1) / cfg.n_layers)
+        self.scratch = Scratch(cfg, be, max_step_tokens)
+        self._logits: dict[int, Array] = {}
+
+    def run(self, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray, logit_rows: np.ndarray) -> Array:
+        """One step; returns the backend's logits [len(logit_rows), V] for the requested token rows."""
+        n, r = len(tokens), len(logit_rows)
+        if not 0 < n <= self.max_step_tokens or not 0 < r <= n:
+            raise ValueError(f"a step takes 1..{self.max_step_tokens} tokens and 1..T logit rows")
+        be, s = self.be, self.scratch
+        be.upload(np.asarray(tokens, np.int32), s.tokens[:n])
+        be.upload(np.asarray(positions, np.int32), s.positions[:n])
+        be.upload(np.asarray(slots, np.int32), s.slots[:n])
+        be.upload(np.asarray(logit_rows, np.int32), s.rows[:r])
+        if r not in self._logits:
+            self._logits[r] = be.zeros((r, self.cfg.vocab_size))
+        logits = self._logits[r]
+        be.run_step((n, r), lambda: self._step(n, r, logits))
+        return logits
+
+    def forward(
+        self, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray, logit_rows: np.ndarray
+    ) -> np.ndarray:
+        """`run`, with the logits copied to the host (tests and tools)."""
+        return self.be.download(self.run(tokens, positions, slots, logit_rows))
+
+    def _step(self, n: int, r: int, logits: Array) -> None:
+        cfg, be, s = self.cfg, self.be, self.scratch
+        tokens, positions, slots = s.tokens[:n], s.positions[:n], s.slots[:n]
+        x, h = s.x[:n], s.h[:n]
+        q, k, v, att = s.q[:n], s.k[:n], s.v[:n], s.att[:n]
+        q2, k2, v2, att2 = (a.reshape(n, -1) for a in (q, k, v, att))
+        gate, up = s.gate[:n], s.up[:n]
+
+        be.embed(self.token_embd, tokens, x)
+        for layer in self.layers:
+            be.rmsnorm(x, layer.attn_norm, cfg.norm_eps, h)
+            be.matmul(h, layer.wq, q2, layer.bq)
+            be.matmul(h, layer.wk, k2, layer.bk)
+            be.matmul(h, layer.wv, v2, layer.bv)
+            be.rope(q, positions, cfg.rope_theta, cfg.rope_neox)
+            be.rope(k, positions, cfg.rope_theta, cfg.rope_neox)
+            be.attention(q, k, v, layer.cache_k, layer.cache_v, slots, positions, att)
+            be.matmul(att2, layer.wo, h)
+            be.add(x, h)
+            be.rmsnorm(x, layer.ffn_norm, cfg.norm_eps, h)
+            be.matmul(h, layer.w_gate, gate)
+            be.matmul(h, layer.w_up, up)
+            be.swiglu(gate, up, gate)
+            be.matmul(gate, layer.w_down, h)
+            be.add(x, h)
+        last = s.last[:r]
+        be.gather_rows(x, s.rows[:r], last)
+        be.rmsnorm(last, self.output_norm, cfg.norm_eps, last)
+        be.matmul(last, self.output, logits)

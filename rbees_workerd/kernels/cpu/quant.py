@@ -1,0 +1,99 @@
+"""Quantized matrices on the CPU: `prepare` once at load, then `matmul` and `embed_rows` per step.
+
+A `QMatrix` keeps the GGUF weights quantized, repacked by `quant_pack` into the
+layout the Numba kernels of `quant_kernels` stream (scales widened to float32,
+rows grouped in chunks). Activations stay float32: the kernels multiply them by
+the integer quant values and apply the block scales once per block, so results
+match dequantize-then-multiply up to float32 rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from rbees_workerd.errors import InvalidParams, ModelLoadError
+from rbees_workerd.kernels.cpu import quant_kernels as qk
+from rbees_workerd.kernels.cpu.quant_pack import Blocks, pack_blocks, pack_dense
+
+_Q = GGMLQuantizationType
+_DENSE = (_Q.F32, _Q.F16, _Q.BF16)
+SUPPORTED = frozenset({*_DENSE, _Q.Q8_0, _Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1, _Q.Q4_K, _Q.Q5_K, _Q.Q6_K})
+
+
+@dataclass(frozen=True)
+class QMatrix:
+    """A prepared `[N, K]` weight matrix. Exactly one of `blocks` / `dense` is set."""
+
+    qtype: int
+    shape: tuple[int, int]
+    nbytes: int
+    blocks: Blocks | None = None
+    dense: np.ndarray | None = None
+
+
+def prepare(qtype: int, shape: tuple[int, int], raw: np.ndarray) -> QMatrix:
+    """Repack the GGUF bytes `raw` (uint8[N, row_bytes]) of an `[N, K]` matrix; `raw` is copied."""
+    if qtype not in SUPPORTED:
+        raise ModelLoadError(f"quant type {qtype} is not supported by the CPU backend")
+    n, k = (int(s) for s in shape)
+    block, type_size = GGML_QUANT_SIZES[_Q(qtype)]
+    if n <= 0 or k <= 0 or k % block or raw.dtype != np.uint8 or raw.shape != (n, k // block * type_size):
+        raise ModelLoadError(
+            f"{_Q(qtype).name} tensor of shape {shape} needs uint8[{n}, {k // block * type_size}] "
+            f"(K a multiple of {block}), got {raw.dtype}{list(raw.shape)}"
+        )
+    if qtype in _DENSE:
+        dense = pack_dense(qtype, raw)
+        return QMatrix(qtype, (n, k), dense.nbytes, dense=dense)
+    b = pack_blocks(qtype, raw)
+    return QMatrix(qtype, (n, k), b.qs.nbytes + b.qh.nbytes + b.d.nbytes + b.m.nbytes, blocks=b)
+
+
+def _check(a: np.ndarray, rows: int, cols: int, what: str) -> None:
+    if a.dtype != np.float32 or a.ndim != 2 or a.shape != (rows, cols) or not a.flags.c_contiguous:
+        raise InvalidParams(f"{what} must be C-contiguous float32[{rows}, {cols}], got {a.dtype}{list(a.shape)}")
+
+
+def matmul(x: np.ndarray, w: QMatrix, out: np.ndarray) -> None:
+    """out[T, N] = x[T, K] @ dequant(w).T."""
+    n, k = w.shape
+    t = x.shape[0] if x.ndim == 2 else -1
+    _check(x, t, k, "matmul input")
+    _check(out, t, n, "matmul output")
+    if np.may_share_memory(x, out):
+        raise InvalidParams("matmul input and output must not overlap")
+    if t == 0:
+        return
+    nthreads = numba.get_num_threads()  # the caller's numba.set_num_threads (thread-local)
+    if w.blocks is not None:
+        b = w.blocks
+        sxh = np.empty((t, k // 16), np.float32)
+        qk.half_sums(x, sxh)
+        qk.matmul_blocks(x, b.qs, b.qh, b.d, b.m, b.kind, b.ebits, b.half, np.float32(b.offset), sxh, nthreads, out)
+    elif w.qtype == _Q.F32:
+        qk.matmul_f32(x, w.dense, nthreads, out)
+    else:
+        qk.matmul_f16(x, w.dense, w.qtype == _Q.BF16, nthreads, out)
+
+
+def embed_rows(w: QMatrix, tokens: np.ndarray, out: np.ndarray) -> None:
+    """out[t] = dequant(w)[tokens[t]] (the embedding lookup on the quantized table)."""
+    n, k = w.shape
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+        raise InvalidParams(f"token ids must be a 1-D integer array, got {tokens.dtype}{list(tokens.shape)}")
+    _check(out, tokens.shape[0], k, "embedding output")
+    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= n):
+        raise InvalidParams(f"token id out of range [0, {n})")
+    ids = tokens.astype(np.int64, copy=False)
+    if w.blocks is not None:
+        b = w.blocks
+        qk.embed_blocks(b.qs, b.qh, b.d, b.m, b.kind, b.ebits, b.half, np.float32(b.offset), ids, out)
+    elif w.qtype == _Q.F32:
+        qk.embed_dense(w.dense, ids, out)
+    else:
+        qk.embed_half(w.dense, w.qtype == _Q.BF16, ids, out)

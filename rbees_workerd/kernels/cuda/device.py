@@ -1,0 +1,108 @@
+"""Device helpers shared by the kernels, with a variant the CUDA simulator can run.
+
+The simulator (NUMBA_ENABLE_CUDASIM=1, used by CI) has no warp shuffles and no
+libdevice, so the warp sum and the float/bit casts are chosen at import: on a
+GPU they are shuffles and intrinsics, under the simulator a shared-memory sum
+and NumPy views. Every kernel calls the reductions from all threads of the
+block, so both variants are valid.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import config, cuda, float32, int32, uint32
+
+SIM = bool(config.ENABLE_CUDASIM)
+JIT = {"cache": not SIM, "fastmath": True}
+FULL_MASK = 0xFFFFFFFF
+
+
+if SIM:
+
+    @cuda.jit(device=True)
+    def warp_sum(v, scratch):  # pragma: no cover - the device variant below is the fast one
+        """The sum of v over the 32 lanes of this thread's warp (every lane gets it)."""
+        tid = cuda.threadIdx.x
+        scratch[tid] = v
+        cuda.syncthreads()
+        base = tid - tid % 32
+        s = float32(0.0)
+        for i in range(32):
+            s += scratch[base + i]
+        cuda.syncthreads()
+        return s
+
+    @cuda.jit(device=True)
+    def f32_from_bits(bits):
+        return np.uint32(int(bits) & 0xFFFFFFFF).view(np.float32)
+
+    @cuda.jit(device=True)
+    def bits_from_f32(x):
+        return int(np.float32(x).view(np.uint32))
+
+else:
+
+    @cuda.jit(device=True)
+    def warp_sum(v, scratch):
+        """The sum of v over the 32 lanes of this thread's warp (every lane gets it)."""
+        off = 16
+        while off > 0:
+            v += cuda.shfl_xor_sync(FULL_MASK, v, off)
+            off //= 2
+        return v
+
+    @cuda.jit(device=True)
+    def f32_from_bits(bits):
+        return cuda.libdevice.int_as_float(int32(bits))
+
+    @cuda.jit(device=True)
+    def bits_from_f32(x):
+        return uint32(cuda.libdevice.float_as_int(x))
+
+
+@cuda.jit(device=True)
+def block_sum(v, sh):
+    """Sum over the block (blockDim.x a power of two, sh a shared float32[blockDim.x])."""
+    tid = cuda.threadIdx.x
+    sh[tid] = v
+    cuda.syncthreads()
+    s = cuda.blockDim.x // 2
+    while s > 0:
+        if tid < s:
+            sh[tid] += sh[tid + s]
+        cuda.syncthreads()
+        s //= 2
+    r = sh[0]
+    cuda.syncthreads()
+    return r
+
+
+@cuda.jit(device=True)
+def block_max(v, sh):
+    """Maximum over the block, like block_sum."""
+    tid = cuda.threadIdx.x
+    sh[tid] = v
+    cuda.syncthreads()
+    s = cuda.blockDim.x // 2
+    while s > 0:
+        if tid < s:
+            sh[tid] = max(sh[tid], sh[tid + s])
+        cuda.syncthreads()
+        s //= 2
+    r = sh[0]
+    cuda.syncthreads()
+    return r
+
+
+@cuda.jit(device=True)
+def half_bits_to_f32(h):
+    """The float32 value of IEEE half bits (exact)."""
+    sign = (h & 0x8000) << 16
+    e = (h >> 10) & 0x1F
+    m = h & 0x3FF
+    if e == 0:
+        v = float32(m) * float32(5.960464477539063e-08)  # m * 2^-24, exact
+        return -v if sign else v
+    if e == 31:
+        return f32_from_bits(sign | 0x7F800000 | (m << 13))
+    return f32_from_bits(sign | ((e + 112) << 23) | (m << 13))

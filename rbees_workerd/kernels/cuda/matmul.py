@@ -1,0 +1,173 @@
+"""Quantized matrix products and embedding lookups on the device layout of `repack`.
+
+A row group of 32 weights is read as four items of 8 weights; the 32 lanes of a
+warp take consecutive items of one output row (coalesced 16-byte spans of the
+packed words), dequantize them in registers and reduce across the warp. A warp
+keeps TB tokens' accumulators, so a weight item read once serves TB tokens
+(prefill and batched decode); a row's warp also serves the fused forms:
+several matrices sharing an input (q, k, v), gate and up with SwiGLU, and the
+residual add after a projection.
+"""
+
+from __future__ import annotations
+
+import math
+
+from numba import cuda, float32, int32
+
+from rbees_workerd.kernels.cuda.device import JIT, f32_from_bits, half_bits_to_f32, warp_sum
+from rbees_workerd.kernels.cuda.repack import BF16, F16, NIB4, NIB5, Q6, Q8
+
+TB = 4  # tokens per warp
+WARPS = 4  # rows per block
+MODE_ROWS, MODE_SWIGLU = 0, 1
+
+
+@cuda.jit(device=True)
+def elem(fmt, q, j):
+    """Offset within its group of the j-th weight of item q."""
+    if fmt <= Q6:  # the nibble layouts
+        return 4 * q + j if j < 4 else 12 + 4 * q + j
+    return 8 * q + j
+
+
+@cuda.jit(device=True)
+def decode(words, d, m, fmt, off, row, g, q, wv):
+    """Dequantize item q of group g of a row into wv[0:8] (the weights at elem(fmt, q, j))."""
+    if fmt <= NIB5:
+        base = g * 4 if fmt == NIB4 else g * 5 + 1
+        w = words[row, base + q]
+        hb = words[row, g * 5] if fmt == NIB5 else 0
+        scale = d[row, g]
+        mn = m[row, g]
+        for j in range(8):
+            sh = 8 * j if j < 4 else 8 * (j - 4) + 4
+            v = (w >> sh) & 15
+            if fmt == NIB5:
+                e = 4 * q + j if j < 4 else 12 + 4 * q + j
+                v |= ((hb >> e) & 1) << 4
+            wv[j] = (float32(v) + off) * scale + mn
+    elif fmt == Q6:
+        w = words[row, g * 6 + q]
+        lo = words[row, g * 6 + 4]
+        hi = words[row, g * 6 + 5]
+        d0 = d[row, 2 * g]
+        d1 = d[row, 2 * g + 1]
+        for j in range(8):
+            if j < 4:
+                v = ((w >> (8 * j)) & 15) | (((lo >> (2 * (4 * q + j))) & 3) << 4)
+                wv[j] = float32(float32(v) - 32.0) * d0
+            else:
+                v = ((w >> (8 * (j - 4) + 4)) & 15) | (((hi >> (2 * (4 * q + j - 4))) & 3) << 4)
+                wv[j] = float32(float32(v) - 32.0) * d1
+    elif fmt == Q8:
+        scale = d[row, g]
+        for half in range(2):
+            w = words[row, g * 8 + 2 * q + half]
+            for b in range(4):
+                v = int32((w >> (8 * b)) & 255)  # signed arithmetic (the simulator keeps uint32)
+                wv[4 * half + b] = float32(v - 256 if v >= 128 else v) * scale
+    elif F16 <= fmt <= BF16:
+        for i in range(4):
+            w = words[row, g * 16 + 4 * q + i]
+            if fmt == F16:
+                wv[2 * i] = half_bits_to_f32(w & 0xFFFF)
+                wv[2 * i + 1] = half_bits_to_f32(w >> 16)
+            else:
+                wv[2 * i] = f32_from_bits((w & 0xFFFF) << 16)
+                wv[2 * i + 1] = f32_from_bits(w & 0xFFFF0000)
+    else:  # F32
+        for j in range(8):
+            wv[j] = f32_from_bits(words[row, g * 32 + 8 * q + j])
+
+
+@cuda.jit(device=True)
+def _dot_tokens(x, t0, n_tok, col, fmt, q, wv, acc):
+    """acc[tt] += sum_j wv[j] * x[t0 + tt, col + elem(j)] for the tile's tokens."""
+    for tt in range(TB):
+        t = t0 + tt
+        if t < n_tok:
+            s = float32(0.0)
+            for j in range(8):
+                s += wv[j] * x[t, col + elem(fmt, q, j)]
+            acc[tt] += s
+
+
+@cuda.jit(**JIT)
+def matmul_kernel(x, w0, d0, m0, o0, b0, w1, d1, m1, o1, b1, w2, d2, m2, o2, b2,
+                  n0, n1, n2, fmt, off, mode, flags, res):  # fmt: skip
+    """out_i[T, N_i] = x[T, K] @ W_i.T (+ b_i) for up to three matrices of one format.
+
+    MODE_ROWS: the warp's row indexes the matrices' rows one after another.
+    MODE_SWIGLU: row r of matrices 0 and 1; o2 = silu(o0) * o1.
+    flags: bit i = matrix i has a bias; bit 3 = res += o0 (the residual add).
+    """
+    scratch = cuda.shared.array(128, float32)
+    wv = cuda.local.array(8, float32)
+    acc_a = cuda.local.array(TB, float32)
+    acc_b = cuda.local.array(TB, float32)
+    lane = cuda.threadIdx.x % 32
+    row = cuda.blockIdx.x * WARPS + cuda.threadIdx.x // 32
+    t0 = cuda.blockIdx.y * TB
+    n_tok = x.shape[0]
+    items = (x.shape[1] // 32) * 4
+    for tt in range(TB):
+        acc_a[tt] = 0.0
+        acc_b[tt] = 0.0
+    which = 0
+    r = row
+    total = n0 if mode == MODE_SWIGLU else n0 + n1 + n2
+    if mode == MODE_ROWS and r >= n0:
+        r -= n0
+        which = 1
+        if r >= n1:
+            r -= n1
+            which = 2
+    if row < total:
+        for it in range(lane, items, 32):
+            g = it // 4
+            q = it % 4
+            if which == 0:
+                decode(w0, d0, m0, fmt, off, r, g, q, wv)
+            elif which == 1:
+                decode(w1, d1, m1, fmt, off, r, g, q, wv)
+            else:
+                decode(w2, d2, m2, fmt, off, r, g, q, wv)
+            _dot_tokens(x, t0, n_tok, g * 32, fmt, q, wv, acc_a)
+            if mode == MODE_SWIGLU:
+                decode(w1, d1, m1, fmt, off, r, g, q, wv)
+                _dot_tokens(x, t0, n_tok, g * 32, fmt, q, wv, acc_b)
+    for tt in range(TB):
+        a = warp_sum(acc_a[tt], scratch)
+        b = warp_sum(acc_b[tt], scratch) if mode == MODE_SWIGLU else float32(0.0)
+        t = t0 + tt
+        if lane == 0 and row < total and t < n_tok:
+            if which == 0:
+                if flags & 1:
+                    a += b0[r]
+                o0[t, r] = a
+                if flags & 8:
+                    res[t, r] += a
+                if mode == MODE_SWIGLU:
+                    if flags & 2:
+                        b += b1[r]
+                    o1[t, r] = b
+                    o2[t, r] = a / (float32(1.0) + math.exp(-a)) * b
+            elif which == 1:
+                o1[t, r] = a + b1[r] if flags & 2 else a
+            else:
+                o2[t, r] = a + b2[r] if flags & 4 else a
+
+
+@cuda.jit(**JIT)
+def embed_kernel(words, d, m, fmt, off, tokens, out):
+    """out[t, :] = dequantized row tokens[t]; grid (T, ceil(items / blockDim))."""
+    wv = cuda.local.array(8, float32)
+    t = cuda.blockIdx.x
+    it = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
+    if it < (out.shape[1] // 32) * 4:
+        g = it // 4
+        q = it % 4
+        decode(words, d, m, fmt, off, tokens[t], g, q, wv)
+        for j in range(8):
+            out[t, g * 32 + elem(fmt, q, j)] = wv[j]

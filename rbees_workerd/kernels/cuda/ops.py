@@ -1,0 +1,136 @@
+"""Device kernels for everything but the matrix products: norm, RoPE, KV store, attention, SwiGLU."""
+
+from __future__ import annotations
+
+import math
+
+from numba import cuda, float32, float64
+
+from rbees_workerd.kernels.cuda.device import JIT, block_max, block_sum
+
+NORM_THREADS = 256
+ATT_THREADS = 128
+ATT_CHUNK = 1024  # positions whose scores one pass keeps in shared memory
+
+
+@cuda.jit(**JIT)
+def rmsnorm_kernel(x, weight, eps, out):
+    """One block per token."""
+    sh = cuda.shared.array(NORM_THREADS, float32)
+    t = cuda.blockIdx.x
+    d = x.shape[1]
+    ss = float32(0.0)
+    for i in range(cuda.threadIdx.x, d, NORM_THREADS):
+        ss += x[t, i] * x[t, i]
+    ss = block_sum(ss, sh)
+    inv = float32(1.0 / math.sqrt(ss / d + eps))
+    for i in range(cuda.threadIdx.x, d, NORM_THREADS):
+        out[t, i] = x[t, i] * inv * weight[i]
+
+
+@cuda.jit(**JIT)
+def rope_kernel(x, positions, theta, neox):
+    """x[T, heads, E] in place; one thread per (token, head, pair); angles in float64 like the CPU."""
+    i = cuda.grid(1)
+    t_count, heads, e = x.shape
+    half = e // 2
+    if i >= t_count * heads * half:
+        return
+    t = i // (heads * half)
+    h = (i // half) % heads
+    p = i % half
+    freq = float64(positions[t]) * theta ** (-2.0 * p / e)
+    c = float32(math.cos(freq))
+    s = float32(math.sin(freq))
+    a = p if neox else 2 * p
+    b = p + half if neox else 2 * p + 1
+    x0 = x[t, h, a]
+    x1 = x[t, h, b]
+    x[t, h, a] = x0 * c - x1 * s
+    x[t, h, b] = x0 * s + x1 * c
+
+
+@cuda.jit(**JIT)
+def kv_store_kernel(k, v, cache_k, cache_v, slots, positions):
+    i = cuda.grid(1)
+    t_count, g_count, e = k.shape
+    if i < t_count * g_count * e:
+        t = i // (g_count * e)
+        g = (i // e) % g_count
+        j = i % e
+        cache_k[slots[t], positions[t], g, j] = k[t, g, j]
+        cache_v[slots[t], positions[t], g, j] = v[t, g, j]
+
+
+@cuda.jit(**JIT)
+def attention_kernel(q, cache_k, cache_v, slots, positions, out):
+    """One block per (token, head): scores of a chunk of positions in shared memory, online softmax."""
+    scores = cuda.shared.array(ATT_CHUNK, float32)
+    sh = cuda.shared.array(ATT_THREADS, float32)
+    t = cuda.blockIdx.x
+    h = cuda.blockIdx.y
+    tid = cuda.threadIdx.x
+    e = q.shape[2]
+    g = h // (q.shape[1] // cache_k.shape[2])
+    s = slots[t]
+    n = positions[t] + 1
+    scale = float32(1.0 / math.sqrt(e))
+    best = float32(-math.inf)
+    total = float32(0.0)
+    acc = float32(0.0)  # out[t, h, tid] for tid < e
+    for c0 in range(0, n, ATT_CHUNK):
+        c1 = min(n, c0 + ATT_CHUNK)
+        local_best = float32(-math.inf)
+        for p in range(c0 + tid, c1, ATT_THREADS):
+            dot = float32(0.0)
+            for i in range(e):
+                dot += q[t, h, i] * cache_k[s, p, g, i]
+            dot *= scale
+            scores[p - c0] = dot
+            local_best = max(local_best, dot)
+        new_best = max(best, block_max(local_best, sh))
+        part = float32(0.0)
+        for p in range(c0 + tid, c1, ATT_THREADS):
+            w = math.exp(scores[p - c0] - new_best)
+            scores[p - c0] = w
+            part += w
+        part = block_sum(part, sh)  # also orders the score writes before the reads below
+        rescale = math.exp(best - new_best)
+        total = total * rescale + part
+        if tid < e:
+            acc *= rescale
+            for p in range(c0, c1):
+                acc += scores[p - c0] * cache_v[s, p, g, tid]
+        best = new_best
+        cuda.syncthreads()
+    if tid < e:
+        out[t, h, tid] = acc / total
+
+
+@cuda.jit(**JIT)
+def swiglu_kernel(gate, up, out):
+    i, j = cuda.grid(2)
+    if i < gate.shape[0] and j < gate.shape[1]:
+        g = gate[i, j]
+        out[i, j] = g / (float32(1.0) + math.exp(-g)) * up[i, j]
+
+
+@cuda.jit(**JIT)
+def add_kernel(x, y):
+    i, j = cuda.grid(2)
+    if i < x.shape[0] and j < x.shape[1]:
+        x[i, j] += y[i, j]
+
+
+@cuda.jit(**JIT)
+def add_bias_kernel(out, bias):
+    i, j = cuda.grid(2)
+    if i < out.shape[0] and j < out.shape[1]:
+        out[i, j] += bias[j]
+
+
+@cuda.jit(**JIT)
+def gather_kernel(x, rows, out):
+    i, j = cuda.grid(2)
+    if i < out.shape[0] and j < out.shape[1]:
+        out[i, j] = x[rows[i], j]

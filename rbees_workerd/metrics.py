@@ -1,0 +1,51 @@
+"""Prometheus metrics of one worker, in its own registry (several workers may share a test process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, generate_latest
+
+STATES = ("Starting", "Loading", "Ready", "Executing", "Draining", "Stopped")
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class WorkerMetrics:
+    """The counters, histograms and gauges `/metrics` exposes; prometheus-client makes them thread-safe."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.jobs_started = Counter("rbees_worker_jobs_started", "Jobs accepted into a slot", registry=r)
+        self.jobs_completed = Counter(
+            "rbees_worker_jobs_completed", "Jobs that ended normally", ["stop_reason"], registry=r
+        )
+        self.jobs_failed = Counter("rbees_worker_jobs_failed", "Jobs that ended with an error", registry=r)
+        self.jobs_cancelled = Counter(
+            "rbees_worker_jobs_cancelled", "Jobs cancelled by /cancel, a disconnect or a drain", registry=r
+        )
+        self.jobs_rejected = Counter(
+            "rbees_worker_jobs_rejected", "Requests refused before starting", ["code"], registry=r
+        )
+        self.prompt_tokens = Counter("rbees_worker_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.tokens_generated = Counter("rbees_worker_tokens_generated", "Tokens generated", registry=r)
+        self.time_to_first_token = Histogram(
+            "rbees_worker_time_to_first_token_seconds",
+            "From submission to the first sampled token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.token_latency = Histogram(
+            "rbees_worker_token_latency_seconds",
+            "Between consecutive tokens of one job",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.slots_total = Gauge("rbees_worker_slots_total", "Slots of this worker", registry=r)
+        self.slots_in_use = Gauge("rbees_worker_slots_in_use", "Slots generating now", registry=r)
+        self.model_bytes = Gauge("rbees_worker_model_bytes", "Device memory the engine holds", registry=r)
+        self.vram_bytes = Gauge("rbees_worker_vram_bytes", "GPU memory the engine holds", registry=r)
+        self.load_progress = Gauge("rbees_worker_load_progress", "Model load progress, 0 to 1", registry=r)
+        self.state = Enum("rbees_worker_state", "Lifecycle state", states=list(STATES), registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

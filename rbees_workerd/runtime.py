@@ -1,0 +1,278 @@
+"""The worker's lifecycle and its jobs, between the HTTP routes and the scheduler thread.
+
+Starting -> Loading -> Ready (Executing while jobs run) -> Draining -> Stopped. No HTTP here:
+the routes call `start_job`/`cancel_job` and turn the errors raised into responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from rbees_workerd.engine.types import Event, FinishEvent, GenerationParams
+from rbees_workerd.errors import AllSlotsBusy, InvalidParams
+from rbees_workerd.http_errors import Draining, FieldInvalid, JobNotFound, NotReady
+from rbees_workerd.metrics import WorkerMetrics
+from rbees_workerd.scheduler import Scheduler
+from rbees_workerd.schemas import ExecuteRequest
+from rbees_workerd.settings import Settings
+
+log = logging.getLogger("rbees_workerd.runtime")
+
+
+@dataclass
+class Job:
+    """One /execute request from acceptance to its last frame."""
+
+    job_id: str
+    events: asyncio.Queue[Event]
+    accepted_at: float = field(default_factory=time.perf_counter)
+    started_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="milliseconds"))
+    seq_id: int | None = None
+    prompt_tokens: int = 0
+    cancel_requested: bool = False
+
+
+class WorkerRuntime:
+    """Owns the engine (through the scheduler), the lifecycle state and the table of active jobs."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = WorkerMetrics()
+        self.metrics.slots_total.set(settings.slots)
+        self.load_progress = 0.0
+        self.engine: Any = None
+        self.jobs: dict[str, Job] = {}
+        self._scheduler: Scheduler | None = None
+        self._state = "Starting"
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._set_state("Starting")
+
+    # ---- state
+    @property
+    def state(self) -> str:
+        return "Executing" if self._state == "Ready" and self.jobs else self._state
+
+    def _set_state(self, state: str) -> None:
+        self._state = state
+        self.metrics.state.state(self.state)
+
+    def _jobs_changed(self) -> None:
+        if self.jobs:
+            self._idle.clear()
+        else:
+            self._idle.set()
+        self.metrics.state.state(self.state)
+
+    @property
+    def slots_free(self) -> int:
+        return self.settings.slots - len(self.jobs) if self.engine is not None else 0
+
+    # ---- loading
+    def load(self, on_fatal: Callable[[BaseException], None]) -> None:
+        """Load the model and start the scheduler (blocking: run it off the event loop)."""
+        from rbees_workerd.engine.engine import Engine
+
+        self._set_state("Loading")
+        s = self.settings
+        t0 = time.perf_counter()
+        engine = Engine.load(
+            s.model,
+            backend=s.backend,
+            gpu=s.gpu,
+            slots=s.slots,
+            context_length=s.context_length,
+            on_progress=self._progress,
+        )
+        # One tiny generation compiles whatever the kernel cache lacks, so the first job does not pay it.
+        engine.generate_all(engine.tokenizer.encode("Hello, how are you today?"), GenerationParams(max_tokens=2, temperature=0.0))
+        memory = engine.backend.memory_bytes()
+        self.metrics.model_bytes.set(memory)
+        self.metrics.vram_bytes.set(self.vram_bytes(engine))
+        self._scheduler = Scheduler(engine, self.metrics, on_fatal)
+        self._scheduler.start()
+        self.engine = engine
+        self.load_progress = 1.0
+        self.metrics.load_progress.set(1.0)
+        self._set_state("Ready")
+        log.info(
+            f"model {s.model_ref} loaded on {engine.backend.device} in {time.perf_counter() - t0:.1f}s",
+            extra={
+                "fields": {
+                    "model_ref": s.model_ref,
+                    "memory_bytes": memory,
+                    "slots": engine.slots,
+                    "context_length": engine.context_length,
+                }
+            },
+        )
+
+    def _progress(self, fraction: float) -> None:
+        self.load_progress = max(0.0, min(1.0, float(fraction)))
+        self.metrics.load_progress.set(self.load_progress)
+
+    @staticmethod
+    def vram_bytes(engine: Any) -> int:
+        return engine.backend.memory_bytes() if engine.backend.name == "cuda" else 0
+
+    def ready_payload(self) -> dict[str, object]:
+        s, e = self.settings, self.engine
+        return {
+            "worker_id": s.worker_id,
+            "url": s.url,
+            "model_ref": s.model_ref,
+            "backend": e.backend.name,
+            "device": e.backend.device,
+            "vram_bytes": self.vram_bytes(e),
+            "slots_total": e.slots,
+        }
+
+    # ---- jobs
+    async def start_job(self, req: ExecuteRequest) -> Job:
+        """Admit a job into a slot; raises NotReady, Draining, FieldInvalid, AllSlotsBusy."""
+        if self._state == "Draining" or self._state == "Stopped":
+            raise Draining("the worker is shutting down and takes no new jobs")
+        if self.engine is None or self._scheduler is None:
+            raise NotReady(f"the model is loading ({self.load_progress:.0%})")
+        if req.job_id in self.jobs:
+            raise FieldInvalid("job_id", "unique", "a job with this id is already running on this worker")
+        if req.max_tokens > self.engine.context_length:
+            raise FieldInvalid("max_tokens", f"le={self.engine.context_length}", "max_tokens exceeds the model context")
+        loop = asyncio.get_running_loop()
+        job = Job(req.job_id, asyncio.Queue())
+        self.jobs[job.job_id] = job  # reserve the id while the prompt is tokenized and submitted
+        self._jobs_changed()
+        future: Future[Any] | None = None
+        try:
+            ids = await asyncio.to_thread(self.engine.tokenizer.encode, req.prompt)
+            if len(ids) >= self.engine.context_length:
+                raise FieldInvalid(
+                    "prompt",
+                    f"tokens<{self.engine.context_length}",
+                    f"the prompt has {len(ids)} tokens; the context holds {self.engine.context_length}",
+                )
+            future = self._scheduler.submit(ids, _params(req), self._sink(loop, job))
+            seq = await asyncio.wrap_future(future)
+        except BaseException as e:
+            self._forget(job)
+            if future is not None and future.done() and not future.cancelled() and future.exception() is None:
+                self._scheduler.cancel(future.result().id)  # admitted just as the client went away
+            if isinstance(e, AllSlotsBusy | FieldInvalid):
+                self.metrics.jobs_rejected.labels(e.code).inc()
+            if isinstance(e, InvalidParams) and not isinstance(e, FieldInvalid):
+                raise FieldInvalid("prompt", "engine", e.message) from e
+            raise
+        job.seq_id, job.prompt_tokens = seq.id, seq.prompt_tokens
+        if job.cancel_requested:
+            self._scheduler.cancel(seq.id)
+        return job
+
+    def _sink(self, loop: asyncio.AbstractEventLoop, job: Job) -> Callable[[Event], None]:
+        """Deliver events from the scheduler thread to the job's queue on the event loop. The job leaves
+        the table when its sequence ends, even if its stream is never read (client gone before it began)."""
+
+        def on_loop(event: Event) -> None:
+            job.events.put_nowait(event)
+            if isinstance(event, FinishEvent):
+                self._forget(job)
+
+        def deliver(event: Event) -> None:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
+                loop.call_soon_threadsafe(on_loop, event)
+
+        return deliver
+
+    def cancel_job(self, job_id: str) -> None:
+        """Cancel a running job; its stream ends with CANCELLED within one step."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise JobNotFound(f"no active job with id {job_id}")
+        job.cancel_requested = True
+        if job.seq_id is not None and self._scheduler is not None:
+            self._scheduler.cancel(job.seq_id)
+
+    def finish_job(self, job: Job, ended: bool) -> None:
+        """The job's stream is over; a job that did not end (client gone) is cancelled to free its slot."""
+        if not ended and job.seq_id is not None and self._scheduler is not None:
+            self._scheduler.cancel(job.seq_id)
+        self._forget(job)
+
+    def _forget(self, job: Job) -> None:
+        if self.jobs.get(job.job_id) is job:
+            del self.jobs[job.job_id]
+            self._jobs_changed()
+
+    # ---- shutdown
+    async def drain(self, timeout_s: float) -> None:
+        """Refuse new jobs, let running ones finish for up to `timeout_s`, then cancel the rest."""
+        if self._state in ("Draining", "Stopped"):
+            return
+        self._set_state("Draining")
+        log.info(
+            f"draining {len(self.jobs)} job(s), waiting up to {timeout_s:.0f}s",
+            extra={"fields": {"active_jobs": len(self.jobs)}},
+        )
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            log.warning(
+                f"drain timed out; cancelling {len(self.jobs)} job(s)",
+                extra={"fields": {"active_jobs": len(self.jobs)}},
+            )
+            for job_id in list(self.jobs):
+                self.cancel_job(job_id)
+            # cancelled streams end within one step; do not wait forever on a stuck engine
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), 10.0)
+
+    def stop(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.stop(timeout=10.0)
+        self._set_state("Stopped")
+
+
+def _params(req: ExecuteRequest) -> GenerationParams:
+    return GenerationParams(
+        max_tokens=req.max_tokens,
+        temperature=float(req.temperature),
+        top_p=float(req.top_p),
+        top_k=req.top_k,
+        min_p=float(req.min_p),
+        repetition_penalty=float(req.repetition_penalty),
+        seed=req.seed,
+        stop=tuple(req.stop),
+    )
+
+
+def start_loading(runtime: WorkerRuntime, on_fatal: Callable[[BaseException], None]) -> asyncio.Future[None]:
+    """Load in a daemon thread (not the default executor) so that a SIGTERM mid-load can exit at once."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+    def run() -> None:
+        try:
+            runtime.load(on_fatal)
+        except BaseException as e:  # noqa: BLE001 - handed to the event loop, which reports it
+            loop.call_soon_threadsafe(settle, e)
+        else:
+            loop.call_soon_threadsafe(settle, None)
+
+    threading.Thread(target=run, name="rbees-load", daemon=True).start()
+    return done

@@ -1,0 +1,148 @@
+"""Request and response bodies of the worker's HTTP API; `/openapi.json` is generated from them."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
+from pydantic_core import PydanticCustomError
+
+MAX_PROMPT_CHARS = 32768
+MAX_TOKENS = 2048
+MAX_STOP_STRINGS = 4
+MAX_STOP_BYTES = 100
+
+JobId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
+
+
+def _number(value: object) -> object:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PydanticCustomError("number_type", "Input should be a number")
+    return value
+
+
+# "0.5" or true is a wrong type, not a number (pydantic would coerce them); an integer is a valid float.
+Number = Annotated[float, BeforeValidator(_number)]
+
+
+def _stop_bytes(value: str) -> str:
+    if len(value.encode("utf-8")) > MAX_STOP_BYTES:
+        raise PydanticCustomError(
+            "bytes_too_long",
+            "A stop string is at most {max_bytes} bytes of UTF-8",
+            {"max_bytes": MAX_STOP_BYTES},
+        )
+    return value
+
+
+StopString = Annotated[str, Field(min_length=1), AfterValidator(_stop_bytes)]
+
+
+class ExecuteRequest(BaseModel):
+    """One generation. Unknown fields are ignored, so a newer orchestrator can talk to this worker."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    job_id: JobId
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+    max_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS)]
+    temperature: Annotated[Number, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[Number, Field(ge=0, le=1)] = 1.0
+    top_k: Annotated[StrictInt, Field(ge=0, le=1_000_000)] = 0
+    min_p: Annotated[Number, Field(ge=0, le=1)] = 0.0
+    repetition_penalty: Annotated[Number, Field(gt=0, le=10)] = 1.0
+    seed: Annotated[StrictInt, Field(ge=0, le=2**63 - 1)] | None = None
+    stop: Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] = []
+
+
+class CancelRequest(BaseModel):
+    job_id: JobId
+
+
+class CancelAccepted(BaseModel):
+    job_id: str
+    status: Literal["cancelling"] = "cancelling"
+
+
+class ErrorBody(BaseModel):
+    """Every non-validation error: a stable code, a message, and whether retrying may help."""
+
+    code: str
+    message: str
+    retriable: bool
+    retry_after_ms: int | None = None
+
+
+class FieldError(BaseModel):
+    field: str
+    constraint: str
+    message: str
+
+
+class ValidationErrors(BaseModel):
+    """HTTP 400: what is wrong with each field (the offending value is never echoed)."""
+
+    errors: list[FieldError]
+
+
+State = Literal["Starting", "Loading", "Ready", "Executing", "Draining", "Stopped"]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "loading", "draining", "stopped"]
+    state: State
+    model: str
+    backend: str
+    device: str | None
+    vram_bytes: int
+    slots_total: int
+    slots_free: int
+
+
+class Readiness(BaseModel):
+    ready: bool
+    state: State
+    load_progress: float
+    model: str
+
+
+# ---- the SSE frames of /execute (documented in the OpenAPI schema, built in stream.py)
+class StartedFrame(BaseModel):
+    type: Literal["started"]
+    job_id: str
+    model: str
+    started_at: str
+    prompt_tokens: int
+
+
+class TokenFrame(BaseModel):
+    type: Literal["token"]
+    t: str
+    i: int
+
+
+class MetricsFrame(BaseModel):
+    type: Literal["metrics"]
+    tokens_per_sec: float
+    time_to_first_token_ms: float
+    prefill_time_ms: float
+    prompt_tokens: int
+    tokens_out: int
+
+
+class EndFrame(BaseModel):
+    type: Literal["end"]
+    tokens_out: int
+    decode_time_ms: float
+    stop_reason: Literal["MAX_TOKENS", "EOS", "STOP_SEQUENCE", "CANCELLED", "ERROR"]
+    stop_sequence_matched: str | None = None
+
+
+class ErrorFrame(BaseModel):
+    type: Literal["error"]
+    code: str
+    message: str
+    retriable: bool
+
+
+Frame = StartedFrame | TokenFrame | MetricsFrame | EndFrame | ErrorFrame

@@ -1,0 +1,370 @@
+"""The worker's HTTP API (FastAPI): /execute, /cancel, /health, /ready, /metrics. HTTP only, no math.
+
+`serve_main` runs it: the socket is bound first, uvicorn starts serving, and the model loads in the
+background so /health answers during loading; then the ready callback goes out. SIGTERM drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import re
+import signal
+import socket
+import sys
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import TypeAdapter
+
+from rbees_workerd import logs
+from rbees_workerd.callback import CallbackFailed, send_ready
+from rbees_workerd.errors import AllSlotsBusy, RbeesError
+from rbees_workerd.http_errors import AuthFailed, Draining, FieldInvalid, JobNotFound, NotReady
+from rbees_workerd.runtime import WorkerRuntime, start_loading
+from rbees_workerd.schemas import (
+    CancelAccepted,
+    CancelRequest,
+    ErrorBody,
+    ExecuteRequest,
+    FieldError,
+    Frame,
+    Health,
+    Readiness,
+    ValidationErrors,
+)
+from rbees_workerd.settings import Settings, SettingsError, parse_settings
+from rbees_workerd.stream import job_frames
+
+log = logging.getLogger("rbees_workerd.server")
+
+_STATUS = {AuthFailed: 401, JobNotFound: 404, AllSlotsBusy: 503, NotReady: 503, Draining: 503}
+_RETRY_AFTER_S = {AllSlotsBusy: 1, NotReady: 2, Draining: 5}
+_CORRELATION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _error_response(error: RbeesError) -> JSONResponse:
+    if isinstance(error, FieldInvalid):
+        return _validation_response([FieldError(field=error.field, constraint=error.constraint, message=error.message)])
+    body = error.to_dict()
+    headers = {}
+    retry = _RETRY_AFTER_S.get(type(error))
+    if retry is not None:
+        body["retry_after_ms"] = retry * 1000
+        headers["Retry-After"] = str(retry)
+    return JSONResponse(body, status_code=_STATUS.get(type(error), 500), headers=headers)
+
+
+def _validation_response(errors: list[FieldError]) -> JSONResponse:
+    return JSONResponse(ValidationErrors(errors=errors).model_dump(), status_code=400)
+
+
+def _field_errors(exc: RequestValidationError) -> list[FieldError]:
+    """Pydantic's errors as {field, constraint, message}; the rejected input is left out on purpose."""
+    out = []
+    for e in exc.errors():
+        loc = [] if e["type"] == "json_invalid" else [str(p) for p in e.get("loc", ()) if p != "body"]
+        ctx = {k: v for k, v in (e.get("ctx") or {}).items() if k != "error"}
+        constraint = e["type"] + "".join(f" {k}={v}" for k, v in ctx.items())
+        out.append(FieldError(field=".".join(loc) or "body", constraint=constraint, message=e["msg"]))
+    return out
+
+
+class CorrelationMiddleware:
+    """Read X-Correlation-Id (or make one), expose it to the logs, and echo it on the response."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-correlation-id", b"").decode("latin-1")
+        cid = given if _CORRELATION_ID.match(given) else uuid.uuid4().hex
+        token = logs.correlation_id.set(cid)
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-correlation-id", cid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            logs.correlation_id.reset(token)
+
+
+def _errors_doc(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    doc: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        if status == 400:
+            doc[400] = {"model": ValidationErrors, "description": "Invalid request"}
+        else:
+            doc[status] = {
+                "model": ErrorBody,
+                "description": {
+                    401: "AUTH_FAILED",
+                    404: "JOB_NOT_FOUND",
+                    503: "ALL_SLOTS_BUSY, WORKER_NOT_READY or WORKER_DRAINING",
+                }[status],
+            }
+    return doc
+
+
+def create_app(runtime: WorkerRuntime) -> FastAPI:
+    """The FastAPI app of one worker; routes other than /health and /metrics need the token if one is set."""
+    settings = runtime.settings
+    app = FastAPI(
+        title="rbees-workerd",
+        version="0.1.0",
+        description="One model, served over HTTP.",
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.add_middleware(CorrelationMiddleware)
+    bearer = HTTPBearer(auto_error=False, description="The token of --api-token-file")
+
+    async def require_token(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        expected = settings.api_token
+        if expected is None:
+            return
+        given = creds.credentials if creds is not None else ""
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise AuthFailed("missing or wrong bearer token")
+
+    secured = [Depends(require_token)] if settings.api_token is not None else []
+    auth_doc = (401,) if settings.api_token is not None else ()
+
+    @app.exception_handler(RbeesError)
+    async def _rbees_error(_: Request, exc: RbeesError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_response(_field_errors(exc))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error in a request")
+        body = {"code": "INTERNAL", "message": "internal error", "retriable": True}
+        return JSONResponse(body, status_code=500)
+
+    @app.post(
+        "/execute",
+        dependencies=secured,
+        response_class=StreamingResponse,
+        responses={
+            200: {
+                "description": "SSE stream: started, token*, metrics, end | error",
+                "content": {
+                    "text/event-stream": {
+                        "schema": {"type": "string", "description": "frames `data: {json}`, each one Frame"},
+                        "x-sse-frame": {"$ref": "#/components/schemas/Frame"},
+                    }
+                },
+            },
+            **_errors_doc(400, *auth_doc, 503),
+        },
+    )
+    async def execute(body: ExecuteRequest) -> StreamingResponse:
+        """Generate; the response streams each token as it is sampled."""
+        job = await runtime.start_job(body)
+        return StreamingResponse(
+            job_frames(runtime, job, settings.model_ref),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @app.post("/cancel", status_code=202, dependencies=secured, responses=_errors_doc(400, *auth_doc, 404))
+    async def cancel(body: CancelRequest) -> CancelAccepted:
+        """End a running job; its stream ends with stop_reason CANCELLED."""
+        runtime.cancel_job(body.job_id)
+        return CancelAccepted(job_id=body.job_id)
+
+    @app.get("/health")
+    async def health() -> Health:
+        """Liveness and capacity; always answers while the process runs (unauthenticated)."""
+        engine = runtime.engine
+        state = runtime.state
+        status = {"Starting": "loading", "Loading": "loading", "Draining": "draining", "Stopped": "stopped"}
+        return Health(
+            status=status.get(state, "ok"),
+            state=state,
+            model=settings.model_ref,
+            backend=settings.backend,
+            device=engine.backend.device if engine is not None else None,
+            vram_bytes=runtime.vram_bytes(engine) if engine is not None else 0,
+            slots_total=settings.slots,
+            slots_free=runtime.slots_free,
+        )
+
+    @app.get(
+        "/ready",
+        dependencies=secured,
+        responses={503: {"model": Readiness, "description": "Not ready yet (or draining)"}, **_errors_doc(*auth_doc)},
+    )
+    async def ready() -> Response:
+        """200 once the model is loaded and jobs are accepted; 503 while loading or draining."""
+        state = runtime.state
+        body = Readiness(
+            ready=state in ("Ready", "Executing"),
+            state=state,
+            load_progress=runtime.load_progress,
+            model=settings.model_ref,
+        )
+        return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
+
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={
+            200: {
+                "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+                "description": "Prometheus text format",
+            }
+        },
+    )
+    async def metrics() -> Response:
+        """Prometheus metrics (unauthenticated)."""
+        return Response(runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=secured)
+    async def openapi() -> JSONResponse:
+        """This API's OpenAPI schema (behind the token like every route but /health and /metrics)."""
+        if app.openapi_schema is None:
+            app.openapi_schema = _openapi(app)
+        return JSONResponse(app.openapi_schema)
+
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema with its 422 answers removed: this API answers 400 with ValidationErrors."""
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    for path in schema["paths"].values():
+        for operation in path.values():
+            operation["responses"].pop("422", None)
+    schemas = schema.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    frame = TypeAdapter(Frame).json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(frame.pop("$defs"))
+    schemas["Frame"] = frame
+    ready_ok = schema["paths"]["/ready"]["get"]["responses"]["200"]
+    ready_ok["content"]["application/json"]["schema"] = {"$ref": "#/components/schemas/Readiness"}
+    return schema
+
+
+# ---- running the daemon --------------------------------------------------------------------------
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handling: the daemon drains on SIGTERM itself, then exits 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _bind(settings: Settings) -> socket.socket:
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+async def _bring_up(runtime: WorkerRuntime, outcome: asyncio.Future[int]) -> None:
+    """Load the model, then send the ready callback; any failure ends the daemon non-zero."""
+    loop = asyncio.get_running_loop()
+
+    def engine_failed(error: BaseException) -> None:
+        loop.call_soon_threadsafe(_settle, outcome, 1)
+
+    try:
+        await start_loading(runtime, engine_failed)
+    except RbeesError as e:
+        log.error(f"loading the model failed: {e}", extra={"fields": {"code": e.code}})
+        _settle(outcome, 1)
+        return
+    except Exception as e:  # noqa: BLE001 - any load failure is reported the same way
+        log.error(f"loading the model failed: {type(e).__name__}: {e}", extra={"fields": {"code": "MODEL_LOAD_FAILED"}})
+        _settle(outcome, 1)
+        return
+    url = runtime.settings.callback_url
+    if url is None:
+        return
+    try:
+        await send_ready(url, runtime.ready_payload())
+    except CallbackFailed as e:
+        log.error(str(e), extra={"fields": {"callback_url": url}})
+        _settle(outcome, 1)
+
+
+def _settle(outcome: asyncio.Future[int], code: int) -> None:
+    if not outcome.done():
+        outcome.set_result(code)
+
+
+async def _serve(settings: Settings, sock: socket.socket) -> int:
+    runtime = WorkerRuntime(settings)
+    config = uvicorn.Config(
+        create_app(runtime), log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5
+    )
+    server = _Server(config)
+    loop = asyncio.get_running_loop()
+    outcome: asyncio.Future[int] = loop.create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _settle, outcome, 0)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if serving.done():
+            return 1
+        await asyncio.sleep(0.01)
+    log.info(f"listening on {settings.url}", extra={"fields": {"url": settings.url}})
+    bring_up = asyncio.create_task(_bring_up(runtime, outcome))
+    code = await outcome
+    bring_up.cancel()
+    if code == 0:
+        await runtime.drain(settings.drain_timeout_s)
+    server.should_exit = True
+    await serving
+    runtime.stop()
+    log.info(f"stopped (exit {code})", extra={"fields": {"exit_code": code}})
+    return code
+
+
+def serve_main(argv: list[str]) -> int:
+    """`rbees-workerd [serve] --worker-id ID --model PATH --port N ...`; returns the exit code."""
+    try:
+        settings = parse_settings(argv)
+    except SettingsError as e:
+        print(f"rbees-workerd: {e}", file=sys.stderr)
+        return 2
+    logs.configure(settings.worker_id, settings.log_level)
+    try:
+        sock = _bind(settings)
+    except OSError as e:
+        where = f"{settings.host}:{settings.port}"
+        print(f"rbees-workerd: cannot listen on {where}: {e.strerror}", file=sys.stderr)
+        return 1
+    return asyncio.run(_serve(settings, sock))
+
+
+if __name__ == "__main__":
+    sys.exit(serve_main(sys.argv[1:]))

@@ -1,0 +1,102 @@
+"""The SSE stream of one job: engine events in, `data: {json}` frames out, each token as it arrives."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from rbees_workerd.engine.types import FinishEvent, TokenEvent
+from rbees_workerd.runtime import Job, WorkerRuntime
+
+log = logging.getLogger("rbees_workerd.jobs")
+
+
+def frame(payload: dict[str, object]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _end_frames(job: Job, end: FinishEvent, first_token_at: float | None) -> list[str]:
+    decode_s = end.decode_time_ms / 1000
+    ttft_ms = ((first_token_at or time.perf_counter()) - job.accepted_at) * 1000
+    frames = [
+        frame(
+            {
+                "type": "metrics",
+                "tokens_per_sec": round(end.tokens_out / decode_s, 2) if decode_s > 0 else 0.0,
+                "time_to_first_token_ms": round(ttft_ms, 2),
+                "prefill_time_ms": round(end.prefill_time_ms, 2),
+                "prompt_tokens": end.prompt_tokens,
+                "tokens_out": end.tokens_out,
+            }
+        )
+    ]
+    if end.stop_reason == "ERROR":
+        frames.append(
+            frame({"type": "error", "code": "INTERNAL", "message": end.error or "generation failed", "retriable": True})
+        )
+    else:
+        payload: dict[str, object] = {
+            "type": "end",
+            "tokens_out": end.tokens_out,
+            "decode_time_ms": round(end.decode_time_ms, 2),
+            "stop_reason": end.stop_reason,
+        }
+        if end.stop_sequence is not None:
+            payload["stop_sequence_matched"] = end.stop_sequence
+        frames.append(frame(payload))
+    return frames
+
+
+async def job_frames(runtime: WorkerRuntime, job: Job, model: str) -> AsyncIterator[str]:
+    """Yield the job's frames; if the client goes away first, cancel the job so its slot frees at once."""
+    ended = False
+    first_token_at: float | None = None
+    log.info(
+        f"job {job.job_id} started with {job.prompt_tokens} prompt tokens",
+        extra={"fields": {"job_id": job.job_id, "tokens_in": job.prompt_tokens}},
+    )
+    try:
+        yield frame(
+            {
+                "type": "started",
+                "job_id": job.job_id,
+                "model": model,
+                "started_at": job.started_at,
+                "prompt_tokens": job.prompt_tokens,
+            }
+        )
+        while True:
+            event = await job.events.get()
+            if isinstance(event, TokenEvent):
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                yield frame({"type": "token", "t": event.text, "i": event.index})
+                continue
+            ended = True
+            _log_end(job, event)
+            for text in _end_frames(job, event, first_token_at):
+                yield text
+            return
+    finally:
+        if not ended:
+            log.info(f"job {job.job_id}: client disconnected, cancelling", extra={"fields": {"job_id": job.job_id}})
+        runtime.finish_job(job, ended)
+
+
+def _log_end(job: Job, end: FinishEvent) -> None:
+    fields = {
+        "job_id": job.job_id,
+        "tokens_in": end.prompt_tokens,
+        "tokens_out": end.tokens_out,
+        "decode_time_ms": round(end.decode_time_ms, 2),
+        "prefill_time_ms": round(end.prefill_time_ms, 2),
+        "stop_reason": end.stop_reason,
+    }
+    level = logging.ERROR if end.stop_reason == "ERROR" else logging.INFO
+    log.log(
+        level,
+        f"job {job.job_id} ended ({end.stop_reason}): {end.tokens_out} tokens in {end.decode_time_ms:.0f} ms",
+        extra={"fields": fields},
+    )

@@ -1,0 +1,202 @@
+"""CUDA kernels against NumPy and the CPU backend, on tiny shapes.
+
+CI runs this module under the CUDA simulator (NUMBA_ENABLE_CUDASIM=1, through
+test_cuda_sim.py); on a GPU machine it runs for real. With neither it skips,
+unless REQUIRE_REAL_GPU=1 demands a GPU, where it fails.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.cuda
+
+if importlib.util.find_spec("numba_cuda") is None:  # the CPU-only install
+    pytest.skip("numba-cuda is not installed", allow_module_level=True)
+
+from gguf import GGML_QUANT_SIZES  # noqa: E402
+from gguf import GGMLQuantizationType as Q  # noqa: E402
+from gguf.quants import dequantize, quantize  # noqa: E402
+from numba import config, cuda  # noqa: E402
+
+SIM = bool(config.ENABLE_CUDASIM)
+if not SIM and not cuda.is_available():
+    if os.environ.get("REQUIRE_REAL_GPU") == "1":
+        raise RuntimeError("REQUIRE_REAL_GPU=1 but no CUDA GPU is usable")
+    pytest.skip("no CUDA GPU (CI covers these kernels under the simulator)", allow_module_level=True)
+
+from rbees_workerd.engine.sampling import sample_rows  # noqa: E402
+from rbees_workerd.kernels.backend import SamplingRow  # noqa: E402
+from rbees_workerd.kernels.cpu import ops as cpu_ops  # noqa: E402
+from rbees_workerd.kernels.cuda import CudaBackend  # noqa: E402
+
+QTYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+_SCALE_AT = {Q.Q4_K: slice(0, 4), Q.Q5_K: slice(0, 4), Q.Q6_K: slice(208, 210)}
+
+
+@pytest.fixture(scope="module")
+def be() -> CudaBackend:
+    return CudaBackend(0)
+
+
+def random_matrix(qtype: Q, n: int, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(raw GGUF bytes uint8[n, row_bytes], its float32 dequantization) of a random matrix."""
+    if qtype not in _SCALE_AT:  # the gguf package quantizes these itself
+        raw = quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)
+        raw = np.ascontiguousarray(raw).view(np.uint8).reshape(n, -1)
+    else:  # random K-quant blocks with small, finite f16 scales
+        block, size = GGML_QUANT_SIZES[qtype]
+        raw = rng.integers(0, 256, (n, k // block * size), dtype=np.uint8)
+        blocks = raw.reshape(n, k // block, size)
+        at = _SCALE_AT[qtype]
+        scales = (rng.standard_normal(blocks.shape[:2] + ((at.stop - at.start) // 2,)) * 0.02).astype(np.float16)
+        blocks[..., at] = scales.view(np.uint8).reshape(blocks.shape[:2] + (-1,))
+    return raw, dequantize(raw, qtype).reshape(n, k).astype(np.float32)
+
+
+def _dev(be: CudaBackend, a: np.ndarray):  # noqa: ANN202
+    d = be.zeros(a.shape, a.dtype)
+    be.upload(a, d)
+    return d
+
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
+def test_matmul_and_embed_every_type(be, qtype):
+    rng = np.random.default_rng(int(qtype))
+    n, k = 6, 256
+    raw, ref_w = random_matrix(qtype, n, k, rng)
+    w = be.weight(int(qtype), (n, k), raw)
+    bias = rng.standard_normal(n).astype(np.float32)
+    for t in (1, 5):  # decode (one token) and a tile of several tokens
+        x = rng.standard_normal((t, k)).astype(np.float32)
+        out = _dev(be, np.full((t, n), np.nan, np.float32))  # poisoned: every element must be written
+        be.matmul(_dev(be, x), w, out, be.vector(bias))
+        ref = x.astype(np.float64) @ ref_w.T.astype(np.float64) + bias
+        np.testing.assert_allclose(be.download(out), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    tokens = np.array([3, 0, 5, 3], np.int32)
+    emb = _dev(be, np.full((4, k), np.nan, np.float32))
+    be.embed(w, _dev(be, tokens), emb)
+    np.testing.assert_array_equal(be.download(emb), ref_w[tokens])
+
+
+def test_norm_rope_swiglu_add_gather_match_cpu(be):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 40)).astype(np.float32)
+    w = rng.standard_normal(40).astype(np.float32)
+    out, ref = _dev(be, np.zeros_like(x)), np.zeros_like(x)
+    be.rmsnorm(_dev(be, x), be.vector(w), 1e-5, out)
+    cpu_ops.rmsnorm(x, w, 1e-5, ref)
+    np.testing.assert_allclose(be.download(out), ref, rtol=1e-5, atol=1e-6)
+
+    pos = np.array([0, 7, 300], np.int32)
+    for neox in (False, True):
+        q = rng.standard_normal((3, 2, 16)).astype(np.float32)
+        qd, ref = _dev(be, q), q.copy()
+        be.rope(qd, _dev(be, pos), 10000.0, neox)
+        cpu_ops.rope(ref, pos, 10000.0, neox)
+        np.testing.assert_allclose(be.download(qd), ref, rtol=1e-5, atol=1e-5)
+
+    g, u = rng.standard_normal((2, 3, 40)).astype(np.float32)
+    out, ref = _dev(be, np.zeros_like(g)), np.zeros_like(g)
+    be.swiglu(_dev(be, g), _dev(be, u), out)
+    cpu_ops.swiglu(g, u, ref)
+    np.testing.assert_allclose(be.download(out), ref, rtol=1e-5, atol=1e-6)
+
+    xd = _dev(be, x)
+    be.add(xd, _dev(be, g))
+    np.testing.assert_allclose(be.download(xd), x + g, rtol=1e-6)
+
+    rows = np.array([2, 0], np.int32)
+    out = _dev(be, np.zeros((2, 40), np.float32))
+    be.gather_rows(_dev(be, x), _dev(be, rows), out)
+    np.testing.assert_array_equal(be.download(out), x[rows])
+
+
+def test_attention_causal_gqa_per_slot_matches_cpu(be):
+    rng = np.random.default_rng(2)
+    n_heads, g, e, ctx = 4, 2, 8, 16
+    # slot 1 decodes its 4th token while slot 0 prefills 5 tokens, in the same step
+    slots = np.array([1] + [0] * 5, np.int32)
+    pos = np.array([3, 0, 1, 2, 3, 4], np.int32)
+    q, k, v = (rng.standard_normal((6, h, e)).astype(np.float32) for h in (n_heads, g, g))
+    cache = rng.standard_normal((2, 2, ctx, g, e)).astype(np.float32)  # slot 1 holds 3 earlier tokens
+    ref_k, ref_v = cache[0].copy(), cache[1].copy()
+    ck, cv = _dev(be, cache[0]), _dev(be, cache[1])
+    out, ref = _dev(be, np.full_like(q, np.nan)), np.zeros_like(q)
+    be.attention(_dev(be, q), _dev(be, k), _dev(be, v), ck, cv, _dev(be, slots), _dev(be, pos), out)
+    cpu_ops.kv_store(k, v, ref_k, ref_v, slots, pos)
+    cpu_ops.attention(q, ref_k, ref_v, slots, pos, ref)
+    np.testing.assert_array_equal(be.download(ck), ref_k)
+    np.testing.assert_array_equal(be.download(cv), ref_v)
+    np.testing.assert_allclose(be.download(out), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_step_equals_separate_ops(be):
+    """run_step fuses q/k/v, gate/up + SwiGLU and projection + residual add; results must not change."""
+    rng = np.random.default_rng(3)
+    t, d, f = 3, 64, 96
+    mats = {name: be.weight(int(Q.Q4_1), shape, random_matrix(Q.Q4_1, *shape, rng)[0])
+            for name, shape in {"q": (d, d), "k": (32, d), "v": (32, d), "gate": (f, d), "up": (f, d),
+                                "down": (d, f)}.items()}  # fmt: skip
+    bq = be.vector(rng.standard_normal(d).astype(np.float32))
+    x0 = (rng.standard_normal((t, d)) * 0.05).astype(np.float32)  # small: silu of two steps stays finite
+
+    def run(fused: bool) -> list[np.ndarray]:
+        x, h = _dev(be, x0), _dev(be, x0 * 0.5)
+        q, k, v = _dev(be, np.zeros((t, d), np.float32)), *(_dev(be, np.zeros((t, 32), np.float32)) for _ in "kv")
+        gate, up = (_dev(be, np.zeros((t, f), np.float32)) for _ in "gu")
+
+        def step() -> None:
+            be.matmul(h, mats["q"], q, bq)
+            be.matmul(h, mats["k"], k)
+            be.matmul(h, mats["v"], v)
+            be.matmul(h, mats["gate"], gate)
+            be.matmul(h, mats["up"], up)
+            be.swiglu(gate, up, gate)
+            be.matmul(gate, mats["down"], h)
+            be.add(x, h)
+
+        if fused:
+            be.run_step(("fused-test", t), step)
+            be.run_step(("fused-test", t), step)  # a replay (a CUDA graph on a GPU) does the same again
+        else:
+            step()
+            step()
+        return [be.download(a) for a in (x, h, q, k, v, gate, up)]
+
+    for got, ref in zip(run(True), run(False), strict=True):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def _rows(n: int, **kw: float) -> list[SamplingRow]:
+    base = dict(temperature=0.8, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, uniform=0.5)
+    base.update(kw)
+    return [SamplingRow(history=np.array([1, 4, 4], np.int32), **base) for _ in range(n)]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [dict(temperature=0.0), dict(temperature=0.0, repetition_penalty=1.3), dict(top_k=5), dict(top_p=0.6),
+     dict(min_p=0.2), dict(top_k=20, top_p=0.9, min_p=0.05, repetition_penalty=1.2, temperature=1.3)],
+)  # fmt: skip
+def test_sample_matches_cpu_sampler(be, params):
+    rng = np.random.default_rng(4)
+    vocab = 300
+    logits = (rng.standard_normal((3, vocab)) * 3).astype(np.float32)
+    logits[0, 4] = logits[0].max() + 0.1  # the penalized history token leads row 0
+    dev = _dev(be, logits)
+    for u in (0.05, 0.37, 0.81):
+        rows = _rows(3, uniform=u, **params)
+        got = be.sample(dev, rows)
+        np.testing.assert_array_equal(got, sample_rows(logits, rows))
+    np.testing.assert_array_equal(be.download(dev), logits)  # the caller's logits are untouched
+
+
+def test_sample_greedy_ties_pick_lowest_id(be):
+    logits = np.zeros((1, 50), np.float32)
+    logits[0, [7, 30]] = 2.0
+    assert be.sample(_dev(be, logits), _rows(1, temperature=0.0)).tolist() == [7]

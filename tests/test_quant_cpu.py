@@ -1,0 +1,200 @@
+"""The CPU quantized kernels against the gguf package's reference dequantization.
+
+Every supported type: `embed_rows` must reproduce `gguf.quants.dequantize` (up to one
+float32 rounding: the kernels may fuse d*q+m into one FMA), and `matmul` must match
+`x @ dequantize(w).T` computed in float64. The kernels keep activations in float32
+and apply block scales to float32 partial sums, so the only error is float32
+rounding of sums over K <= 1536 terms: about sqrt(K) * 2^-24 * sum|w*x| in the
+random-walk case, far below 1e-5 of the largest output for these inputs (a bug in
+any block, nibble or scale shows up as an error of order 1e-1 or more).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numba
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGUFReader
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize, quantize
+
+from rbees_workerd.errors import InvalidParams, ModelLoadError
+from rbees_workerd.kernels.cpu import quant
+
+ALL_TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+K_QUANTS = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
+MATMUL_RTOL = 1e-5  # see the module docstring
+DEQUANT_RTOL = 2e-7  # one float32 rounding (2^-24 ~ 6e-8 of each value, relative to the max)
+
+
+def random_tensor(qtype: Q, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """GGUF bytes uint8[n, row_bytes] of a random `[n, k]` matrix of type `qtype`."""
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    if qtype == Q.F32:
+        return w.view(np.uint8)
+    if qtype == Q.F16:
+        return w.astype(np.float16).view(np.uint8)
+    if qtype == Q.BF16:
+        return (w.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    if qtype not in K_QUANTS:
+        return np.ascontiguousarray(quantize(w, qtype))
+    # gguf has no K-quant quantizer: random quants and sub-scales (every byte pattern is a
+    # valid block) with sane fp16 super-block scales.
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (n, k // block, size), dtype=np.uint8)
+    scales = rng.uniform(0.001, 0.02, (n, k // block, 2)).astype(np.float16).view(np.uint8)
+    if qtype == Q.Q6_K:
+        raw[..., 208:210] = scales[..., 0:2]
+    else:
+        raw[..., 0:4] = scales
+    return raw.reshape(n, -1)
+
+
+def reference(qtype: Q, raw: np.ndarray, n: int, k: int) -> np.ndarray:
+    return dequantize(raw, qtype).reshape(n, k).astype(np.float64)
+
+
+def shape_for(qtype: Q) -> tuple[int, int]:
+    # odd N (a partial row chunk); K not a multiple of 256 for the 32-element block types
+    return (67, 768) if qtype in K_QUANTS else (67, 288)
+
+
+@pytest.fixture(scope="module", params=ALL_TYPES, ids=lambda q: q.name)
+def case(request: pytest.FixtureRequest) -> tuple[Q, np.ndarray, np.ndarray, quant.QMatrix]:
+    qtype = request.param
+    n, k = shape_for(qtype)
+    raw = random_tensor(qtype, n, k, np.random.default_rng(int(qtype)))
+    return qtype, raw, reference(qtype, raw, n, k), quant.prepare(int(qtype), (n, k), raw)
+
+
+def test_embed_rows_reproduce_reference_dequantization(case) -> None:  # noqa: ANN001
+    _, _, ref, w = case
+    tokens = np.array([0, 66, 5, 31, 32, 5], np.int32)
+    out = np.full((len(tokens), w.shape[1]), np.nan, np.float32)
+    quant.embed_rows(w, tokens, out)
+    np.testing.assert_allclose(out, ref[tokens], rtol=0, atol=DEQUANT_RTOL * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 64])
+def test_matmul_matches_float64_reference(case, tokens: int) -> None:  # noqa: ANN001
+    _, _, ref, w = case
+    x = np.random.default_rng(tokens).standard_normal((tokens, w.shape[1])).astype(np.float32)
+    out = np.full((tokens, w.shape[0]), np.nan, np.float32)
+    quant.matmul(x, w, out)
+    expect = x.astype(np.float64) @ ref.T
+    err = np.abs(out - expect).max() / np.abs(expect).max()
+    assert err < MATMUL_RTOL, f"relative error {err:.2e}"
+
+
+def test_matmul_does_not_depend_on_thread_count() -> None:
+    rng = np.random.default_rng(3)
+    raw = random_tensor(Q.Q4_1, 300, 576, rng)
+    w = quant.prepare(int(Q.Q4_1), (300, 576), raw)
+    x = rng.standard_normal((9, 576)).astype(np.float32)
+    outs = []
+    before = numba.get_num_threads()
+    try:
+        for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(threads)
+            out = np.empty((9, 300), np.float32)
+            quant.matmul(x, w, out)
+            outs.append(out)
+    finally:
+        numba.set_num_threads(before)
+    assert all(np.array_equal(outs[0], o) for o in outs)
+
+
+def test_half_conversion_is_exact_for_every_bit_pattern() -> None:
+    bits = np.arange(65536, dtype=np.uint16).reshape(512, 128)
+    for qtype, expect in [
+        (Q.F16, bits.view(np.float16).astype(np.float32)),
+        (Q.BF16, (bits.astype(np.uint32) << 16).view(np.float32)),
+    ]:
+        w = quant.prepare(int(qtype), (512, 128), bits.view(np.uint8))
+        out = np.empty((512, 128), np.float32)
+        quant.embed_rows(w, np.arange(512), out)
+        np.testing.assert_array_equal(out.view(np.uint32) & 0xFFBFFFFF, expect.view(np.uint32) & 0xFFBFFFFF)
+
+
+def test_prepare_copies_the_raw_bytes() -> None:
+    rng = np.random.default_rng(4)
+    raw = random_tensor(Q.Q8_0, 64, 64, rng)
+    ref = reference(Q.Q8_0, raw, 64, 64)
+    w = quant.prepare(int(Q.Q8_0), (64, 64), raw)
+    raw[:] = 0  # the lead closes the memory map after loading
+    out = np.empty((2, 64), np.float32)
+    quant.embed_rows(w, np.array([0, 63]), out)
+    np.testing.assert_allclose(out, ref[[0, 63]], rtol=0, atol=DEQUANT_RTOL * np.abs(ref).max())
+
+
+def test_memory_stays_close_to_the_gguf_size() -> None:
+    rng = np.random.default_rng(5)
+    for qtype in ALL_TYPES:
+        n, k = 256, 768
+        raw = random_tensor(qtype, n, k, rng)
+        ratio = quant.prepare(int(qtype), (n, k), raw).nbytes / raw.nbytes
+        assert ratio <= 1.36, f"{qtype.name}: {ratio:.2f}x"
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+
+def test_prepare_rejects_unsupported_type_and_bad_bytes() -> None:
+    with pytest.raises(ModelLoadError) as e:
+        quant.prepare(int(Q.Q2_K), (4, 256), np.zeros((4, 84), np.uint8))
+    assert e.value.code == "MODEL_LOAD_FAILED"
+    with pytest.raises(ModelLoadError, match="Q4_1"):
+        quant.prepare(int(Q.Q4_1), (4, 64), np.zeros((4, 39), np.uint8))
+    with pytest.raises(ModelLoadError, match="multiple of 32"):
+        quant.prepare(int(Q.Q8_0), (4, 48), np.zeros((4, 51), np.uint8))
+
+
+def test_matmul_and_embed_reject_bad_arguments() -> None:
+    w = quant.prepare(int(Q.F32), (8, 32), np.zeros((8, 128), np.uint8))
+    with pytest.raises(InvalidParams) as e:
+        quant.matmul(np.zeros((2, 31), np.float32), w, np.zeros((2, 8), np.float32))
+    assert e.value.code == "INVALID_PARAMS"
+    with pytest.raises(InvalidParams):
+        quant.matmul(np.zeros((2, 32), np.float64), w, np.zeros((2, 8), np.float32))
+    with pytest.raises(InvalidParams):
+        quant.matmul(np.zeros((2, 32), np.float32), w, np.zeros((3, 8), np.float32))
+    buf = np.zeros(72, np.float32)
+    with pytest.raises(InvalidParams, match="overlap"):
+        quant.matmul(buf[:64].reshape(2, 32), w, buf[56:].reshape(2, 8))
+    with pytest.raises(InvalidParams, match="out of range"):
+        quant.embed_rows(w, np.array([8]), np.zeros((1, 32), np.float32))
+    with pytest.raises(InvalidParams, match="out of range"):
+        quant.embed_rows(w, np.array([-1]), np.zeros((1, 32), np.float32))
+
+
+# ---- the real model -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_reader() -> GGUFReader:
+    path = Path(os.environ.get("RBEES_TEST_MODEL", "models-cache/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    if not path.exists():
+        pytest.skip(f"test model not found at {path} (run `make model`)")
+    return GGUFReader(path)
+
+
+@pytest.mark.parametrize("name", ["blk.0.ffn_down.weight", "blk.3.attn_k.weight", "token_embd.weight"])
+def test_real_model_tensors(model_reader: GGUFReader, name: str) -> None:
+    t = next(t for t in model_reader.tensors if t.name == name)
+    n, k = int(t.shape[1]), int(t.shape[0])
+    raw = np.asarray(t.data).view(np.uint8).reshape(n, -1)
+    qtype = Q(int(t.tensor_type))
+    w = quant.prepare(int(qtype), (n, k), raw)
+    ref = reference(qtype, raw, n, k)
+    rows = np.array([0, 1, n // 2, n - 1])
+    emb = np.empty((4, k), np.float32)
+    quant.embed_rows(w, rows, emb)
+    np.testing.assert_allclose(emb, ref[rows], rtol=0, atol=DEQUANT_RTOL * np.abs(ref).max())
+    x = np.random.default_rng(6).standard_normal((5, k)).astype(np.float32)
+    out = np.empty((5, n), np.float32)
+    quant.matmul(x, w, out)
+    expect = x.astype(np.float64) @ ref.T
+    assert np.abs(out - expect).max() / np.abs(expect).max() < MATMUL_RTOL

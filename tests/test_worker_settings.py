@@ -1,0 +1,119 @@
+"""`rbees-workerd serve` configuration: command line over environment over config file over defaults."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from worker_harness import MODEL
+
+from rbees_workerd.settings import SettingsError, parse_settings
+
+BASE = ["--worker-id", "w1", "--model", str(MODEL), "--port", "8100"]
+
+
+def test_defaults() -> None:
+    s = parse_settings(BASE, env={})
+    assert (s.worker_id, s.model, s.model_ref, s.host, s.port) == ("w1", MODEL, MODEL.stem, "127.0.0.1", 8100)
+    assert (s.backend, s.gpu, s.slots, s.context_length, s.callback_url, s.api_token) == (
+        "cpu",
+        0,
+        4,
+        None,
+        None,
+        None,
+    )
+    assert (s.log_level, s.drain_timeout_s, s.url) == ("INFO", 30.0, "http://127.0.0.1:8100")
+
+
+def test_command_line_beats_environment_beats_config_file(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("  tok-123\n")
+    config = tmp_path / "worker.json"
+    config.write_text(
+        json.dumps(
+            {
+                "slots": 3,
+                "gpu": 5,
+                "log_level": "debug",
+                "bind": "10.0.0.1",
+                "model_ref": "from-file",
+                "drain_timeout": 2,
+            }
+        )
+    )
+    env = {"WORKER_GPU_DEVICE": "2", "WORKER_BIND_ADDR": "0.0.0.0:9000", "WORKER_API_TOKEN_FILE": str(token)}
+    s = parse_settings([*BASE, "--config", str(config), "--slots", "8", "--model-ref", "smollm2-135m"], env=env)
+    assert s.slots == 8 and s.model_ref == "smollm2-135m"  # command line
+    assert s.gpu == 2 and (s.host, s.port) == ("0.0.0.0", 9000) and s.api_token == "tok-123"  # environment
+    assert s.log_level == "DEBUG" and s.drain_timeout_s == 2.0  # config file
+    assert s.url.startswith("http://") and s.url.endswith(":9000") and "0.0.0.0" not in s.url
+
+
+@pytest.mark.parametrize(
+    ("bind", "host", "port"),
+    [
+        ("0.0.0.0", "0.0.0.0", 8100),
+        ("192.168.1.5:8200", "192.168.1.5", 8200),
+        ("[::1]:8300", "::1", 8300),
+        ("::1", "::1", 8100),
+        ("localhost", "localhost", 8100),
+    ],
+)
+def test_bind_address_forms(bind: str, host: str, port: int) -> None:
+    s = parse_settings([*BASE, "--bind", bind], env={})
+    assert (s.host, s.port) == (host, port)
+
+
+def test_bind_with_port_needs_no_port_option() -> None:
+    s = parse_settings(["--worker-id", "w1", "--model", str(MODEL), "--bind", "127.0.0.1:8555"], env={})
+    assert s.port == 8555
+
+
+def _bad(tmp: Path) -> dict[str, tuple[list[str], dict[str, str], str]]:
+    cfg = tmp / "c.json"
+    return {
+        "missing model file": (
+            ["--worker-id", "w1", "--model", str(tmp / "no.gguf"), "--port", "1"],
+            {},
+            "does not exist",
+        ),
+        "no worker id": (BASE[2:], {}, "--worker-id is required"),
+        "worker id with spaces": (["--worker-id", "a b", *BASE[2:]], {}, "invalid worker id"),
+        "no port": (BASE[:4], {}, "--port is required"),
+        "port out of range": ([*BASE[:5], "99999"], {}, "port must be between"),
+        "port not a number": ([*BASE[:5], "eighty"], {}, "invalid int value"),
+        "bad backend": ([*BASE, "--backend", "tpu"], {}, "--backend must be cpu or cuda"),
+        "zero slots": ([*BASE, "--slots", "0"], {}, "--slots must be between"),
+        "tiny context": ([*BASE, "--context-length", "2"], {}, "--context-length must be between"),
+        "bad bind": ([*BASE, "--bind", "a:b:c d"], {}, "invalid bind address"),
+        "token file missing": ([*BASE, "--api-token-file", str(tmp / "none")], {}, "cannot read API token file"),
+        "token file from env missing": (BASE, {"WORKER_API_TOKEN_FILE": str(tmp / "none")}, "cannot read API"),
+        "empty token file": ([*BASE, "--api-token-file", str(cfg)], {}, "is empty"),
+        "bad log level env": (BASE, {"WORKER_LOG_LEVEL": "LOUD"}, "log level must be one of"),
+        "bad gpu env": (BASE, {"WORKER_GPU_DEVICE": "first"}, "WORKER_GPU_DEVICE must be an integer"),
+        "config not json": ([*BASE, "--config", str(tmp / "bad.json")], {}, "is not valid JSON"),
+        "config unknown key": ([*BASE, "--config", str(tmp / "unknown.json")], {}, "unknown key 'slotz'"),
+        "config wrong type": ([*BASE, "--config", str(tmp / "typed.json")], {}, "slots has the wrong type"),
+        "config missing": ([*BASE, "--config", str(tmp / "absent.json")], {}, "cannot read config file"),
+        "unknown option": ([*BASE, "--frobnicate"], {}, "unrecognized arguments"),
+        "bad callback url": ([*BASE, "--callback-url", "ftp://x"], {}, "--callback-url must be an http"),
+        "negative drain": ([*BASE, "--drain-timeout", "-1"], {}, "--drain-timeout must be between"),
+    }
+
+
+BAD_CASES = list(_bad(Path("/x")))
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_invalid_configuration_is_one_clear_line(tmp_path: Path, case: str) -> None:
+    (tmp_path / "c.json").write_text("")
+    (tmp_path / "bad.json").write_text("{slots: 2")
+    (tmp_path / "unknown.json").write_text('{"slotz": 2}')
+    (tmp_path / "typed.json").write_text('{"slots": "2"}')
+    argv, env, expected = _bad(tmp_path)[case]
+    with pytest.raises(SettingsError) as info:
+        parse_settings(argv, env=env)
+    message = str(info.value)
+    assert expected in message and "\n" not in message
