@@ -11,7 +11,7 @@ from rich.markup import escape
 
 from catalog.errors import CatalogError
 from rbees_pool import cli_models, cli_status, cli_workers
-from rbees_pool.exitcodes import exit_code_for
+from rbees_pool.exitcodes import ExitCode, exit_code_for
 from rbees_pool.output import err_console
 from rbees_pool.paths import PoolPaths, default_root
 
@@ -45,3 +45,6 @@ def main() -> None:
     except CatalogError as exc:
         err_console.print(f"error: {escape(str(exc))}")
         sys.exit(int(exit_code_for(exc.code)))
+    except OSError as exc:  # unwritable root, full disk, catalog lock timeout: say so without a traceback
+        err_console.print(f"error: OS_ERROR: {escape(str(exc))}")
+        sys.exit(int(ExitCode.FAILURE))

@@ -94,7 +94,8 @@ class WorkerRuntime:
             on_progress=self._progress,
         )
         # One tiny generation compiles whatever the kernel cache lacks, so the first job does not pay it.
-        engine.generate_all(engine.tokenizer.encode("Hello, how are you today?"), GenerationParams(max_tokens=2, temperature=0.0))
+        warm_up = GenerationParams(max_tokens=2, temperature=0.0)
+        engine.generate_all(engine.tokenizer.encode("Hello, how are you today?"), warm_up)
         memory = engine.backend.memory_bytes()
         self.metrics.model_bytes.set(memory)
         self.metrics.vram_bytes.set(self.vram_bytes(engine))
@@ -200,11 +201,11 @@ class WorkerRuntime:
         if job.seq_id is not None and self._scheduler is not None:
             self._scheduler.cancel(job.seq_id)
 
-    def finish_job(self, job: Job, ended: bool) -> None:
-        """The job's stream is over; a job that did not end (client gone) is cancelled to free its slot."""
-        if not ended and job.seq_id is not None and self._scheduler is not None:
+    def abandon_job(self, job: Job) -> None:
+        """The client went away mid-stream: cancel the sequence so its slot frees at the next step. The job
+        stays in the table (its slot still counted as busy) until the engine reports the sequence ended."""
+        if job.seq_id is not None and self._scheduler is not None:
             self._scheduler.cancel(job.seq_id)
-        self._forget(job)
 
     def _forget(self, job: Job) -> None:
         if self.jobs.get(job.job_id) is job:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
 MAX_PROMPT_CHARS = 32768
@@ -15,14 +15,16 @@ MAX_STOP_BYTES = 100
 JobId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
 
 
-def _number(value: object) -> object:
+def _json_number(value: object) -> object:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise PydanticCustomError("number_type", "Input should be a number")
     return value
 
 
-# "0.5" or true is a wrong type, not a number (pydantic would coerce them); an integer is a valid float.
-Number = Annotated[float, BeforeValidator(_number)]
+def _number(kind: type, **limits: float) -> Any:
+    """A JSON number field: "0.5" or true is a wrong type (pydantic would coerce them); 3.0 is a valid
+    integer (JSON Schema says so), 2.5 is not. The limits come first so that the schema shows them."""
+    return Annotated[kind, Field(**limits), BeforeValidator(_json_number)]
 
 
 def _stop_bytes(value: str) -> str:
@@ -45,13 +47,13 @@ class ExecuteRequest(BaseModel):
 
     job_id: JobId
     prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
-    max_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS)]
-    temperature: Annotated[Number, Field(ge=0, le=2)] = 1.0
-    top_p: Annotated[Number, Field(ge=0, le=1)] = 1.0
-    top_k: Annotated[StrictInt, Field(ge=0, le=1_000_000)] = 0
-    min_p: Annotated[Number, Field(ge=0, le=1)] = 0.0
-    repetition_penalty: Annotated[Number, Field(gt=0, le=10)] = 1.0
-    seed: Annotated[StrictInt, Field(ge=0, le=2**63 - 1)] | None = None
+    max_tokens: _number(int, ge=1, le=MAX_TOKENS)
+    temperature: _number(float, ge=0, le=2) = 1.0
+    top_p: _number(float, ge=0, le=1) = 1.0
+    top_k: _number(int, ge=0, le=1_000_000) = 0
+    min_p: _number(float, ge=0, le=1) = 0.0
+    repetition_penalty: _number(float, gt=0, le=10) = 1.0
+    seed: _number(int, ge=0, le=2**63 - 1) | None = None
     stop: Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] = []
 
 

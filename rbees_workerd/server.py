@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import TypeAdapter
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rbees_workerd import logs
 from rbees_workerd.callback import CallbackFailed, send_ready
@@ -50,6 +51,20 @@ log = logging.getLogger("rbees_workerd.server")
 
 _STATUS = {AuthFailed: 401, JobNotFound: 404, AllSlotsBusy: 503, NotReady: 503, Draining: 503}
 _RETRY_AFTER_S = {AllSlotsBusy: 1, NotReady: 2, Draining: 5}
+# One SSE event of /execute: its `data` is one JSON Frame (started, token, metrics, end or error).
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "event": {"type": "string"},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"$ref": "#/components/schemas/Frame"},
+        },
+    },
+}
+_HTTP_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}
 _CORRELATION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -155,6 +170,14 @@ def create_app(runtime: WorkerRuntime) -> FastAPI:
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _validation_response(_field_errors(exc))
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # a body that is not even text (FastAPI's "error parsing the body")
+            return _validation_response([FieldError(field="body", constraint="json_invalid", message=exc.detail)])
+        code = _HTTP_CODES.get(exc.status_code, "INVALID_PARAMS")
+        body = {"code": code, "message": str(exc.detail), "retriable": False}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error in a request")
@@ -169,10 +192,7 @@ def create_app(runtime: WorkerRuntime) -> FastAPI:
             200: {
                 "description": "SSE stream: started, token*, metrics, end | error",
                 "content": {
-                    "text/event-stream": {
-                        "schema": {"type": "string", "description": "frames `data: {json}`, each one Frame"},
-                        "x-sse-frame": {"$ref": "#/components/schemas/Frame"},
-                    }
+                    "text/event-stream": {"schema": _SSE_EVENT},
                 },
             },
             **_errors_doc(400, *auth_doc, 503),

@@ -19,12 +19,14 @@ def frame(payload: dict[str, object]) -> str:
 
 def _end_frames(job: Job, end: FinishEvent, first_token_at: float | None) -> list[str]:
     decode_s = end.decode_time_ms / 1000
+    # the first token comes out of the prefill; the decode rate counts the ones after it
+    rate = (end.tokens_out - 1) / decode_s if end.tokens_out > 1 and decode_s > 0 else 0.0
     ttft_ms = ((first_token_at or time.perf_counter()) - job.accepted_at) * 1000
     frames = [
         frame(
             {
                 "type": "metrics",
-                "tokens_per_sec": round(end.tokens_out / decode_s, 2) if decode_s > 0 else 0.0,
+                "tokens_per_sec": round(rate, 2),
                 "time_to_first_token_ms": round(ttft_ms, 2),
                 "prefill_time_ms": round(end.prefill_time_ms, 2),
                 "prompt_tokens": end.prompt_tokens,
@@ -50,7 +52,8 @@ def _end_frames(job: Job, end: FinishEvent, first_token_at: float | None) -> lis
 
 
 async def job_frames(runtime: WorkerRuntime, job: Job, model: str) -> AsyncIterator[str]:
-    """Yield the job's frames; if the client goes away first, cancel the job so its slot frees at once."""
+    """Yield the job's frames; if the client goes away first, cancel the job so its slot frees at once.
+    (The job leaves the runtime's table when the engine reports its end, not here.)"""
     ended = False
     first_token_at: float | None = None
     log.info(
@@ -82,7 +85,7 @@ async def job_frames(runtime: WorkerRuntime, job: Job, model: str) -> AsyncItera
     finally:
         if not ended:
             log.info(f"job {job.job_id}: client disconnected, cancelling", extra={"fields": {"job_id": job.job_id}})
-        runtime.finish_job(job, ended)
+            runtime.abandon_job(job)
 
 
 def _log_end(job: Job, end: FinishEvent) -> None:

@@ -71,7 +71,9 @@ def test_matmul_and_embed_every_type(be, qtype):
     raw, ref_w = random_matrix(qtype, n, k, rng)
     w = be.weight(int(qtype), (n, k), raw)
     bias = rng.standard_normal(n).astype(np.float32)
-    for t in (1, 5):  # decode (one token) and a tile of several tokens
+    # one token, a tile of several (both the warp-per-row kernel), and the tiled GEMM of many
+    counts = (1, 5, 17) if qtype in (Q.Q4_1, Q.Q6_K, Q.Q5_K, Q.BF16) or not SIM else (1, 5)
+    for t in counts:
         x = rng.standard_normal((t, k)).astype(np.float32)
         out = _dev(be, np.full((t, n), np.nan, np.float32))  # poisoned: every element must be written
         be.matmul(_dev(be, x), w, out, be.vector(bias))
@@ -135,14 +137,16 @@ def test_attention_causal_gqa_per_slot_matches_cpu(be):
     np.testing.assert_allclose(be.download(out), ref, rtol=1e-4, atol=1e-5)
 
 
-def test_fused_step_equals_separate_ops(be):
-    """run_step fuses q/k/v, gate/up + SwiGLU and projection + residual add; results must not change."""
+@pytest.mark.parametrize("t", [3, 20], ids=["rows", "gemm"])
+def test_fused_step_equals_separate_ops(be, t):
+    """run_step fuses norm + q/k/v, norm + gate/up + SwiGLU and projection + residual add; same results."""
     rng = np.random.default_rng(3)
-    t, d, f = 3, 64, 96
+    d, f = 32, 64
     mats = {name: be.weight(int(Q.Q4_1), shape, random_matrix(Q.Q4_1, *shape, rng)[0])
             for name, shape in {"q": (d, d), "k": (32, d), "v": (32, d), "gate": (f, d), "up": (f, d),
                                 "down": (d, f)}.items()}  # fmt: skip
     bq = be.vector(rng.standard_normal(d).astype(np.float32))
+    nw = be.vector(rng.standard_normal(d).astype(np.float32))
     x0 = (rng.standard_normal((t, d)) * 0.05).astype(np.float32)  # small: silu of two steps stays finite
 
     def run(fused: bool) -> list[np.ndarray]:
@@ -151,9 +155,12 @@ def test_fused_step_equals_separate_ops(be):
         gate, up = (_dev(be, np.zeros((t, f), np.float32)) for _ in "gu")
 
         def step() -> None:
+            be.rmsnorm(x, nw, 1e-5, h)
             be.matmul(h, mats["q"], q, bq)
             be.matmul(h, mats["k"], k)
             be.matmul(h, mats["v"], v)
+            be.add(x, q)
+            be.rmsnorm(x, nw, 1e-5, h)
             be.matmul(h, mats["gate"], gate)
             be.matmul(h, mats["up"], up)
             be.swiglu(gate, up, gate)
@@ -200,3 +207,31 @@ def test_sample_greedy_ties_pick_lowest_id(be):
     logits = np.zeros((1, 50), np.float32)
     logits[0, [7, 30]] = 2.0
     assert be.sample(_dev(be, logits), _rows(1, temperature=0.0)).tolist() == [7]
+
+
+def test_fused_rope_and_store_equal_cpu(be):
+    """In a step, rope(q), rope(k) and the KV store become one launch; results must match the CPU."""
+    rng = np.random.default_rng(5)
+    slots = np.array([1, 0, 0, 0], np.int32)
+    pos = np.array([2, 0, 1, 2], np.int32)
+    q, k, v = (rng.standard_normal((4, h, 8)).astype(np.float32) for h in (4, 2, 2))
+    cache = rng.standard_normal((2, 2, 6, 2, 8)).astype(np.float32)
+    ref_q, ref_k, ref_v, ref_ck, ref_cv = q.copy(), k.copy(), v.copy(), cache[0].copy(), cache[1].copy()
+    cpu_ops.rope(ref_q, pos, 500.0, False)
+    cpu_ops.rope(ref_k, pos, 500.0, False)
+    cpu_ops.kv_store(ref_k, ref_v, ref_ck, ref_cv, slots, pos)
+    ref = np.zeros_like(q)
+    cpu_ops.attention(ref_q, ref_ck, ref_cv, slots, pos, ref)
+    qd, kd, vd, ck, cv = (_dev(be, a) for a in (q, k, v, cache[0], cache[1]))
+    sd, pd, out = _dev(be, slots), _dev(be, pos), _dev(be, np.full_like(q, np.nan))
+
+    def step() -> None:
+        be.rope(qd, pd, 500.0, False)
+        be.rope(kd, pd, 500.0, False)
+        be.attention(qd, kd, vd, ck, cv, sd, pd, out)
+
+    be.run_step("rope-store-test", step)
+    np.testing.assert_allclose(be.download(qd), ref_q, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(be.download(ck), ref_ck, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(be.download(cv), ref_cv)
+    np.testing.assert_allclose(be.download(out), ref, rtol=1e-4, atol=1e-5)

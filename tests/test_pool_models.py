@@ -11,7 +11,9 @@ import test_pool_support as support
 from test_pool_support import POOL, run_json, run_pool
 
 import catalog
-from rbees_pool.exitcodes import ExitCode
+from catalog.errors import CatalogError
+from rbees_pool.errors import PoolError
+from rbees_pool.exitcodes import EXIT_CODES, ExitCode
 
 pool_root = support.pool_root
 
@@ -131,3 +133,23 @@ def test_twenty_concurrent_registers_lose_nothing(pool_root: Path) -> None:
         assert proc.returncode == 0, err
     ids = {d["id"] for d in json.loads((pool_root / "catalog.json").read_text())["models"]}
     assert {f"m{i}" for i in range(20)} <= ids and "smollm2-135m" in ids
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
+
+
+def test_every_error_code_has_a_documented_exit_code() -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "pool.md").read_text()
+    codes = {cls.code for cls in _subclasses(CatalogError) if cls is not PoolError}
+    for code in codes:
+        assert EXIT_CODES[code] not in (ExitCode.OK, ExitCode.FAILURE) and f"`{code}`" in doc, code
+    for exit_code in ExitCode:
+        assert f"| {int(exit_code)} |" in doc, exit_code
+
+
+def test_unwritable_root_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    done = run_pool(blocker / "pool", "models", "register", "x", "--name", "X", "--source", "file:///x.gguf")
+    assert done.returncode == ExitCode.FAILURE and "OS_ERROR" in done.stderr and "Traceback" not in done.stderr

@@ -242,6 +242,19 @@ def test_minus_inf_and_nan_logits_are_never_picked() -> None:
         assert sample_row(logits, row(np.nextafter(1.0, 0.0), **kw)) in {5, 9, 40}
 
 
+def test_the_largest_uniform_picks_the_last_token_with_probability() -> None:
+    """At u just below 1 rounding can leave the running sum short of u; the pick is then the last
+    kept token of nonzero probability, never a -inf one."""
+    rng = np.random.default_rng(11)
+    u = float(np.nextafter(1.0, 0.0))
+    for i in range(300):
+        logits = (rng.standard_normal(1000) * 0.01).astype(np.float32)  # near-equal: all bins full
+        logits[rng.integers(1000, size=50)] = -np.inf
+        finite = np.nonzero(np.isfinite(logits))[0]
+        last = finite[np.lexsort((finite, -logits[finite]))][-1]
+        assert sample_row(logits, row(u, temperature=float(0.5 + i % 3))) == last
+
+
 def test_degenerate_rows_are_handled() -> None:
     assert sample_row(np.full(8, -np.inf, np.float32), row()) == 0
     inf_row = np.array([0.0, np.inf, 5.0, np.inf], np.float32)

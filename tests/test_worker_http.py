@@ -194,7 +194,8 @@ def test_all_slots_busy_is_503_with_retry_after_and_duplicate_id_is_400(worker: 
         b.stream("POST", "/execute", json=execute_body("busy-2", max_tokens=200)) as r2,
     ):
         assert r1.status_code == 200 and r2.status_code == 200
-        assert client.get("/health").json()["slots_free"] == 0
+        health = client.get("/health").json()
+        assert health["slots_free"] == 0 and health["state"] == "Executing"
         duplicate = client.post("/execute", json=execute_body("busy-1"))
         assert duplicate.status_code == 400 and duplicate.json()["errors"][0]["field"] == "job_id"
         busy = client.post("/execute", json=execute_body("busy-3"))
@@ -316,14 +317,21 @@ def test_openapi_documents_every_route(api_schema: Any) -> None:
 
 
 @pytest.mark.parametrize(("path", "method", "mode"), OPERATIONS)
-@settings(max_examples=12, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=8, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_openapi_schema_matches_the_real_responses(
     api_schema: Any, path: str, method: str, mode: GenerationMode, data: st.DataObject
 ) -> None:
     case = data.draw(api_schema[path][method].as_strategy(generation_mode=mode))
-    if isinstance(case.body, dict) and type(case.body.get("max_tokens")) is int and case.body["max_tokens"] > 3:
-        case.body["max_tokens"] = 3  # bounded CPU time; a valid body stays valid
+    body = case.body
+    if isinstance(body, dict):
+        # Bounded CPU time, and within the model context (a limit the static schema cannot state; the
+        # prompt/max_tokens over the context are tested above). A valid body stays valid.
+        tokens = body.get("max_tokens")
+        if isinstance(tokens, int | float) and not isinstance(tokens, bool) and tokens > 3:
+            body["max_tokens"] = 3
+        if isinstance(body.get("prompt"), str) and len(body["prompt"]) > 60:
+            body["prompt"] = body["prompt"][:60]
     case.call_and_validate(timeout=120)
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import pytest
 from worker_harness import (
     MODEL,
     CallbackServer,
+    Daemon,
     daemon_command,
     daemon_env,
     execute_body,
@@ -71,9 +74,7 @@ def test_auth_callback_and_sigterm_drain(tmp_path: Path) -> None:
                 "retriable": False,
             }
             assert httpx.get(f"{daemon.url}/ready", headers=headers).status_code == 401
-            assert (
-                httpx.post(f"{daemon.url}/cancel", json={"job_id": "x"}, headers=headers).status_code == 401
-            )
+            assert httpx.post(f"{daemon.url}/cancel", json={"job_id": "x"}, headers=headers).status_code == 401
             assert httpx.get(f"{daemon.url}/openapi.json", headers=headers).status_code == 401
         assert httpx.get(f"{daemon.url}/metrics").status_code == 200
         assert httpx.get(f"{daemon.url}/ready", headers=auth).status_code == 200
@@ -113,7 +114,9 @@ def test_auth_callback_and_sigterm_drain(tmp_path: Path) -> None:
         assert TOKEN not in daemon.log_path.read_text()
 
 
-def test_callback_refused_with_4xx_exits_non_zero(tmp_path: Path) -> None:
+def test_answers_while_loading_then_exits_non_zero_when_the_callback_is_refused(tmp_path: Path) -> None:
+    """The socket listens before the model loads (reading it and compiling the kernels takes seconds):
+    /health answers at once, /execute is refused as not ready. Then a 4xx callback ends the daemon."""
     with (
         CallbackServer([404]) as callback,
         run_daemon(
@@ -127,10 +130,43 @@ def test_callback_refused_with_4xx_exits_non_zero(tmp_path: Path) -> None:
             wait_ready=False,
         ) as daemon,
     ):
+        health = _first_health(daemon)
+        assert health["state"] in ("Starting", "Loading") and health["status"] == "loading"
+        assert health["slots_free"] == 0 and health["device"] is None
+        refused = httpx.post(f"{daemon.url}/execute", json=execute_body("early"))
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "2"
+        assert refused.json()["code"] == "WORKER_NOT_READY" and refused.json()["retriable"] is True
+        ready = httpx.get(f"{daemon.url}/ready")
+        assert ready.status_code == 503 and ready.json()["ready"] is False
+        assert 0.0 <= ready.json()["load_progress"] <= 1.0
         assert daemon.proc.wait(240) == 1
     assert len(callback.received) == 1
     refused = [e for e in daemon.logs() if "refused with HTTP 404" in e["human"]]
     assert refused and refused[0]["level"] == "ERROR"
+
+
+def test_drain_timeout_cancels_jobs_still_running(tmp_path: Path) -> None:
+    with run_daemon(tmp_path, "--slots", "1", "--context-length", "128", "--drain-timeout", "0") as daemon:
+        with (
+            httpx.Client(timeout=120) as c,
+            c.stream("POST", f"{daemon.url}/execute", json=execute_body("too-long", max_tokens=120)) as r,
+        ):
+            frames = read_frames(r)
+            assert next(frames)["type"] == "started"
+            assert next(frames)["type"] == "token"
+            daemon.proc.send_signal(signal.SIGTERM)
+            end = list(frames)[-1]
+        assert end["type"] == "end" and end["stop_reason"] == "CANCELLED"
+        assert daemon.proc.wait(60) == 0
+
+
+def _first_health(daemon: Daemon) -> dict[str, Any]:
+    for _ in range(1200):
+        try:
+            return httpx.get(f"{daemon.url}/health", timeout=5).json()
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise AssertionError("the daemon never answered /health")
 
 
 def test_corrupt_model_exits_non_zero_with_model_load_failed(tmp_path: Path) -> None:
@@ -148,27 +184,27 @@ def test_corrupt_model_exits_non_zero_with_model_load_failed(tmp_path: Path) -> 
     assert "MODEL_LOAD_FAILED" in done.stderr
 
 
+MODEL_ARGS = ["--worker-id", "w1", "--model", str(MODEL)]
+
+
 @pytest.mark.parametrize(
-    "args",
+    ("args", "expected"),
     [
-        ["--port", "8000"],
-        ["--port", "8000", "--api-token-file", "/nonexistent/token"],
-        ["--port", "8000", "--bogus"],
+        (["--port", "8000"], "--worker-id is required"),
+        ([*MODEL_ARGS, "--port", "8000", "--api-token-file", "/nonexistent/token"], "cannot read API token file"),
+        ([*MODEL_ARGS, "--port", "8000", "--bogus"], "unrecognized arguments: --bogus"),
+        (["serve", "--port", "8000"], "--worker-id is required"),
     ],
-    ids=["no worker id", "token file missing", "unknown option"],
+    ids=["no worker id", "token file missing", "unknown option", "serve subcommand"],
 )
-def test_invalid_configuration_exits_at_once_with_one_line(args: list[str]) -> None:
-    if "--bogus" in args or "--api-token-file" in args:
-        args = ["--worker-id", "w1", "--model", str(MODEL), *args]
+def test_invalid_configuration_exits_at_once_with_one_line(args: list[str], expected: str) -> None:
     done = subprocess.run(daemon_command(*args), capture_output=True, text=True, env=daemon_env(), timeout=60)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("rbees-workerd: "), done.stderr
+    assert len(lines) == 1 and lines[0].startswith("rbees-workerd: ") and expected in lines[0], done.stderr
 
 
-def test_port_in_use_exits_non_zero_with_one_line(tmp_path: Path) -> None:
-    import socket
-
+def test_port_in_use_exits_non_zero_with_one_line() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -35,8 +35,8 @@ def free_port() -> int:
 
 
 def daemon_command(*args: str) -> list[str]:
-    """How tests start the daemon: through the package's own entry point, without a subcommand."""
-    return [sys.executable, "-m", "rbees_workerd.server", *args]
+    """How operators and rbees-pool start the daemon: the console script, without a subcommand."""
+    return [str(Path(sys.executable).parent / "rbees-workerd"), *args]
 
 
 def daemon_env(**extra: str) -> dict[str, str]:

@@ -17,12 +17,15 @@ def fetch_hf(source: HfSource, staging: Staging) -> Path:
     huggingface_hub resumes a transfer cut mid-body (Range) within the run; a run that is killed starts the
     file again, since its temporary file is private to the process.
     """
-    from huggingface_hub import hf_hub_download  # slow import: only when the hub is used
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url  # slow import
 
     def bar(**kwargs: object) -> TransferBar:
         return TransferBar(staging.display, Path(source.path).name, kwargs.get("total"), kwargs.get("initial") or 0)  # type: ignore[arg-type]
 
     try:
+        # One HEAD without retries first: an unreachable hub then falls back to the next source in
+        # seconds instead of after huggingface_hub's ~25 s of backoff.
+        get_hf_file_metadata(hf_hub_url(source.repo, source.path, revision=source.revision))
         path = hf_hub_download(
             source.repo,
             source.path,

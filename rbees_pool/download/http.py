@@ -34,7 +34,7 @@ def fetch_http(source: HttpSource, staging: Staging) -> Path:
                 part.open("ab" if offset else "wb") as writer,
                 TransferBar(staging.display, Path(part.name).stem, total=total, initial=offset) as bar,
             ):
-                for chunk in resp.iter_bytes(1 << 20):
+                for chunk in resp.iter_bytes():  # unbuffered: every byte received is kept for a resume
                     writer.write(chunk)
                     bar.update(len(chunk))
     except httpx.HTTPError as exc:

@@ -114,7 +114,14 @@ class Engine:
             model = Transformer(cfg, f, be, slots, ctx, max_step_tokens, on_progress)
         finally:
             f.close()
-        return cls(model, tokenizer, Path(path).stem)
+        engine = cls(model, tokenizer, Path(path).stem)
+        engine.warm_up()
+        return engine
+
+    def warm_up(self) -> None:
+        """Run one tiny greedy and one sampled step so kernels compile or load from cache before any request."""
+        for temperature in (0.0, 1.0):
+            list(self.generate([0], GenerationParams(max_tokens=2, temperature=temperature, seed=0)))
 
     # ---- sequences
     def free_slots(self) -> int:

@@ -17,10 +17,11 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from rbees_workerd.errors import InvalidParams, ModelLoadError
 from rbees_workerd.kernels.cpu import quant_kernels as qk
-from rbees_workerd.kernels.cpu.quant_pack import Blocks, pack_blocks, pack_dense
+from rbees_workerd.kernels.cpu.quant_pack import KIND_BYTE, KIND_NIBBLE, Blocks, pack_blocks, pack_dense
 
 _Q = GGMLQuantizationType
 _DENSE = (_Q.F32, _Q.F16, _Q.BF16)
+_TASKS_PER_THREAD = 4
 SUPPORTED = frozenset({*_DENSE, _Q.Q8_0, _Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1, _Q.Q4_K, _Q.Q5_K, _Q.Q6_K})
 
 
@@ -68,16 +69,33 @@ def matmul(x: np.ndarray, w: QMatrix, out: np.ndarray) -> None:
         raise InvalidParams("matmul input and output must not overlap")
     if t == 0:
         return
-    nthreads = numba.get_num_threads()  # the caller's numba.set_num_threads (thread-local)
+    # The caller's numba.set_num_threads (thread-local) decides the threads. Several row ranges
+    # per thread, handed out dynamically, keep all threads busy when the machine is shared.
+    threads = numba.get_num_threads()
+    tasks = 1 if threads == 1 else _TASKS_PER_THREAD * threads
+    previous = numba.set_parallel_chunksize(1)
+    try:
+        _matmul(x, w, tasks, out)
+    finally:
+        numba.set_parallel_chunksize(previous)
+
+
+def _matmul(x: np.ndarray, w: QMatrix, tasks: int, out: np.ndarray) -> None:
+    t, k = x.shape
     if w.blocks is not None:
         b = w.blocks
         sxh = np.empty((t, k // 16), np.float32)
         qk.half_sums(x, sxh)
-        qk.matmul_blocks(x, b.qs, b.qh, b.d, b.m, b.kind, b.ebits, b.half, np.float32(b.offset), sxh, nthreads, out)
+        if b.kind == KIND_NIBBLE:
+            qk.matmul_nibble(x, b.qs, b.d, b.m, np.float32(b.offset), sxh, tasks, out)
+        elif b.kind == KIND_BYTE:
+            qk.matmul_byte(x, b.qs, b.d, sxh, tasks, out)
+        else:
+            qk.matmul_ext(x, b.qs, b.qh, b.d, b.m, b.ebits, b.half, np.float32(b.offset), sxh, tasks, out)
     elif w.qtype == _Q.F32:
-        qk.matmul_f32(x, w.dense, nthreads, out)
+        qk.matmul_f32(x, w.dense, tasks, out)
     else:
-        qk.matmul_f16(x, w.dense, w.qtype == _Q.BF16, nthreads, out)
+        qk.matmul_f16(x, w.dense, w.qtype == _Q.BF16, tasks, out)
 
 
 def embed_rows(w: QMatrix, tokens: np.ndarray, out: np.ndarray) -> None:

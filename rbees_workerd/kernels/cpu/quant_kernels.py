@@ -34,6 +34,7 @@ class _NoAliasCompiler(Compiler):
 
 _JIT = {"cache": True, "nogil": True, "fastmath": True, "pipeline_class": _NoAliasCompiler}
 _TILE = 4  # tokens per weight pass in prefill
+_LANES = 2  # independent partial sums per row in decode (<= _TILE)
 
 
 @njit(inline="always", **_JIT)
@@ -41,10 +42,10 @@ def _task_range(task: int, ntask: int, n: int) -> tuple[int, int]:
     return task * n // ntask, (task + 1) * n // ntask
 
 
-@njit(parallel=True, **_JIT)
+@njit(**_JIT)
 def half_sums(x: np.ndarray, out: np.ndarray) -> None:
     """out[t, h] = sum of x[t, 16h:16h+16] (the activation side of min/offset terms)."""
-    for t in prange(x.shape[0]):
+    for t in range(x.shape[0]):
         for h in range(out.shape[1]):
             s = np.float32(0.0)
             for i in range(16):
@@ -56,15 +57,27 @@ def half_sums(x: np.ndarray, out: np.ndarray) -> None:
 
 
 @njit(inline="always", **_JIT)
+def _fold_lanes(plo):  # noqa: ANN001, ANN202
+    for k in range(1, _LANES):
+        for r in range(plo.shape[1]):
+            plo[0, r] += plo[k, r]
+
+
+@njit(inline="always", **_JIT)
 def _acc_nibble(qs, c, b, x, t, tn, xb, plo):  # noqa: ANN001, ANN202
     C = qs.shape[3]
     if tn == 1:
+        # successive planes go to alternating rows of plo: the sums' store-to-load latency,
+        # not the arithmetic, bounds this loop otherwise
+        plo[1:_LANES] = 0.0
         for j in range(16):
+            p = j % _LANES
             xl = x[t, xb + j]
             xh = x[t, xb + 16 + j]
             for r in range(C):
                 q = qs[c, b, j, r]
-                plo[0, r] += np.float32(np.uint8(q & 15)) * xl + np.float32(np.uint8(q >> 4)) * xh
+                plo[p, r] += np.float32(np.uint8(q & 15)) * xl + np.float32(np.uint8(q >> 4)) * xh
+        _fold_lanes(plo)
     else:
         for j in range(16):
             xl0, xh0 = x[t, xb + j], x[t, xb + 16 + j]
@@ -85,10 +98,13 @@ def _acc_nibble(qs, c, b, x, t, tn, xb, plo):  # noqa: ANN001, ANN202
 def _acc_byte(qs, c, b, x, t, tn, xb, plo):  # noqa: ANN001, ANN202
     C = qs.shape[3]
     if tn == 1:
+        plo[1:_LANES] = 0.0
         for j in range(32):
+            p = j % _LANES
             xj = x[t, xb + j]
             for r in range(C):
-                plo[0, r] += np.float32(np.int8(qs[c, b, j, r])) * xj
+                plo[p, r] += np.float32(np.int8(qs[c, b, j, r])) * xj
+        _fold_lanes(plo)
     else:
         for j in range(32):
             x0, x1, x2, x3 = x[t, xb + j], x[t + 1, xb + j], x[t + 2, xb + j], x[t + 3, xb + j]
@@ -106,29 +122,56 @@ def _acc_ext(qs, qh, ebits, c, b, x, t, tn, xb, plo, phi):  # noqa: ANN001, ANN2
     C = qs.shape[3]
     mask = (1 << ebits) - 1
     for j in range(16):
-        bl = (j * ebits) >> 3
-        sl = (j * ebits) & 7
-        bh = ((j + 16) * ebits) >> 3
-        sh = ((j + 16) * ebits) & 7
-        for k in range(tn):
-            xl = x[t + k, xb + j]
-            xh = x[t + k, xb + 16 + j]
+        pos = 2 * j * ebits  # the bits of elements j and j + 16 sit side by side
+        byte = pos >> 3
+        sl = pos & 7
+        sh = sl + ebits
+        if tn == 1:
+            # the variable bit shifts in float arithmetic: LLVM keeps int64 shifts scalar
+            f0 = np.float32(1.0 / (1 << sl))
+            f1 = np.float32(1.0 / (1 << sh))
+            f2 = np.float32(1.0 / (1 << (sh + ebits)))
+            top = np.float32(1 << ebits)
+            xl = x[t, xb + j]
+            xh = x[t, xb + 16 + j]
             for r in range(C):
                 q = qs[c, b, j, r]
-                lo = np.uint8((q & 15) | (((qh[c, b, bl, r] >> sl) & mask) << 4))
-                hi = np.uint8((q >> 4) | (((qh[c, b, bh, r] >> sh) & mask) << 4))
-                plo[k, r] += np.float32(lo) * xl
-                phi[k, r] += np.float32(hi) * xh
+                e = np.float32(qh[c, b, byte, r])
+                e0 = np.floor(e * f0)
+                e1 = np.floor(e * f1)
+                e2 = np.floor(e * f2)
+                lo = np.float32(np.uint8(q & 15)) + np.float32(16.0) * (e0 - top * e1)
+                hi = np.float32(np.uint8(q >> 4)) + np.float32(16.0) * (e1 - top * e2)
+                plo[0, r] += lo * xl
+                phi[0, r] += hi * xh
+        else:
+            xl0, xh0 = x[t, xb + j], x[t, xb + 16 + j]
+            xl1, xh1 = x[t + 1, xb + j], x[t + 1, xb + 16 + j]
+            xl2, xh2 = x[t + 2, xb + j], x[t + 2, xb + 16 + j]
+            xl3, xh3 = x[t + 3, xb + j], x[t + 3, xb + 16 + j]
+            for r in range(C):
+                q = qs[c, b, j, r]
+                e = qh[c, b, byte, r]
+                lo = np.float32(np.uint8((q & 15) | (((e >> sl) & mask) << 4)))
+                hi = np.float32(np.uint8((q >> 4) | (((e >> sh) & mask) << 4)))
+                plo[0, r] += lo * xl0
+                phi[0, r] += hi * xh0
+                plo[1, r] += lo * xl1
+                phi[1, r] += hi * xh1
+                plo[2, r] += lo * xl2
+                phi[2, r] += hi * xh2
+                plo[3, r] += lo * xl3
+                phi[3, r] += hi * xh3
 
 
-@njit(parallel=True, **_JIT)
-def matmul_blocks(x, qs, qh, d, m, kind, ebits, half, offset, sxh, nthreads, out):  # noqa: ANN001, ANN201
+@njit(inline="always", **_JIT)
+def _matmul_blocks(x, qs, qh, d, m, kind, ebits, half, offset, sxh, tasks, out):  # noqa: ANN001, ANN202
     """out[T, N] = x[T, K] @ dequant(w).T for the 32-block layouts of `quant_pack`."""
     T = x.shape[0]
     NC, nb, _, C = qs.shape
     N = out.shape[1]
     has_m = m.shape[1] > 0
-    ntask = max(1, min(nthreads, NC))
+    ntask = max(1, min(tasks, NC))
     for task in prange(ntask):
         c0, c1 = _task_range(task, ntask, NC)
         plo = np.empty((_TILE, C), np.float32)
@@ -157,12 +200,17 @@ def matmul_blocks(x, qs, qh, d, m, kind, ebits, half, offset, sxh, nthreads, out
                         if kind == 1:
                             if has_m:
                                 for r in range(C):
-                                    acc[k, r] += (d[c, slo, r] * plo[k, r] + d[c, shi, r] * phi[k, r]
-                                                  + m[c, slo, r] * s0 + m[c, shi, r] * s1)
+                                    acc[k, r] += (
+                                        d[c, slo, r] * plo[k, r]
+                                        + d[c, shi, r] * phi[k, r]
+                                        + m[c, slo, r] * s0
+                                        + m[c, shi, r] * s1
+                                    )
                             else:
                                 for r in range(C):
-                                    acc[k, r] += (d[c, slo, r] * (plo[k, r] + offset * s0)
-                                                  + d[c, shi, r] * (phi[k, r] + offset * s1))
+                                    acc[k, r] += d[c, slo, r] * (plo[k, r] + offset * s0) + d[c, shi, r] * (
+                                        phi[k, r] + offset * s1
+                                    )
                         elif has_m:
                             for r in range(C):
                                 acc[k, r] += d[c, b, r] * plo[k, r] + m[c, b, r] * (s0 + s1)
@@ -173,6 +221,25 @@ def matmul_blocks(x, qs, qh, d, m, kind, ebits, half, offset, sxh, nthreads, out
                     for r in range(rows):
                         out[t + k, c * C + r] = acc[k, r]
                 t += tn
+
+
+# One compiled kernel per value kind (`kind` is a constant in each), so a model compiles
+# only the kinds it uses and each kernel's machine code holds one inner loop family.
+
+
+@njit(parallel=True, **_JIT)
+def matmul_nibble(x, qs, d, m, offset, sxh, tasks, out):  # noqa: ANN001, ANN201
+    _matmul_blocks(x, qs, qs, d, m, 0, 0, 1, offset, sxh, tasks, out)
+
+
+@njit(parallel=True, **_JIT)
+def matmul_byte(x, qs, d, sxh, tasks, out):  # noqa: ANN001, ANN201
+    _matmul_blocks(x, qs, qs, d, d[:, :0], 2, 0, 1, np.float32(0.0), sxh, tasks, out)
+
+
+@njit(parallel=True, **_JIT)
+def matmul_ext(x, qs, qh, d, m, ebits, half, offset, sxh, tasks, out):  # noqa: ANN001, ANN201
+    _matmul_blocks(x, qs, qh, d, m, 1, ebits, half, offset, sxh, tasks, out)
 
 
 @njit(inline="always", **_JIT)
@@ -212,10 +279,10 @@ def _dense_chunk(w, x, c, acc, out):  # noqa: ANN001, ANN202
 
 
 @njit(parallel=True, **_JIT)
-def matmul_f32(x, w, nthreads, out):  # noqa: ANN001, ANN201
+def matmul_f32(x, w, tasks, out):  # noqa: ANN001, ANN201
     """out = x @ w.T for float32 weights in chunk layout w[N/C, K, C]."""
     NC, _, C = w.shape
-    ntask = max(1, min(nthreads, NC))
+    ntask = max(1, min(tasks, NC))
     for task in prange(ntask):
         c0, c1 = _task_range(task, ntask, NC)
         acc = np.empty((_TILE, C), np.float32)
@@ -224,41 +291,40 @@ def matmul_f32(x, w, nthreads, out):  # noqa: ANN001, ANN201
 
 
 @njit(inline="always", **_JIT)
-def _half_bits_to_f32_bits(h: np.uint16, bf16: bool) -> np.uint32:
-    """IEEE half (or bfloat16) bits -> float32 bits; exact, including subnormals, inf and NaN."""
-    if bf16:
-        return np.uint32(h) << np.uint32(16)
-    sign = np.uint32(h & 0x8000) << np.uint32(16)
-    e = np.uint32((h >> 10) & 0x1F)
-    mant = np.uint32(h & 0x3FF)
-    if e == 0x1F:
-        return sign | np.uint32(0x7F800000) | (mant << np.uint32(13))
-    if e != 0:
-        return sign | ((e + np.uint32(112)) << np.uint32(23)) | (mant << np.uint32(13))
-    if mant == 0:
-        return sign
-    # subnormal: normalize the mantissa
-    shift = np.uint32(0)
-    while (mant & np.uint32(0x400)) == 0:
-        mant <<= np.uint32(1)
-        shift += np.uint32(1)
-    return sign | ((np.uint32(113) - shift) << np.uint32(23)) | ((mant & np.uint32(0x3FF)) << np.uint32(13))
+def _widen_chunk(w, c, bf16, wf, wu):  # noqa: ANN001, ANN202
+    """wf[:] = float32 of the F16/BF16 bits w[c] (wu is wf's uint32 view); branch-free, so it vectorizes.
+
+    F16: the half's exponent and mantissa moved into float32 position, times 2^112 to
+    rebias the exponent; this is exact for normals and subnormals alike (Inf/NaN get
+    an all-ones exponent first, and stay Inf/NaN after the multiply).
+    """
+    K, C = wf.shape
+    for i in range(K):
+        if bf16:
+            for r in range(C):
+                wu[i, r] = np.uint32(w[c, i, r]) << 16
+        else:
+            for r in range(C):
+                h = np.uint32(w[c, i, r])
+                em = h & np.uint32(0x7FFF)
+                inf_nan = np.uint32(0x7F800000) if em >= 0x7C00 else np.uint32(0)
+                wu[i, r] = np.uint32(((h & np.uint32(0x8000)) << 16) | (em << 13) | inf_nan)
+            for r in range(C):
+                wf[i, r] *= np.float32(2.0**112)
 
 
 @njit(parallel=True, **_JIT)
-def matmul_f16(x, w, bf16, nthreads, out):  # noqa: ANN001, ANN201
+def matmul_f16(x, w, bf16, tasks, out):  # noqa: ANN001, ANN201
     """out = x @ w.T for F16/BF16 bits w[N/C, K, C] (uint16): each chunk is widened once per call."""
     NC, K, C = w.shape
-    ntask = max(1, min(nthreads, NC))
+    ntask = max(1, min(tasks, NC))
     for task in prange(ntask):
         c0, c1 = _task_range(task, ntask, NC)
         acc = np.empty((_TILE, C), np.float32)
         wf = np.empty((K, C), np.float32)
         wu = wf.view(np.uint32)
         for c in range(c0, c1):
-            for i in range(K):
-                for r in range(C):
-                    wu[i, r] = _half_bits_to_f32_bits(w[c, i, r], bf16)
+            _widen_chunk(w, c, bf16, wf, wu)
             _dense_chunk(wf, x, c, acc, out)
 
 
@@ -284,7 +350,7 @@ def embed_blocks(qs, qh, d, m, kind, ebits, half, offset, tokens, out):  # noqa:
                     byte = np.int64(qs[c, b, j & 15, r])
                     v = (byte >> 4) if j >= 16 else (byte & 15)
                     if kind == 1:
-                        bit = j * ebits
+                        bit = 2 * (j & 15) * ebits + (ebits if j >= 16 else 0)
                         v |= ((np.int64(qh[c, b, bit >> 3, r]) >> (bit & 7)) & mask) << 4
                     q = np.float32(v)
                 s = b * half + (j // 16 if half == 2 else 0)
@@ -305,9 +371,12 @@ def embed_dense(w, tokens, out):  # noqa: ANN001, ANN201
 
 @njit(**_JIT)
 def embed_half(w, bf16, tokens, out):  # noqa: ANN001, ANN201
-    C = w.shape[2]
-    bits = out.view(np.uint32)
+    """out[t] = row tokens[t] of the F16/BF16 bits w, widened exactly (through its whole chunk)."""
+    _, K, C = w.shape
+    wf = np.empty((K, C), np.float32)
+    wu = wf.view(np.uint32)
     for t in range(tokens.shape[0]):
         n = tokens[t]
-        for i in range(w.shape[1]):
-            bits[t, i] = _half_bits_to_f32_bits(w[n // C, i, n % C], bf16)
+        _widen_chunk(w, n // C, bf16, wf, wu)
+        for i in range(K):
+            out[t, i] = wf[i, n % C]

@@ -8,8 +8,9 @@ LLVM vectorizes). Per 32-block the element values are split as
 * `qs[c, b, j, r]` (uint8): element j in the low nibble and element j + 16 in the
   high nibble (4-bit and 5/6-bit types), or two planes j and j + 16 of whole bytes
   (Q8_0, int8 stored as uint8);
-* `qh[c, b, :, r]` (uint8): the bits above the nibble (1 per element for the
-  5-bit types, 2 for Q6_K), element j's bits at bit offset `j * ebits`;
+* `qh[c, b, :, r]` (uint8): the bits above the nibble (`ebits`: 1 per element for
+  the 5-bit types, 2 for Q6_K), those of elements j and j + 16 side by side at bit
+  offset `2 * j * ebits`;
 * `d[c, s, r]`, `m[c, s, r]` (float32, decoded once here): value = d * q + m, one
   scale per 32-block (`half=1`) or per 16-half-block (`half=2`, Q6_K), or
   value = d * (q + offset) when the type has no min (`m` is then empty).
@@ -127,21 +128,34 @@ def pack_blocks(qtype: int, raw: np.ndarray) -> Blocks:
     half = d.shape[1] // nb
     empty_qh = np.zeros((-(-n // CHUNK), nb, 0, CHUNK), np.uint8)
     if qtype == Q.Q8_0:
-        return Blocks(KIND_BYTE, 0, 1, 0.0, _chunked(v, np.uint8), empty_qh, _chunked(d, np.float32),
-                      _chunked(np.zeros((n, 0), np.float32), np.float32))
+        return Blocks(
+            KIND_BYTE,
+            0,
+            1,
+            0.0,
+            _chunked(v, np.uint8),
+            empty_qh,
+            _chunked(d, np.float32),
+            _chunked(np.zeros((n, 0), np.float32), np.float32),
+        )
     qs = (v[..., :16] & 0x0F) | ((v[..., 16:] & 0x0F) << 4)
     ebits = {Q.Q5_0: 1, Q.Q5_1: 1, Q.Q5_K: 1, Q.Q6_K: 2}.get(Q(qtype), 0)
     if ebits:
-        # bit field of element j at bit j*ebits of a little-endian 4*ebits-byte word
-        hi = (v >> 4).astype(np.uint32) << (np.arange(32, dtype=np.uint32) * ebits % 32)
-        words = hi.reshape(n, nb, ebits, 32 // ebits).sum(axis=-1, dtype=np.uint32)
+        # the extra bits of elements j and j + 16 side by side: pair j at bit 2*j*ebits of a
+        # little-endian 4*ebits-byte word
+        ext = (v >> 4).astype(np.uint32)
+        pair = ext[..., :16] | (ext[..., 16:] << ebits)
+        per_word = 16 // ebits
+        shifts = (np.arange(16, dtype=np.uint32) % per_word) * (2 * ebits)
+        words = (pair << shifts).reshape(n, nb, ebits, per_word).sum(axis=-1, dtype=np.uint32)
         qh = _chunked(np.ascontiguousarray(words).view(np.uint8).reshape(n, nb, 4 * ebits), np.uint8)
         kind = KIND_EXT
     else:
         qh, kind = empty_qh, KIND_NIBBLE
     mm = np.zeros((n, 0), np.float32) if m is None else m
-    return Blocks(kind, ebits, half, offset, _chunked(qs, np.uint8), qh, _chunked(d, np.float32),
-                  _chunked(mm, np.float32))
+    return Blocks(
+        kind, ebits, half, offset, _chunked(qs, np.uint8), qh, _chunked(d, np.float32), _chunked(mm, np.float32)
+    )
 
 
 def pack_dense(qtype: int, raw: np.ndarray) -> np.ndarray:

@@ -27,7 +27,11 @@ from rbees_workerd.kernels.cuda import matmul as mm
 from rbees_workerd.kernels.cuda import ops, repack, sample
 from rbees_workerd.kernels.cuda.device import SIM
 
+if not SIM:
+    from cuda.bindings import driver as cu
+
 MAX_GRAPHS = 64  # captured step shapes kept (least recently used dropped)
+_STAGING = 1 << 20  # pinned bytes through which small uploads go asynchronously
 _OOM = 2  # CUDA_ERROR_OUT_OF_MEMORY
 # the simulator's driver module defines only some of these
 _DRIVER_ERRORS = tuple(getattr(driver, n) for n in ("CudaAPIError", "CudaDriverError", "CudaSupportError")
@@ -54,6 +58,7 @@ class _MatMul:
     biases: list[Any]
     mode: int = mm.MODE_ROWS
     res: Any = None
+    norm: tuple[Any, Any, float] | None = None  # (x, weight, eps): the input is rmsnorm(x), written to self.x
 
 
 @dataclass
@@ -108,7 +113,10 @@ class CudaBackend(backend.Backend):
                 dev.set_current()
                 self._core_stream = dev.create_stream()
                 self._stream = cuda.external_stream(int(self._core_stream.handle))
+                self._stream_handle = int(self._core_stream.handle)
+                self._staging = cuda.pinned_array(_STAGING, np.uint8)
         self._bytes = 0
+        self._staged = 0  # bytes of the pinned staging buffer in use since the last synchronization
         self._recording: list[Any] | None = None
         self._graphs: OrderedDict[Hashable, Any] = OrderedDict()
         self._sample_bufs: dict[tuple[int, ...], Any] = {}
@@ -152,13 +160,30 @@ class CudaBackend(backend.Backend):
         return a
 
     def upload(self, host: np.ndarray, out: Any) -> None:
+        host = np.ascontiguousarray(host, dtype=out.dtype)
+        if host.shape != out.shape:
+            raise InvalidParams(f"upload of shape {host.shape} into a device array of shape {out.shape}")
+        n = host.nbytes
         with _cuda_errors("copying to the GPU"):
-            out.copy_to_device(np.ascontiguousarray(host, dtype=out.dtype), stream=self._stream)
+            if SIM or n > _STAGING or not out.is_c_contiguous():
+                out.copy_to_device(host, stream=self._stream)
+                return
+            # through pinned memory with the raw driver call: numba's copy costs tens of microseconds
+            if self._staged + n > _STAGING:
+                self.synchronize()
+            stage = self._staging[self._staged : self._staged + n]
+            stage[:] = host.reshape(-1).view(np.uint8)
+            self._staged += -(-n // 256) * 256
+            _check(cu.cuMemcpyHtoDAsync(_ptr(out)[0], stage.ctypes.data, n, self._stream_handle))
 
     def download(self, a: Any) -> np.ndarray:
         with _cuda_errors("copying from the GPU"):
-            h = a.copy_to_host(stream=self._stream)
-            self._stream.synchronize()
+            if SIM or not a.is_c_contiguous():
+                h = a.copy_to_host(stream=self._stream)
+            else:
+                h = np.empty(a.shape, a.dtype)
+                _check(cu.cuMemcpyDtoHAsync(h.ctypes.data, _ptr(a)[0], h.nbytes, self._stream_handle))
+            self.synchronize()
         return h
 
     def memory_bytes(self) -> int:
@@ -167,6 +192,7 @@ class CudaBackend(backend.Backend):
     def synchronize(self) -> None:
         with _cuda_errors("synchronizing"):
             self._stream.synchronize()
+        self._staged = 0
 
     # ---- ops
     def _submit(self, op: Any) -> None:
@@ -191,19 +217,22 @@ class CudaBackend(backend.Backend):
 
     def rmsnorm(self, x: Any, weight: Any, eps: float, out: Any) -> None:
         args = (x, weight, np.float32(eps), out)
-        self._submit(_Launch(ops.rmsnorm_kernel, (x.shape[0],), (ops.NORM_THREADS,), args))
+        self._submit(
+            ("rmsnorm", x, weight, eps, out, _Launch(ops.rmsnorm_kernel, (x.shape[0],), (ops.NORM_THREADS,), args))
+        )
 
     def rope(self, x: Any, positions: Any, theta: float, neox: bool) -> None:
         n = x.shape[0] * x.shape[1] * (x.shape[2] // 2)
         args = (x, positions, float(theta), bool(neox))
-        self._submit(_Launch(ops.rope_kernel, (math.ceil(n / 128),), (128,), args))
+        self._submit(("rope", x, positions, float(theta), bool(neox),
+                      _Launch(ops.rope_kernel, (math.ceil(n / 128),), (128,), args)))  # fmt: skip
 
     def attention(self, q, k, v, cache_k, cache_v, slots, positions, out) -> None:  # noqa: ANN001
         if q.shape[2] > ops.ATT_THREADS:
             raise InvalidParams(f"head size {q.shape[2]} exceeds the CUDA kernel's {ops.ATT_THREADS}")
         n = k.shape[0] * k.shape[1] * k.shape[2]
-        self._submit(_Launch(ops.kv_store_kernel, (math.ceil(n / 128),), (128,),
-                             (k, v, cache_k, cache_v, slots, positions)))  # fmt: skip
+        store = (k, v, cache_k, cache_v, slots, positions)
+        self._submit(("kvstore", *store, _Launch(ops.kv_store_kernel, (math.ceil(n / 128),), (128,), store)))
         self._submit(_Launch(ops.attention_kernel, (q.shape[0], q.shape[1]), (ops.ATT_THREADS,),
                              (q, cache_k, cache_v, slots, positions, out)))  # fmt: skip
 
@@ -223,7 +252,7 @@ class CudaBackend(backend.Backend):
         r_count, vocab = logits.shape
         if r_count != len(rows):
             raise InvalidParams(f"logits of shape {logits.shape} do not match {len(rows)} sampling rows")
-        width = max([len(r.history) for r in rows] + [1])
+        width = max([len(r.history) for r in rows if r.repetition_penalty != 1.0] + [1])
         width = 1 << (width - 1).bit_length()  # few distinct shapes, few buffers
         params = sample.pack_params(rows, width)
         bufs = self._sample_bufs.get(params.shape)
@@ -233,33 +262,47 @@ class CudaBackend(backend.Backend):
             self._sample_bufs[params.shape] = bufs
         p_dev, work, ids = bufs
         self.upload(params, p_dev)
+        launch = _Launch(sample.sample_kernel, (r_count,), (sample.THREADS,), (logits, p_dev, work, ids))
         with _cuda_errors("sampling"):
-            sample.sample_kernel[r_count, sample.THREADS, self._stream](logits, p_dev, work, ids)
+            self._replay(("sample", _ptr(logits), params.shape), lambda: [launch])
         return self.download(ids)
 
     # ---- steps
     def run_step(self, key: Hashable, step: Callable[[], None]) -> None:
-        graph = self._graphs.get(key)
         with _cuda_errors("running a step"):
-            if graph is not None:
-                self._graphs.move_to_end(key)
-                graph.launch(self._core_stream)
-                return
-            self._recording = []
-            try:
-                step()
-                launches = _lower(self._recording, self)
-            finally:
-                self._recording = None
-            self._launch(launches)  # compiles on first use; capture needs compiled kernels
-            if SIM:
-                return
-            builder = self._core_stream.create_graph_builder()
-            builder.begin_building()
-            self._launch(launches, builder)
-            self._graphs[key] = builder.end_building().complete()
-            if len(self._graphs) > MAX_GRAPHS:
-                self._graphs.popitem(last=False)
+            self._replay(("step", key), lambda: self._record(step))
+
+    def _record(self, step: Callable[[], None]) -> list[_Launch]:
+        self._recording = []
+        try:
+            step()
+            return _lower(self._recording, self)
+        finally:
+            self._recording = None
+
+    def _replay(self, key: Hashable, build: Callable[[], list[_Launch]]) -> None:
+        """Replay the graph captured for key, or build the launches, run them and capture them."""
+        graph = self._graphs.get(key)
+        if graph is not None:
+            self._graphs.move_to_end(key)
+            graph.launch(self._core_stream)
+            return
+        launches = build()
+        self._launch(launches)  # compiles on first use; capture needs compiled kernels
+        if SIM:
+            return
+        builder = self._core_stream.create_graph_builder()
+        builder.begin_building()
+        self._launch(launches, builder)
+        self._graphs[key] = builder.end_building().complete()
+        if len(self._graphs) > MAX_GRAPHS:
+            self._graphs.popitem(last=False)
+
+
+def _check(result: tuple[Any, ...]) -> None:
+    """Raise CudaError for a failed cuda.bindings driver call."""
+    if int(result[0]) != 0:
+        raise CudaError(f"CUDA driver call failed: {result[0]!r}")
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -280,6 +323,11 @@ def _fuse(ops_in: list[Any]) -> list[Any]:
     i = 0
     while i < len(ops_in):
         op = ops_in[i]
+        fused = _rope_store(ops_in[i : i + 3])
+        if fused is not None:
+            out.append(fused)
+            i += 3
+            continue
         if isinstance(op, _MatMul) and i + 2 < len(ops_in) and isinstance(ops_in[i + 1], _MatMul):
             nxt, sw = ops_in[i + 1], ops_in[i + 2]
             if (isinstance(sw, tuple) and sw[0] == "swiglu" and _fusable(op, nxt)
@@ -308,7 +356,38 @@ def _fuse(ops_in: list[Any]) -> list[Any]:
                 continue
         out.append(op)
         i += 1
+    return _fuse_norms(out)
+
+
+def _fuse_norms(seq: list[Any]) -> list[Any]:
+    """rmsnorm then a few-token product of its output: the product normalizes its input itself."""
+    out: list[Any] = []
+    for op in seq:
+        prev = out[-1] if out else None
+        few = isinstance(op, _MatMul) and op.x.shape[0] < mm.GEMM_MIN_TOKENS
+        if (few and isinstance(prev, tuple) and prev[0] == "rmsnorm"
+                and _same(prev[4], op.x) and not _same(prev[1], prev[4])):  # fmt: skip
+            out[-1] = op
+            op.norm = (prev[1], prev[2], prev[3])
+            continue
+        out.append(op)
     return out
+
+
+def _rope_store(seq: list[Any]) -> _Launch | None:
+    """rope(q), rope(k), then storing that k: one launch, or None where the ops differ."""
+    if len(seq) < 3 or not all(isinstance(o, tuple) for o in seq):
+        return None
+    rq, rk, st = seq
+    if not (rq[0] == rk[0] == "rope" and st[0] == "kvstore"):
+        return None
+    if not (_same(rk[1], st[1]) and _same(rq[2], rk[2]) and _same(rk[2], st[6]) and rq[3:5] == rk[3:5]):
+        return None
+    q, k, v, cache_k, cache_v, slots, positions = rq[1], *st[1:7]
+    if _same(q, k) or q.shape[0] != k.shape[0]:
+        return None
+    args = (q, k, v, cache_k, cache_v, slots, positions, rq[3], rq[4])
+    return _Launch(ops.rope_store_kernel, (q.shape[0],), (512,), args)
 
 
 def _lower(recorded: list[Any], be: CudaBackend) -> list[_Launch]:
@@ -320,11 +399,13 @@ def _lower(recorded: list[Any], be: CudaBackend) -> list[_Launch]:
         elif isinstance(op, tuple):
             launches.append(op[-1])
         else:
-            launches.append(_matmul_launch(op, be))
+            launches += _matmul_launches(op, be)
     return launches
 
 
-def _matmul_launch(op: _MatMul, be: CudaBackend) -> _Launch:
+def _matmul_launches(op: _MatMul, be: CudaBackend) -> list[_Launch]:
+    """The warp-per-row kernel for few tokens, the tiled GEMM (then SwiGLU apart) for many."""
+    many = op.x.shape[0] >= mm.GEMM_MIN_TOKENS
     sets, flags = [], 0
     for i in range(3):
         if i < len(op.ws):
@@ -334,14 +415,27 @@ def _matmul_launch(op: _MatMul, be: CudaBackend) -> _Launch:
                 flags |= 1 << i
             sets += [w.words, w.d, w.m, op.outs[i], be._dummy_v if bias is None else bias]
         else:
-            out = op.outs[i] if i < len(op.outs) else be._dummy_f
+            out = op.outs[i] if i < len(op.outs) and not many else be._dummy_f
             sets += [be._dummy_w, be._dummy_f, be._dummy_f, out, be._dummy_v]
     ns = [w.shape[0] for w in op.ws] + [0] * (3 - len(op.ws))
-    rows = ns[0] if op.mode == mm.MODE_SWIGLU else sum(ns)
     if op.res is not None:
         flags |= 8
     w0 = op.ws[0]
-    grid = (math.ceil(rows / mm.WARPS), math.ceil(op.x.shape[0] / mm.TB))
     res = be._dummy_f if op.res is None else op.res
-    args = (op.x, *sets, *ns, w0.fmt, w0.off, op.mode, flags, res)
-    return _Launch(mm.matmul_kernel, grid, (32 * mm.WARPS,), args)
+    t_count = op.x.shape[0]
+    if many:
+        grid = (math.ceil(sum(ns) / mm.BM), math.ceil(t_count / mm.BN))
+        launches = [_Launch(mm.gemm_kernel, grid, (mm.GEMM_THREADS,), (op.x, *sets, *ns, w0.fmt, w0.off, flags, res))]
+        if op.mode == mm.MODE_SWIGLU:
+            gate, up, out = op.outs
+            grid2, block2 = _grid2(*gate.shape)
+            launches.append(_Launch(ops.swiglu_kernel, grid2, block2, (gate, up, out)))
+        return launches
+    rows = ns[0] if op.mode == mm.MODE_SWIGLU else sum(ns)
+    grid = (math.ceil(rows / mm.WARPS), math.ceil(t_count / mm.TB))
+    x, nw, eps, hout = op.x, be._dummy_v, np.float32(0.0), be._dummy_f
+    if op.norm is not None:
+        x, nw, eps, hout = op.norm[0], op.norm[1], np.float32(op.norm[2]), op.x
+        flags |= 16
+    args = (x, *sets, *ns, w0.fmt, w0.off, op.mode, flags, res, nw, eps, hout)
+    return [_Launch(mm.matmul_kernel, grid, (32 * mm.WARPS,), args)]

@@ -82,25 +82,27 @@ def decode(words, d, m, fmt, off, row, g, q, wv):
 
 
 @cuda.jit(device=True)
-def _dot_tokens(x, t0, n_tok, col, fmt, q, wv, acc):
-    """acc[tt] += sum_j wv[j] * x[t0 + tt, col + elem(j)] for the tile's tokens."""
+def _dot_tokens(x, t0, n_tok, col, fmt, q, wv, acc, norm, inv, nw):
+    """acc[tt] += sum_j wv[j] * in[t0 + tt, col + elem(j)]; in = x, or rmsnorm(x) when norm."""
     for tt in range(TB):
         t = t0 + tt
         if t < n_tok:
             s = float32(0.0)
             for j in range(8):
-                s += wv[j] * x[t, col + elem(fmt, q, j)]
+                c = col + elem(fmt, q, j)
+                s += wv[j] * (x[t, c] * inv[tt] * nw[c] if norm else x[t, c])
             acc[tt] += s
 
 
 @cuda.jit(**JIT)
 def matmul_kernel(x, w0, d0, m0, o0, b0, w1, d1, m1, o1, b1, w2, d2, m2, o2, b2,
-                  n0, n1, n2, fmt, off, mode, flags, res):  # fmt: skip
+                  n0, n1, n2, fmt, off, mode, flags, res, nw, eps, hout):  # fmt: skip
     """out_i[T, N_i] = x[T, K] @ W_i.T (+ b_i) for up to three matrices of one format.
 
     MODE_ROWS: the warp's row indexes the matrices' rows one after another.
     MODE_SWIGLU: row r of matrices 0 and 1; o2 = silu(o0) * o1.
-    flags: bit i = matrix i has a bias; bit 3 = res += o0 (the residual add).
+    flags: bit i = matrix i has a bias; bit 3 = res += o0 (the residual add);
+    bit 4 = the input is rmsnorm(x) * nw, which block 0 also writes to hout.
     """
     scratch = cuda.shared.array(128, float32)
     wv = cuda.local.array(8, float32)
@@ -111,9 +113,23 @@ def matmul_kernel(x, w0, d0, m0, o0, b0, w1, d1, m1, o1, b1, w2, d2, m2, o2, b2,
     t0 = cuda.blockIdx.y * TB
     n_tok = x.shape[0]
     items = (x.shape[1] // 32) * 4
+    inv = cuda.local.array(TB, float32)
+    norm = (flags & 16) != 0
     for tt in range(TB):
         acc_a[tt] = 0.0
         acc_b[tt] = 0.0
+        inv[tt] = 1.0
+        if norm:  # every warp computes its tokens' norms (K is small next to N * K)
+            t = t0 + tt
+            ss = float32(0.0)
+            if t < n_tok:
+                for i in range(lane, x.shape[1], 32):
+                    ss += x[t, i] * x[t, i]
+            ss = warp_sum(ss, scratch)
+            inv[tt] = float32(1.0 / math.sqrt(ss / x.shape[1] + eps))
+            if cuda.blockIdx.x == 0 and cuda.threadIdx.x < 32 and t < n_tok:
+                for i in range(lane, x.shape[1], 32):
+                    hout[t, i] = x[t, i] * inv[tt] * nw[i]
     which = 0
     r = row
     total = n0 if mode == MODE_SWIGLU else n0 + n1 + n2
@@ -123,20 +139,17 @@ def matmul_kernel(x, w0, d0, m0, o0, b0, w1, d1, m1, o1, b1, w2, d2, m2, o2, b2,
         if r >= n1:
             r -= n1
             which = 2
+    # one decode call site per matrix role: each inlined copy of decode is large
+    w, d, m = (w0, d0, m0) if which == 0 else ((w1, d1, m1) if which == 1 else (w2, d2, m2))
     if row < total:
         for it in range(lane, items, 32):
             g = it // 4
             q = it % 4
-            if which == 0:
-                decode(w0, d0, m0, fmt, off, r, g, q, wv)
-            elif which == 1:
-                decode(w1, d1, m1, fmt, off, r, g, q, wv)
-            else:
-                decode(w2, d2, m2, fmt, off, r, g, q, wv)
-            _dot_tokens(x, t0, n_tok, g * 32, fmt, q, wv, acc_a)
+            decode(w, d, m, fmt, off, r, g, q, wv)
+            _dot_tokens(x, t0, n_tok, g * 32, fmt, q, wv, acc_a, norm, inv, nw)
             if mode == MODE_SWIGLU:
                 decode(w1, d1, m1, fmt, off, r, g, q, wv)
-                _dot_tokens(x, t0, n_tok, g * 32, fmt, q, wv, acc_b)
+                _dot_tokens(x, t0, n_tok, g * 32, fmt, q, wv, acc_b, norm, inv, nw)
     for tt in range(TB):
         a = warp_sum(acc_a[tt], scratch)
         b = warp_sum(acc_b[tt], scratch) if mode == MODE_SWIGLU else float32(0.0)
@@ -171,3 +184,80 @@ def embed_kernel(words, d, m, fmt, off, tokens, out):
         decode(words, d, m, fmt, off, tokens[t], g, q, wv)
         for j in range(8):
             out[t, g * 32 + elem(fmt, q, j)] = wv[j]
+
+
+BM = 64  # weight rows per GEMM tile
+BN = 64  # tokens per GEMM tile
+PAD_M, PAD_N = BM + 1, BN + 1  # shared rows padded against bank conflicts (constants for numba)
+GEMM_THREADS = 256  # 16 x 16 threads, each 4 rows x 4 tokens
+GEMM_MIN_TOKENS = 16  # below this the warp-per-row kernel wins (decode)
+
+
+@cuda.jit(**JIT)
+def gemm_kernel(x, w0, d0, m0, o0, b0, w1, d1, m1, o1, b1, w2, d2, m2, o2, b2,
+                n0, n1, n2, fmt, off, flags, res):  # fmt: skip
+    """Tiled form of matmul_kernel's MODE_ROWS for many tokens: a BM x BN output tile per block.
+
+    Each step dequantizes a 64-row x 32 weight tile and a 32 x 64-token slice of x
+    into shared memory; every weight is decoded once per 64 tokens.
+    """
+    ws = cuda.shared.array((32, PAD_M), float32)
+    xs = cuda.shared.array((32, PAD_N), float32)
+    wv = cuda.local.array(8, float32)
+    acc = cuda.local.array(16, float32)
+    tid = cuda.threadIdx.x
+    tx = tid % 16
+    ty = tid // 16
+    r0 = cuda.blockIdx.x * BM
+    t0 = cuda.blockIdx.y * BN
+    n_tok = x.shape[0]
+    total = n0 + n1 + n2
+    for i in range(16):
+        acc[i] = 0.0
+    lr = tid // 4  # the weight row and item this thread decodes into the tile
+    lq = tid % 4
+    row = r0 + lr
+    lrow = row if row < n0 else (row - n0 if row < n0 + n1 else row - n0 - n1)
+    w, d, m = (w0, d0, m0) if row < n0 else ((w1, d1, m1) if row < n0 + n1 else (w2, d2, m2))
+    for g in range(x.shape[1] // 32):
+        if row < total:
+            decode(w, d, m, fmt, off, lrow, g, lq, wv)
+            for j in range(8):
+                ws[elem(fmt, lq, j), lr] = wv[j]
+        else:
+            for j in range(8):
+                ws[elem(fmt, lq, j), lr] = 0.0
+        for idx in range(tid, 32 * BN, GEMM_THREADS):
+            tt = idx // 32
+            kk = idx % 32
+            xs[kk, tt] = x[t0 + tt, g * 32 + kk] if t0 + tt < n_tok else float32(0.0)
+        cuda.syncthreads()
+        for kk in range(32):
+            a0 = ws[kk, ty * 4]
+            a1 = ws[kk, ty * 4 + 1]
+            a2 = ws[kk, ty * 4 + 2]
+            a3 = ws[kk, ty * 4 + 3]
+            for j in range(4):
+                b = xs[kk, tx * 4 + j]
+                acc[j] += a0 * b
+                acc[4 + j] += a1 * b
+                acc[8 + j] += a2 * b
+                acc[12 + j] += a3 * b
+        cuda.syncthreads()
+    for i in range(4):
+        row = r0 + ty * 4 + i
+        if row < total:
+            for j in range(4):
+                t = t0 + tx * 4 + j
+                if t < n_tok:
+                    v = acc[4 * i + j]
+                    if row < n0:
+                        if flags & 1:
+                            v += b0[row]
+                        o0[t, row] = v
+                        if flags & 8:
+                            res[t, row] += v
+                    elif row < n0 + n1:
+                        o1[t, row - n0] = v + b1[row - n0] if flags & 2 else v
+                    else:
+                        o2[t, row - n0 - n1] = v + b2[row - n0 - n1] if flags & 4 else v

@@ -9,7 +9,7 @@ from numba import cuda, float32, float64
 from rbees_workerd.kernels.cuda.device import JIT, block_max, block_sum
 
 NORM_THREADS = 256
-ATT_THREADS = 128
+ATT_THREADS = 256  # a power of two, at least the head size
 ATT_CHUNK = 1024  # positions whose scores one pass keeps in shared memory
 
 
@@ -28,18 +28,12 @@ def rmsnorm_kernel(x, weight, eps, out):
         out[t, i] = x[t, i] * inv * weight[i]
 
 
-@cuda.jit(**JIT)
-def rope_kernel(x, positions, theta, neox):
-    """x[T, heads, E] in place; one thread per (token, head, pair); angles in float64 like the CPU."""
-    i = cuda.grid(1)
-    t_count, heads, e = x.shape
+@cuda.jit(device=True)
+def _rotate(x, t, h, p, pos, theta, neox):
+    """Rotate pair p of x[t, h] by position pos; angles in float64 like the CPU."""
+    e = x.shape[2]
     half = e // 2
-    if i >= t_count * heads * half:
-        return
-    t = i // (heads * half)
-    h = (i // half) % heads
-    p = i % half
-    freq = float64(positions[t]) * theta ** (-2.0 * p / e)
+    freq = float64(pos) * theta ** (-2.0 * p / e)
     c = float32(math.cos(freq))
     s = float32(math.sin(freq))
     a = p if neox else 2 * p
@@ -48,6 +42,45 @@ def rope_kernel(x, positions, theta, neox):
     x1 = x[t, h, b]
     x[t, h, a] = x0 * c - x1 * s
     x[t, h, b] = x0 * s + x1 * c
+
+
+@cuda.jit(**JIT)
+def rope_kernel(x, positions, theta, neox):
+    """x[T, heads, E] in place; one thread per (token, head, pair)."""
+    i = cuda.grid(1)
+    t_count, heads, e = x.shape
+    half = e // 2
+    if i < t_count * heads * half:
+        t = i // (heads * half)
+        _rotate(x, t, (i // half) % heads, i % half, positions[t], theta, neox)
+
+
+@cuda.jit(**JIT)
+def rope_store_kernel(q, k, v, cache_k, cache_v, slots, positions, theta, neox):
+    """rope(q), rope(k) and the KV store of the step in one launch: one block per token."""
+    t = cuda.blockIdx.x
+    hq = q.shape[1]
+    g_count, e = k.shape[1], k.shape[2]
+    half = e // 2
+    s = slots[t]
+    pos = positions[t]
+    n_rot = (hq + g_count) * half
+    for i in range(cuda.threadIdx.x, n_rot + g_count * e, cuda.blockDim.x):
+        if i < n_rot:
+            h = i // half
+            p = i % half
+            if h < hq:
+                _rotate(q, t, h, p, pos, theta, neox)
+            else:
+                h -= hq
+                _rotate(k, t, h, p, pos, theta, neox)
+                a = p if neox else 2 * p
+                b = p + half if neox else 2 * p + 1
+                cache_k[s, pos, h, a] = k[t, h, a]
+                cache_k[s, pos, h, b] = k[t, h, b]
+        else:
+            j = i - n_rot
+            cache_v[s, pos, j // e, j % e] = v[t, j // e, j % e]
 
 
 @cuda.jit(**JIT)
@@ -64,9 +97,14 @@ def kv_store_kernel(k, v, cache_k, cache_v, slots, positions):
 
 @cuda.jit(**JIT)
 def attention_kernel(q, cache_k, cache_v, slots, positions, out):
-    """One block per (token, head): scores of a chunk of positions in shared memory, online softmax."""
+    """One block per (token, head): a chunk's scores in shared memory, online softmax across chunks.
+
+    The weighted sum over values splits the positions among ATT_THREADS // E
+    groups of E threads (one output element each), summed at the end.
+    """
     scores = cuda.shared.array(ATT_CHUNK, float32)
     sh = cuda.shared.array(ATT_THREADS, float32)
+    qs = cuda.shared.array(ATT_THREADS, float32)
     t = cuda.blockIdx.x
     h = cuda.blockIdx.y
     tid = cuda.threadIdx.x
@@ -74,36 +112,44 @@ def attention_kernel(q, cache_k, cache_v, slots, positions, out):
     g = h // (q.shape[1] // cache_k.shape[2])
     s = slots[t]
     n = positions[t] + 1
-    scale = float32(1.0 / math.sqrt(e))
+    parts = ATT_THREADS // e
+    part = tid // e
+    col = tid % e
+    if tid < e:
+        qs[tid] = q[t, h, tid] * float32(1.0 / math.sqrt(e))
+    cuda.syncthreads()
     best = float32(-math.inf)
     total = float32(0.0)
-    acc = float32(0.0)  # out[t, h, tid] for tid < e
+    acc = float32(0.0)
     for c0 in range(0, n, ATT_CHUNK):
         c1 = min(n, c0 + ATT_CHUNK)
         local_best = float32(-math.inf)
         for p in range(c0 + tid, c1, ATT_THREADS):
             dot = float32(0.0)
             for i in range(e):
-                dot += q[t, h, i] * cache_k[s, p, g, i]
-            dot *= scale
+                dot += qs[i] * cache_k[s, p, g, i]
             scores[p - c0] = dot
             local_best = max(local_best, dot)
         new_best = max(best, block_max(local_best, sh))
-        part = float32(0.0)
+        part_sum = float32(0.0)
         for p in range(c0 + tid, c1, ATT_THREADS):
             w = math.exp(scores[p - c0] - new_best)
             scores[p - c0] = w
-            part += w
-        part = block_sum(part, sh)  # also orders the score writes before the reads below
+            part_sum += w
+        part_sum = block_sum(part_sum, sh)  # also orders the score writes before the reads below
         rescale = math.exp(best - new_best)
-        total = total * rescale + part
-        if tid < e:
-            acc *= rescale
-            for p in range(c0, c1):
-                acc += scores[p - c0] * cache_v[s, p, g, tid]
+        total = total * rescale + part_sum
+        acc *= rescale
+        if part < parts:
+            for p in range(c0 + part, c1, parts):
+                acc += scores[p - c0] * cache_v[s, p, g, col]
         best = new_best
         cuda.syncthreads()
+    sh[tid] = acc
+    cuda.syncthreads()
     if tid < e:
+        for i in range(1, parts):
+            acc += sh[i * e + tid]
         out[t, h, tid] = acc / total
 
 

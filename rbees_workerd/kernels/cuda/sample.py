@@ -28,9 +28,11 @@ def pack_params(rows: list, width: int) -> np.ndarray:
     for r, row in enumerate(rows):
         f = np.array([row.temperature, row.top_p, row.min_p, row.repetition_penalty, row.uniform], np.float32)
         out[r, :5] = f.view(np.int32)
-        hist = np.unique(np.asarray(row.history, np.int32))
-        out[r, 5], out[r, 6] = row.top_k, hist.size
-        out[r, HEAD : HEAD + hist.size] = hist
+        out[r, 5] = row.top_k
+        if row.repetition_penalty != 1.0:  # the history matters only to the penalty
+            hist = np.unique(np.asarray(row.history, np.int32))
+            out[r, 6] = hist.size
+            out[r, HEAD : HEAD + hist.size] = hist
     return out
 
 

@@ -1,0 +1,96 @@
+"""Prefill and decode throughput of the CUDA backend on one GPU.
+
+    python bench/cuda_bench.py MODEL.gguf [--batches 1,64,256] [--prompt 512] [--steps 128] [--json]
+
+Decode: B sequences step together from position 0 for `steps` tokens (like
+llama-bench's tg128), each step a forward plus greedy sampling on the device;
+tok/s = B * steps / time. Prefill: one `prompt`-token step; tok/s = prompt / time.
+Every figure is the median of `--repeat` timed runs after a warm-up run
+(which compiles or loads the kernels and captures the CUDA graphs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+
+from rbees_workerd.engine.engine import Engine
+from rbees_workerd.kernels.backend import SamplingRow
+
+
+def _greedy(n: int) -> list[SamplingRow]:
+    row = SamplingRow(0.0, 0, 1.0, 0.0, 1.0, 0.0, np.zeros(0, np.int32))
+    return [row] * n
+
+
+def _median_time(fn, repeat: int) -> float:  # noqa: ANN001
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def decode_tok_s(engine: Engine, batch: int, steps: int, repeat: int) -> float:
+    model, be = engine.model, engine.backend
+    slots = np.arange(batch, dtype=np.int32)
+    rows = np.arange(batch, dtype=np.int32)
+    rows_greedy = _greedy(batch)
+
+    def run() -> None:
+        tokens = np.full(batch, 1, np.int32)
+        for pos in range(steps):
+            logits = model.run(tokens, np.full(batch, pos, np.int32), slots, rows)
+            tokens = be.sample(logits, rows_greedy)
+
+    return batch * steps / _median_time(run, repeat)
+
+
+def prefill_tok_s(engine: Engine, prompt: int, repeat: int) -> float:
+    model, be = engine.model, engine.backend
+    tokens = (np.arange(prompt, dtype=np.int32) * 7919) % engine.config.vocab_size
+    positions = np.arange(prompt, dtype=np.int32)
+    slots = np.zeros(prompt, np.int32)
+
+    def run() -> None:
+        logits = model.run(tokens, positions, slots, np.array([prompt - 1], np.int32))
+        be.sample(logits, _greedy(1))
+
+    return prompt / _median_time(run, repeat)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--batches", default="1,64,256")
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=128)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--gpu", type=int, default=0)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    t0 = time.perf_counter()
+    engine = Engine.load(args.model, backend="cuda", gpu=args.gpu, slots=max(batches),
+                         context_length=max(args.prompt, args.steps),
+                         max_step_tokens=max(args.prompt, *batches))  # fmt: skip
+    result = {"device": engine.backend.device, "load_s": round(time.perf_counter() - t0, 2),
+              "vram_bytes": engine.backend.memory_bytes()}  # fmt: skip
+    result[f"prefill_{args.prompt}_tok_s"] = round(prefill_tok_s(engine, args.prompt, args.repeat), 1)
+    for b in batches:
+        result[f"decode_b{b}_tok_s"] = round(decode_tok_s(engine, b, args.steps, args.repeat), 1)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:>24}  {v}")
+
+
+if __name__ == "__main__":
+    main()

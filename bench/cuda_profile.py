@@ -1,0 +1,51 @@
+"""Where a batch-1 decode step's time goes on the CUDA backend: host-side phases, timed separately.
+
+    python bench/cuda_profile.py MODEL.gguf [--steps 64] [--batch 1]
+
+Run it under `ncu --metrics gpu__time_duration.sum --print-summary per-kernel`
+for the per-kernel device times of the captured graph's nodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+from rbees_workerd.engine.engine import Engine
+from rbees_workerd.kernels.backend import SamplingRow
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=1)
+    args = ap.parse_args()
+    b = args.batch
+    engine = Engine.load(args.model, backend="cuda", slots=b, context_length=args.steps + 1)
+    model, be = engine.model, engine.backend
+    greedy = [SamplingRow(0.0, 0, 1.0, 0.0, 1.0, 0.0, np.zeros(0, np.int32))] * b
+    slots = rows = np.arange(b, dtype=np.int32)
+    tokens = np.ones(b, np.int32)
+    phases: dict[str, list[float]] = {"step (upload + graph launch)": [], "step synchronized": [], "sample": []}
+    for pos in range(args.steps):
+        t0 = time.perf_counter()
+        logits = model.run(tokens, np.full(b, pos, np.int32), slots, rows)
+        t1 = time.perf_counter()
+        be.synchronize()
+        t2 = time.perf_counter()
+        tokens = be.sample(logits, greedy)
+        t3 = time.perf_counter()
+        if pos >= 2:  # the first steps compile and capture
+            phases["step (upload + graph launch)"].append(t1 - t0)
+            phases["step synchronized"].append(t2 - t0)
+            phases["sample"].append(t3 - t2)
+    for name, times in phases.items():
+        print(f"{name:>32}: median {statistics.median(times) * 1e6:8.1f} us")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""`rbees-pool worker ...` against the real rbees-workerd serving the real SmolLM2 model on the CPU.
+
+Workers are real detached processes; a fixture kills anything still running under the pool root."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from test_pool_support import POOL, kill_processes_mentioning, run_json, run_pool
+
+from rbees_pool.exitcodes import ExitCode
+from rbees_pool.host import gpus
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[Path]:
+    """A pool with the real model registered (file://) and downloaded, plus a corrupt GGUF."""
+    root = tmp_path_factory.mktemp("workers") / "pool"
+    corrupt = root.parent / "corrupt" / "broken.gguf"
+    corrupt.parent.mkdir()
+    corrupt.write_bytes(b"GGUF" + os.urandom(4096))
+    for model_id, path in (("smol", model_path), ("broken", corrupt)):
+        assert (
+            run_pool(root, "models", "register", model_id, "--name", model_id, "--source", f"file://{path}").returncode
+            == 0
+        )
+        assert run_pool(root, "models", "download", model_id, "--quiet").returncode == 0
+    yield root
+    kill_processes_mentioning(str(root))
+
+
+def _record(root: Path, worker_id: str) -> dict:
+    return json.loads((root / ".runtime" / "workers" / f"{worker_id}.json").read_text())
+
+
+def _wait_dead(pid: int) -> None:
+    """Wait (bounded) until a SIGKILLed process is gone or a zombie."""
+    deadline = time.monotonic() + 30
+    while psutil.pid_exists(pid) and time.monotonic() < deadline:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return
+        time.sleep(0.05)
+
+
+def test_spawn_list_logs_stop(root: Path) -> None:
+    first = run_json(root, "worker", "spawn", "cpu", "--model", "smol", "--slots", "1")
+    worker_id, pid = first["worker_id"], first["pid"]
+    assert first["state"] == "Ready" and first["url"] == f"http://127.0.0.1:{first['port']}"
+    assert first["port"] >= 8001 and worker_id == f"w-smol-{first['port']}"
+    record = _record(root, worker_id)
+    assert {k: record[k] for k in ("pid", "backend", "model_id", "gpu", "port", "url")} == {
+        "pid": pid, "backend": "cpu", "model_id": "smol", "gpu": None, "port": first["port"], "url": first["url"]
+    }  # fmt: skip
+    assert record["started_at"]
+    # Detached: the CLI has exited, the worker runs on in its own session, reporting the catalog id.
+    assert os.getsid(pid) == pid and psutil.Process(pid).is_running()
+    health = httpx.get(f"{first['url']}/health", timeout=10).json()
+    assert health["state"] == "Ready" and health["model"] == "smol" and health["slots_total"] == 1
+
+    second = run_json(root, "worker", "spawn", "cpu", "--model", "smol", "--no-wait")
+    third = run_json(root, "worker", "spawn", "cpu", "--model", "smol", "--no-wait")
+    assert len({first["port"], second["port"], third["port"]}) == 3 and second["state"] == "Starting"
+    taken = run_pool(root, "worker", "spawn", "cpu", "--model", "smol", "--port", str(first["port"]))
+    assert taken.returncode == ExitCode.CONFLICT and "PORT_UNAVAILABLE" in taken.stderr
+
+    # A worker killed behind the pool's back is reconciled away by `list`.
+    os.killpg(third["pid"], signal.SIGKILL)
+    _wait_dead(third["pid"])
+    listed = run_json(root, "worker", "list")
+    assert listed["removed_stale"] == [third["worker_id"]]
+    states = {w["worker_id"]: w["state"] for w in listed["workers"]}
+    assert states[worker_id] == "Ready" and set(states) == {worker_id, second["worker_id"]}
+    assert worker_id in {w["worker_id"] for w in run_json(root, "status")["workers"]}
+
+    logs = run_pool(root, "worker", "logs", worker_id)
+    assert logs.returncode == 0 and worker_id in logs.stdout
+    follower = subprocess.Popen([str(POOL), "--root", str(root), "worker", "logs", worker_id, "-f", "-n", "1"],
+                                stdout=subprocess.PIPE, text=True)  # fmt: skip
+    stopped = run_pool(root, "worker", "stop", worker_id)
+    assert stopped.returncode == 0 and f"{worker_id}: stopped" in stopped.stdout
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    out, _ = follower.communicate(timeout=60)  # `logs -f` ends once the worker is gone
+    assert follower.returncode == 0 and out.strip()
+
+    stop_all = run_pool(root, "worker", "stop-all")
+    assert stop_all.returncode == 0 and second["worker_id"] in stop_all.stdout
+    assert run_json(root, "worker", "list") == {"workers": [], "removed_stale": []}
+    assert run_pool(root, "worker", "stop", worker_id).returncode == ExitCode.NOT_FOUND
+
+
+def test_worker_that_dies_while_loading_is_reported(root: Path) -> None:
+    done = run_pool(root, "worker", "spawn", "cpu", "--model", "broken")
+    assert done.returncode == ExitCode.WORKER_FAILED, done.stderr
+    assert "WORKER_FAILED" in done.stderr and "MODEL_LOAD_FAILED" in done.stderr  # the log's tail is shown
+    assert run_json(root, "worker", "list")["workers"] == []
+
+
+def test_spawn_refusals(root: Path) -> None:
+    cases = [
+        (["worker", "spawn", "cpu", "--model", "nope"], ExitCode.NOT_FOUND, "MODEL_NOT_FOUND"),
+        (["worker", "spawn", "tpu", "--model", "smol"], ExitCode.USAGE, "unknown backend"),
+        (["worker", "spawn", "cpu", "--model", "smol", "--gpu", "0"], ExitCode.USAGE, "cuda backend only"),
+        (["worker", "spawn", "cpu", "--model", "tinyllama"], ExitCode.NOT_DOWNLOADED, "models download tinyllama"),
+        (["worker", "stop", "w-none"], ExitCode.NOT_FOUND, "WORKER_NOT_FOUND"),
+        (["worker", "logs", "w-none"], ExitCode.NOT_FOUND, "WORKER_NOT_FOUND"),
+    ]
+    if not gpus():
+        cases.append((["worker", "spawn", "cuda", "--model", "smol"], ExitCode.BACKEND_UNAVAILABLE, "NVIDIA GPU"))
+    for args, code, text in cases:
+        done = run_pool(root, *args)
+        assert (done.returncode, text in done.stderr) == (code, True), (args, done.stderr)
+    assert not list((root / ".runtime" / "workers").glob("*.json"))
+
+
+def test_backends_and_status_describe_the_host(root: Path) -> None:
+    backends = {b["name"]: b for b in run_json(root, "backends", "list")}
+    assert backends["cpu"]["available"] is True and backends["cuda"]["available"] == bool(gpus())
+    status = run_json(root, "status")
+    assert status["host"]["cpu"]["cores_logical"] == os.cpu_count()
+    assert status["host"]["ram"]["total_bytes"] == psutil.virtual_memory().total
+    assert {"id": "smol", "downloaded": True} in status["models"]
+    assert "cpu" in run_pool(root, "status").stdout
