@@ -93,9 +93,6 @@ class WorkerRuntime:
             context_length=s.context_length,
             on_progress=self._progress,
         )
-        # One tiny generation compiles whatever the kernel cache lacks, so the first job does not pay it.
-        warm_up = GenerationParams(max_tokens=2, temperature=0.0)
-        engine.generate_all(engine.tokenizer.encode("Hello, how are you today?"), warm_up)
         memory = engine.backend.memory_bytes()
         self.metrics.model_bytes.set(memory)
         self.metrics.vram_bytes.set(self.vram_bytes(engine))

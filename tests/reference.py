@@ -3,6 +3,12 @@
 It shares no code with the engine: it reads the file with `gguf.GGUFReader`,
 dequantizes every tensor with `gguf.quants.dequantize`, and spells the math
 out once, plainly, for a whole prompt at positions 0..T-1.
+
+With `llama_rounding` (the default) it also rounds where llama.cpp's CPU path
+rounds, as the engine does: each matrix product's input to int8 blocks of 32
+(Q8_0 for Q4_0/Q5_0/Q8_0 weights; Q8_1, whose fp16 block sums feed the mins, for
+Q4_1/Q5_1) or to fp16 (F16 weights), and q, the KV cache and the attention
+weights to fp16. Everything else stays float64.
 """
 
 from __future__ import annotations
@@ -10,10 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFReader
+from gguf import GGML_QUANT_SIZES, GGUFReader
+from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize
 
 ARCHITECTURES = ("llama", "qwen2")
+_Q8_0_INPUT = (Q.Q4_0, Q.Q5_0, Q.Q8_0)
+_Q8_1_INPUT = (Q.Q4_1, Q.Q5_1)  # their blocks start with fp16 d, fp16 m
 
 
 class ReferenceModel:
@@ -45,11 +54,39 @@ class ReferenceModel:
     def has(self, name: str) -> bool:
         return name in self._tensors
 
+    def qtype(self, name: str) -> Q:
+        return Q(self._tensors[name].tensor_type)
+
+    def mins(self, name: str) -> np.ndarray:
+        """The fp16 block minimums m[N, K/32] of a Q4_1/Q5_1 matrix, in float64."""
+        t = self._tensors[name]
+        n = int(t.shape[-1])
+        raw = np.ascontiguousarray(np.asarray(t.data, np.uint8).reshape(n, -1, GGML_QUANT_SIZES[self.qtype(name)][1]))
+        return raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
+
     def weight(self, name: str) -> np.ndarray:
         """A tensor in float64, NumPy order (a matrix is [N, K])."""
         t = self._tensors[name]
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         return dequantize(t.data, t.tensor_type).astype(np.float64).reshape(shape)
+
+
+def fp16(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, np.float32).astype(np.float16).astype(np.float64)
+
+
+def round_q8(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """a[T, K] through int8 blocks of 32 as llama.cpp's quantize_row_q8_0/q8_1 do (float32 steps).
+
+    Returns the rounded values q * fp16(d) and Q8_1's block sums fp16(d * sum(q)) [T, K/32].
+    """
+    b = np.asarray(a, np.float32).reshape(a.shape[0], -1, 32)
+    amax = np.abs(b).max(axis=-1, keepdims=True)
+    d = amax / np.float32(127)
+    inv = (np.float32(127) / np.where(amax == 0, np.float32(1), amax)) * (amax != 0)
+    q = np.rint(b * inv.astype(np.float32))
+    rounded = (q * fp16(d)).reshape(a.shape)
+    return rounded, fp16(d[..., 0] * q.sum(axis=-1))
 
 
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -75,8 +112,10 @@ def rope(x: np.ndarray, positions: np.ndarray, base: float, neox: bool) -> np.nd
     return out
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, rounding: bool) -> np.ndarray:
     """Causal attention of q[T, H, E] over k/v[T, G, E]; query head h reads kv head h // (H // G)."""
+    if rounding:
+        q, k, v = fp16(q), fp16(k), fp16(v)
     t, h, e = q.shape
     group = h // k.shape[1]
     k = np.repeat(k, group, axis=1)  # [T, H, E], kv head h // group for query head h
@@ -85,6 +124,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     scores[:, np.triu(np.ones((t, t), bool), k=1)] = -np.inf
     scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
     scores /= scores.sum(axis=-1, keepdims=True)
+    if rounding:
+        scores = fp16(scores)
     return np.einsum("hts,shd->thd", scores, v)
 
 
@@ -92,11 +133,13 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
 
-def reference_logits(path: str | Path, tokens: list[int], neox: bool | None = None) -> np.ndarray:
+def reference_logits(
+    path: str | Path, tokens: list[int], neox: bool | None = None, llama_rounding: bool = True
+) -> np.ndarray:
     """Logits float64 [T, V] of `tokens` at positions 0..T-1.
 
     `neox` overrides the architecture's RoPE pairing; tests use it to show
-    that a wrong pairing is caught.
+    that a wrong pairing is caught. `llama_rounding`: see the module docstring.
     """
     m = ReferenceModel(path)
     neox = m.neox if neox is None else neox
@@ -106,7 +149,15 @@ def reference_logits(path: str | Path, tokens: list[int], neox: bool | None = No
     x = m.weight("token_embd.weight")[np.asarray(tokens)]
 
     def linear(a: np.ndarray, name: str) -> np.ndarray:
-        out = a @ m.weight(name + ".weight").T
+        qtype = m.qtype(name + ".weight")
+        if llama_rounding and qtype in _Q8_0_INPUT + _Q8_1_INPUT:
+            rounded, sums = round_q8(a)
+            out = rounded @ m.weight(name + ".weight").T
+            if qtype in _Q8_1_INPUT:  # llama.cpp applies the mins to the fp16 block sums, not to sum(rounded)
+                exact = rounded.reshape(len(a), -1, 32).sum(axis=-1)
+                out += (sums - exact) @ m.mins(name + ".weight").T
+        else:
+            out = (fp16(a) if llama_rounding and qtype == Q.F16 else a) @ m.weight(name + ".weight").T
         if m.has(name + ".bias"):
             out = out + m.weight(name + ".bias")
         return out
@@ -117,8 +168,8 @@ def reference_logits(path: str | Path, tokens: list[int], neox: bool | None = No
         q = rope(linear(a, p + "attn_q").reshape(t, h, e), positions, m.rope_base, neox)
         k = rope(linear(a, p + "attn_k").reshape(t, g, e), positions, m.rope_base, neox)
         v = linear(a, p + "attn_v").reshape(t, g, e)
-        x = x + linear(attention(q, k, v).reshape(t, h * e), p + "attn_output")
+        x = x + linear(attention(q, k, v, llama_rounding).reshape(t, h * e), p + "attn_output")
         a = rmsnorm(x, m.weight(p + "ffn_norm.weight"), m.eps)
         x = x + linear(silu(linear(a, p + "ffn_gate")) * linear(a, p + "ffn_up"), p + "ffn_down")
     x = rmsnorm(x, m.weight("output_norm.weight"), m.eps)
-    return x @ m.weight("output.weight" if m.has("output.weight") else "token_embd.weight").T
+    return linear(x, "output" if m.has("output.weight") else "token_embd")

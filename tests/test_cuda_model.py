@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.cuda
@@ -44,14 +45,33 @@ def engines(model_path):  # noqa: ANN001, ANN201
     return Engine.load(model_path, backend="cpu", slots=2), Engine.load(model_path, backend="cuda", slots=2)
 
 
+# Both backends round like llama.cpp (int8 activation blocks, fp16 KV cache), so their float32
+# sums in different orders occasionally land on either side of a rounding boundary, which moves
+# logits by ~0.1 (see tests/test_llamacpp_agreement.py). Greedy runs agree token for token until
+# the top two candidates are that close; a divergence is accepted only there, past the first half.
+TIE_LOGITS = 0.25
+
+
 def test_greedy_tokens_agree_with_cpu(engines):
     cpu, gpu = engines
+    params = GenerationParams(max_tokens=16, temperature=0.0)
+    differ = []
     for prompt in PROMPTS:
         ids = cpu.tokenizer.encode(prompt)
-        params = GenerationParams(max_tokens=16, temperature=0.0)
         want = cpu.generate_all(ids, params).token_ids
         got = gpu.generate_all(ids, params).token_ids
-        assert got == want, f"prompt {prompt!r}: cuda {got} != cpu {want}"
+        assert len(got) == len(want) == 16, prompt
+        if got == want:
+            continue
+        i = next(i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b)
+        seq = ids + want[:i]
+        n = len(seq)
+        logits = cpu.model.forward(np.array(seq, np.int32), np.arange(n, dtype=np.int32), np.zeros(n, np.int32),
+                                   np.array([n - 1], np.int32))[0]  # fmt: skip
+        gap = float(logits[want[i]] - logits[got[i]])
+        if i < 8 or gap > TIE_LOGITS:
+            differ.append(f"prompt {prompt!r}: step {i}, cpu logit gap {gap:.3f}: cuda {got} != cpu {want}")
+    assert not differ, "\n".join(differ)
 
 
 def test_same_seed_same_tokens(engines):

@@ -17,13 +17,17 @@ from reference import reference_logits
 
 from rbees_workerd.engine.engine import Engine
 
-# The CPU kernels keep activations in float32 and multiply by the exact quant
-# values (kernels/cpu/quant.py), so for every weight format the only gap to the
-# float64 reference is float32 rounding: measured <= 1e-6 relative on these
-# 2-layer models. 1e-5 leaves 10x headroom and is far tighter than the 1e-3 a
-# float32 engine must meet; a wrong RoPE pairing misses by ~1e-1 (checked
-# below), a wrong dequantization or bias by O(1).
+# The engine rounds where llama.cpp does (int8 activation blocks, fp16 q/KV/attention
+# weights) and so does the reference (reference.py), so both compute the same math.
+# Rounding is discontinuous, though: where the engine's float32 value and the
+# reference's float64 value of an activation fall on either side of a rounding
+# boundary, that element moves by one fp16 or int8 step. On these 2-layer models
+# that leaves 1e-6..4e-4 relative (measured); ROUNDED_BOUND is the issue's 1e-3.
+# A wrong RoPE pairing misses by ~1e-1 (checked below), a wrong dequantization or
+# bias by O(1). Without rounding on either side (float32 weights and a float32 KV
+# cache) llama.cpp and the reference agree to BOUND.
 BOUND = 1e-5
+ROUNDED_BOUND = 1e-3
 SAME_MATH = 1e-6  # one engine, the same tokens through different step shapes: measured exactly 0
 WIDTHS = {  # weight format -> model width (K-quant rows need multiples of 256)
     Q.F32: 64,
@@ -84,8 +88,11 @@ def test_reference_agrees_with_llama_cpp_on_float32_weights(tmp_path: Path, arch
     llm = llama_cpp.Llama(str(path), logits_all=True, verbose=False, n_ctx=64, type_k=0, type_v=0)
     llm.eval(tokens)
     theirs = np.asarray(llm.scores[:PROMPT_LEN], np.float64)
-    assert relative_error(theirs, reference_logits(path, tokens)) < BOUND
-    assert relative_error(theirs, reference_logits(path, tokens, neox=arch == "llama")) > 1000 * BOUND
+    # no rounding on either side: float32 weights and cache use llama.cpp's float32 dot products
+    assert relative_error(theirs, reference_logits(path, tokens, llama_rounding=False)) < BOUND
+    assert relative_error(theirs, reference_logits(path, tokens, neox=arch == "llama", llama_rounding=False)) > (
+        1000 * BOUND
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -96,7 +103,7 @@ def test_prefill_logits_match_the_float64_reference(tmp_path: Path, arch: str, q
     ours = prefill(load(path), tokens)
     ref = reference_logits(path, tokens)
     assert ours.shape == ref.shape and ours.dtype == np.float32
-    assert relative_error(ours, ref) < BOUND
+    assert relative_error(ours, ref) < ROUNDED_BOUND
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -107,8 +114,8 @@ def test_the_comparison_catches_a_wrong_rope_pairing(tmp_path: Path, arch: str, 
     tokens = prompt(path, PROMPT_LEN, seed=2)
     ours = prefill(load(path), tokens)
     wrong = reference_logits(path, tokens, neox=arch == "llama")
-    assert relative_error(ours, wrong) > 1000 * BOUND
-    assert relative_error(ours, reference_logits(path, tokens)) < BOUND
+    assert relative_error(ours, wrong) > 30 * ROUNDED_BOUND
+    assert relative_error(ours, reference_logits(path, tokens)) < ROUNDED_BOUND
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -119,7 +126,7 @@ def test_prefill_equals_decoding_token_by_token(tmp_path: Path, arch: str) -> No
     at_once = prefill(engine, tokens, slot=0)
     one_by_one = np.concatenate([forward(engine, [t], [i], [1]) for i, t in enumerate(tokens)])
     assert relative_error(one_by_one, at_once) < SAME_MATH
-    assert relative_error(one_by_one, reference_logits(path, tokens)) < BOUND
+    assert relative_error(one_by_one, reference_logits(path, tokens)) < ROUNDED_BOUND
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -143,7 +150,7 @@ def test_batched_sequences_match_each_alone(tmp_path: Path, arch: str) -> None:
     assert relative_error(both[len(a) :], b_prefill) < SAME_MATH
     assert relative_error(step[1:], a_decode) < SAME_MATH
     assert relative_error(step[:1], b_decode) < SAME_MATH
-    assert relative_error(step[:1], reference_logits(path, [*b, next_b])[-1:]) < BOUND
+    assert relative_error(step[:1], reference_logits(path, [*b, next_b])[-1:]) < ROUNDED_BOUND
 
 
 def test_real_model_reference_predicts_paris_and_the_engine_agrees(model_path: Path) -> None:
@@ -157,5 +164,7 @@ def test_real_model_reference_predicts_paris_and_the_engine_agrees(model_path: P
     ours = forward(Engine.load(model_path, backend="cpu", slots=1, context_length=64), tokens, [0, 1, 2, 3, 4],
                    [0] * 5)  # fmt: skip
     assert int(np.argmax(ours[-1])) == paris
-    # 30 layers of float32 rounding against float64 (measured 2e-6): looser than the tiny models' bound
-    assert relative_error(ours, ref) < 1e-4
+    # 30 layers amplify the rounding-boundary effect (see ROUNDED_BOUND): measured, llama.cpp is 2.5e-2
+    # from this reference and the engine 2.0e-2; without the rounding both would be 5e-2 away
+    assert relative_error(ours, ref) < 3e-2
+    assert relative_error(ours, ref) < relative_error(ours, reference_logits(model_path, tokens, llama_rounding=False))

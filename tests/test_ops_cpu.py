@@ -51,13 +51,17 @@ def test_attention_causal_gqa_per_slot():
     out = np.empty_like(q)
     ops.kv_store(k, v, cache_k, cache_v, slots, pos)
     ops.attention(q, cache_k, cache_v, slots, pos, out)
+    def fp16(a: np.ndarray) -> np.ndarray:  # what llama.cpp keeps in fp16: the cache, q and the weights
+        return a.astype(np.float16).astype(np.float64)
+
+    np.testing.assert_array_equal(cache_k[slots, pos], fp16(k))
     for t in range(8):
         same = [u for u in range(8) if slots[u] == slots[t] and pos[u] <= pos[t]]
         for h in range(n_heads):
-            kk, vv = k[same, h // 2].astype(np.float64), v[same, h // 2].astype(np.float64)
-            s = kk @ q[t, h] / np.sqrt(e)
+            kk, vv = fp16(k[same, h // 2]), fp16(v[same, h // 2])
+            s = kk @ fp16(q[t, h]) / np.sqrt(e)
             w = np.exp(s - s.max())
-            np.testing.assert_allclose(out[t, h], (w / w.sum()) @ vv, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(out[t, h], fp16(w / w.sum()) @ vv, rtol=1e-4, atol=1e-5)
 
 
 def test_swiglu_and_add():

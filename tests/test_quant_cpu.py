@@ -2,11 +2,13 @@
 
 Every supported type: `embed_rows` must reproduce `gguf.quants.dequantize` (up to one
 float32 rounding: the kernels may fuse d*q+m into one FMA), and `matmul` must match
-`x @ dequantize(w).T` computed in float64. The kernels keep activations in float32
-and apply block scales to float32 partial sums, so the only error is float32
-rounding of sums over K <= 1536 terms: about sqrt(K) * 2^-24 * sum|w*x| in the
-random-walk case, far below 1e-5 of the largest output for these inputs (a bug in
-any block, nibble or scale shows up as an error of order 1e-1 or more).
+`xr @ dequantize(w).T` computed in float64, where xr is x rounded the way llama.cpp
+rounds activations for that weight type (re-implemented here with NumPy, independently
+of `quant_act`). The kernels apply block scales to float32 partial sums, so the only
+remaining error is float32 rounding of sums over K <= 1536 terms: about
+sqrt(K) * 2^-24 * sum|w*x| in the random-walk case, far below MATMUL_RTOL = 1e-5 of
+the largest output for these inputs (a bug in any block, nibble or scale shows up as
+an error of order 1e-1 or more).
 """
 
 from __future__ import annotations
@@ -23,11 +25,19 @@ from gguf.quants import dequantize, quantize
 
 from rbees_workerd.errors import InvalidParams, ModelLoadError
 from rbees_workerd.kernels.cpu import quant
+from rbees_workerd.kernels.cpu import quant_act as qa
 
 ALL_TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 K_QUANTS = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
 MATMUL_RTOL = 1e-5  # see the module docstring
 DEQUANT_RTOL = 2e-7  # one float32 rounding (2^-24 ~ 6e-8 of each value, relative to the max)
+# Against the unrounded activations: int8 rounding moves each activation by at most
+# amax/254 of its block (0.4%), errors of random sign that partly cancel in the sum, so
+# the output moves by well under 1% of its largest value; 2e-2 leaves room for the
+# smallest outputs' blocks and still catches any real bug (errors of order 1e-1 and up).
+INT8_ACTIVATION_RTOL = 2e-2
+Q8_0_ACT = (Q.Q4_0, Q.Q5_0, Q.Q8_0)
+Q8_1_ACT = (Q.Q4_1, Q.Q5_1)
 
 
 def random_tensor(qtype: Q, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -57,6 +67,36 @@ def reference(qtype: Q, raw: np.ndarray, n: int, k: int) -> np.ndarray:
     return dequantize(raw, qtype).reshape(n, k).astype(np.float64)
 
 
+def llama_activations(qtype: Q, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """x rounded as llama.cpp's x86 quantize_row_q8_0/q8_1 (or fp16) would, and Q8_1's fp16 block sums."""
+    if qtype == Q.F16:
+        return x.astype(np.float16).astype(np.float32), None
+    if qtype not in Q8_0_ACT + Q8_1_ACT:
+        return x, None
+    blocks = x.reshape(x.shape[0], -1, 32)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    d = amax / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.rint(blocks * inv)
+    xr = (q * d.astype(np.float16).astype(np.float32)).reshape(x.shape)
+    sums = (d[..., 0] * q.sum(axis=-1)).astype(np.float16).astype(np.float64)
+    return xr, sums if qtype in Q8_1_ACT else None
+
+
+def expected_matmul(qtype: Q, raw: np.ndarray, ref: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """llama.cpp's product in float64: rounded activations, and Q8_1's fp16 sums for the mins."""
+    xr, sums = llama_activations(qtype, x)
+    out = xr.astype(np.float64) @ ref.T
+    if sums is not None:  # min term m * s uses the fp16 sum instead of the sum of xr
+        n = raw.shape[0]
+        mins = np.ascontiguousarray(raw.reshape(n, -1, GGML_QUANT_SIZES[qtype][1])[..., 2:4])
+        mins = mins.view(np.float16)[..., 0].astype(np.float64)  # [n, blocks]
+        exact = xr.reshape(x.shape[0], -1, 32).sum(axis=-1, dtype=np.float64)
+        out += (sums - exact) @ mins.T
+    return out
+
+
 def shape_for(qtype: Q) -> tuple[int, int]:
     # odd N (a partial row chunk); K not a multiple of 256 for the 32-element block types
     return (67, 768) if qtype in K_QUANTS else (67, 288)
@@ -78,15 +118,34 @@ def test_embed_rows_reproduce_reference_dequantization(case) -> None:  # noqa: A
     np.testing.assert_allclose(out, ref[tokens], rtol=0, atol=DEQUANT_RTOL * np.abs(ref).max())
 
 
+def relative_error(out: np.ndarray, expect: np.ndarray) -> float:
+    return float(np.abs(out - expect).max() / np.abs(expect).max())
+
+
 @pytest.mark.parametrize("tokens", [1, 7, 64])
 def test_matmul_matches_float64_reference(case, tokens: int) -> None:  # noqa: ANN001
-    _, _, ref, w = case
+    qtype, raw, ref, w = case
     x = np.random.default_rng(tokens).standard_normal((tokens, w.shape[1])).astype(np.float32)
     out = np.full((tokens, w.shape[0]), np.nan, np.float32)
     quant.matmul(x, w, out)
-    expect = x.astype(np.float64) @ ref.T
-    err = np.abs(out - expect).max() / np.abs(expect).max()
-    assert err < MATMUL_RTOL, f"relative error {err:.2e}"
+    err = relative_error(out, expected_matmul(qtype, raw, ref, x))
+    assert err < MATMUL_RTOL, f"relative error {err:.2e} against llama.cpp's arithmetic"
+    err = relative_error(out, x.astype(np.float64) @ ref.T)
+    assert err < INT8_ACTIVATION_RTOL, f"relative error {err:.2e} against unrounded activations"
+
+
+def test_fp16_rounding_matches_numpy() -> None:
+    rng = np.random.default_rng(7)
+    bits = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
+    values = bits.view(np.float32)
+    values = values[np.isfinite(values) & (np.abs(values) < 1e6)]
+    # also the fp16 subnormal range, exact ties and the overflow edge
+    extra = np.float32([2.0**-25, 3 * 2.0**-26, 1 + 2.0**-11, 1 + 3 * 2.0**-11, 65504, 65519, 65520, -0.0])
+    values = np.concatenate([values, extra, rng.standard_normal(10_000).astype(np.float32) * 1e-5])
+    ours = np.array([qa.fp16_round(v) for v in values], np.float32)
+    with np.errstate(over="ignore"):  # values past the fp16 range become inf, as they should
+        expect = values.astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(ours, expect)
 
 
 def test_matmul_does_not_depend_on_thread_count() -> None:
@@ -196,5 +255,4 @@ def test_real_model_tensors(model_reader: GGUFReader, name: str) -> None:
     x = np.random.default_rng(6).standard_normal((5, k)).astype(np.float32)
     out = np.empty((5, n), np.float32)
     quant.matmul(x, w, out)
-    expect = x.astype(np.float64) @ ref.T
-    assert np.abs(out - expect).max() / np.abs(expect).max() < MATMUL_RTOL
+    assert relative_error(out, expected_matmul(qtype, raw, ref, x)) < MATMUL_RTOL

@@ -1,7 +1,9 @@
 """Numba kernels for everything but the quantized matrix products: norm, RoPE, attention, SwiGLU.
 
 Each kernel parallelizes over tokens or heads with `prange` and keeps its inner
-loops over contiguous float32 data so LLVM vectorizes them.
+loops over contiguous float32 data so LLVM vectorizes them. Attention rounds
+what llama.cpp keeps in fp16 (the KV cache, the query and the attention
+weights) to fp16 values, so greedy decoding agrees with it token for token.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import math
 
 import numpy as np
 from numba import njit, prange
+
+from rbees_workerd.kernels.cpu.quant_act import fp16_round
 
 _OPTS = {"cache": True, "fastmath": True, "nogil": True}
 
@@ -50,9 +54,14 @@ def rope(x: np.ndarray, positions: np.ndarray, theta: float, neox: bool) -> None
 def kv_store(
     k: np.ndarray, v: np.ndarray, cache_k: np.ndarray, cache_v: np.ndarray, slots: np.ndarray, positions: np.ndarray
 ) -> None:
-    for t in range(k.shape[0]):
-        cache_k[slots[t], positions[t]] = k[t]
-        cache_v[slots[t], positions[t]] = v[t]
+    """Store k/v[T, G, E] at (slot, position), rounded to fp16 values as llama.cpp's fp16 cache holds them."""
+    t_count, g_count, e = k.shape
+    for t in range(t_count):
+        s, p = slots[t], positions[t]
+        for g in range(g_count):
+            for i in range(e):
+                cache_k[s, p, g, i] = fp16_round(k[t, g, i])
+                cache_v[s, p, g, i] = fp16_round(v[t, g, i])
 
 
 @njit(parallel=True, **_OPTS)
@@ -74,26 +83,31 @@ def attention(
         g = h // group
         s = slots[t]
         n = positions[t] + 1
+        q16 = np.empty(e, dtype=np.float32)
+        for i in range(e):
+            q16[i] = fp16_round(q[t, h, i])
         scores = np.empty(n, dtype=np.float32)
         best = np.float32(-np.inf)
         for p in range(n):
             acc = np.float32(0.0)
             for i in range(e):
-                acc += q[t, h, i] * cache_k[s, p, g, i]
+                acc += q16[i] * cache_k[s, p, g, i]
             acc *= scale
             scores[p] = acc
             best = max(best, acc)
-        total = np.float32(0.0)
+        total = 0.0  # float64, as llama.cpp sums its softmax
         for p in range(n):
             w = np.float32(math.exp(scores[p] - best))
             scores[p] = w
             total += w
-        for i in range(e):
-            out[t, h, i] = 0.0
+        inv = np.float32(1.0 / total)
+        acc_v = np.zeros(e, dtype=np.float32)
         for p in range(n):
-            w = scores[p] / total
+            w = fp16_round(scores[p] * inv)
             for i in range(e):
-                out[t, h, i] += w * cache_v[s, p, g, i]
+                acc_v[i] += w * cache_v[s, p, g, i]
+        for i in range(e):
+            out[t, h, i] = acc_v[i]
 
 
 @njit(parallel=True, **_OPTS)

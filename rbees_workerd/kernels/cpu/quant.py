@@ -2,9 +2,17 @@
 
 A `QMatrix` keeps the GGUF weights quantized, repacked by `quant_pack` into the
 layout the Numba kernels of `quant_kernels` stream (scales widened to float32,
-rows grouped in chunks). Activations stay float32: the kernels multiply them by
-the integer quant values and apply the block scales once per block, so results
-match dequantize-then-multiply up to float32 rounding.
+rows grouped in chunks). The kernels multiply float32 activations by the integer
+quant values and apply the block scales once per block. For the 32-block types and
+F16 the activations are first rounded the way llama.cpp rounds them (`quant_act`),
+so products match llama.cpp's up to float32 summation order; K-quants, BF16 and F32
+use the activations as they are.
+
+Threads: `matmul` uses `numba.get_num_threads()` of the calling thread (set it with
+`numba.set_num_threads`). With the default OpenMP layer, idle workers spin between
+parallel regions; on a machine shared with other busy processes set
+OMP_WAIT_POLICY=passive before numba starts its threads, or two-thread steps get
+many times slower than one-thread ones.
 """
 
 from __future__ import annotations
@@ -16,12 +24,16 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from rbees_workerd.errors import InvalidParams, ModelLoadError
+from rbees_workerd.kernels.cpu import quant_act as qa
 from rbees_workerd.kernels.cpu import quant_kernels as qk
 from rbees_workerd.kernels.cpu.quant_pack import KIND_BYTE, KIND_NIBBLE, Blocks, pack_blocks, pack_dense
 
 _Q = GGMLQuantizationType
 _DENSE = (_Q.F32, _Q.F16, _Q.BF16)
 _TASKS_PER_THREAD = 4
+# llama.cpp's activation rounding per weight type (see quant_act); K-quants and BF16 keep float32
+_Q8_ACTIVATIONS = frozenset({_Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1, _Q.Q8_0})
+_Q8_1_ACTIVATIONS = frozenset({_Q.Q4_1, _Q.Q5_1})
 SUPPORTED = frozenset({*_DENSE, _Q.Q8_0, _Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1, _Q.Q4_K, _Q.Q5_K, _Q.Q6_K})
 
 
@@ -85,7 +97,12 @@ def _matmul(x: np.ndarray, w: QMatrix, tasks: int, out: np.ndarray) -> None:
     if w.blocks is not None:
         b = w.blocks
         sxh = np.empty((t, k // 16), np.float32)
-        qk.half_sums(x, sxh)
+        if w.qtype in _Q8_ACTIVATIONS:
+            xq = np.empty_like(x)
+            qa.round_q8(x, w.qtype in _Q8_1_ACTIVATIONS, xq, sxh)
+            x = xq
+        else:
+            qk.half_sums(x, sxh)
         if b.kind == KIND_NIBBLE:
             qk.matmul_nibble(x, b.qs, b.d, b.m, np.float32(b.offset), sxh, tasks, out)
         elif b.kind == KIND_BYTE:
@@ -95,6 +112,10 @@ def _matmul(x: np.ndarray, w: QMatrix, tasks: int, out: np.ndarray) -> None:
     elif w.qtype == _Q.F32:
         qk.matmul_f32(x, w.dense, tasks, out)
     else:
+        if w.qtype == _Q.F16:
+            xq = np.empty_like(x)
+            qa.round_f16(x, xq)
+            x = xq
         qk.matmul_f16(x, w.dense, w.qtype == _Q.BF16, tasks, out)
 
 

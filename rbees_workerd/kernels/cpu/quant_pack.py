@@ -2,8 +2,8 @@
 
 Every block type becomes 32-element blocks in "chunk-transposed" order: rows are
 grouped in chunks of `CHUNK` and, inside a chunk, the row index is the fastest
-axis, so the kernels' innermost loop is a plain contiguous map over 32 rows (what
-LLVM vectorizes). Per 32-block the element values are split as
+axis, so the kernels' innermost loop is a plain contiguous map over the chunk's
+rows (what LLVM vectorizes). N is padded to whole chunks. Per 32-block the element values are split as
 
 * `qs[c, b, j, r]` (uint8): element j in the low nibble and element j + 16 in the
   high nibble (4-bit and 5/6-bit types), or two planes j and j + 16 of whole bytes
@@ -27,7 +27,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from rbees_workerd.errors import ModelLoadError
 
-CHUNK = 64  # rows per chunk: the vector width of the kernels' inner loops (2 zmm of float32)
+CHUNK = 64  # rows per chunk: one iteration of the kernels' vectorized row loop (4 zmm of float32)
 
 KIND_NIBBLE = 0  # 4-bit values in qs
 KIND_EXT = 1  # 4 low bits in qs, ebits more in qh

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from gguf import GGMLQuantizationType as Q
 from numba import cuda
 from numba.cuda.cudadrv import driver
 
@@ -33,6 +34,11 @@ if not SIM:
 MAX_GRAPHS = 64  # captured step shapes kept (least recently used dropped)
 _STAGING = 1 << 20  # pinned bytes through which small uploads go asynchronously
 _OOM = 2  # CUDA_ERROR_OUT_OF_MEMORY
+# llama.cpp rounds the activations of these weight types (see kernels/cpu/quant_act); the CPU backend too
+_Q8_0_INPUT = frozenset({int(Q.Q4_0), int(Q.Q5_0), int(Q.Q8_0)})
+_Q8_1_INPUT = frozenset({int(Q.Q4_1), int(Q.Q5_1)})
+_F16_INPUT = frozenset({int(Q.F16)})
+_ROUNDED_INPUT = _Q8_0_INPUT | _Q8_1_INPUT | _F16_INPUT
 # the simulator's driver module defines only some of these
 _DRIVER_ERRORS = tuple(getattr(driver, n) for n in ("CudaAPIError", "CudaDriverError", "CudaSupportError")
                        if hasattr(driver, n))  # fmt: skip
@@ -42,6 +48,7 @@ _DRIVER_ERRORS = tuple(getattr(driver, n) for n in ("CudaAPIError", "CudaDriverE
 class QWeight:
     """A quantized [N, K] matrix in VRAM (see repack for the layout)."""
 
+    qtype: int
     fmt: int
     off: np.float32
     words: Any
@@ -76,7 +83,11 @@ def _ptr(a: Any) -> tuple[int, tuple[int, ...]]:
     return a.__cuda_array_interface__["data"][0], tuple(a.shape)
 
 
-def _grid2(rows: int, cols: int, block: tuple[int, int] = (4, 64)) -> tuple[tuple[int, int], tuple[int, int]]:
+_ELEMENTWISE = (1, 32) if SIM else (4, 64)
+
+
+def _grid2(rows: int, cols: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    block = _ELEMENTWISE
     return (math.ceil(rows / block[0]), math.ceil(cols / block[1])), block
 
 
@@ -120,6 +131,7 @@ class CudaBackend(backend.Backend):
         self._recording: list[Any] | None = None
         self._graphs: OrderedDict[Hashable, Any] = OrderedDict()
         self._sample_bufs: dict[tuple[int, ...], Any] = {}
+        self._act_bufs: dict[tuple[Any, ...], tuple[Any, Any]] = {}
         self._dummy_w = self._to_device(np.zeros((1, 1), np.uint32))
         self._dummy_f = self._to_device(np.zeros((1, 1), np.float32))
         self._dummy_v = self._to_device(np.zeros(1, np.float32))
@@ -143,7 +155,7 @@ class CudaBackend(backend.Backend):
 
     def weight(self, qtype: int, shape: tuple[int, int], raw: np.ndarray) -> QWeight:
         p = repack.pack(qtype, shape, raw)
-        return QWeight(p.fmt, np.float32(p.off), self._to_device(p.words), self._to_device(p.d),
+        return QWeight(int(qtype), p.fmt, np.float32(p.off), self._to_device(p.words), self._to_device(p.d),
                        self._to_device(p.m), tuple(shape))  # fmt: skip
 
     def vector(self, data: np.ndarray) -> Any:
@@ -364,7 +376,7 @@ def _fuse_norms(seq: list[Any]) -> list[Any]:
     out: list[Any] = []
     for op in seq:
         prev = out[-1] if out else None
-        few = isinstance(op, _MatMul) and op.x.shape[0] < mm.GEMM_MIN_TOKENS
+        few = isinstance(op, _MatMul) and op.x.shape[0] < mm.GEMM_MIN_TOKENS and op.ws[0].qtype not in _ROUNDED_INPUT
         if (few and isinstance(prev, tuple) and prev[0] == "rmsnorm"
                 and _same(prev[4], op.x) and not _same(prev[1], prev[4])):  # fmt: skip
             out[-1] = op
@@ -403,9 +415,29 @@ def _lower(recorded: list[Any], be: CudaBackend) -> list[_Launch]:
     return launches
 
 
+def _rounded_input(op: _MatMul, be: CudaBackend) -> tuple[list[_Launch], Any, Any]:
+    """Launches rounding the input like llama.cpp for the weight type, the input to use, its block sums."""
+    qtype = op.ws[0].qtype
+    if qtype not in _ROUNDED_INPUT:
+        return [], op.x, None
+    key = (*_ptr(op.x), qtype in _Q8_1_INPUT)
+    if key not in be._act_bufs:
+        t, k = op.x.shape
+        be._act_bufs[key] = (be.zeros((t, k)), be.zeros((t, k // 32)))
+    xq, msum = be._act_bufs[key]
+    if qtype in _F16_INPUT:
+        grid, block = _grid2(*op.x.shape)
+        return [_Launch(mm.round_f16_kernel, grid, block, (op.x, xq))], xq, None
+    n = op.x.shape[0] * (op.x.shape[1] // 32)
+    with_sum = qtype in _Q8_1_INPUT
+    launch = _Launch(mm.round_q8_kernel, (math.ceil(n / 128),), (128,), (op.x, with_sum, xq, msum))
+    return [launch], xq, msum if with_sum else None
+
+
 def _matmul_launches(op: _MatMul, be: CudaBackend) -> list[_Launch]:
     """The warp-per-row kernel for few tokens, the tiled GEMM (then SwiGLU apart) for many."""
     many = op.x.shape[0] >= mm.GEMM_MIN_TOKENS
+    launches, x_in, msum = _rounded_input(op, be)
     sets, flags = [], 0
     for i in range(3):
         if i < len(op.ws):
@@ -420,12 +452,17 @@ def _matmul_launches(op: _MatMul, be: CudaBackend) -> list[_Launch]:
     ns = [w.shape[0] for w in op.ws] + [0] * (3 - len(op.ws))
     if op.res is not None:
         flags |= 8
+    if msum is not None:
+        flags |= 32
+    else:
+        msum = be._dummy_f
     w0 = op.ws[0]
     res = be._dummy_f if op.res is None else op.res
     t_count = op.x.shape[0]
     if many:
         grid = (math.ceil(sum(ns) / mm.BM), math.ceil(t_count / mm.BN))
-        launches = [_Launch(mm.gemm_kernel, grid, (mm.GEMM_THREADS,), (op.x, *sets, *ns, w0.fmt, w0.off, flags, res))]
+        gemm_args = (x_in, *sets, *ns, w0.fmt, w0.off, flags, res, msum)
+        launches.append(_Launch(mm.gemm_kernel, grid, (mm.GEMM_THREADS,), gemm_args))
         if op.mode == mm.MODE_SWIGLU:
             gate, up, out = op.outs
             grid2, block2 = _grid2(*gate.shape)
@@ -433,9 +470,9 @@ def _matmul_launches(op: _MatMul, be: CudaBackend) -> list[_Launch]:
         return launches
     rows = ns[0] if op.mode == mm.MODE_SWIGLU else sum(ns)
     grid = (math.ceil(rows / mm.WARPS), math.ceil(t_count / mm.TB))
-    x, nw, eps, hout = op.x, be._dummy_v, np.float32(0.0), be._dummy_f
+    x, nw, eps, hout = x_in, be._dummy_v, np.float32(0.0), be._dummy_f
     if op.norm is not None:
         x, nw, eps, hout = op.norm[0], op.norm[1], np.float32(op.norm[2]), op.x
         flags |= 16
-    args = (x, *sets, *ns, w0.fmt, w0.off, op.mode, flags, res, nw, eps, hout)
-    return [_Launch(mm.matmul_kernel, grid, (32 * mm.WARPS,), args)]
+    args = (x, *sets, *ns, w0.fmt, w0.off, op.mode, flags, res, nw, eps, hout, msum)
+    return [*launches, _Launch(mm.matmul_kernel, grid, (mm.BLOCK,), args)]

@@ -14,6 +14,9 @@ from numba import config, cuda, float32, int32, uint32
 
 SIM = bool(config.ENABLE_CUDASIM)
 JIT = {"cache": not SIM, "fastmath": True}
+EXACT = {"cache": not SIM}  # kernels whose quotients must round exactly like the CPU's
+# device functions inlined in NVVM IR, so the local arrays they fill stay in registers
+DEVICE = {"device": True} if SIM else {"device": True, "forceinline": True}
 FULL_MASK = 0xFFFFFFFF
 
 
@@ -40,9 +43,19 @@ if SIM:
     def bits_from_f32(x):
         return int(np.float32(x).view(np.uint32))
 
-else:
+    @cuda.jit(device=True)
+    def fp16_round(x):
+        """The float16 nearest to x (ties to even), as float32."""
+        return np.float32(np.float16(x))
 
     @cuda.jit(device=True)
+    def rint(x):
+        """x rounded to the nearest integer, ties to even."""
+        return np.float32(np.rint(x))
+
+else:
+
+    @cuda.jit(**DEVICE)
     def warp_sum(v, scratch):
         """The sum of v over the 32 lanes of this thread's warp (every lane gets it)."""
         off = 16
@@ -51,18 +64,28 @@ else:
             off //= 2
         return v
 
-    @cuda.jit(device=True)
+    @cuda.jit(**DEVICE)
     def f32_from_bits(bits):
         return cuda.libdevice.int_as_float(int32(bits))
 
-    @cuda.jit(device=True)
+    @cuda.jit(**DEVICE)
     def bits_from_f32(x):
         return uint32(cuda.libdevice.float_as_int(x))
 
+    @cuda.jit(**DEVICE)
+    def fp16_round(x):
+        """The float16 nearest to x (ties to even), as float32."""
+        return half_bits_to_f32(uint32(cuda.libdevice.float2half_rn(x)))
 
-@cuda.jit(device=True)
+    @cuda.jit(**DEVICE)
+    def rint(x):
+        """x rounded to the nearest integer, ties to even."""
+        return cuda.libdevice.rintf(x)
+
+
+@cuda.jit(**DEVICE)
 def block_sum(v, sh):
-    """Sum over the block (blockDim.x a power of two, sh a shared float32[blockDim.x])."""
+    """Sum over the block (blockDim.x a power of two, sh a shared array of blockDim.x of the sum's type)."""
     tid = cuda.threadIdx.x
     sh[tid] = v
     cuda.syncthreads()
@@ -77,7 +100,7 @@ def block_sum(v, sh):
     return r
 
 
-@cuda.jit(device=True)
+@cuda.jit(**DEVICE)
 def block_max(v, sh):
     """Maximum over the block, like block_sum."""
     tid = cuda.threadIdx.x
@@ -94,7 +117,7 @@ def block_max(v, sh):
     return r
 
 
-@cuda.jit(device=True)
+@cuda.jit(**DEVICE)
 def half_bits_to_f32(h):
     """The float32 value of IEEE half bits (exact)."""
     sign = (h & 0x8000) << 16

@@ -15,15 +15,26 @@ import math
 
 from numba import cuda, float32, int32
 
-from rbees_workerd.kernels.cuda.device import JIT, f32_from_bits, half_bits_to_f32, warp_sum
+from rbees_workerd.kernels.cuda.device import (
+    DEVICE,
+    EXACT,
+    JIT,
+    SIM,
+    f32_from_bits,
+    fp16_round,
+    half_bits_to_f32,
+    rint,
+    warp_sum,
+)  # fmt: skip
 from rbees_workerd.kernels.cuda.repack import BF16, F16, NIB4, NIB5, Q6, Q8
 
 TB = 4  # tokens per warp
-WARPS = 4  # rows per block
+WARPS = 1 if SIM else 4  # rows per block (one warp per block in the slow simulator)
+BLOCK = 32 * WARPS
 MODE_ROWS, MODE_SWIGLU = 0, 1
 
 
-@cuda.jit(device=True)
+@cuda.jit(**DEVICE)
 def elem(fmt, q, j):
     """Offset within its group of the j-th weight of item q."""
     if fmt <= Q6:  # the nibble layouts
@@ -31,15 +42,18 @@ def elem(fmt, q, j):
     return 8 * q + j
 
 
-@cuda.jit(device=True)
-def decode(words, d, m, fmt, off, row, g, q, wv):
-    """Dequantize item q of group g of a row into wv[0:8] (the weights at elem(fmt, q, j))."""
+@cuda.jit(**DEVICE)
+def decode(words, d, m, fmt, off, row, g, q, wv, with_min):
+    """Dequantize item q of group g of a row into wv[0:8] (the weights at elem(fmt, q, j)).
+
+    Without with_min the NIB formats leave out their min (added once per group instead).
+    """
     if fmt <= NIB5:
         base = g * 4 if fmt == NIB4 else g * 5 + 1
         w = words[row, base + q]
         hb = words[row, g * 5] if fmt == NIB5 else 0
         scale = d[row, g]
-        mn = m[row, g]
+        mn = m[row, g] if with_min else float32(0.0)
         for j in range(8):
             sh = 8 * j if j < 4 else 8 * (j - 4) + 4
             v = (w >> sh) & 15
@@ -81,7 +95,7 @@ def decode(words, d, m, fmt, off, row, g, q, wv):
             wv[j] = f32_from_bits(words[row, g * 32 + 8 * q + j])
 
 
-@cuda.jit(device=True)
+@cuda.jit(**DEVICE)
 def _dot_tokens(x, t0, n_tok, col, fmt, q, wv, acc, norm, inv, nw):
     """acc[tt] += sum_j wv[j] * in[t0 + tt, col + elem(j)]; in = x, or rmsnorm(x) when norm."""
     for tt in range(TB):
@@ -94,17 +108,25 @@ def _dot_tokens(x, t0, n_tok, col, fmt, q, wv, acc, norm, inv, nw):
             acc[tt] += s
 
 
+@cuda.jit(**DEVICE)
+def _add_min(mn, msum, t0, n_tok, g, acc):
+    for tt in range(TB):
+        if t0 + tt < n_tok:
+            acc[tt] += mn * msum[t0 + tt, g]
+
+
 @cuda.jit(**JIT)
 def matmul_kernel(x, w0, d0, m0, o0, b0, w1, d1, m1, o1, b1, w2, d2, m2, o2, b2,
-                  n0, n1, n2, fmt, off, mode, flags, res, nw, eps, hout):  # fmt: skip
+                  n0, n1, n2, fmt, off, mode, flags, res, nw, eps, hout, msum):  # fmt: skip
     """out_i[T, N_i] = x[T, K] @ W_i.T (+ b_i) for up to three matrices of one format.
 
     MODE_ROWS: the warp's row indexes the matrices' rows one after another.
     MODE_SWIGLU: row r of matrices 0 and 1; o2 = silu(o0) * o1.
     flags: bit i = matrix i has a bias; bit 3 = res += o0 (the residual add);
-    bit 4 = the input is rmsnorm(x) * nw, which block 0 also writes to hout.
+    bit 4 = the input is rmsnorm(x) * nw, which block 0 also writes to hout;
+    bit 5 = the input was rounded to Q8_1: a group's min term is m * msum[t, group].
     """
-    scratch = cuda.shared.array(128, float32)
+    scratch = cuda.shared.array(BLOCK, float32)
     wv = cuda.local.array(8, float32)
     acc_a = cuda.local.array(TB, float32)
     acc_b = cuda.local.array(TB, float32)
@@ -119,15 +141,14 @@ def matmul_kernel(x, w0, d0, m0, o0, b0, w1, d1, m1, o1, b1, w2, d2, m2, o2, b2,
         acc_a[tt] = 0.0
         acc_b[tt] = 0.0
         inv[tt] = 1.0
-        if norm:  # every warp computes its tokens' norms (K is small next to N * K)
-            t = t0 + tt
+        t = t0 + tt
+        if norm and t < n_tok:  # every warp computes its tokens' norms (K is small next to N * K)
             ss = float32(0.0)
-            if t < n_tok:
-                for i in range(lane, x.shape[1], 32):
-                    ss += x[t, i] * x[t, i]
+            for i in range(lane, x.shape[1], 32):
+                ss += x[t, i] * x[t, i]
             ss = warp_sum(ss, scratch)
             inv[tt] = float32(1.0 / math.sqrt(ss / x.shape[1] + eps))
-            if cuda.blockIdx.x == 0 and cuda.threadIdx.x < 32 and t < n_tok:
+            if cuda.blockIdx.x == 0 and cuda.threadIdx.x < 32:
                 for i in range(lane, x.shape[1], 32):
                     hout[t, i] = x[t, i] * inv[tt] * nw[i]
     which = 0
@@ -141,20 +162,27 @@ def matmul_kernel(x, w0, d0, m0, o0, b0, w1, d1, m1, o1, b1, w2, d2, m2, o2, b2,
             which = 2
     # one decode call site per matrix role: each inlined copy of decode is large
     w, d, m = (w0, d0, m0) if which == 0 else ((w1, d1, m1) if which == 1 else (w2, d2, m2))
+    q8_1 = (flags & 32) != 0
     if row < total:
         for it in range(lane, items, 32):
             g = it // 4
             q = it % 4
-            decode(w, d, m, fmt, off, r, g, q, wv)
+            decode(w, d, m, fmt, off, r, g, q, wv, not q8_1)
             _dot_tokens(x, t0, n_tok, g * 32, fmt, q, wv, acc_a, norm, inv, nw)
+            if q8_1 and q == 0:
+                _add_min(m[r, g], msum, t0, n_tok, g, acc_a)
             if mode == MODE_SWIGLU:
-                decode(w1, d1, m1, fmt, off, r, g, q, wv)
+                decode(w1, d1, m1, fmt, off, r, g, q, wv, not q8_1)
                 _dot_tokens(x, t0, n_tok, g * 32, fmt, q, wv, acc_b, norm, inv, nw)
+                if q8_1 and q == 0:
+                    _add_min(m1[r, g], msum, t0, n_tok, g, acc_b)
     for tt in range(TB):
+        t = t0 + tt
+        if t >= n_tok:  # the same for the whole block: the reductions below stay uniform
+            break
         a = warp_sum(acc_a[tt], scratch)
         b = warp_sum(acc_b[tt], scratch) if mode == MODE_SWIGLU else float32(0.0)
-        t = t0 + tt
-        if lane == 0 and row < total and t < n_tok:
+        if lane == 0 and row < total:
             if which == 0:
                 if flags & 1:
                     a += b0[r]
@@ -181,52 +209,64 @@ def embed_kernel(words, d, m, fmt, off, tokens, out):
     if it < (out.shape[1] // 32) * 4:
         g = it // 4
         q = it % 4
-        decode(words, d, m, fmt, off, tokens[t], g, q, wv)
+        decode(words, d, m, fmt, off, tokens[t], g, q, wv, True)
         for j in range(8):
             out[t, g * 32 + elem(fmt, q, j)] = wv[j]
 
 
-BM = 64  # weight rows per GEMM tile
+BM = 64  # weight rows per GEMM tile (32 x 32 tiles measured slower on the H100, even at 64 tokens)
 BN = 64  # tokens per GEMM tile
 PAD_M, PAD_N = BM + 1, BN + 1  # shared rows padded against bank conflicts (constants for numba)
-GEMM_THREADS = 256  # 16 x 16 threads, each 4 rows x 4 tokens
+TX = BN // 4  # threads along the tokens
+GEMM_THREADS = (BM // 4) * TX  # each thread 4 rows x 4 tokens
 GEMM_MIN_TOKENS = 16  # below this the warp-per-row kernel wins (decode)
 
 
 @cuda.jit(**JIT)
 def gemm_kernel(x, w0, d0, m0, o0, b0, w1, d1, m1, o1, b1, w2, d2, m2, o2, b2,
-                n0, n1, n2, fmt, off, flags, res):  # fmt: skip
+                n0, n1, n2, fmt, off, flags, res, msum):  # fmt: skip
     """Tiled form of matmul_kernel's MODE_ROWS for many tokens: a BM x BN output tile per block.
 
-    Each step dequantizes a 64-row x 32 weight tile and a 32 x 64-token slice of x
-    into shared memory; every weight is decoded once per 64 tokens.
+    Each step dequantizes a BM-row x 32 weight tile and a 32 x BN-token slice of x
+    into shared memory; every weight is decoded once per BN tokens.
     """
     ws = cuda.shared.array((32, PAD_M), float32)
     xs = cuda.shared.array((32, PAD_N), float32)
+    ms = cuda.shared.array(BM, float32)  # Q8_1 inputs: the tile rows' mins and the tokens' block sums
+    ss = cuda.shared.array(BN, float32)
+    q8_1 = (flags & 32) != 0
     wv = cuda.local.array(8, float32)
     acc = cuda.local.array(16, float32)
     tid = cuda.threadIdx.x
-    tx = tid % 16
-    ty = tid // 16
+    tx = tid % TX
+    ty = tid // TX
     r0 = cuda.blockIdx.x * BM
     t0 = cuda.blockIdx.y * BN
     n_tok = x.shape[0]
     total = n0 + n1 + n2
     for i in range(16):
         acc[i] = 0.0
-    lr = tid // 4  # the weight row and item this thread decodes into the tile
-    lq = tid % 4
-    row = r0 + lr
-    lrow = row if row < n0 else (row - n0 if row < n0 + n1 else row - n0 - n1)
-    w, d, m = (w0, d0, m0) if row < n0 else ((w1, d1, m1) if row < n0 + n1 else (w2, d2, m2))
     for g in range(x.shape[1] // 32):
-        if row < total:
-            decode(w, d, m, fmt, off, lrow, g, lq, wv)
-            for j in range(8):
-                ws[elem(fmt, lq, j), lr] = wv[j]
-        else:
-            for j in range(8):
-                ws[elem(fmt, lq, j), lr] = 0.0
+        for li in range(tid, BM * 4, GEMM_THREADS):  # the tile's weight items
+            lr = li // 4
+            lq = li % 4
+            row = r0 + lr
+            if row < total:
+                lrow = row if row < n0 else (row - n0 if row < n0 + n1 else row - n0 - n1)
+                w, d, m = (w0, d0, m0) if row < n0 else ((w1, d1, m1) if row < n0 + n1 else (w2, d2, m2))
+                decode(w, d, m, fmt, off, lrow, g, lq, wv, not q8_1)
+                for j in range(8):
+                    ws[elem(fmt, lq, j), lr] = wv[j]
+                if q8_1 and lq == 0:
+                    ms[lr] = m[lrow, g]
+            else:
+                for j in range(8):
+                    ws[elem(fmt, lq, j), lr] = 0.0
+                if lq == 0:
+                    ms[lr] = 0.0
+        if q8_1:
+            for tt in range(tid, BN, GEMM_THREADS):
+                ss[tt] = msum[t0 + tt, g] if t0 + tt < n_tok else float32(0.0)
         for idx in range(tid, 32 * BN, GEMM_THREADS):
             tt = idx // 32
             kk = idx % 32
@@ -243,6 +283,10 @@ def gemm_kernel(x, w0, d0, m0, o0, b0, w1, d1, m1, o1, b1, w2, d2, m2, o2, b2,
                 acc[4 + j] += a1 * b
                 acc[8 + j] += a2 * b
                 acc[12 + j] += a3 * b
+        if q8_1:
+            for i in range(4):
+                for j in range(4):
+                    acc[4 * i + j] += ms[ty * 4 + i] * ss[tx * 4 + j]
         cuda.syncthreads()
     for i in range(4):
         row = r0 + ty * 4 + i
@@ -261,3 +305,38 @@ def gemm_kernel(x, w0, d0, m0, o0, b0, w1, d1, m1, o1, b1, w2, d2, m2, o2, b2,
                         o1[t, row - n0] = v + b1[row - n0] if flags & 2 else v
                     else:
                         o2[t, row - n0 - n1] = v + b2[row - n0 - n1] if flags & 4 else v
+
+
+@cuda.jit(**EXACT)
+def round_q8_kernel(x, with_sum, xq, msum):
+    """xq = x rounded through llama.cpp's Q8_0 (or Q8_1) blocks, as the CPU backend's quant_act does.
+
+    Per 32-block: d = amax / 127 stored as fp16, q = rint(x * 127 / amax), xq = q * d;
+    with_sum: msum[t, block] = fp16(d * sum(q)), the term Q4_1/Q5_1 mins multiply.
+    """
+    i = cuda.grid(1)
+    nb = x.shape[1] // 32
+    if i >= x.shape[0] * nb:
+        return
+    t = i // nb
+    b = i % nb
+    amax = float32(0.0)
+    for j in range(32):
+        amax = max(amax, abs(x[t, b * 32 + j]))
+    d = amax / float32(127.0)
+    inv = float32(127.0) / amax if amax != 0 else float32(0.0)
+    dh = fp16_round(d)
+    s = int32(0)
+    for j in range(32):
+        q = rint(x[t, b * 32 + j] * inv)
+        xq[t, b * 32 + j] = q * dh
+        s += int32(q)
+    msum[t, b] = fp16_round(d * float32(s)) if with_sum else float32(0.0)
+
+
+@cuda.jit(**EXACT)
+def round_f16_kernel(x, xq):
+    """xq = x rounded to float16 (llama.cpp's activations for F16 weights)."""
+    t, i = cuda.grid(2)
+    if t < x.shape[0] and i < x.shape[1]:
+        xq[t, i] = fp16_round(x[t, i])

@@ -6,10 +6,10 @@ import math
 
 from numba import cuda, float32, float64
 
-from rbees_workerd.kernels.cuda.device import JIT, block_max, block_sum
+from rbees_workerd.kernels.cuda.device import DEVICE, JIT, SIM, block_max, block_sum, fp16_round
 
-NORM_THREADS = 256
-ATT_THREADS = 256  # a power of two, at least the head size
+NORM_THREADS = 32 if SIM else 256  # the simulator runs a Python thread per GPU thread: keep blocks small
+ATT_THREADS = 32 if SIM else 256  # a power of two, at least the head size (few in the slow simulator)
 ATT_CHUNK = 1024  # positions whose scores one pass keeps in shared memory
 
 
@@ -28,7 +28,7 @@ def rmsnorm_kernel(x, weight, eps, out):
         out[t, i] = x[t, i] * inv * weight[i]
 
 
-@cuda.jit(device=True)
+@cuda.jit(**DEVICE)
 def _rotate(x, t, h, p, pos, theta, neox):
     """Rotate pair p of x[t, h] by position pos; angles in float64 like the CPU."""
     e = x.shape[2]
@@ -76,11 +76,11 @@ def rope_store_kernel(q, k, v, cache_k, cache_v, slots, positions, theta, neox):
                 _rotate(k, t, h, p, pos, theta, neox)
                 a = p if neox else 2 * p
                 b = p + half if neox else 2 * p + 1
-                cache_k[s, pos, h, a] = k[t, h, a]
-                cache_k[s, pos, h, b] = k[t, h, b]
+                cache_k[s, pos, h, a] = fp16_round(k[t, h, a])  # llama.cpp's cache is fp16
+                cache_k[s, pos, h, b] = fp16_round(k[t, h, b])
         else:
             j = i - n_rot
-            cache_v[s, pos, j // e, j % e] = v[t, j // e, j % e]
+            cache_v[s, pos, j // e, j % e] = fp16_round(v[t, j // e, j % e])
 
 
 @cuda.jit(**JIT)
@@ -91,19 +91,37 @@ def kv_store_kernel(k, v, cache_k, cache_v, slots, positions):
         t = i // (g_count * e)
         g = (i // e) % g_count
         j = i % e
-        cache_k[slots[t], positions[t], g, j] = k[t, g, j]
-        cache_v[slots[t], positions[t], g, j] = v[t, g, j]
+        cache_k[slots[t], positions[t], g, j] = fp16_round(k[t, g, j])  # llama.cpp's cache is fp16
+        cache_v[slots[t], positions[t], g, j] = fp16_round(v[t, g, j])
+
+
+@cuda.jit(**DEVICE)
+def _scores(qs, cache_k, s, g, c0, c1, scale, scores, weights, best):
+    """Scores of positions c0..c1 into shared memory (exp(score - best) when weights); this thread's max."""
+    local = float32(-math.inf)
+    for p in range(c0 + cuda.threadIdx.x, c1, ATT_THREADS):
+        dot = float32(0.0)
+        for i in range(cache_k.shape[3]):
+            dot += qs[i] * cache_k[s, p, g, i]
+        dot *= scale
+        scores[p - c0] = math.exp(dot - best) if weights else dot
+        local = max(local, dot)
+    return local
 
 
 @cuda.jit(**JIT)
 def attention_kernel(q, cache_k, cache_v, slots, positions, out):
-    """One block per (token, head): a chunk's scores in shared memory, online softmax across chunks.
+    """One block per (token, head), rounding like llama.cpp (and the CPU backend).
 
-    The weighted sum over values splits the positions among ATT_THREADS // E
-    groups of E threads (one output element each), summed at the end.
+    The query and the softmax weights are rounded to fp16 values (the cache holds
+    fp16 values already), the softmax sum is float64. Three passes over the
+    positions (max, sum, weighted values) keep a chunk of scores in shared memory;
+    a context longer than one chunk recomputes them. The weighted sum splits the
+    positions among ATT_THREADS // E groups of E threads, summed at the end.
     """
     scores = cuda.shared.array(ATT_CHUNK, float32)
     sh = cuda.shared.array(ATT_THREADS, float32)
+    sh64 = cuda.shared.array(ATT_THREADS, float64)
     qs = cuda.shared.array(ATT_THREADS, float32)
     t = cuda.blockIdx.x
     h = cuda.blockIdx.y
@@ -112,45 +130,48 @@ def attention_kernel(q, cache_k, cache_v, slots, positions, out):
     g = h // (q.shape[1] // cache_k.shape[2])
     s = slots[t]
     n = positions[t] + 1
+    one_chunk = n <= ATT_CHUNK
     parts = ATT_THREADS // e
     part = tid // e
     col = tid % e
+    scale = float32(1.0 / math.sqrt(e))
     if tid < e:
-        qs[tid] = q[t, h, tid] * float32(1.0 / math.sqrt(e))
+        qs[tid] = fp16_round(q[t, h, tid])
     cuda.syncthreads()
     best = float32(-math.inf)
-    total = float32(0.0)
+    for c0 in range(0, n, ATT_CHUNK):
+        local = _scores(qs, cache_k, s, g, c0, min(n, c0 + ATT_CHUNK), scale, scores, False, best)
+        best = max(best, block_max(local, sh))
+    total = float64(0.0)
+    for c0 in range(0, n, ATT_CHUNK):
+        c1 = min(n, c0 + ATT_CHUNK)
+        if one_chunk:
+            for p in range(tid, c1, ATT_THREADS):
+                scores[p] = math.exp(scores[p] - best)
+        else:
+            cuda.syncthreads()
+            _scores(qs, cache_k, s, g, c0, c1, scale, scores, True, best)
+        part_sum = float64(0.0)
+        for p in range(c0 + tid, c1, ATT_THREADS):
+            part_sum += scores[p - c0]
+        total += block_sum(part_sum, sh64)  # also orders the score writes before the reads below
+    inv = float32(1.0 / total)
     acc = float32(0.0)
     for c0 in range(0, n, ATT_CHUNK):
         c1 = min(n, c0 + ATT_CHUNK)
-        local_best = float32(-math.inf)
-        for p in range(c0 + tid, c1, ATT_THREADS):
-            dot = float32(0.0)
-            for i in range(e):
-                dot += qs[i] * cache_k[s, p, g, i]
-            scores[p - c0] = dot
-            local_best = max(local_best, dot)
-        new_best = max(best, block_max(local_best, sh))
-        part_sum = float32(0.0)
-        for p in range(c0 + tid, c1, ATT_THREADS):
-            w = math.exp(scores[p - c0] - new_best)
-            scores[p - c0] = w
-            part_sum += w
-        part_sum = block_sum(part_sum, sh)  # also orders the score writes before the reads below
-        rescale = math.exp(best - new_best)
-        total = total * rescale + part_sum
-        acc *= rescale
+        if not one_chunk:
+            cuda.syncthreads()
+            _scores(qs, cache_k, s, g, c0, c1, scale, scores, True, best)
+            cuda.syncthreads()
         if part < parts:
             for p in range(c0 + part, c1, parts):
-                acc += scores[p - c0] * cache_v[s, p, g, col]
-        best = new_best
-        cuda.syncthreads()
+                acc += fp16_round(scores[p - c0] * inv) * cache_v[s, p, g, col]
     sh[tid] = acc
     cuda.syncthreads()
     if tid < e:
         for i in range(1, parts):
             acc += sh[i * e + tid]
-        out[t, h, tid] = acc / total
+        out[t, h, tid] = acc
 
 
 @cuda.jit(**JIT)

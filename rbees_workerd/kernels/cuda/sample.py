@@ -15,9 +15,9 @@ import math
 import numpy as np
 from numba import cuda, float32, int32, uint32
 
-from rbees_workerd.kernels.cuda.device import JIT, SIM, bits_from_f32, block_sum, f32_from_bits
+from rbees_workerd.kernels.cuda.device import DEVICE, JIT, SIM, bits_from_f32, block_sum, f32_from_bits
 
-THREADS = 64 if SIM else 1024
+THREADS = 32 if SIM else 1024
 HEAD = 8  # params row: temperature, top_p, min_p, penalty, uniform (float bits), top_k, history length, 0
 INF_BITS = 0x7F800000
 
@@ -36,14 +36,14 @@ def pack_params(rows: list, width: int) -> np.ndarray:
     return out
 
 
-@cuda.jit(device=True)
+@cuda.jit(**DEVICE)
 def _key(y):
     """Order-preserving map of a float32 to uint32."""
     b = bits_from_f32(y)
     return uint32(b ^ 0x80000000) if b < 0x80000000 else uint32(~b & 0xFFFFFFFF)
 
 
-@cuda.jit(device=True)
+@cuda.jit(**DEVICE)
 def _kth_key(work, r, k, sh):
     """The largest key whose count of keys at or above it is at least k."""
     lo = uint32(0)
@@ -61,7 +61,7 @@ def _kth_key(work, r, k, sh):
     return lo
 
 
-@cuda.jit(device=True)
+@cuda.jit(**DEVICE)
 def _mass_cut(work, r, lo, target, strict, sh):
     """The largest probability bits tau >= lo with sum(p >= tau) >= target (> when strict)."""
     hi = int32(INF_BITS)
@@ -80,7 +80,7 @@ def _mass_cut(work, r, lo, target, strict, sh):
     return lo
 
 
-@cuda.jit(device=True)
+@cuda.jit(**DEVICE)
 def _drop_below(work, r, cut):
     """Zero the probabilities under cut and return this thread's part of the kept mass."""
     s = float32(0.0)

@@ -1,0 +1,77 @@
+"""Activation rounding as llama.cpp does it, so greedy decoding agrees with it token for token.
+
+llama.cpp never multiplies float32 activations by quantized weights: it first rounds
+each activation row to the weight's "vec_dot type" (int8 blocks of 32 with an fp16
+scale for the 32-block types, fp16 for F16 weights) and takes integer dot products.
+Our kernels stay in float but feed them the same rounded activations, which gives
+llama.cpp's products up to float32 summation order. Every product and quotient here
+is rounded exactly as IEEE arithmetic rounds it (no fastmath contraction or reciprocals).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+_F16_MAX = 65504.0
+# lets LLVM vectorize the block max; leaves out "arcp", "contract" and "afn", which
+# would change how the products and quotients are rounded
+_NO_REORDERED_ROUNDING = {"nnan", "ninf", "nsz", "reassoc"}
+
+
+@njit(cache=True, nogil=True)
+def fp16_round(v: float) -> np.float32:
+    """The float16 nearest to v (ties to even, subnormals and overflow included), as float32."""
+    vd = np.float64(v)
+    if vd == 0.0 or not math.isfinite(vd):
+        return np.float32(vd)
+    _, e = math.frexp(vd)  # |v| in [2^(e-1), 2^e)
+    quantum = max(e - 11, -24)  # fp16 keeps 11 significant bits, down to 2^-24
+    r = math.ldexp(np.rint(math.ldexp(vd, -quantum)), quantum)
+    return np.float32(r if abs(r) <= _F16_MAX else math.copysign(math.inf, vd))
+
+
+@njit(cache=True, nogil=True, fastmath=_NO_REORDERED_ROUNDING)
+def round_q8(x: np.ndarray, with_sum: bool, xq: np.ndarray, sxh: np.ndarray) -> None:
+    """xq = x rounded through llama.cpp's Q8_0 (with_sum=False) or Q8_1 blocks (x86 path).
+
+    Per 32-block: d = amax/127 stored as fp16, q = round_half_even(x * 127/amax).
+    sxh[t, 2b], sxh[t, 2b+1] get the block halves' sums of xq, except for Q8_1 where
+    sxh[t, 2b] is the block's fp16 sum term d * sum(q) (the one Q4_1/Q5_1 mins use)
+    and sxh[t, 2b+1] is 0.
+    """
+    T, K = x.shape
+    for t in range(T):
+        for b in range(K // 32):
+            amax = np.float32(0.0)
+            for j in range(32):
+                amax = max(amax, abs(x[t, b * 32 + j]))
+            d = amax / np.float32(127.0)
+            inv = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
+            dh = fp16_round(d)
+            s0 = 0
+            s1 = 0
+            for j in range(32):
+                q = np.rint(x[t, b * 32 + j] * inv)
+                xq[t, b * 32 + j] = q * dh
+                if j < 16:
+                    s0 += int(q)
+                else:
+                    s1 += int(q)
+            if with_sum:
+                sxh[t, 2 * b] = fp16_round(d * np.float32(s0 + s1))
+                sxh[t, 2 * b + 1] = 0.0
+            else:
+                sxh[t, 2 * b] = dh * np.float32(s0)
+                sxh[t, 2 * b + 1] = dh * np.float32(s1)
+
+
+@njit(cache=True, nogil=True)
+def round_f16(x: np.ndarray, xq: np.ndarray) -> None:
+    """xq = x rounded to float16 (llama.cpp's activations for F16 weights)."""
+    T, K = x.shape
+    for t in range(T):
+        for i in range(K):
+            xq[t, i] = fp16_round(x[t, i])
