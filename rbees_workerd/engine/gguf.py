@@ -8,6 +8,7 @@ alignment, tensor types) with a ModelLoadError; the engine then calls
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,6 +214,14 @@ class GGUFFile:
     @property
     def file_size(self) -> int:
         return self.path.stat().st_size
+
+    def release_pages(self) -> None:
+        """Let the kernel drop the map's resident pages (the map stays valid: a later read faults
+        them back in). Loading calls this as it goes, so the file's pages and the backend's
+        prepared copy of the weights are not both resident at the peak."""
+        mm = getattr(self._reader.data, "_mmap", None) if self._reader is not None else None
+        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
 
     def close(self) -> None:
         """Drop this object's references to the memory map, so that it is unmapped (its pages

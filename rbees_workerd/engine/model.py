@@ -113,6 +113,7 @@ class Transformer:
                     cache_v=be.zeros(cache_shape),
                 )
             )
+            f.release_pages()
             if on_progress:
                 on_progress((i + 1) / cfg.n_layers)
         self.scratch = Scratch(cfg, be, max_step_tokens)
