@@ -20,7 +20,9 @@ from rbees_pool.workers.lifecycle import SpawnRequest, spawn, stop, wait_ready
 
 app = typer.Typer(no_args_is_help=True, help="Worker daemons on this host.")
 WorkerArg = Annotated[str, typer.Argument(help="Worker id (see `worker list`).", show_default=False)]
-GraceOpt = Annotated[float, typer.Option("--timeout", min=0, help="Seconds to drain after SIGTERM before SIGKILL.")]
+GraceOpt = Annotated[
+    float, typer.Option("--timeout", min=0, help="Seconds to wait after SIGTERM before SIGKILL (workers drain ≤30 s).")
+]
 
 
 @app.command("spawn")
@@ -69,7 +71,7 @@ def list_cmd(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
 
 @app.command("stop")
-def stop_cmd(ctx: typer.Context, worker_id: WorkerArg, timeout: GraceOpt = 30.0) -> None:
+def stop_cmd(ctx: typer.Context, worker_id: WorkerArg, timeout: GraceOpt = 40.0) -> None:
     """SIGTERM the worker (it drains), SIGKILL it if it is still there after --timeout."""
     paths = pool_paths(ctx)
     outcome = stop(paths, records.load(paths, worker_id), timeout)
@@ -77,7 +79,7 @@ def stop_cmd(ctx: typer.Context, worker_id: WorkerArg, timeout: GraceOpt = 30.0)
 
 
 @app.command("stop-all")
-def stop_all_cmd(ctx: typer.Context, timeout: GraceOpt = 30.0) -> None:
+def stop_all_cmd(ctx: typer.Context, timeout: GraceOpt = 40.0) -> None:
     """Stop every recorded worker."""
     paths = pool_paths(ctx)
     for record in records.load_all(paths):

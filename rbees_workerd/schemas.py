@@ -53,7 +53,8 @@ class ExecuteRequest(BaseModel):
     top_k: _number(int, ge=0, le=1_000_000) = 0
     min_p: _number(float, ge=0, le=1) = 0.0
     repetition_penalty: _number(float, gt=0, le=10) = 1.0
-    seed: _number(int, ge=0, le=2**63 - 1) | None = None
+    # 2**53: the largest bound that a JSON number (a double to many clients) states exactly
+    seed: _number(int, ge=0, le=2**53) | None = None
     stop: Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] = []
 
 

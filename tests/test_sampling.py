@@ -287,3 +287,14 @@ def test_bad_settings_raise_invalid_params(bad: dict) -> None:
     with pytest.raises(InvalidParams) as e:
         sample_row(np.zeros(10, np.float32), row(**bad))
     assert e.value.code == "INVALID_PARAMS"
+
+
+def test_tiny_repetition_penalty_overflows_quietly_to_the_penalized_token() -> None:
+    """A penalty near 0 sends positive history logits to +inf: that token wins, with no warning."""
+    import warnings
+
+    logits = np.array([1.0, 3.0, 2.0], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for temperature in (0.0, 1.0):
+            assert sample_row(logits, row(history=(2,), repetition_penalty=1e-300, temperature=temperature)) == 2

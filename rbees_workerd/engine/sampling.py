@@ -67,7 +67,8 @@ def sample_row(logits: np.ndarray, row: SamplingRow) -> int:
     x[np.isnan(x)] = -np.inf
     if row.repetition_penalty != 1.0 and history.size:
         seen = np.unique(history)
-        x[seen] = np.where(x[seen] > 0, x[seen] / row.repetition_penalty, x[seen] * row.repetition_penalty)
+        with np.errstate(over="ignore"):  # a tiny penalty sends big logits to +inf, which is handled below
+            x[seen] = np.where(x[seen] > 0, x[seen] / row.repetition_penalty, x[seen] * row.repetition_penalty)
     best = int(np.argmax(x))  # the first of equal maxima: the lowest id
     m = x[best]
     if row.temperature == 0 or m == -np.inf:
