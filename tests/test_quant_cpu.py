@@ -143,9 +143,12 @@ def test_fp16_rounding_matches_numpy() -> None:
     extra = np.float32([2.0**-25, 3 * 2.0**-26, 1 + 2.0**-11, 1 + 3 * 2.0**-11, 65504, 65519, 65520, -0.0])
     values = np.concatenate([values, extra, rng.standard_normal(10_000).astype(np.float32) * 1e-5])
     ours = np.array([qa.fp16_round(v) for v in values], np.float32)
+    in_place = values.copy()
+    qa.fp16_round_inplace(in_place)
     with np.errstate(over="ignore"):  # values past the fp16 range become inf, as they should
         expect = values.astype(np.float16).astype(np.float32)
     np.testing.assert_array_equal(ours, expect)
+    np.testing.assert_array_equal(in_place, expect)
 
 
 def test_matmul_does_not_depend_on_thread_count() -> None:

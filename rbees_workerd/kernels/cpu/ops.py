@@ -13,7 +13,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from rbees_workerd.kernels.cpu.quant_act import fp16_round
+from rbees_workerd.kernels.cpu.quant_act import fp16_round_inplace
 
 _OPTS = {"cache": True, "fastmath": True, "nogil": True}
 
@@ -56,12 +56,16 @@ def kv_store(
 ) -> None:
     """Store k/v[T, G, E] at (slot, position), rounded to fp16 values as llama.cpp's fp16 cache holds them."""
     t_count, g_count, e = k.shape
-    for t in range(t_count):
-        s, p = slots[t], positions[t]
-        for g in range(g_count):
-            for i in range(e):
-                cache_k[s, p, g, i] = fp16_round(k[t, g, i])
-                cache_v[s, p, g, i] = fp16_round(v[t, g, i])
+    row = np.empty(g_count * e, np.float32)
+    for src, cache in ((k, cache_k), (v, cache_v)):
+        for t in range(t_count):
+            for g in range(g_count):
+                for i in range(e):
+                    row[g * e + i] = src[t, g, i]
+            fp16_round_inplace(row)
+            for g in range(g_count):
+                for i in range(e):
+                    cache[slots[t], positions[t], g, i] = row[g * e + i]
 
 
 @njit(parallel=True, **_OPTS)
@@ -85,7 +89,8 @@ def attention(
         n = positions[t] + 1
         q16 = np.empty(e, dtype=np.float32)
         for i in range(e):
-            q16[i] = fp16_round(q[t, h, i])
+            q16[i] = q[t, h, i]
+        fp16_round_inplace(q16)
         scores = np.empty(n, dtype=np.float32)
         best = np.float32(-np.inf)
         for p in range(n):
@@ -101,9 +106,12 @@ def attention(
             scores[p] = w
             total += w
         inv = np.float32(1.0 / total)
+        for p in range(n):
+            scores[p] *= inv
+        fp16_round_inplace(scores)
         acc_v = np.zeros(e, dtype=np.float32)
         for p in range(n):
-            w = fp16_round(scores[p] * inv)
+            w = scores[p]
             for i in range(e):
                 acc_v[i] += w * cache_v[s, p, g, i]
         for i in range(e):

@@ -17,6 +17,7 @@ many times slower than one-thread ones.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numba
@@ -24,16 +25,18 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from rbees_workerd.errors import InvalidParams, ModelLoadError
-from rbees_workerd.kernels.cpu import quant_act as qa
 from rbees_workerd.kernels.cpu import quant_kernels as qk
 from rbees_workerd.kernels.cpu.quant_pack import KIND_BYTE, KIND_NIBBLE, Blocks, pack_blocks, pack_dense
 
 _Q = GGMLQuantizationType
 _DENSE = (_Q.F32, _Q.F16, _Q.BF16)
-_TASKS_PER_THREAD = 4
-# llama.cpp's activation rounding per weight type (see quant_act); K-quants and BF16 keep float32
-_Q8_ACTIVATIONS = frozenset({_Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1, _Q.Q8_0})
-_Q8_1_ACTIVATIONS = frozenset({_Q.Q4_1, _Q.Q5_1})
+# Row ranges per matmul, several per thread, so that threads that finish early take more when the
+# machine is shared. Fixed for the process (numba's most threads): fewer threads just take more each.
+_TASKS = 4 * numba.config.NUMBA_NUM_THREADS
+_thread = threading.local()  # whether this thread's parallel chunk size is set
+# llama.cpp's activation rounding per weight type (see quant_act); K-quants, BF16 and F32 keep float32
+_ACTIVATIONS = {_Q.Q4_0: qk.ACT_Q8_0, _Q.Q5_0: qk.ACT_Q8_0, _Q.Q8_0: qk.ACT_Q8_0,
+                _Q.Q4_1: qk.ACT_Q8_1, _Q.Q5_1: qk.ACT_Q8_1, _Q.F16: qk.ACT_F16}  # fmt: skip
 SUPPORTED = frozenset({*_DENSE, _Q.Q8_0, _Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1, _Q.Q4_K, _Q.Q5_K, _Q.Q6_K})
 
 
@@ -81,42 +84,22 @@ def matmul(x: np.ndarray, w: QMatrix, out: np.ndarray) -> None:
         raise InvalidParams("matmul input and output must not overlap")
     if t == 0:
         return
-    # The caller's numba.set_num_threads (thread-local) decides the threads. Several row ranges
-    # per thread, handed out dynamically, keep all threads busy when the machine is shared.
-    threads = numba.get_num_threads()
-    tasks = 1 if threads == 1 else _TASKS_PER_THREAD * threads
-    previous = numba.set_parallel_chunksize(1)
-    try:
-        _matmul(x, w, tasks, out)
-    finally:
-        numba.set_parallel_chunksize(previous)
-
-
-def _matmul(x: np.ndarray, w: QMatrix, tasks: int, out: np.ndarray) -> None:
-    t, k = x.shape
+    if not getattr(_thread, "chunked", False):
+        numba.set_parallel_chunksize(1)  # the kernels' row ranges are handed out one at a time
+        _thread.chunked = True
+    act = _ACTIVATIONS.get(w.qtype, qk.ACT_FLOAT)
     if w.blocks is not None:
         b = w.blocks
-        sxh = np.empty((t, k // 16), np.float32)
-        if w.qtype in _Q8_ACTIVATIONS:
-            xq = np.empty_like(x)
-            qa.round_q8(x, w.qtype in _Q8_1_ACTIVATIONS, xq, sxh)
-            x = xq
-        else:
-            qk.half_sums(x, sxh)
         if b.kind == KIND_NIBBLE:
-            qk.matmul_nibble(x, b.qs, b.d, b.m, np.float32(b.offset), sxh, tasks, out)
+            qk.matmul_nibble(x, b.qs, b.d, b.m, np.float32(b.offset), act, _TASKS, out)
         elif b.kind == KIND_BYTE:
-            qk.matmul_byte(x, b.qs, b.d, sxh, tasks, out)
+            qk.matmul_byte(x, b.qs, b.d, act, _TASKS, out)
         else:
-            qk.matmul_ext(x, b.qs, b.qh, b.d, b.m, b.ebits, b.half, np.float32(b.offset), sxh, tasks, out)
+            qk.matmul_ext(x, b.qs, b.qh, b.d, b.m, b.ebits, b.half, np.float32(b.offset), act, _TASKS, out)
     elif w.qtype == _Q.F32:
-        qk.matmul_f32(x, w.dense, tasks, out)
+        qk.matmul_f32(x, w.dense, _TASKS, out)
     else:
-        if w.qtype == _Q.F16:
-            xq = np.empty_like(x)
-            qa.round_f16(x, xq)
-            x = xq
-        qk.matmul_f16(x, w.dense, w.qtype == _Q.BF16, tasks, out)
+        qk.matmul_f16(x, w.dense, w.qtype == _Q.BF16, act, _TASKS, out)
 
 
 def embed_rows(w: QMatrix, tokens: np.ndarray, out: np.ndarray) -> None:

@@ -33,6 +33,23 @@ def fp16_round(v: float) -> np.float32:
     return np.float32(r if abs(r) <= _F16_MAX else math.copysign(math.inf, vd))
 
 
+@njit(cache=True, nogil=True)
+def fp16_round_inplace(a: np.ndarray) -> None:
+    """a[:] = fp16_round(a[:]) for a contiguous 1-D float32 array, by bit arithmetic (the hot path
+    of attention): normals keep 10 mantissa bits (ties to even), fp16 subnormals keep multiples
+    of 2^-24, values past the fp16 range become inf."""
+    u = a.view(np.uint32)
+    for i in range(a.shape[0]):
+        v = a[i]
+        if abs(v) < np.float32(2.0**-14):
+            a[i] = np.float32(np.rint(v * np.float32(2.0**24)) * np.float32(2.0**-24))
+        else:
+            b = u[i]
+            u[i] = (b + np.uint32(0xFFF) + ((b >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
+            if abs(a[i]) > np.float32(_F16_MAX):
+                a[i] = np.float32(math.copysign(math.inf, v))
+
+
 @njit(cache=True, nogil=True, fastmath=_NO_REORDERED_ROUNDING)
 def round_q8(x: np.ndarray, with_sum: bool, xq: np.ndarray, sxh: np.ndarray) -> None:
     """xq = x rounded through llama.cpp's Q8_0 (with_sum=False) or Q8_1 blocks (x86 path).

@@ -29,6 +29,8 @@ import numpy as np
 from numba import njit, prange
 from numba.core.compiler import Compiler
 
+from rbees_workerd.kernels.cpu.quant_act import round_f16, round_q8
+
 
 class _NoAliasCompiler(Compiler):
     """The default pipeline with `noalias` on array data pointers (see the module docstring)."""
@@ -42,10 +44,28 @@ _JIT = {"cache": True, "nogil": True, "fastmath": True, "pipeline_class": _NoAli
 _TILE = 4  # tokens per weight pass in prefill
 _LANES = 2  # independent partial sums per row in decode (<= _TILE)
 
+# How a kernel rounds its input first, as llama.cpp rounds activations for the weight type (quant_act)
+ACT_FLOAT = 0  # as it is
+ACT_Q8_0 = 1  # int8 blocks (Q4_0, Q5_0, Q8_0 weights)
+ACT_Q8_1 = 2  # int8 blocks with fp16 block sums (Q4_1, Q5_1 weights)
+ACT_F16 = 3  # fp16 (F16 weights)
+
 
 @njit(inline="always", **_JIT)
 def _task_range(task: int, ntask: int, n: int) -> tuple[int, int]:
     return task * n // ntask, (task + 1) * n // ntask
+
+
+@njit(inline="always", **_JIT)
+def _block_input(x, act):  # noqa: ANN001, ANN202
+    """The rounded input of a 32-block kernel and its 16-element half sums (or Q8_1's block sums)."""
+    sxh = np.empty((x.shape[0], x.shape[1] // 16), np.float32)
+    if act == ACT_FLOAT:
+        half_sums(x, sxh)
+        return x, sxh
+    xq = np.empty_like(x)
+    round_q8(x, act == ACT_Q8_1, xq, sxh)
+    return xq, sxh
 
 
 @njit(**_JIT)
@@ -234,18 +254,21 @@ def _matmul_blocks(x, qs, qh, d, m, kind, ebits, half, offset, sxh, tasks, out):
 
 
 @njit(parallel=True, **_JIT)
-def matmul_nibble(x, qs, d, m, offset, sxh, tasks, out):  # noqa: ANN001, ANN201
-    _matmul_blocks(x, qs, qs, d, m, 0, 0, 1, offset, sxh, tasks, out)
+def matmul_nibble(x, qs, d, m, offset, act, tasks, out):  # noqa: ANN001, ANN201
+    xin, sxh = _block_input(x, act)
+    _matmul_blocks(xin, qs, qs, d, m, 0, 0, 1, offset, sxh, tasks, out)
 
 
 @njit(parallel=True, **_JIT)
-def matmul_byte(x, qs, d, sxh, tasks, out):  # noqa: ANN001, ANN201
-    _matmul_blocks(x, qs, qs, d, d[:, :0], 2, 0, 1, np.float32(0.0), sxh, tasks, out)
+def matmul_byte(x, qs, d, act, tasks, out):  # noqa: ANN001, ANN201
+    xin, sxh = _block_input(x, act)
+    _matmul_blocks(xin, qs, qs, d, d[:, :0], 2, 0, 1, np.float32(0.0), sxh, tasks, out)
 
 
 @njit(parallel=True, **_JIT)
-def matmul_ext(x, qs, qh, d, m, ebits, half, offset, sxh, tasks, out):  # noqa: ANN001, ANN201
-    _matmul_blocks(x, qs, qh, d, m, 1, ebits, half, offset, sxh, tasks, out)
+def matmul_ext(x, qs, qh, d, m, ebits, half, offset, act, tasks, out):  # noqa: ANN001, ANN201
+    xin, sxh = _block_input(x, act)
+    _matmul_blocks(xin, qs, qh, d, m, 1, ebits, half, offset, sxh, tasks, out)
 
 
 @njit(inline="always", **_JIT)
@@ -320,9 +343,13 @@ def _widen_chunk(w, c, bf16, wf, wu):  # noqa: ANN001, ANN202
 
 
 @njit(parallel=True, **_JIT)
-def matmul_f16(x, w, bf16, tasks, out):  # noqa: ANN001, ANN201
+def matmul_f16(x, w, bf16, act, tasks, out):  # noqa: ANN001, ANN201
     """out = x @ w.T for F16/BF16 bits w[N/C, K, C] (uint16): each chunk is widened once per call."""
     NC, K, C = w.shape
+    if act == ACT_F16:
+        xq = np.empty_like(x)
+        round_f16(x, xq)
+        x = xq
     ntask = max(1, min(tasks, NC))
     for task in prange(ntask):
         c0, c1 = _task_range(task, ntask, NC)
