@@ -90,7 +90,9 @@ def matmul(x: np.ndarray, w: QMatrix, out: np.ndarray) -> None:
     act = _ACTIVATIONS.get(w.qtype, qk.ACT_FLOAT)
     if w.blocks is not None:
         b = w.blocks
-        if b.kind == KIND_NIBBLE:
+        if b.kind == KIND_NIBBLE and t == 1 and act != qk.ACT_FLOAT:  # decode: integer dot products
+            qk.matvec_nibble_q8(x, b.qs, b.d, b.m, np.float32(b.offset), _TASKS, out)
+        elif b.kind == KIND_NIBBLE:
             qk.matmul_nibble(x, b.qs, b.d, b.m, np.float32(b.offset), act, _TASKS, out)
         elif b.kind == KIND_BYTE:
             qk.matmul_byte(x, b.qs, b.d, act, _TASKS, out)

@@ -51,38 +51,53 @@ def fp16_round_inplace(a: np.ndarray) -> None:
 
 
 @njit(cache=True, nogil=True, fastmath=_NO_REORDERED_ROUNDING)
-def round_q8(x: np.ndarray, with_sum: bool, xq: np.ndarray, sxh: np.ndarray) -> None:
-    """xq = x rounded through llama.cpp's Q8_0 (with_sum=False) or Q8_1 blocks (x86 path).
+def quantize_q8_row(x: np.ndarray, q: np.ndarray, dh: np.ndarray, sums: np.ndarray) -> None:
+    """x[K] as llama.cpp's Q8_0/Q8_1 blocks (x86 path): per 32-block d = amax/127, kept as fp16 in
+    dh[b]; q = round_half_even(x * 127/amax) as int8; sums[b] = fp16(d * sum(q)), Q8_1's block sum."""
+    for b in range(x.shape[0] // 32):
+        amax = np.float32(0.0)
+        for j in range(32):
+            amax = max(amax, abs(x[b * 32 + j]))
+        d = amax / np.float32(127.0)
+        inv = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
+        total = 0
+        for j in range(32):
+            v = np.rint(x[b * 32 + j] * inv)
+            q[b * 32 + j] = np.int8(v)
+            total += int(v)
+        dh[b] = fp16_round(d)
+        sums[b] = fp16_round(d * np.float32(total))
 
-    Per 32-block: d = amax/127 stored as fp16, q = round_half_even(x * 127/amax).
+
+@njit(cache=True, nogil=True)
+def round_q8(x: np.ndarray, with_sum: bool, xq: np.ndarray, sxh: np.ndarray) -> None:
+    """xq = x rounded through llama.cpp's Q8_0 (with_sum=False) or Q8_1 blocks (`quantize_q8_row`).
+
     sxh[t, 2b], sxh[t, 2b+1] get the block halves' sums of xq, except for Q8_1 where
     sxh[t, 2b] is the block's fp16 sum term d * sum(q) (the one Q4_1/Q5_1 mins use)
     and sxh[t, 2b+1] is 0.
     """
     T, K = x.shape
+    q = np.empty(K, np.int8)
+    dh = np.empty(K // 32, np.float32)
+    sums = np.empty(K // 32, np.float32)
     for t in range(T):
+        quantize_q8_row(x[t], q, dh, sums)
         for b in range(K // 32):
-            amax = np.float32(0.0)
-            for j in range(32):
-                amax = max(amax, abs(x[t, b * 32 + j]))
-            d = amax / np.float32(127.0)
-            inv = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
-            dh = fp16_round(d)
             s0 = 0
             s1 = 0
             for j in range(32):
-                q = np.rint(x[t, b * 32 + j] * inv)
-                xq[t, b * 32 + j] = q * dh
+                xq[t, b * 32 + j] = np.float32(q[b * 32 + j]) * dh[b]
                 if j < 16:
-                    s0 += int(q)
+                    s0 += int(q[b * 32 + j])
                 else:
-                    s1 += int(q)
+                    s1 += int(q[b * 32 + j])
             if with_sum:
-                sxh[t, 2 * b] = fp16_round(d * np.float32(s0 + s1))
+                sxh[t, 2 * b] = sums[b]
                 sxh[t, 2 * b + 1] = 0.0
             else:
-                sxh[t, 2 * b] = dh * np.float32(s0)
-                sxh[t, 2 * b + 1] = dh * np.float32(s1)
+                sxh[t, 2 * b] = dh[b] * np.float32(s0)
+                sxh[t, 2 * b + 1] = dh[b] * np.float32(s1)
 
 
 @njit(cache=True, nogil=True)

@@ -29,7 +29,7 @@ import numpy as np
 from numba import njit, prange
 from numba.core.compiler import Compiler
 
-from rbees_workerd.kernels.cpu.quant_act import round_f16, round_q8
+from rbees_workerd.kernels.cpu.quant_act import quantize_q8_row, round_f16, round_q8
 
 
 class _NoAliasCompiler(Compiler):
@@ -257,6 +257,56 @@ def _matmul_blocks(x, qs, qh, d, m, kind, ebits, half, offset, sxh, tasks, out):
 def matmul_nibble(x, qs, d, m, offset, act, tasks, out):  # noqa: ANN001, ANN201
     xin, sxh = _block_input(x, act)
     _matmul_blocks(xin, qs, qs, d, m, 0, 0, 1, offset, sxh, tasks, out)
+
+
+@njit(parallel=True, **_JIT)
+def matvec_nibble_q8(x, qs, d, m, offset, tasks, out):  # noqa: ANN001, ANN201
+    """out[1, N] = x[1, K] @ dequant(w).T for 4-bit weights and int8-rounded input (ACT_Q8_0/Q8_1), as
+    llama.cpp computes it: exact integer sums of q4 * q8 per block, then the block scales.
+
+    16 products of a 4-bit and an int8 value stay within int16 (|sum| <= 16 * 15 * 127), so each
+    half block accumulates in int16 lanes: twice the lanes of float32 per vector instruction.
+    """
+    NC, nb, _, C = qs.shape
+    N = out.shape[1]
+    has_m = m.shape[1] > 0
+    q8 = np.empty(x.shape[1], np.int8)
+    dh = np.empty(nb, np.float32)
+    sums = np.empty(nb, np.float32)
+    quantize_q8_row(x[0], q8, dh, sums)
+    if not has_m:  # Q4_0: the offset multiplies the block's sum of rounded inputs
+        for b in range(nb):
+            total = 0
+            for j in range(32):
+                total += int(q8[b * 32 + j])
+            sums[b] = offset * dh[b] * np.float32(total)
+    ntask = max(1, min(tasks, NC))
+    for task in prange(ntask):
+        c0, c1 = _task_range(task, ntask, NC)
+        acc = np.empty(C, np.float32)
+        plo = np.empty(C, np.int16)
+        phi = np.empty(C, np.int16)
+        for c in range(c0, c1):
+            acc[:] = 0.0
+            for b in range(nb):
+                plo[:] = 0
+                phi[:] = 0
+                for j in range(16):
+                    xl = np.int16(q8[b * 32 + j])
+                    xh = np.int16(q8[b * 32 + 16 + j])
+                    for r in range(C):
+                        v = qs[c, b, j, r]
+                        plo[r] += np.int16(v & 15) * xl
+                        phi[r] += np.int16(v >> 4) * xh
+                db, sb = dh[b], sums[b]
+                if has_m:
+                    for r in range(C):
+                        acc[r] += d[c, b, r] * db * np.float32(np.int32(plo[r]) + np.int32(phi[r])) + m[c, b, r] * sb
+                else:
+                    for r in range(C):
+                        acc[r] += d[c, b, r] * (db * np.float32(np.int32(plo[r]) + np.int32(phi[r])) + sb)
+            for r in range(min(C, N - c * C)):
+                out[0, c * C + r] = acc[r]
 
 
 @njit(parallel=True, **_JIT)
