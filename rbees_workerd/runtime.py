@@ -39,6 +39,7 @@ class Job:
     seq_id: int | None = None
     prompt_tokens: int = 0
     cancel_requested: bool = False
+    ended: bool = False  # its end (or error) frame was produced
 
 
 class WorkerRuntime:

@@ -45,7 +45,7 @@ from rbees_workerd.schemas import (
     ValidationErrors,
 )
 from rbees_workerd.settings import Settings, SettingsError, parse_settings
-from rbees_workerd.stream import job_frames
+from rbees_workerd.stream import JobStream
 
 log = logging.getLogger("rbees_workerd.server")
 
@@ -200,12 +200,7 @@ def create_app(runtime: WorkerRuntime) -> FastAPI:
     )
     async def execute(body: ExecuteRequest) -> StreamingResponse:
         """Generate; the response streams each token as it is sampled."""
-        job = await runtime.start_job(body)
-        return StreamingResponse(
-            job_frames(runtime, job, settings.model_ref),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return JobStream(runtime, await runtime.start_job(body), settings.model_ref)
 
     @app.post("/cancel", status_code=202, dependencies=secured, responses=_errors_doc(400, *auth_doc, 404))
     async def cancel(body: CancelRequest) -> CancelAccepted:

@@ -163,11 +163,14 @@ def parse_settings(argv: list[str], env: dict[str, str] | None = None) -> Settin
     args = vars(_parser().parse_args(argv))
     config = _read_config(args["config"]) if args["config"] else {}
 
+    def level(key: str) -> int:
+        """Where a setting comes from: 0 command line, 1 environment, 2 config file, 3 nowhere."""
+        values = (args.get(key), _env_value(key, env), config.get(key))
+        return next((i for i, value in enumerate(values) if value is not None), 3)
+
     def get(key: str, default: Any = None) -> Any:
-        for value in (args.get(key), _env_value(key, env), config.get(key)):
-            if value is not None:
-                return value
-        return default
+        at = level(key)
+        return (args.get(key), _env_value(key, env), config.get(key), default)[at]
 
     worker_id = get("worker_id")
     if not worker_id:
@@ -182,8 +185,9 @@ def parse_settings(argv: list[str], env: dict[str, str] | None = None) -> Settin
         raise SettingsError(f"model file {model} does not exist or is not readable")
 
     port = get("port")
-    host, bind_port = _split_bind(get("bind", f"127.0.0.1:{port}" if port is not None else "127.0.0.1"))
-    port = bind_port if bind_port is not None else port
+    host, bind_port = _split_bind(get("bind", "127.0.0.1"))
+    if bind_port is not None and (port is None or level("bind") <= level("port")):
+        port = bind_port  # --port beats a port in WORKER_BIND_ADDR; --bind ADDR:PORT beats --port
     if port is None:
         raise SettingsError("--port is required")
     backend = get("backend", "cpu")

@@ -7,6 +7,9 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
 from rbees_workerd.engine.types import FinishEvent, TokenEvent
 from rbees_workerd.runtime import Job, WorkerRuntime
 
@@ -51,41 +54,60 @@ def _end_frames(job: Job, end: FinishEvent, first_token_at: float | None) -> lis
     return frames
 
 
-async def job_frames(runtime: WorkerRuntime, job: Job, model: str) -> AsyncIterator[str]:
-    """Yield the job's frames; if the client goes away first, cancel the job so its slot frees at once.
-    (The job leaves the runtime's table when the engine reports its end, not here.)"""
-    ended = False
+class JobStream(StreamingResponse):
+    """The SSE response of one job. However the response ends before the job does (a client gone
+    mid-stream, or before the first frame was even produced), the job is cancelled so its slot
+    frees at once."""
+
+    def __init__(self, runtime: WorkerRuntime, job: Job, model: str) -> None:
+        super().__init__(
+            job_frames(job, model),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._runtime, self._job = runtime, job
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self._job.ended:
+                log.info(
+                    f"job {self._job.job_id}: client disconnected, cancelling",
+                    extra={"fields": {"job_id": self._job.job_id}},
+                )
+                self._runtime.abandon_job(self._job)
+
+
+async def job_frames(job: Job, model: str) -> AsyncIterator[str]:
+    """Yield the job's frames as its events arrive (`JobStream` cancels the job if they stop being read).
+    The job leaves the runtime's table when the engine reports its end, not here."""
     first_token_at: float | None = None
     log.info(
         f"job {job.job_id} started with {job.prompt_tokens} prompt tokens",
         extra={"fields": {"job_id": job.job_id, "tokens_in": job.prompt_tokens}},
     )
-    try:
-        yield frame(
-            {
-                "type": "started",
-                "job_id": job.job_id,
-                "model": model,
-                "started_at": job.started_at,
-                "prompt_tokens": job.prompt_tokens,
-            }
-        )
-        while True:
-            event = await job.events.get()
-            if isinstance(event, TokenEvent):
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
-                yield frame({"type": "token", "t": event.text, "i": event.index})
-                continue
-            ended = True
-            _log_end(job, event)
-            for text in _end_frames(job, event, first_token_at):
-                yield text
-            return
-    finally:
-        if not ended:
-            log.info(f"job {job.job_id}: client disconnected, cancelling", extra={"fields": {"job_id": job.job_id}})
-            runtime.abandon_job(job)
+    yield frame(
+        {
+            "type": "started",
+            "job_id": job.job_id,
+            "model": model,
+            "started_at": job.started_at,
+            "prompt_tokens": job.prompt_tokens,
+        }
+    )
+    while True:
+        event = await job.events.get()
+        if isinstance(event, TokenEvent):
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            yield frame({"type": "token", "t": event.text, "i": event.index})
+            continue
+        job.ended = True
+        _log_end(job, event)
+        for text in _end_frames(job, event, first_token_at):
+            yield text
+        return
 
 
 def _log_end(job: Job, end: FinishEvent) -> None:

@@ -122,7 +122,7 @@ def relative_error(out: np.ndarray, expect: np.ndarray) -> float:
     return float(np.abs(out - expect).max() / np.abs(expect).max())
 
 
-@pytest.mark.parametrize("tokens", [1, 7, 64])
+@pytest.mark.parametrize("tokens", [1, 3, 7, 64])
 def test_matmul_matches_float64_reference(case, tokens: int) -> None:  # noqa: ANN001
     qtype, raw, ref, w = case
     x = np.random.default_rng(tokens).standard_normal((tokens, w.shape[1])).astype(np.float32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import re
 import threading
 import time
@@ -227,6 +228,25 @@ def test_client_disconnect_frees_the_slot(worker: Daemon, client: httpx.Client) 
     _wait_slots_free(client, SLOTS)
     assert _metric(worker.url, "rbees_worker_jobs_cancelled_total") == cancelled + 1
     assert client.post("/cancel", json={"job_id": "job-gone"}).status_code == 404
+
+
+def test_client_gone_before_the_first_frame_frees_the_slot(worker: Daemon, client: httpx.Client) -> None:
+    """A client that sends its request and hangs up at once, before reading anything."""
+    cancelled = _metric(worker.url, "rbees_worker_jobs_cancelled_total")
+    body = json.dumps(execute_body("job-hung-up", max_tokens=200)).encode()
+    host, port = worker.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(
+            b"POST /execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        s.shutdown(socket.SHUT_RDWR)
+    for _ in range(600):  # bounded: the cancelled job ends within a step, a finished one never counts
+        if _metric(worker.url, "rbees_worker_jobs_cancelled_total") == cancelled + 1:
+            break
+        time.sleep(0.05)
+    assert _metric(worker.url, "rbees_worker_jobs_cancelled_total") == cancelled + 1
+    _wait_slots_free(client, SLOTS)
 
 
 def test_a_request_joins_a_running_generation(worker: Daemon) -> None:

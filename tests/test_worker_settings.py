@@ -46,9 +46,18 @@ def test_command_line_beats_environment_beats_config_file(tmp_path: Path) -> Non
     env = {"WORKER_GPU_DEVICE": "2", "WORKER_BIND_ADDR": "0.0.0.0:9000", "WORKER_API_TOKEN_FILE": str(token)}
     s = parse_settings([*BASE, "--config", str(config), "--slots", "8", "--model-ref", "smollm2-135m"], env=env)
     assert s.slots == 8 and s.model_ref == "smollm2-135m"  # command line
-    assert s.gpu == 2 and (s.host, s.port) == ("0.0.0.0", 9000) and s.api_token == "tok-123"  # environment
+    assert s.gpu == 2 and s.host == "0.0.0.0" and s.api_token == "tok-123"  # environment
+    assert s.port == 8100  # --port beats the port in WORKER_BIND_ADDR
     assert s.log_level == "DEBUG" and s.drain_timeout_s == 2.0  # config file
-    assert s.url.startswith("http://") and s.url.endswith(":9000") and "0.0.0.0" not in s.url
+    assert s.url.startswith("http://") and s.url.endswith(":8100") and "0.0.0.0" not in s.url
+
+
+def test_port_of_the_bind_address_applies_without_a_more_specific_port() -> None:
+    no_port = ["--worker-id", "w1", "--model", str(MODEL)]
+    s = parse_settings(no_port, env={"WORKER_BIND_ADDR": "0.0.0.0:9000"})
+    assert (s.host, s.port) == ("0.0.0.0", 9000)
+    s = parse_settings([*no_port, "--bind", "127.0.0.1:9001"], env={"WORKER_BIND_ADDR": "0.0.0.0:9000"})
+    assert (s.host, s.port) == ("127.0.0.1", 9001)
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,7 @@ _DENSE = (_Q.F32, _Q.F16, _Q.BF16)
 # Row ranges per matmul, several per thread, so that threads that finish early take more when the
 # machine is shared. Fixed for the process (numba's most threads): fewer threads just take more each.
 _TASKS = 4 * numba.config.NUMBA_NUM_THREADS
+_INTEGER_MAX_TOKENS = 3  # decode steps of up to 3 tokens take the integer kernel (measured faster there)
 _thread = threading.local()  # whether this thread's parallel chunk size is set
 # llama.cpp's activation rounding per weight type (see quant_act); K-quants, BF16 and F32 keep float32
 _ACTIVATIONS = {_Q.Q4_0: qk.ACT_Q8_0, _Q.Q5_0: qk.ACT_Q8_0, _Q.Q8_0: qk.ACT_Q8_0,
@@ -90,8 +91,8 @@ def matmul(x: np.ndarray, w: QMatrix, out: np.ndarray) -> None:
     act = _ACTIVATIONS.get(w.qtype, qk.ACT_FLOAT)
     if w.blocks is not None:
         b = w.blocks
-        if b.kind == KIND_NIBBLE and t == 1 and act != qk.ACT_FLOAT:  # decode: integer dot products
-            qk.matvec_nibble_q8(x, b.qs, b.d, b.m, np.float32(b.offset), _TASKS, out)
+        if b.kind == KIND_NIBBLE and t <= _INTEGER_MAX_TOKENS and act != qk.ACT_FLOAT:
+            qk.matmul_nibble_q8(x, b.qs, b.d, b.m, np.float32(b.offset), _TASKS, out)
         elif b.kind == KIND_NIBBLE:
             qk.matmul_nibble(x, b.qs, b.d, b.m, np.float32(b.offset), act, _TASKS, out)
         elif b.kind == KIND_BYTE:

@@ -260,53 +260,74 @@ def matmul_nibble(x, qs, d, m, offset, act, tasks, out):  # noqa: ANN001, ANN201
 
 
 @njit(parallel=True, **_JIT)
-def matvec_nibble_q8(x, qs, d, m, offset, tasks, out):  # noqa: ANN001, ANN201
-    """out[1, N] = x[1, K] @ dequant(w).T for 4-bit weights and int8-rounded input (ACT_Q8_0/Q8_1), as
-    llama.cpp computes it: exact integer sums of q4 * q8 per block, then the block scales.
+def matmul_nibble_q8(x, qs, d, m, offset, tasks, out):  # noqa: ANN001, ANN201
+    """out[T, N] = x[T, K] @ dequant(w).T for 4-bit weights and int8-rounded input (ACT_Q8_0/Q8_1), as
+    llama.cpp computes it: exact integer sums of q4 * q8 per block, then the block scales. For the
+    few tokens of a decode step (the tiled float kernel serves prefill).
 
     16 products of a 4-bit and an int8 value stay within int16 (|sum| <= 16 * 15 * 127), so each
     half block accumulates in int16 lanes: twice the lanes of float32 per vector instruction.
     """
+    T, K = x.shape
     NC, nb, _, C = qs.shape
     N = out.shape[1]
     has_m = m.shape[1] > 0
-    q8 = np.empty(x.shape[1], np.int8)
-    dh = np.empty(nb, np.float32)
-    sums = np.empty(nb, np.float32)
-    quantize_q8_row(x[0], q8, dh, sums)
-    if not has_m:  # Q4_0: the offset multiplies the block's sum of rounded inputs
-        for b in range(nb):
-            total = 0
-            for j in range(32):
-                total += int(q8[b * 32 + j])
-            sums[b] = offset * dh[b] * np.float32(total)
+    q8 = np.empty((T, K), np.int8)
+    dh = np.empty((T, nb), np.float32)
+    sums = np.empty((T, nb), np.float32)
+    for t in range(T):
+        quantize_q8_row(x[t], q8[t], dh[t], sums[t])
+        if not has_m:  # Q4_0: the offset multiplies the block's sum of rounded inputs
+            for b in range(nb):
+                total = 0
+                for j in range(32):
+                    total += int(q8[t, b * 32 + j])
+                sums[t, b] = offset * dh[t, b] * np.float32(total)
     ntask = max(1, min(tasks, NC))
     for task in prange(ntask):
         c0, c1 = _task_range(task, ntask, NC)
-        acc = np.empty(C, np.float32)
-        plo = np.empty(C, np.int16)
-        phi = np.empty(C, np.int16)
+        acc = np.empty((T, C), np.float32)
+        plo = np.empty((T, C), np.int16)
+        phi = np.empty((T, C), np.int16)
+        lo = np.empty(C, np.int16)
+        hi = np.empty(C, np.int16)
         for c in range(c0, c1):
             acc[:] = 0.0
             for b in range(nb):
                 plo[:] = 0
                 phi[:] = 0
                 for j in range(16):
-                    xl = np.int16(q8[b * 32 + j])
-                    xh = np.int16(q8[b * 32 + 16 + j])
-                    for r in range(C):
+                    if T == 1:
+                        xl = np.int16(q8[0, b * 32 + j])
+                        xh = np.int16(q8[0, b * 32 + 16 + j])
+                        for r in range(C):
+                            v = qs[c, b, j, r]
+                            plo[0, r] += np.int16(v & 15) * xl
+                            phi[0, r] += np.int16(v >> 4) * xh
+                        continue
+                    for r in range(C):  # unpacked once, used by every token
                         v = qs[c, b, j, r]
-                        plo[r] += np.int16(v & 15) * xl
-                        phi[r] += np.int16(v >> 4) * xh
-                db, sb = dh[b], sums[b]
-                if has_m:
-                    for r in range(C):
-                        acc[r] += d[c, b, r] * db * np.float32(np.int32(plo[r]) + np.int32(phi[r])) + m[c, b, r] * sb
-                else:
-                    for r in range(C):
-                        acc[r] += d[c, b, r] * (db * np.float32(np.int32(plo[r]) + np.int32(phi[r])) + sb)
-            for r in range(min(C, N - c * C)):
-                out[0, c * C + r] = acc[r]
+                        lo[r] = np.int16(v & 15)
+                        hi[r] = np.int16(v >> 4)
+                    for t in range(T):
+                        xl = np.int16(q8[t, b * 32 + j])
+                        xh = np.int16(q8[t, b * 32 + 16 + j])
+                        for r in range(C):
+                            plo[t, r] += lo[r] * xl
+                            phi[t, r] += hi[r] * xh
+                for t in range(T):
+                    db, sb = dh[t, b], sums[t, b]
+                    if has_m:
+                        for r in range(C):
+                            dot = np.float32(np.int32(plo[t, r]) + np.int32(phi[t, r]))
+                            acc[t, r] += d[c, b, r] * db * dot + m[c, b, r] * sb
+                    else:
+                        for r in range(C):
+                            dot = np.float32(np.int32(plo[t, r]) + np.int32(phi[t, r]))
+                            acc[t, r] += d[c, b, r] * (db * dot + sb)
+            for t in range(T):
+                for r in range(min(C, N - c * C)):
+                    out[t, c * C + r] = acc[t, r]
 
 
 @njit(parallel=True, **_JIT)
