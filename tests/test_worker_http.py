@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import socket
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
