@@ -41,7 +41,8 @@ demo: install model
 	$(VENV)/bin/rbees-workerd generate --model $(MODEL) --prompt "$(PROMPT)" --max-tokens 32 --temperature 0
 
 bench: dev model
-	$(PY) bench/engine_cpu.py --model $(MODEL)
+	$(PY) bench/engine_cpu.py --model $(MODEL) --start-times
+	$(PY) bench/worker_http.py --model $(MODEL)
 
 lint: dev
 	$(PY) -m ruff check .
