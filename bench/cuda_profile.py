@@ -16,8 +16,6 @@ import numpy as np
 
 from rbees_workerd.engine.engine import Engine
 from rbees_workerd.kernels.backend import SamplingRow
-from rbees_workerd.kernels.cuda import matmul as mm
-from rbees_workerd.kernels.cuda import ops, sample
 
 
 def main() -> None:
@@ -47,12 +45,6 @@ def main() -> None:
             phases["sample"].append(t3 - t2)
     for name, times in phases.items():
         print(f"{name:>32}: median {statistics.median(times) * 1e6:8.1f} us")
-    for module in (mm, ops, sample):  # the compiler's resource report of each kernel compiled here
-        for name in dir(module):
-            kernel = getattr(module, name)
-            for compiled in getattr(kernel, "overloads", {}).values():
-                regs, local = compiled.regs_per_thread, compiled.local_mem_per_thread
-                print(f"{name:>32}: {regs} registers, {local} bytes of local memory per thread")
 
 
 if __name__ == "__main__":
