@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import socket
 from dataclasses import asdict, dataclass
+from types import ModuleType
 
 import psutil
 
@@ -23,7 +25,9 @@ class Gpu:
 
 
 def gpus() -> list[Gpu]:
-    """GPUs seen by NVML; none when the library or the driver is missing (nvmlInit fails)."""
+    """GPUs seen by NVML; none when the library or the driver is missing (nvmlInit fails) or NVML cannot count
+    them. A device NVML fails to describe (e.g. NVML_ERROR_GPU_IS_LOST) is left out; the others keep their index.
+    """
     import pynvml
 
     try:
@@ -31,16 +35,26 @@ def gpus() -> list[Gpu]:
     except pynvml.NVMLError:
         return []
     try:
-        found = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            name = pynvml.nvmlDeviceGetName(handle)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            name = name.decode() if isinstance(name, bytes) else name
-            found.append(Gpu(index, name, memory.total, memory.free))
-        return found
+        try:
+            count = pynvml.nvmlDeviceGetCount()
+        except pynvml.NVMLError:
+            return []
+        return [gpu for index in range(count) if (gpu := _describe(pynvml, index)) is not None]
     finally:
-        pynvml.nvmlShutdown()
+        with contextlib.suppress(pynvml.NVMLError):
+            pynvml.nvmlShutdown()
+
+
+def _describe(pynvml: ModuleType, index: int) -> Gpu | None:
+    """One device's name and memory, or None when NVML fails on it."""
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        name = pynvml.nvmlDeviceGetName(handle)
+        memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+    except pynvml.NVMLError:
+        return None
+    name = name.decode() if isinstance(name, bytes) else name
+    return Gpu(index, name, memory.total, memory.free)
 
 
 def host_info() -> dict[str, object]:
@@ -78,8 +92,8 @@ def require_backend(backend: str, gpu: int | None) -> None:
     found = gpus()
     if not found:
         raise BackendUnavailable("backend cuda needs an NVIDIA GPU, and NVML finds none on this host")
-    if gpu is not None and not 0 <= gpu < len(found):
-        raise BackendUnavailable(f"no GPU {gpu}: this host has {len(found)} (0..{len(found) - 1})")
+    if gpu is not None and gpu not in (indices := [g.index for g in found]):
+        raise BackendUnavailable(f"no usable GPU {gpu}: NVML describes {', '.join(map(str, indices))}")
 
 
 def _cpu_model() -> str:

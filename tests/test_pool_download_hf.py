@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import unquote
 
 import pytest
 import test_pool_support as support
+from rich.progress import Progress
 from test_pool_support import parse_range, run_json, run_pool, serve
 
+from rbees_pool.download.progress import TransferBar, hub_tqdm_class
 from rbees_pool.exitcodes import ExitCode
 
 pool_root = support.pool_root
@@ -107,14 +111,32 @@ def test_revision_is_pinned(pool_root: Path, hub: dict[str, str]) -> None:
     assert all(f"/resolve/{COMMIT}/" in path for _, path, _, _ in HubHandler.requests)
 
 
-def test_cut_transfer_resumes_with_range(pool_root: Path, hub: dict[str, str]) -> None:
+def test_cut_transfer_resumes_on_the_next_run(pool_root: Path, hub: dict[str, str]) -> None:
     HubHandler.cut_first_get = True
     _register(pool_root, f"hf://{REPO}/{FILENAME}")
+    first = run_pool(pool_root, "models", "download", "tiny", env=hub)
+    assert first.returncode == ExitCode.DOWNLOAD_FAILED and "resume" in first.stderr, first.stderr
+    assert "Traceback" not in first.stderr
+    folder = pool_root / "models" / "tiny"
+    assert (folder / f"{FILENAME}.part").stat().st_size == CUT_AT and not (folder / FILENAME).exists()
+    assert run_json(pool_root, "models", "list") == []  # a half file is never listed as downloaded
     doc = run_json(pool_root, "models", "download", "tiny", env=hub)
     assert Path(doc["path"]).read_bytes() == CONTENT
-    ranges = [rng for method, _, rng, _ in HubHandler.requests if method == "GET"]
-    assert len(ranges) == 2 and ranges[0] is None, ranges
-    assert 0 < parse_range(ranges[1], len(CONTENT)) <= CUT_AT  # the second GET continued, it did not restart
+    assert sorted(p.name for p in folder.iterdir()) == [".download.lock", FILENAME]  # no .part nor tag left
+    gets = [(path, rng, auth) for method, path, rng, auth in HubHandler.requests if method == "GET"]
+    assert [rng for _, rng, _ in gets] == [None, f"bytes={CUT_AT}-"], gets  # the second run continued
+    assert all(f"/resolve/{COMMIT}/" in path and auth == f"Bearer {TOKEN}" for path, _, auth in gets)
+
+
+def test_part_from_another_revision_is_not_continued(pool_root: Path, hub: dict[str, str]) -> None:
+    """A .part whose tag names another commit is dropped: bytes of two versions are never spliced."""
+    _register(pool_root, f"hf://{REPO}/{FILENAME}")
+    folder = pool_root / "models" / "tiny"
+    folder.mkdir(parents=True)
+    (folder / f"{FILENAME}.part").write_bytes(b"x" * 1000)
+    (folder / f"{FILENAME}.part.source").write_text(f"{'9' * 40} {SHA} {len(CONTENT)}")
+    assert Path(run_json(pool_root, "models", "download", "tiny", env=hub)["path"]).read_bytes() == CONTENT
+    assert [rng for method, _, rng, _ in HubHandler.requests if method == "GET"] == [None]
 
 
 def test_wrong_checksum_is_refused(pool_root: Path, hub: dict[str, str]) -> None:
@@ -130,3 +152,48 @@ def test_missing_file_on_the_hub_fails_cleanly(pool_root: Path, hub: dict[str, s
     done = run_pool(pool_root, "models", "download", "tiny", env=hub)
     assert done.returncode == ExitCode.DOWNLOAD_FAILED and "other.gguf" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def _display() -> Progress:
+    return Progress(disable=True)  # a real rich display, just not drawn
+
+
+def test_hub_plain_http_download_drives_our_bar(hub: dict[str, str], tmp_path: Path) -> None:
+    """huggingface_hub's own `http_get` with our bar as its tqdm_class, against the loopback hub."""
+    from huggingface_hub.file_download import http_get
+
+    display = _display()
+    target = tmp_path / "out.bin"
+    with target.open("wb") as writer:
+        http_get(f"{hub['HF_ENDPOINT']}/{REPO}/resolve/main/{FILENAME}", writer,
+                 tqdm_class=hub_tqdm_class(display, FILENAME))  # type: ignore[arg-type]  # fmt: skip
+    assert target.read_bytes() == CONTENT
+    assert display.tasks == []  # the hub closed the bar it opened
+
+
+def test_hub_xet_reporter_drives_our_bar() -> None:
+    """huggingface_hub's XetDownloadProgressReporter (used when hf_xet is installed) with our bar: it sets
+    totals, postfixes and refreshes on both of its bars; every call must land and the counts add up."""
+    from huggingface_hub.utils._xet_progress_reporting import XetDownloadProgressReporter
+
+    display = _display()
+    size = 1000
+    with XetDownloadProgressReporter(
+        reconstruction_desc="x: reconstructing file", transfer_desc="x: downloading bytes", total=size,
+        log_level=logging.INFO, name="huggingface_hub.xet_get", tqdm_class=hub_tqdm_class(display, FILENAME),
+    ) as reporter:  # fmt: skip
+        bars = [reporter.reconstruction_bar, reporter.transfer_bar]
+        assert all(isinstance(bar, TransferBar) for bar in bars) and len(display.tasks) == 2
+        for done, sent in ((0, 400), (300, 900), (size, 1200)):  # transfer runs ahead of reconstruction
+            report = SimpleNamespace(
+                total_bytes=size, total_bytes_completed=done, total_bytes_completion_rate=123.0,
+                total_transfer_bytes_completed=sent, total_transfer_bytes_completion_rate=None,
+            )  # fmt: skip
+            reporter.update_progress(report, {})
+        reconstruction, transfer = bars
+        assert reconstruction.n == size and reconstruction.total == size and "B/s" in reconstruction.postfix
+        assert transfer.n == 1200 and transfer.total is not None and transfer.total >= 1200
+        assert "???" in transfer.postfix  # no rate known yet: the hub's placeholder, not a crash
+        assert reconstruction.format_dict["n"] == size
+    assert transfer.total == 1200  # snapped to 100 % on close
+    assert display.tasks == []

@@ -50,12 +50,19 @@ def kill_processes_mentioning(text: str) -> list[int]:
     return killed
 
 
+def assert_nothing_left_running(text: str) -> None:
+    """Teardown check: kill whatever still mentions `text`, then fail if there was anything to kill (a test
+    that spawns a worker must stop it through the CLI)."""
+    killed = kill_processes_mentioning(text)
+    assert killed == [], f"processes left running under {text} had to be SIGKILLed: {killed}"
+
+
 @pytest.fixture
 def pool_root(tmp_path: Path) -> Iterator[Path]:
-    """A fresh pool root; any worker still running under it at the end is killed."""
+    """A fresh pool root; a process still running under it at the end is killed and fails the test."""
     root = tmp_path / "pool"
     yield root
-    kill_processes_mentioning(str(root))
+    assert_nothing_left_running(str(root))
 
 
 @contextmanager

@@ -1,6 +1,7 @@
 """`rbees-pool worker ...` against the real rbees-workerd serving the real SmolLM2 model on the CPU.
 
-Workers are real detached processes; a fixture kills anything still running under the pool root."""
+Workers are real detached processes; the fixture kills anything still running under the pool root at the end
+and fails if there was anything to kill."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from test_pool_support import POOL, kill_processes_mentioning, run_json, run_pool
+from test_pool_support import POOL, assert_nothing_left_running, run_json, run_pool
 
 from rbees_pool.exitcodes import ExitCode
 from rbees_pool.host import gpus
@@ -36,7 +37,7 @@ def root(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator
         )
         assert run_pool(root, "models", "download", model_id, "--quiet").returncode == 0
     yield root
-    kill_processes_mentioning(str(root))
+    assert_nothing_left_running(str(root))  # every worker a test spawned was stopped through the CLI
 
 
 def _record(root: Path, worker_id: str) -> dict:
@@ -51,6 +52,17 @@ def _wait_dead(pid: int) -> None:
             if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
                 return
         time.sleep(0.05)
+
+
+def _wait_ready(url: str) -> None:
+    """Wait (bounded) until a worker's /health says Ready."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=5).json()["state"] == "Ready":
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"{url} was not Ready after 300 s")
 
 
 def test_spawn_list_logs_stop(root: Path) -> None:
@@ -93,8 +105,16 @@ def test_spawn_list_logs_stop(root: Path) -> None:
     out, _ = follower.communicate(timeout=60)  # `logs -f` ends once the worker is gone
     assert follower.returncode == 0 and out.strip()
 
+    # --timeout 0: a Ready worker drains on SIGTERM, so it is still there at once and gets SIGKILL.
+    _wait_ready(second["url"])
+    killed = run_pool(root, "worker", "stop", second["worker_id"], "--timeout", "0")
+    assert killed.returncode == 0 and f"{second['worker_id']}: killed" in killed.stdout, killed.stdout
+    _wait_dead(second["pid"])
+    assert not psutil.pid_exists(second["pid"]) or psutil.Process(second["pid"]).status() == psutil.STATUS_ZOMBIE
+
+    fourth = run_json(root, "worker", "spawn", "cpu", "--model", "smol", "--no-wait")
     stop_all = run_pool(root, "worker", "stop-all")
-    assert stop_all.returncode == 0 and second["worker_id"] in stop_all.stdout
+    assert stop_all.returncode == 0 and fourth["worker_id"] in stop_all.stdout
     assert run_json(root, "worker", "list") == {"workers": [], "removed_stale": []}
     assert run_pool(root, "worker", "stop", worker_id).returncode == ExitCode.NOT_FOUND
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import shutil
@@ -49,8 +50,15 @@ def download(entry: ModelEntry, paths: PoolPaths, display: Progress) -> Path:
                 finally:
                     shutil.rmtree(staging.scratch, ignore_errors=True)
                 os.replace(staging.part, final)
+                _remove_leftovers(final)
                 return final
     raise _combined(entry, failures)
+
+
+def _remove_leftovers(final: Path) -> None:
+    """Drop what an earlier, failed source left next to the model (e.g. hf's `<file>.part.source` tag)."""
+    for leftover in final.parent.glob(f"{glob.escape(final.name)}.part*"):
+        leftover.unlink(missing_ok=True)
 
 
 def sha256_of(path: Path) -> str:

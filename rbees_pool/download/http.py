@@ -18,15 +18,22 @@ _CONTENT_RANGE = re.compile(r"^bytes (\d+)-\d+/(\d+|\*)$")
 
 def fetch_http(source: HttpSource, staging: Staging) -> Path:
     """Download into the .part file, continuing from its current size when the server honours Range."""
+    return stream_to_part(source.url, staging)
+
+
+def stream_to_part(url: str, staging: Staging, headers: dict[str, str] | None = None) -> Path:
+    """GET `url` (redirects followed; httpx drops Authorization on a cross-origin hop) into the .part file,
+    sending `Range: bytes=<size>-` when a .part from an earlier run is there. Every byte received is kept,
+    so a cut transfer raises DownloadFailed and the next run continues it."""
     part = staging.part
     offset = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    request_headers = {**(headers or {}), **({"Range": f"bytes={offset}-"} if offset else {})}
     try:
-        with httpx.stream("GET", source.url, headers=headers, follow_redirects=True, timeout=_TIMEOUT) as resp:
+        with httpx.stream("GET", url, headers=request_headers, follow_redirects=True, timeout=_TIMEOUT) as resp:
             if resp.status_code == 416 and offset:
                 return part  # the .part already holds every byte; the checksum decides
             if resp.status_code not in (200, 206):
-                raise DownloadFailed(f"{source.url}: HTTP {resp.status_code}")
+                raise DownloadFailed(f"{url}: HTTP {resp.status_code}")
             offset = _resume_offset(resp, offset)
             length = resp.headers.get("Content-Length")
             total = offset + int(length) if length and length.isdigit() else None
@@ -39,9 +46,7 @@ def fetch_http(source: HttpSource, staging: Staging) -> Path:
                     bar.update(len(chunk))
     except httpx.HTTPError as exc:
         kept = part.stat().st_size if part.exists() else 0
-        raise DownloadFailed(
-            f"{source.url}: {exc or type(exc).__name__} ({kept} bytes kept; run again to resume)"
-        ) from exc
+        raise DownloadFailed(f"{url}: {exc or type(exc).__name__} ({kept} bytes kept; run again to resume)") from exc
     return part
 
 
