@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -153,3 +154,16 @@ def test_unwritable_root_is_an_error_not_a_traceback(tmp_path: Path) -> None:
     blocker.write_text("not a folder")
     done = run_pool(blocker / "pool", "models", "register", "x", "--name", "X", "--source", "file:///x.gguf")
     assert done.returncode == ExitCode.FAILURE and "OS_ERROR" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_rbees_home_and_the_default_root(tmp_path: Path) -> None:
+    """Without --root the pool lives in $RBEES_HOME, and without that in ~/.rbees."""
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    register = [str(POOL), "models", "register", "m", "--name", "M", "--source", f"file://{gguf}"]
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k != "RBEES_HOME"}
+    for extra, root in (({"RBEES_HOME": str(tmp_path / "elsewhere")}, tmp_path / "elsewhere"), ({}, home / ".rbees")):
+        done = subprocess.run(register, capture_output=True, text=True, env={**env, "HOME": str(home), **extra})
+        assert done.returncode == 0, done.stderr
+        assert "m" in {entry["id"] for entry in json.loads((root / "catalog.json").read_text())["models"]}

@@ -151,3 +151,35 @@ def test_backends_and_status_describe_the_host(root: Path) -> None:
     assert status["host"]["ram"]["total_bytes"] == psutil.virtual_memory().total
     assert {"id": "smol", "downloaded": True} in status["models"]
     assert "cpu" in run_pool(root, "status").stdout
+
+
+def test_spawn_with_callback_url_reports_ready_to_it(root: Path) -> None:
+    """--callback-url reaches the worker: it POSTs its ready payload to a real loopback server."""
+    from http.server import BaseHTTPRequestHandler
+
+    from test_pool_support import serve
+
+    received: list[dict] = []
+
+    class Ready(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+    with serve(Ready) as url:
+        callback = f"{url}/v2/workers/ready"
+        spawned = run_json(root, "worker", "spawn", "cpu", "--model", "smol", "--callback-url", callback)
+        try:
+            deadline = time.monotonic() + 60
+            while not received and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            assert run_pool(root, "worker", "stop", spawned["worker_id"]).returncode == 0
+    assert received, "the worker never called back"
+    payload = received[0]
+    assert payload["worker_id"] == spawned["worker_id"] and payload["url"] == spawned["url"]
+    assert payload["model_ref"] == "smol" and payload["backend"] == "cpu" and payload["slots_total"] >= 1
