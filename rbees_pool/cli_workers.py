@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Annotated
+from typing import Annotated, BinaryIO
 
 import typer
 
@@ -15,7 +15,7 @@ from rbees_pool.host import require_backend
 from rbees_pool.output import console, emit_json, err_console, table
 from rbees_pool.paths import PoolPaths
 from rbees_pool.workers import records
-from rbees_pool.workers.health import fetch_health, tail
+from rbees_pool.workers.health import fetch_health, tail_of
 from rbees_pool.workers.lifecycle import SpawnRequest, spawn, stop, wait_ready
 
 app = typer.Typer(no_args_is_help=True, help="Worker daemons on this host.")
@@ -98,25 +98,25 @@ def logs_cmd(
     log = paths.worker_log(worker_id)
     if not log.is_file():
         raise WorkerNotFound(f"no log for worker {worker_id!r} in {paths.workers}")
-    text = tail(str(log), lines)
-    sys.stdout.write(text + ("\n" if text else ""))
-    if follow:
-        _follow(paths, worker_id)
+    with log.open("rb") as handle:  # one handle: following starts exactly where the tail ended
+        text = tail_of(handle, lines)
+        sys.stdout.write(text + ("\n" if text else ""))
+        sys.stdout.flush()
+        if follow:
+            _follow(handle, paths, worker_id)
 
 
-def _follow(paths: PoolPaths, worker_id: str) -> None:
+def _follow(log: BinaryIO, paths: PoolPaths, worker_id: str) -> None:
     """Stream what the worker appends to its log until its process is gone."""
-    with paths.worker_log(worker_id).open("rb") as log:
-        log.seek(0, 2)
-        while True:
-            chunk = log.read()
-            if chunk:
-                sys.stdout.write(chunk.decode("utf-8", errors="replace"))
-                sys.stdout.flush()
-                continue
-            if not _running(paths, worker_id):
-                return
-            time.sleep(0.5)
+    while True:
+        chunk = log.read()
+        if chunk:
+            sys.stdout.write(chunk.decode("utf-8", errors="replace"))
+            sys.stdout.flush()
+            continue
+        if not _running(paths, worker_id):
+            return
+        time.sleep(0.5)
 
 
 def _running(paths: PoolPaths, worker_id: str) -> bool:

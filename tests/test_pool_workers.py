@@ -99,11 +99,13 @@ def test_spawn_list_logs_stop(root: Path) -> None:
     assert logs.returncode == 0 and worker_id in logs.stdout
     follower = subprocess.Popen([str(POOL), "--root", str(root), "worker", "logs", worker_id, "-f", "-n", "1"],
                                 stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert follower.stdout is not None and follower.stdout.readline().strip()  # the tail: following from here
     stopped = run_pool(root, "worker", "stop", worker_id)
     assert stopped.returncode == 0 and f"{worker_id}: stopped" in stopped.stdout
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     out, _ = follower.communicate(timeout=60)  # `logs -f` ends once the worker is gone
-    assert follower.returncode == 0 and out.strip()
+    # the lines the worker wrote while stopping arrived through following, not the tail
+    assert follower.returncode == 0 and "draining" in out and "stopped (exit 0)" in out, out
 
     # --timeout 0: a Ready worker drains on SIGTERM, so it is still there at once and gets SIGKILL.
     _wait_ready(second["url"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import BinaryIO
+
 
 def fetch_health(url: str, timeout_s: float = 2.0) -> dict[str, object] | None:
     """The worker's /health document, or None when it does not answer (yet) or answers garbage."""
@@ -19,9 +21,13 @@ def tail(path: str, lines: int = 20) -> str:
     """The last lines of a log file (empty when it does not exist)."""
     try:
         with open(path, "rb") as log:
-            log.seek(0, 2)
-            log.seek(max(0, log.tell() - 64 * 1024))
-            text = log.read().decode("utf-8", errors="replace")
+            return tail_of(log, lines)
     except OSError:
         return ""
-    return "\n".join(text.splitlines()[-lines:])
+
+
+def tail_of(log: BinaryIO, lines: int) -> str:
+    """The last lines (of the last 64 KiB) of an open binary file, which is left at its end."""
+    log.seek(0, 2)
+    log.seek(max(0, log.tell() - 64 * 1024))
+    return "\n".join(log.read().decode("utf-8", errors="replace").splitlines()[-lines:])
