@@ -95,6 +95,10 @@ def test_spawn_list_logs_stop(root: Path) -> None:
     assert states[worker_id] == "Ready" and set(states) == {worker_id, second["worker_id"]}
     assert worker_id in {w["worker_id"] for w in run_json(root, "status")["workers"]}
 
+    in_use = run_pool(root, "models", "remove", "smol")  # a model a worker serves is not deleted under it
+    assert in_use.returncode == ExitCode.CONFLICT and "MODEL_IN_USE" in in_use.stderr, in_use.stderr
+    assert "smol" in {m["id"] for m in run_json(root, "models", "list")}
+
     logs = run_pool(root, "worker", "logs", worker_id)
     assert logs.returncode == 0 and worker_id in logs.stdout
     follower = subprocess.Popen([str(POOL), "--root", str(root), "worker", "logs", worker_id, "-f", "-n", "1"],
