@@ -93,7 +93,7 @@ def require_backend(backend: str, gpu: int | None) -> None:
     if not found:
         raise BackendUnavailable("backend cuda needs an NVIDIA GPU, and NVML finds none on this host")
     if gpu is not None and gpu not in (indices := [g.index for g in found]):
-        raise BackendUnavailable(f"no usable GPU {gpu}: NVML describes {', '.join(map(str, indices))}")
+        raise BackendUnavailable(f"no usable GPU {gpu} (GPUs NVML sees here: {', '.join(map(str, indices))})")
 
 
 def _cpu_model() -> str:

@@ -54,5 +54,6 @@ def configure(worker_id: str, level: str) -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+    logging.getLogger("numba").setLevel(logging.WARNING)  # its CUDA driver logs every allocation at INFO
     # uvicorn's own lines ("Started server process", ...) are noise at INFO for an operator.
     logging.getLogger("uvicorn.error").setLevel(max(logging.getLevelName(level), logging.WARNING))
