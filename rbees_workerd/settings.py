@@ -163,14 +163,16 @@ def parse_settings(argv: list[str], env: dict[str, str] | None = None) -> Settin
     args = vars(_parser().parse_args(argv))
     config = _read_config(args["config"]) if args["config"] else {}
 
+    def sources(key: str) -> tuple[Any, Any, Any]:
+        """A setting's value from the command line, the environment and the config file (None: unset)."""
+        return args.get(key), _env_value(key, env), config.get(key)
+
     def level(key: str) -> int:
         """Where a setting comes from: 0 command line, 1 environment, 2 config file, 3 nowhere."""
-        values = (args.get(key), _env_value(key, env), config.get(key))
-        return next((i for i, value in enumerate(values) if value is not None), 3)
+        return next((i for i, value in enumerate(sources(key)) if value is not None), 3)
 
     def get(key: str, default: Any = None) -> Any:
-        at = level(key)
-        return (args.get(key), _env_value(key, env), config.get(key), default)[at]
+        return next((value for value in sources(key) if value is not None), default)
 
     worker_id = get("worker_id")
     if not worker_id:

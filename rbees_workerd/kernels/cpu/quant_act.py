@@ -103,7 +103,6 @@ def round_q8(x: np.ndarray, with_sum: bool, xq: np.ndarray, sxh: np.ndarray) -> 
 @njit(cache=True, nogil=True)
 def round_f16(x: np.ndarray, xq: np.ndarray) -> None:
     """xq = x rounded to float16 (llama.cpp's activations for F16 weights)."""
-    T, K = x.shape
-    for t in range(T):
-        for i in range(K):
-            xq[t, i] = fp16_round(x[t, i])
+    for t in range(x.shape[0]):
+        xq[t] = x[t]
+        fp16_round_inplace(xq[t])
