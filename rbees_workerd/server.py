@@ -66,6 +66,7 @@ _SSE_EVENT = {
 }
 _HTTP_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}
 _CORRELATION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_SCOPE_KEY = "rbees.correlation_id"
 
 
 def _error_response(error: RbeesError) -> JSONResponse:
@@ -96,7 +97,11 @@ def _field_errors(exc: RequestValidationError) -> list[FieldError]:
 
 
 class CorrelationMiddleware:
-    """Read X-Correlation-Id (or make one), expose it to the logs, and echo it on the response."""
+    """Read X-Correlation-Id (or make one), expose it to the logs, and echo it on the response.
+
+    The id is also left in the ASGI scope: the 500 handler runs in Starlette's
+    ServerErrorMiddleware, outside this one, after the context variable is reset.
+    """
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -107,6 +112,7 @@ class CorrelationMiddleware:
             return
         given = dict(scope["headers"]).get(b"x-correlation-id", b"").decode("latin-1")
         cid = given if _CORRELATION_ID.match(given) else uuid.uuid4().hex
+        scope[_SCOPE_KEY] = cid
         token = logs.correlation_id.set(cid)
 
         async def send_with_id(message: dict[str, Any]) -> None:
@@ -179,10 +185,15 @@ def create_app(runtime: WorkerRuntime) -> FastAPI:
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error in a request")
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        cid = request.scope.get(_SCOPE_KEY) or uuid.uuid4().hex
+        token = logs.correlation_id.set(cid)
+        try:
+            log.exception("unexpected error in a request")
+        finally:
+            logs.correlation_id.reset(token)
         body = {"code": "INTERNAL", "message": "internal error", "retriable": True}
-        return JSONResponse(body, status_code=500)
+        return JSONResponse(body, status_code=500, headers={"X-Correlation-Id": cid})
 
     @app.post(
         "/execute",

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import schemathesis
+import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from schemathesis import GenerationMode
-from worker_harness import Daemon, execute_body, read_frames, run_daemon, stream_job
+from worker_harness import Daemon, execute_body, free_port, read_frames, run_daemon, stream_job
+
+from rbees_workerd.runtime import WorkerRuntime
+from rbees_workerd.server import create_app
+from rbees_workerd.settings import parse_settings
 
 SLOTS = 2
 CONTEXT = 256
@@ -360,3 +367,40 @@ def test_openapi_schema_matches_the_real_responses(
 def test_logs_are_json_lines(worker: Daemon) -> None:
     entries = worker.logs()
     assert entries and all({"ts", "level", "worker_id", "human"} <= set(e) for e in entries)
+
+
+def test_an_unexpected_error_is_a_500_that_keeps_the_correlation_id(model_path: Path) -> None:
+    """A bug in a route gives 500 INTERNAL with the request's correlation id, and the server keeps serving.
+
+    No request reaches a bug on purpose, so the fault is a route added to the real app, served by
+    uvicorn on loopback; the handler under test is the app's own.
+    """
+    port = free_port()
+    runtime = WorkerRuntime(parse_settings(["--worker-id", "w-fault", "--model", str(model_path), "--port", str(port)]))
+    app = create_app(runtime)
+
+    def fault() -> None:
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/fault", fault)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            for _ in range(200):
+                with contextlib.suppress(httpx.TransportError):
+                    if c.get("/health").status_code == 200:
+                        break
+                time.sleep(0.05)
+            r = c.get("/fault", headers={"X-Correlation-Id": "req-500.check"})
+            assert r.status_code == 500
+            assert r.json() == {"code": "INTERNAL", "message": "internal error", "retriable": True}
+            assert r.headers["x-correlation-id"] == "req-500.check"
+            generated = c.get("/fault")
+            assert generated.status_code == 500
+            assert re.fullmatch(r"[0-9a-f]{32}", generated.headers["x-correlation-id"])
+            assert c.get("/health").status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
