@@ -34,6 +34,7 @@ from rbees_workerd.kernels.backend import SamplingRow  # noqa: E402
 from rbees_workerd.kernels.cpu import ops as cpu_ops  # noqa: E402
 from rbees_workerd.kernels.cpu import quant as cpu_quant  # noqa: E402
 from rbees_workerd.kernels.cuda import CudaBackend  # noqa: E402
+from rbees_workerd.kernels.cuda.matmul import GEMM_MIN_TOKENS, KC  # noqa: E402
 
 QTYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 _SCALE_AT = {Q.Q4_K: slice(0, 4), Q.Q5_K: slice(0, 4), Q.Q6_K: slice(208, 210)}
@@ -73,8 +74,8 @@ def test_matmul_and_embed_every_type(be, qtype):
     w = be.weight(int(qtype), (n, k), raw)
     cpu_w = cpu_quant.prepare(int(qtype), (n, k), raw)
     bias = rng.standard_normal(n).astype(np.float32)
-    # one token, a tile of several (both the warp-per-row kernel), and the tiled GEMM of many
-    counts = (1, 5, 17) if qtype in (Q.Q4_1, Q.Q6_K, Q.Q5_K, Q.BF16) or not SIM else (1, 5)
+    # one token, a tile of several (both the few-token kernel), and the tiled GEMM of many
+    counts = (1, 5, GEMM_MIN_TOKENS + 1) if qtype in (Q.Q4_1, Q.Q6_K, Q.Q5_K, Q.BF16) or not SIM else (1, 5)
     for t in counts:
         x = rng.standard_normal((t, k)).astype(np.float32)
         out = _dev(be, np.full((t, n), np.nan, np.float32))  # poisoned: every element must be written
@@ -88,6 +89,23 @@ def test_matmul_and_embed_every_type(be, qtype):
     emb = _dev(be, np.full((4, k), np.nan, np.float32))
     be.embed(w, _dev(be, tokens), emb)
     np.testing.assert_array_equal(be.download(emb), ref_w[tokens])
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0], ids=lambda q: q.name)
+def test_matmul_rows_longer_than_one_staged_chunk(be, qtype):
+    """Rows past the few-token kernel's KC staged columns are summed over several chunks."""
+    rng = np.random.default_rng(7)
+    n, k = 5, KC + 64
+    raw, _ = random_matrix(qtype, n, k, rng)
+    w = be.weight(int(qtype), (n, k), raw)
+    cpu_w = cpu_quant.prepare(int(qtype), (n, k), raw)
+    for t in (1, 3):
+        x = rng.standard_normal((t, k)).astype(np.float32)
+        out = _dev(be, np.full((t, n), np.nan, np.float32))
+        be.matmul(_dev(be, x), w, out)
+        ref = np.empty((t, n), np.float32)
+        cpu_quant.matmul(x, cpu_w, ref)
+        np.testing.assert_allclose(be.download(out), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
 def test_norm_rope_swiglu_add_gather_match_cpu(be):
@@ -142,8 +160,9 @@ def test_attention_causal_gqa_per_slot_matches_cpu(be):
     np.testing.assert_allclose(be.download(out), ref, rtol=1e-4, atol=1e-5)
 
 
-# BF16 inputs are used as they are (the norm fuses into the products); Q4_1 inputs are rounded first
-@pytest.mark.parametrize(("t", "qtype"), [(2, Q.BF16), (17, Q.Q4_1)], ids=["rows-bf16", "gemm-q4_1"])
+# few tokens: the product normalizes (and, for Q4_1, rounds) its input itself; many: a rounding kernel does
+@pytest.mark.parametrize(("t", "qtype"), [(2, Q.BF16), (2, Q.Q4_1), (GEMM_MIN_TOKENS + 1, Q.Q4_1)],
+                         ids=["rows-bf16", "rows-q4_1", "gemm-q4_1"])  # fmt: skip
 def test_fused_step_equals_separate_ops(be, t, qtype):
     """run_step fuses norm + q/k/v, norm + gate/up + SwiGLU and projection + residual add; same results."""
     rng = np.random.default_rng(3)
@@ -174,8 +193,8 @@ def test_fused_step_equals_separate_ops(be, t, qtype):
             be.add(x, h)
 
         if fused:
-            be.run_step(("fused-test", t), step)
-            be.run_step(("fused-test", t), step)  # a replay (a CUDA graph on a GPU) does the same again
+            be.run_step(("fused-test", t, qtype), step)
+            be.run_step(("fused-test", t, qtype), step)  # a replay (a CUDA graph on a GPU) does the same again
         else:
             step()
             step()

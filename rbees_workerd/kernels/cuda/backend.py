@@ -38,7 +38,6 @@ _OOM = 2  # CUDA_ERROR_OUT_OF_MEMORY
 _Q8_0_INPUT = frozenset({int(Q.Q4_0), int(Q.Q5_0), int(Q.Q8_0)})
 _Q8_1_INPUT = frozenset({int(Q.Q4_1), int(Q.Q5_1)})
 _F16_INPUT = frozenset({int(Q.F16)})
-_ROUNDED_INPUT = _Q8_0_INPUT | _Q8_1_INPUT | _F16_INPUT
 # the simulator's driver module defines only some of these
 _DRIVER_ERRORS = tuple(getattr(driver, n) for n in ("CudaAPIError", "CudaDriverError", "CudaSupportError")
                        if hasattr(driver, n))  # fmt: skip
@@ -326,6 +325,7 @@ def _fusable(a: _MatMul, b: _MatMul) -> bool:
     wa, wb = a.ws[0], b.ws[0]
     return (len(a.ws) == len(b.ws) == 1 and a.res is None and b.res is None and _same(a.x, b.x)
             and wa.fmt == wb.fmt and wa.off == wb.off and wa.shape[1] == wb.shape[1]
+            and _rounding(wa.qtype) == _rounding(wb.qtype)
             and not _same(a.outs[0], a.x) and not _same(b.outs[0], b.x))  # fmt: skip
 
 
@@ -372,13 +372,16 @@ def _fuse(ops_in: list[Any]) -> list[Any]:
 
 
 def _fuse_norms(seq: list[Any]) -> list[Any]:
-    """rmsnorm then a few-token product of its output: the product normalizes its input itself."""
+    """rmsnorm then a product of its output: the few-token product normalizes its input itself,
+    and for many tokens the rounding kernel does (where the weight type rounds the input)."""
     out: list[Any] = []
     for op in seq:
         prev = out[-1] if out else None
-        few = isinstance(op, _MatMul) and op.x.shape[0] < mm.GEMM_MIN_TOKENS and op.ws[0].qtype not in _ROUNDED_INPUT
-        if (few and isinstance(prev, tuple) and prev[0] == "rmsnorm"
-                and _same(prev[4], op.x) and not _same(prev[1], prev[4])):  # fmt: skip
+        fits = isinstance(op, _MatMul) and (op.x.shape[0] < mm.GEMM_MIN_TOKENS
+                                            or _rounding(op.ws[0].qtype) != mm.ROUND_NONE)  # fmt: skip
+        if (fits and isinstance(prev, tuple) and prev[0] == "rmsnorm"
+                and _same(prev[4], op.x) and not _same(prev[1], prev[4])
+                and not any(_same(o, prev[1]) for o in [*op.outs, op.res])):  # fmt: skip
             out[-1] = op
             op.norm = (prev[1], prev[2], prev[3])
             continue
@@ -415,30 +418,42 @@ def _lower(recorded: list[Any], be: CudaBackend) -> list[_Launch]:
     return launches
 
 
-def _rounded_input(op: _MatMul, be: CudaBackend) -> tuple[list[_Launch], Any, Any]:
-    """Launches rounding the input like llama.cpp for the weight type, the input to use, its block sums."""
-    qtype = op.ws[0].qtype
-    if qtype not in _ROUNDED_INPUT:
-        return [], op.x, None
-    key = (*_ptr(op.x), qtype in _Q8_1_INPUT)
+def _rounding(qtype: int) -> int:
+    """How llama.cpp rounds the activations that multiply this weight type (the CPU backend too)."""
+    if qtype in _Q8_0_INPUT:
+        return mm.ROUND_Q8_0
+    if qtype in _Q8_1_INPUT:
+        return mm.ROUND_Q8_1
+    return mm.ROUND_F16 if qtype in _F16_INPUT else mm.ROUND_NONE
+
+
+def _prepared_input(op: _MatMul, rnd: int, be: CudaBackend) -> tuple[list[_Launch], Any, Any]:
+    """For many tokens: the launch rounding (and normalizing) the input once, the rounded input, its sums."""
+    key = _ptr(op.x)
     if key not in be._act_bufs:
         t, k = op.x.shape
         be._act_bufs[key] = (be.zeros((t, k)), be.zeros((t, k // 32)))
     xq, msum = be._act_bufs[key]
-    if qtype in _F16_INPUT:
-        grid, block = _grid2(*op.x.shape)
-        return [_Launch(mm.round_f16_kernel, grid, block, (op.x, xq))], xq, None
-    n = op.x.shape[0] * (op.x.shape[1] // 32)
-    with_sum = qtype in _Q8_1_INPUT
-    launch = _Launch(mm.round_q8_kernel, (math.ceil(n / 128),), (128,), (op.x, with_sum, xq, msum))
-    return [launch], xq, msum if with_sum else None
+    x, norm, nw, eps = op.x, False, be._dummy_v, np.float32(0.0)
+    if op.norm is not None:
+        x, norm, nw, eps = op.norm[0], True, op.norm[1], np.float32(op.norm[2])
+    args = (x, norm, nw, eps, op.x, xq, msum)
+    return [_Launch(mm.prep_kernel(rnd), (x.shape[0],), (mm.BLOCK,), args)], xq, msum
 
 
 def _matmul_launches(op: _MatMul, be: CudaBackend) -> list[_Launch]:
     """The warp-per-row kernel for few tokens, the tiled GEMM (then SwiGLU apart) for many."""
-    many = op.x.shape[0] >= mm.GEMM_MIN_TOKENS
-    launches, x_in, msum = _rounded_input(op, be)
-    sets, flags = [], 0
+    t_count = op.x.shape[0]
+    many = t_count >= mm.GEMM_MIN_TOKENS
+    w0 = op.ws[0]
+    rnd = _rounding(w0.qtype)
+    launches: list[_Launch] = []
+    x_in, msum, flags = op.x, be._dummy_f, 0
+    if many and rnd != mm.ROUND_NONE:
+        launches, x_in, msum = _prepared_input(op, rnd, be)
+        if rnd == mm.ROUND_Q8_1:
+            flags |= 32
+    sets = []
     for i in range(3):
         if i < len(op.ws):
             w = op.ws[i]
@@ -452,27 +467,23 @@ def _matmul_launches(op: _MatMul, be: CudaBackend) -> list[_Launch]:
     ns = [w.shape[0] for w in op.ws] + [0] * (3 - len(op.ws))
     if op.res is not None:
         flags |= 8
-    if msum is not None:
-        flags |= 32
-    else:
-        msum = be._dummy_f
-    w0 = op.ws[0]
     res = be._dummy_f if op.res is None else op.res
-    t_count = op.x.shape[0]
     if many:
         grid = (math.ceil(sum(ns) / mm.BM), math.ceil(t_count / mm.BN))
-        gemm_args = (x_in, *sets, *ns, w0.fmt, w0.off, flags, res, msum)
-        launches.append(_Launch(mm.gemm_kernel, grid, (mm.GEMM_THREADS,), gemm_args))
+        gemm_args = (x_in, *sets, *ns, w0.off, flags, res, msum)
+        launches.append(_Launch(mm.gemm_kernel(w0.fmt), grid, (mm.GEMM_THREADS,), gemm_args))
         if op.mode == mm.MODE_SWIGLU:
             gate, up, out = op.outs
             grid2, block2 = _grid2(*gate.shape)
             launches.append(_Launch(ops.swiglu_kernel, grid2, block2, (gate, up, out)))
         return launches
     rows = ns[0] if op.mode == mm.MODE_SWIGLU else sum(ns)
-    grid = (math.ceil(rows / mm.WARPS), math.ceil(t_count / mm.TB))
+    tb = 1 if t_count == 1 else mm.TB
+    grid_y = math.ceil(t_count / tb)
+    grid = (min(math.ceil(rows / mm.WARPS), max(1, mm.ROW_BLOCKS // grid_y)), grid_y)
     x, nw, eps, hout = x_in, be._dummy_v, np.float32(0.0), be._dummy_f
     if op.norm is not None:
         x, nw, eps, hout = op.norm[0], op.norm[1], np.float32(op.norm[2]), op.x
         flags |= 16
-    args = (x, *sets, *ns, w0.fmt, w0.off, op.mode, flags, res, nw, eps, hout, msum)
-    return [*launches, _Launch(mm.matmul_kernel, grid, (mm.BLOCK,), args)]
+    args = (x, *sets, *ns, w0.off, op.mode, flags, res, nw, eps, hout, msum)
+    return [_Launch(mm.rows_kernel(w0.fmt, rnd, tb), grid, (mm.BLOCK,), args)]

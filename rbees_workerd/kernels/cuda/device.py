@@ -9,6 +9,8 @@ block, so both variants are valid.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import config, cuda, float32, int32, uint32
 
@@ -18,22 +20,32 @@ EXACT = {"cache": not SIM}  # kernels whose quotients must round exactly like th
 # device functions inlined in NVVM IR, so the local arrays they fill stay in registers
 DEVICE = {"device": True} if SIM else {"device": True, "forceinline": True}
 FULL_MASK = 0xFFFFFFFF
+UNROLL = 4  # strided loops step this many strides at a time: their loads are then in flight together
 
 
 if SIM:
 
     @cuda.jit(device=True)
-    def warp_sum(v, scratch):  # pragma: no cover - the device variant below is the fast one
-        """The sum of v over the 32 lanes of this thread's warp (every lane gets it)."""
+    def _lanes(v, scratch, take_max):  # pragma: no cover - the device variants below are the fast ones
         tid = cuda.threadIdx.x
         scratch[tid] = v
         cuda.syncthreads()
         base = tid - tid % 32
-        s = float32(0.0)
-        for i in range(32):
-            s += scratch[base + i]
+        s = scratch[base]
+        for i in range(1, 32):
+            s = max(s, scratch[base + i]) if take_max else s + scratch[base + i]
         cuda.syncthreads()
         return s
+
+    @cuda.jit(device=True)
+    def warp_sum(v, scratch):
+        """The sum of v over the 32 lanes of this thread's warp (every lane gets it)."""
+        return _lanes(v, scratch, False)
+
+    @cuda.jit(device=True)
+    def warp_max(v, scratch):
+        """The maximum of v over the 32 lanes of this thread's warp (every lane gets it)."""
+        return _lanes(v, scratch, True)
 
     @cuda.jit(device=True)
     def f32_from_bits(bits):
@@ -65,6 +77,15 @@ else:
         return v
 
     @cuda.jit(**DEVICE)
+    def warp_max(v, scratch):
+        """The maximum of v over the 32 lanes of this thread's warp (every lane gets it)."""
+        off = 16
+        while off > 0:
+            v = max(v, cuda.shfl_xor_sync(FULL_MASK, v, off))
+            off //= 2
+        return v
+
+    @cuda.jit(**DEVICE)
     def f32_from_bits(bits):
         return cuda.libdevice.int_as_float(int32(bits))
 
@@ -81,6 +102,24 @@ else:
     def rint(x):
         """x rounded to the nearest integer, ties to even."""
         return cuda.libdevice.rintf(x)
+
+
+@cuda.jit(**DEVICE)
+def inv_rms(x, t, eps, scratch):
+    """1 / sqrt(mean(x[t]^2) + eps), called by a whole warp.
+
+    Summed in one fixed order (each lane a stride of 32 elements, then the warp), so the
+    RMSNorm kernel and the products that normalize their input themselves agree bit for bit.
+    """
+    ss = float32(0.0)
+    k = x.shape[1]
+    for base in range(cuda.threadIdx.x % 32, k, 32 * UNROLL):
+        for u in range(UNROLL):
+            i = base + 32 * u
+            if i < k:
+                ss += x[t, i] * x[t, i]
+    ss = warp_sum(ss, scratch)
+    return float32(1.0 / math.sqrt(ss / x.shape[1] + eps))
 
 
 @cuda.jit(**DEVICE)

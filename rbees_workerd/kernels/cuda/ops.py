@@ -6,24 +6,21 @@ import math
 
 from numba import cuda, float32, float64
 
-from rbees_workerd.kernels.cuda.device import DEVICE, JIT, SIM, block_max, block_sum, fp16_round
+from rbees_workerd.kernels.cuda.device import DEVICE, EXACT, JIT, SIM, block_max, block_sum, fp16_round, inv_rms
 
 NORM_THREADS = 32 if SIM else 256  # the simulator runs a Python thread per GPU thread: keep blocks small
 ATT_THREADS = 32 if SIM else 256  # a power of two, at least the head size (few in the slow simulator)
 ATT_CHUNK = 1024  # positions whose scores one pass keeps in shared memory
 
 
-@cuda.jit(**JIT)
+@cuda.jit(**EXACT)
 def rmsnorm_kernel(x, weight, eps, out):
-    """One block per token."""
+    """One block per token; every warp computes the norm (inv_rms), exactly as the fused products do."""
     sh = cuda.shared.array(NORM_THREADS, float32)
     t = cuda.blockIdx.x
     d = x.shape[1]
-    ss = float32(0.0)
-    for i in range(cuda.threadIdx.x, d, NORM_THREADS):
-        ss += x[t, i] * x[t, i]
-    ss = block_sum(ss, sh)
-    inv = float32(1.0 / math.sqrt(ss / d + eps))
+    inv = inv_rms(x, t, eps, sh)
+    cuda.syncthreads()  # out may be x: every warp has read it
     for i in range(cuda.threadIdx.x, d, NORM_THREADS):
         out[t, i] = x[t, i] * inv * weight[i]
 
