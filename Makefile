@@ -18,10 +18,14 @@ $(PY):
 install: $(PY)
 	$(PY) -m pip install -q -e .
 
+LLAMA_NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE_ARGS := -DCMAKE_C_FLAGS='$(LLAMA_NO_AMX)' -DCMAKE_CXX_FLAGS='$(LLAMA_NO_AMX)'
+
 dev: $(PY)
 	$(PY) -m pip install -q -e '.[dev]'
 	@# llama.cpp is the reference the tests compare against; it is never a runtime dependency.
-	$(PY) -c 'import llama_cpp' 2>/dev/null || $(PY) -m pip install -q llama-cpp-python
+	@# Built without AMX: its tile kernels die of a protection fault (ldtilecfg) on some VMs that list AMX.
+	$(PY) -c 'import llama_cpp' 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --no-cache-dir llama-cpp-python
 
 model: $(MODEL)
 
