@@ -18,14 +18,23 @@ $(PY):
 install: $(PY)
 	$(PY) -m pip install -q -e .
 
+# llama.cpp is the reference the tests and benchmarks compare against; it is never a runtime dependency.
+LLAMA_CPP := llama-cpp-python==0.3.36
+# The tests' reference is built for one fixed x86-64 level (AVX2, FMA, F16C), so its logits are
+# the same on every CI machine: its AVX-512 kernels sum in another order and move near ties.
+LLAMA_TEST_CMAKE := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
+# The benchmarks' reference is the fastest build for this host, less AMX: its tile kernels die
+# of a protection fault (ldtilecfg) on some VMs that list AMX.
 LLAMA_NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
-LLAMA_CMAKE_ARGS := -DCMAKE_C_FLAGS='$(LLAMA_NO_AMX)' -DCMAKE_CXX_FLAGS='$(LLAMA_NO_AMX)'
+LLAMA_BENCH_CMAKE := -DLLAVA_BUILD=OFF -DCMAKE_C_FLAGS='$(LLAMA_NO_AMX)' -DCMAKE_CXX_FLAGS='$(LLAMA_NO_AMX)'
+LLAMA_BENCH_DIR := .llama-native
 
 dev: $(PY)
 	$(PY) -m pip install -q -e '.[dev]'
-	@# llama.cpp is the reference the tests compare against; it is never a runtime dependency.
-	@# Built without AMX: its tile kernels die of a protection fault (ldtilecfg) on some VMs that list AMX.
-	$(PY) -c 'import llama_cpp' 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --no-cache-dir llama-cpp-python
+	$(PY) -c 'import llama_cpp' 2>/dev/null || CMAKE_ARGS="$(LLAMA_TEST_CMAKE)" $(PY) -m pip install -q --no-cache-dir $(LLAMA_CPP)
+
+$(LLAMA_BENCH_DIR): | $(PY)
+	CMAKE_ARGS="$(LLAMA_BENCH_CMAKE)" $(PY) -m pip install -q --no-cache-dir --no-deps --target $@ $(LLAMA_CPP)
 
 model: $(MODEL)
 
@@ -44,12 +53,12 @@ test: dev model
 demo: install model
 	$(VENV)/bin/rbees-workerd generate --model $(MODEL) --prompt "$(PROMPT)" --max-tokens 32 --temperature 0
 
-bench: dev model
-	$(PY) bench/engine_cpu.py --model $(MODEL) --start-times
+bench: dev model $(LLAMA_BENCH_DIR)
+	PYTHONPATH=$(LLAMA_BENCH_DIR) $(PY) bench/engine_cpu.py --model $(MODEL) --start-times
 	$(PY) bench/worker_http.py --model $(MODEL)
 
 lint: dev
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) $(MODEL_DIR) .numba-cache
+	rm -rf $(VENV) $(MODEL_DIR) .numba-cache $(LLAMA_BENCH_DIR)

@@ -55,7 +55,8 @@ def bench_llama_cpp(model: str, threads: int, prompt_tokens: int, gen_tokens: in
             best_decode = max(best_decode, (gen_tokens - 1) / (t2 - t1))
     llm.close()
     return {"prefill_tokens_per_sec": round(best_prefill, 2), "decode_tokens_per_sec": round(best_decode, 2),
-            "llama_cpp_version": llama_cpp.__version__}  # fmt: skip
+            "llama_cpp_version": llama_cpp.__version__,
+            "llama_cpp_build": llama_cpp.llama_print_system_info().decode().strip()}  # fmt: skip
 
 
 def start_times(model: str, threads: int) -> dict:

@@ -22,12 +22,17 @@ from rbees_workerd.engine.engine import Engine
 # Rounding is discontinuous, though: where the engine's float32 value and the
 # reference's float64 value of an activation fall on either side of a rounding
 # boundary, that element moves by one fp16 or int8 step. On these 2-layer models
-# that leaves 1e-6..4e-4 relative (measured); ROUNDED_BOUND is the issue's 1e-3.
+# most prompts agree to 3e-8..8e-8 relative, and some meet such a flip, which moves
+# the logits by 4e-4..8e-3 (measured over 8 prompts per format and architecture, on
+# either CPU kernel path: 0 or 1 prompt of 8 for most, 3 for Q4_0 qwen2). So the
+# quantized comparisons take the median over SEEDS prompts against ROUNDED_BOUND,
+# the issue's 1e-3: a flip moves one prompt, a wrong kernel moves them all.
 # A wrong RoPE pairing misses by ~1e-1 (checked below), a wrong dequantization or
 # bias by O(1). Without rounding on either side (float32 weights and a float32 KV
 # cache) llama.cpp and the reference agree to BOUND.
 BOUND = 1e-5
 ROUNDED_BOUND = 1e-3
+SEEDS = (1, 2, 3, 4, 5)
 SAME_MATH = 1e-6  # one engine, the same tokens through different step shapes: measured exactly 0
 WIDTHS = {  # weight format -> model width (K-quant rows need multiples of 256)
     Q.F32: 64,
@@ -99,11 +104,15 @@ def test_reference_agrees_with_llama_cpp_on_float32_weights(tmp_path: Path, arch
 @pytest.mark.parametrize("qtype", list(WIDTHS), ids=lambda q: q.name)
 def test_prefill_logits_match_the_float64_reference(tmp_path: Path, arch: str, qtype: Q) -> None:
     path = tiny(tmp_path, arch, qtype)
-    tokens = prompt(path, PROMPT_LEN, seed=1)
-    ours = prefill(load(path), tokens)
-    ref = reference_logits(path, tokens)
-    assert ours.shape == ref.shape and ours.dtype == np.float32
-    assert relative_error(ours, ref) < ROUNDED_BOUND
+    engine = load(path)
+    errors = []
+    for seed in SEEDS:
+        tokens = prompt(path, PROMPT_LEN, seed=seed)
+        ours = prefill(engine, tokens)
+        ref = reference_logits(path, tokens)
+        assert ours.shape == ref.shape and ours.dtype == np.float32
+        errors.append(relative_error(ours, ref))
+    assert np.median(errors) < ROUNDED_BOUND, errors
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -111,11 +120,15 @@ def test_prefill_logits_match_the_float64_reference(tmp_path: Path, arch: str, q
 def test_the_comparison_catches_a_wrong_rope_pairing(tmp_path: Path, arch: str, qtype: Q) -> None:
     """Self-check of the test's power: the other pairing misses by far more than the bound."""
     path = tiny(tmp_path, arch, qtype)
-    tokens = prompt(path, PROMPT_LEN, seed=2)
-    ours = prefill(load(path), tokens)
-    wrong = reference_logits(path, tokens, neox=arch == "llama")
-    assert relative_error(ours, wrong) > 30 * ROUNDED_BOUND
-    assert relative_error(ours, reference_logits(path, tokens)) < ROUNDED_BOUND
+    engine = load(path)
+    errors = []
+    for seed in SEEDS:
+        tokens = prompt(path, PROMPT_LEN, seed=seed)
+        ours = prefill(engine, tokens)
+        wrong = reference_logits(path, tokens, neox=arch == "llama")
+        assert relative_error(ours, wrong) > 30 * ROUNDED_BOUND
+        errors.append(relative_error(ours, reference_logits(path, tokens)))
+    assert np.median(errors) < ROUNDED_BOUND, errors
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -24,10 +24,15 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
 from rbees_workerd.errors import InvalidParams, ModelLoadError
-from rbees_workerd.kernels.cpu import quant
+from rbees_workerd.kernels.cpu import quant, simd
 from rbees_workerd.kernels.cpu import quant_act as qa
 
 ALL_TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+SIMD_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1]  # served by `simd`'s AVX2 kernels where the host has AVX2
+# every type on its default kernels, and the AVX2 types on the portable kernels as well
+CASES = [(q, simd.AVAILABLE and q in SIMD_TYPES) for q in ALL_TYPES] + [
+    (q, False) for q in SIMD_TYPES if simd.AVAILABLE
+]
 K_QUANTS = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
 MATMUL_RTOL = 1e-5  # see the module docstring
 DEQUANT_RTOL = 2e-7  # one float32 rounding (2^-24 ~ 6e-8 of each value, relative to the max)
@@ -102,12 +107,14 @@ def shape_for(qtype: Q) -> tuple[int, int]:
     return (67, 768) if qtype in K_QUANTS else (67, 288)
 
 
-@pytest.fixture(scope="module", params=ALL_TYPES, ids=lambda q: q.name)
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: c[0].name + ("-avx2" if c[1] else ""))
 def case(request: pytest.FixtureRequest) -> tuple[Q, np.ndarray, np.ndarray, quant.QMatrix]:
-    qtype = request.param
+    qtype, use_simd = request.param
     n, k = shape_for(qtype)
     raw = random_tensor(qtype, n, k, np.random.default_rng(int(qtype)))
-    return qtype, raw, reference(qtype, raw, n, k), quant.prepare(int(qtype), (n, k), raw)
+    w = quant.prepare(int(qtype), (n, k), raw, use_simd=use_simd)
+    assert w.blocks is None or w.blocks.tiles == use_simd
+    return qtype, raw, reference(qtype, raw, n, k), w
 
 
 def test_embed_rows_reproduce_reference_dequantization(case) -> None:  # noqa: ANN001
@@ -132,6 +139,32 @@ def test_matmul_matches_float64_reference(case, tokens: int) -> None:  # noqa: A
     assert err < MATMUL_RTOL, f"relative error {err:.2e} against llama.cpp's arithmetic"
     err = relative_error(out, x.astype(np.float64) @ ref.T)
     assert err < INT8_ACTIVATION_RTOL, f"relative error {err:.2e} against unrounded activations"
+
+
+@pytest.mark.skipif(not simd.AVAILABLE, reason="needs the AVX2 kernels")
+@pytest.mark.parametrize("qtype", SIMD_TYPES, ids=lambda q: q.name)
+def test_avx2_kernels_equal_the_portable_ones_over_shapes(qtype: Q) -> None:
+    """Exact integer sums on both paths: only float32 summation order may differ. Many
+    shapes and token counts, since a kernel reading freed scratch fails only for some."""
+    rng = np.random.default_rng(11)
+    for n, k in [(64, 32), (64, 64), (13, 128), (200, 576)]:
+        raw = random_tensor(qtype, n, k, rng)
+        fast, portable = (quant.prepare(int(qtype), (n, k), raw, use_simd=s) for s in (True, False))
+        for tokens in (1, 2, 4, 5, 8, 16):
+            x = rng.standard_normal((tokens, k)).astype(np.float32)
+            a, b = np.empty((tokens, n), np.float32), np.empty((tokens, n), np.float32)
+            quant.matmul(x, fast, a)
+            quant.matmul(x, portable, b)
+            assert relative_error(a, b) < 1e-6, f"{n}x{k}, {tokens} tokens"
+
+
+def test_avx2_hosts_take_the_avx2_kernels() -> None:
+    """The fast path must not silently fall back: an x86-64 CPU that lists avx2 gets it."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if os.uname().machine != "x86_64" or not cpuinfo.exists() or os.environ.get("RBEES_CPU_SIMD") == "0":
+        pytest.skip("not an x86-64 Linux host with the AVX2 kernels enabled")
+    flags = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split()
+    assert ("avx2" in flags) == simd.AVAILABLE
 
 
 def test_fp16_rounding_matches_numpy() -> None:

@@ -6,7 +6,8 @@ rows grouped in chunks). The kernels multiply float32 activations by the integer
 quant values and apply the block scales once per block. For the 32-block types and
 F16 the activations are first rounded the way llama.cpp rounds them (`quant_act`),
 so products match llama.cpp's up to float32 summation order; K-quants, BF16 and F32
-use the activations as they are.
+use the activations as they are. On hosts with AVX2, Q4_0, Q4_1 and Q8_0 are instead
+stored and multiplied by `simd` (integer dot products, as llama.cpp's x86 kernels).
 
 Threads: `matmul` uses `numba.get_num_threads()` of the calling thread (set it with
 `numba.set_num_threads`). With the default OpenMP layer, idle workers spin between
@@ -17,8 +18,9 @@ many times slower than one-thread ones.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import numba
 import numpy as np
@@ -26,6 +28,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from rbees_workerd.errors import InvalidParams, ModelLoadError
 from rbees_workerd.kernels.cpu import quant_kernels as qk
+from rbees_workerd.kernels.cpu import simd
 from rbees_workerd.kernels.cpu.quant_pack import KIND_BYTE, KIND_NIBBLE, Blocks, pack_blocks, pack_dense
 
 _Q = GGMLQuantizationType
@@ -38,10 +41,13 @@ _thread = threading.local()  # whether this thread's parallel chunk size is set
 # llama.cpp's activation rounding per weight type (see quant_act); K-quants, BF16 and F32 keep float32
 _ACTIVATIONS = {_Q.Q4_0: qk.ACT_Q8_0, _Q.Q5_0: qk.ACT_Q8_0, _Q.Q8_0: qk.ACT_Q8_0,
                 _Q.Q4_1: qk.ACT_Q8_1, _Q.Q5_1: qk.ACT_Q8_1, _Q.F16: qk.ACT_F16}  # fmt: skip
+# the weight types `simd`'s AVX2 kernels serve, with llama.cpp's int8 activations
+_SIMD = {_Q.Q4_1: (simd.Q4_1, simd.matmul_q4_1), _Q.Q4_0: (simd.Q4_0, simd.matmul_q4_0),
+         _Q.Q8_0: (simd.Q8_0, simd.matmul_q8_0)}  # fmt: skip
 SUPPORTED = frozenset({*_DENSE, _Q.Q8_0, _Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1, _Q.Q4_K, _Q.Q5_K, _Q.Q6_K})
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class QMatrix:
     """A prepared `[N, K]` weight matrix. Exactly one of `blocks` / `dense` is set."""
 
@@ -50,10 +56,17 @@ class QMatrix:
     nbytes: int
     blocks: Blocks | None = None
     dense: np.ndarray | None = None
+    # the AVX2 kernel with its weight arguments bound (a decode step makes ~200 calls: keep them short)
+    simd_matmul: Callable[[np.ndarray, np.ndarray], None] | None = dataclasses.field(
+        default=None, repr=False, compare=False
+    )
 
 
-def prepare(qtype: int, shape: tuple[int, int], raw: np.ndarray) -> QMatrix:
-    """Repack the GGUF bytes `raw` (uint8[N, row_bytes]) of an `[N, K]` matrix; `raw` is copied."""
+def prepare(qtype: int, shape: tuple[int, int], raw: np.ndarray, use_simd: bool = simd.AVAILABLE) -> QMatrix:
+    """Repack the GGUF bytes `raw` (uint8[N, row_bytes]) of an `[N, K]` matrix; `raw` is copied.
+
+    With `use_simd` (default: the host has AVX2) Q4_0, Q4_1 and Q8_0 take `simd`'s layout and kernels.
+    """
     if qtype not in SUPPORTED:
         raise ModelLoadError(f"quant type {qtype} is not supported by the CPU backend")
     n, k = (int(s) for s in shape)
@@ -67,7 +80,15 @@ def prepare(qtype: int, shape: tuple[int, int], raw: np.ndarray) -> QMatrix:
         dense = pack_dense(qtype, raw)
         return QMatrix(qtype, (n, k), dense.nbytes, dense=dense)
     b = pack_blocks(qtype, raw)
-    return QMatrix(qtype, (n, k), b.qs.nbytes + b.qh.nbytes + b.d.nbytes + b.m.nbytes, blocks=b)
+    nbytes = b.qs.nbytes + b.qh.nbytes + b.d.nbytes + b.m.nbytes
+    if not (use_simd and qtype in _SIMD):
+        return QMatrix(qtype, (n, k), nbytes, blocks=b)
+    kind, kernel = _SIMD[qtype]
+    tiles, offset = simd.to_tiles(kind, b.qs, b.d, b.m), np.float32(b.offset)
+    none = np.zeros((0, 0, 0), np.float32)  # the scales live in the tiles, as fp16
+    b = dataclasses.replace(b, qs=tiles, d=none, m=none, tiles=True)
+    return QMatrix(qtype, (n, k), tiles.nbytes, blocks=b,
+                   simd_matmul=lambda x, out: kernel(x, tiles, offset, _TASKS, out))  # fmt: skip
 
 
 def _check(a: np.ndarray, rows: int, cols: int, what: str) -> None:
@@ -88,6 +109,9 @@ def matmul(x: np.ndarray, w: QMatrix, out: np.ndarray) -> None:
     if not getattr(_thread, "chunked", False):
         numba.set_parallel_chunksize(1)  # the kernels' row ranges are handed out one at a time
         _thread.chunked = True
+    if w.simd_matmul is not None:
+        w.simd_matmul(x, out)
+        return
     act = _ACTIVATIONS.get(w.qtype, qk.ACT_FLOAT)
     if w.blocks is not None:
         b = w.blocks
@@ -117,8 +141,14 @@ def embed_rows(w: QMatrix, tokens: np.ndarray, out: np.ndarray) -> None:
     ids = tokens.astype(np.int64, copy=False)
     if w.blocks is not None:
         b = w.blocks
-        qk.embed_blocks(b.qs, b.qh, b.d, b.m, b.kind, b.ebits, b.half, np.float32(b.offset), ids, out)
+        if b.tiles:  # the rows alone, in the portable layout, as chunks of one row
+            qs, d, m = simd.rows(_SIMD[w.qtype][0], b.qs, ids)
+            ids = np.arange(len(ids))
+        else:
+            qs, d, m = b.qs, b.d, b.m
+        qk.embed_blocks(qs, b.qh, d, m, b.kind, b.ebits, b.half, np.float32(b.offset), ids, out)
     elif w.qtype == _Q.F32:
         qk.embed_dense(w.dense, ids, out)
     else:
         qk.embed_half(w.dense, w.qtype == _Q.BF16, ids, out)
+

@@ -48,6 +48,7 @@ class Blocks:
     qh: np.ndarray
     d: np.ndarray
     m: np.ndarray
+    tiles: bool = False  # qs holds `simd`'s tiles (values and fp16 scales; d and m are empty)
 
 
 def _f16(a: np.ndarray) -> np.ndarray:
