@@ -80,9 +80,8 @@ def prepare(qtype: int, shape: tuple[int, int], raw: np.ndarray, use_simd: bool 
         dense = pack_dense(qtype, raw)
         return QMatrix(qtype, (n, k), dense.nbytes, dense=dense)
     b = pack_blocks(qtype, raw)
-    nbytes = b.qs.nbytes + b.qh.nbytes + b.d.nbytes + b.m.nbytes
     if not (use_simd and qtype in _SIMD):
-        return QMatrix(qtype, (n, k), nbytes, blocks=b)
+        return QMatrix(qtype, (n, k), b.qs.nbytes + b.qh.nbytes + b.d.nbytes + b.m.nbytes, blocks=b)
     kind, kernel = _SIMD[qtype]
     tiles, offset = simd.to_tiles(kind, b.qs, b.d, b.m), np.float32(b.offset)
     none = np.zeros((0, 0, 0), np.float32)  # the scales live in the tiles, as fp16
@@ -151,4 +150,3 @@ def embed_rows(w: QMatrix, tokens: np.ndarray, out: np.ndarray) -> None:
         qk.embed_dense(w.dense, ids, out)
     else:
         qk.embed_half(w.dense, w.qtype == _Q.BF16, ids, out)
-

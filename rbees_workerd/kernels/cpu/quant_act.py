@@ -70,6 +70,27 @@ def quantize_q8_row(x: np.ndarray, q: np.ndarray, dh: np.ndarray, sums: np.ndarr
 
 
 @njit(cache=True, nogil=True)
+def quantize_q8_rows(x: np.ndarray, offset: np.float32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The int8 input of an integer product: `quantize_q8_row` of each row of x[T, K] -> q8[T, K],
+    dh[T, K/32], sums[T, K/32]. A nonzero `offset` (Q4_0's -8) replaces the sums by the term it
+    contributes, offset * dh * sum(q8)."""
+    T, K = x.shape
+    nb = K // 32
+    q8 = np.empty((T, K), np.int8)
+    dh = np.empty((T, nb), np.float32)
+    sums = np.empty((T, nb), np.float32)
+    for t in range(T):
+        quantize_q8_row(x[t], q8[t], dh[t], sums[t])
+        if offset != 0:
+            for b in range(nb):
+                total = 0
+                for j in range(32):
+                    total += int(q8[t, b * 32 + j])
+                sums[t, b] = offset * dh[t, b] * np.float32(total)
+    return q8, dh, sums
+
+
+@njit(cache=True, nogil=True)
 def round_q8(x: np.ndarray, with_sum: bool, xq: np.ndarray, sxh: np.ndarray) -> None:
     """xq = x rounded through llama.cpp's Q8_0 (with_sum=False) or Q8_1 blocks (`quantize_q8_row`).
 

@@ -30,7 +30,7 @@ import numpy as np
 from numba import njit, prange
 from numba.core.compiler import Compiler
 
-from rbees_workerd.kernels.cpu.quant_act import quantize_q8_row, round_f16, round_q8
+from rbees_workerd.kernels.cpu.quant_act import quantize_q8_rows, round_f16, round_q8
 
 
 class _NoAliasCompiler(Compiler):
@@ -269,21 +269,12 @@ def matmul_nibble_q8(x, qs, d, m, offset, tasks, out):  # noqa: ANN001, ANN201
     16 products of a 4-bit and an int8 value stay within int16 (|sum| <= 16 * 15 * 127), so each
     half block accumulates in int16 lanes: twice the lanes of float32 per vector instruction.
     """
-    T, K = x.shape
+    T = x.shape[0]
     NC, nb, _, C = qs.shape
     N = out.shape[1]
     has_m = m.shape[1] > 0
-    q8 = np.empty((T, K), np.int8)
-    dh = np.empty((T, nb), np.float32)
-    sums = np.empty((T, nb), np.float32)
-    for t in range(T):
-        quantize_q8_row(x[t], q8[t], dh[t], sums[t])
-        if not has_m:  # Q4_0: the offset multiplies the block's sum of rounded inputs
-            for b in range(nb):
-                total = 0
-                for j in range(32):
-                    total += int(q8[t, b * 32 + j])
-                sums[t, b] = offset * dh[t, b] * np.float32(total)
+    # Q4_1 keeps Q8_1's block sums for its mins; Q4_0's offset multiplies the sum of rounded inputs
+    q8, dh, sums = quantize_q8_rows(x, np.float32(0.0) if has_m else offset)
     ntask = max(1, min(tasks, NC))
     for task in prange(ntask):
         c0, c1 = _task_range(task, ntask, NC)

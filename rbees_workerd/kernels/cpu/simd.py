@@ -32,7 +32,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from rbees_workerd.kernels.cpu.quant_act import quantize_q8_row
+from rbees_workerd.kernels.cpu.quant_act import quantize_q8_rows
 
 # RBEES_CPU_SIMD=0 keeps the portable kernels (for comparison, or a CPU that misreports AVX2)
 AVAILABLE = (
@@ -198,17 +198,7 @@ def _matmul(kind, x, tiled, offset, tasks, out):  # noqa: ANN001, ANN202
     T, K = x.shape
     nb = tiled.shape[1]
     N = out.shape[1]
-    q8 = np.empty((T, K), np.int8)
-    dh = np.empty((T, nb), np.float32)
-    sums = np.empty((T, nb), np.float32)
-    for t in range(T):
-        quantize_q8_row(x[t], q8[t], dh[t], sums[t])
-        if kind == Q4_0:  # the offset multiplies the block's sum of rounded inputs
-            for b in range(nb):
-                total = 0
-                for j in range(32):
-                    total += int(q8[t, b * 32 + j])
-                sums[t, b] = offset * dh[t, b] * np.float32(total)
+    q8, dh, sums = quantize_q8_rows(x, offset if kind == Q4_0 else np.float32(0.0))
     tiles = -(-N // TILE_ROWS)
     ntask = max(1, min(tasks, tiles))
     for task in prange(ntask):
