@@ -1,14 +1,15 @@
 """Prefill and decode throughput of the CUDA backend on one GPU.
 
     python bench/cuda_bench.py MODEL.gguf [--batches 1,64,256] [--prompt 512] [--steps 128] [--json]
-                                          [--gemm-min-tokens N]
+                                          [--gemm-min-tokens N] [--vec-max-tokens N]
 
 Decode: B sequences step together from position 0 for `steps` tokens (like
 llama-bench's tg128), each step a forward plus greedy sampling on the device;
 tok/s = B * steps / time. Prefill: one `prompt`-token step; tok/s = prompt / time.
 Every figure is the median of `--repeat` timed runs after a warm-up run
 (which compiles or loads the kernels and captures the CUDA graphs).
---gemm-min-tokens moves the switch from the few-token kernel to the tiled GEMM (tuning).
+--gemm-min-tokens moves the switch from the few-token kernel to the tiled GEMM, --vec-max-tokens
+the one from the one-token-per-block kernel to the few-token kernel (tuning).
 """
 
 from __future__ import annotations
@@ -77,11 +78,14 @@ def main() -> None:
     ap.add_argument("--gpu", type=int, default=0)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--gemm-min-tokens", type=int)
+    ap.add_argument("--vec-max-tokens", type=int)
     args = ap.parse_args()
-    if args.gemm_min_tokens is not None:
-        from rbees_workerd.kernels.cuda import matmul
+    from rbees_workerd.kernels.cuda import matmul
 
+    if args.gemm_min_tokens is not None:
         matmul.GEMM_MIN_TOKENS = args.gemm_min_tokens
+    if args.vec_max_tokens is not None:
+        matmul.VEC_MAX_TOKENS = args.vec_max_tokens
     batches = [int(b) for b in args.batches.split(",")]
     t0 = time.perf_counter()
     engine = Engine.load(args.model, backend="cuda", gpu=args.gpu, slots=max(batches),

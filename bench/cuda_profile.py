@@ -1,6 +1,6 @@
 """Where a batch-1 decode step's time goes on the CUDA backend: host-side phases, timed separately.
 
-    python bench/cuda_profile.py MODEL.gguf [--steps 64] [--batch 1]
+    python bench/cuda_profile.py MODEL.gguf [--steps 64] [--batch 1] [--prefill N]
 
 Run it under `ncu --metrics gpu__time_duration.sum --print-summary per-kernel`
 for the per-kernel device times of the captured graph's nodes.
@@ -23,21 +23,32 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prefill", type=int, default=0, help="time N-token prefill steps instead of decode")
     args = ap.parse_args()
     b = args.batch
-    engine = Engine.load(args.model, backend="cuda", slots=b, context_length=args.steps + 1)
+    engine = Engine.load(args.model, backend="cuda", slots=b, context_length=max(args.steps + 1, args.prefill),
+                         max_step_tokens=max(256, b, args.prefill))  # fmt: skip
     model, be = engine.model, engine.backend
     greedy = [SamplingRow(0.0, 0, 1.0, 0.0, 1.0, 0.0, np.zeros(0, np.int32))] * b
     slots = rows = np.arange(b, dtype=np.int32)
     tokens = np.ones(b, np.int32)
     phases: dict[str, list[float]] = {"step (upload + graph launch)": [], "step synchronized": [], "sample": []}
+    if args.prefill:
+        tokens = np.arange(args.prefill, dtype=np.int32) % engine.config.vocab_size
+        greedy = greedy[:1]
     for pos in range(args.steps):
         t0 = time.perf_counter()
-        logits = model.run(tokens, np.full(b, pos, np.int32), slots, rows)
+        if args.prefill:
+            n = args.prefill
+            logits = model.run(tokens, np.arange(n, dtype=np.int32), np.zeros(n, np.int32), np.array([n - 1], np.int32))
+        else:
+            logits = model.run(tokens, np.full(b, pos, np.int32), slots, rows)
         t1 = time.perf_counter()
         be.synchronize()
         t2 = time.perf_counter()
-        tokens = be.sample(logits, greedy)
+        ids = be.sample(logits, greedy)
+        if not args.prefill:
+            tokens = ids
         t3 = time.perf_counter()
         if pos >= 2:  # the first steps compile and capture
             phases["step (upload + graph launch)"].append(t1 - t0)

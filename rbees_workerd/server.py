@@ -193,7 +193,9 @@ def create_app(runtime: WorkerRuntime) -> FastAPI:
         finally:
             logs.correlation_id.reset(token)
         body = {"code": "INTERNAL", "message": "internal error", "retriable": True}
-        return JSONResponse(body, status_code=500, headers={"X-Correlation-Id": cid})
+        # Starlette re-raises after this response and uvicorn then closes the connection: say so,
+        # or a keep-alive client sends its next request into the closing socket
+        return JSONResponse(body, status_code=500, headers={"X-Correlation-Id": cid, "Connection": "close"})
 
     @app.post(
         "/execute",

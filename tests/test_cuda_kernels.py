@@ -33,8 +33,10 @@ from rbees_workerd.engine.sampling import sample_rows  # noqa: E402
 from rbees_workerd.kernels.backend import SamplingRow  # noqa: E402
 from rbees_workerd.kernels.cpu import ops as cpu_ops  # noqa: E402
 from rbees_workerd.kernels.cpu import quant as cpu_quant  # noqa: E402
+from rbees_workerd.kernels.cpu.backend import CpuBackend  # noqa: E402
 from rbees_workerd.kernels.cuda import CudaBackend  # noqa: E402
 from rbees_workerd.kernels.cuda.matmul import GEMM_MIN_TOKENS, KC  # noqa: E402
+from rbees_workerd.kernels.cuda.ops import SEQ_KT, SEQ_MIN_TOKENS, SEQ_QT  # noqa: E402
 
 QTYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 _SCALE_AT = {Q.Q4_K: slice(0, 4), Q.Q5_K: slice(0, 4), Q.Q6_K: slice(208, 210)}
@@ -160,9 +162,51 @@ def test_attention_causal_gqa_per_slot_matches_cpu(be):
     np.testing.assert_allclose(be.download(out), ref, rtol=1e-4, atol=1e-5)
 
 
-# few tokens: the product normalizes (and, for Q4_1, rounds) its input itself; many: a rounding kernel does
-@pytest.mark.parametrize(("t", "qtype"), [(2, Q.BF16), (2, Q.Q4_1), (GEMM_MIN_TOKENS + 1, Q.Q4_1)],
-                         ids=["rows-bf16", "rows-q4_1", "gemm-q4_1"])  # fmt: skip
+# a prompt chunk of one slot takes the tiled kernel: from position 0 (in a step, after the fused rope and
+# store), and after earlier chunks with a tile and a bit of queries and a context past one K tile; 3 query
+# heads per KV head, like SmolLM2
+@pytest.mark.parametrize(("t", "start", "heads", "e", "step"),
+                         [(SEQ_MIN_TOKENS + 3, 0, (6, 2), 32, True), (SEQ_QT + 3, SEQ_KT - 7, (3, 1), 16, False)],
+                         ids=["first-chunk-in-step", "later-chunk"])  # fmt: skip
+def test_attention_prompt_chunk_matches_cpu(be, t, start, heads, e, step):
+    rng = np.random.default_rng(6)
+    slots = np.full(t, 1, np.int32)
+    pos = np.arange(start, start + t, dtype=np.int32)
+    q, k, v = (rng.standard_normal((t, h, e)).astype(np.float32) for h in (heads[0], heads[1], heads[1]))
+    cache = rng.standard_normal((2, 2, start + t + 2, heads[1], e)).astype(np.float32)
+    ref_q, ref_k, ref_ck, ref_cv = q.copy(), k.copy(), cache[0].copy(), cache[1].copy()
+    qd, kd, vd, ck, cv = (_dev(be, a) for a in (q, k, v, cache[0], cache[1]))
+    sd, pd, out = _dev(be, slots), _dev(be, pos), _dev(be, np.full_like(q, np.nan))
+
+    def run() -> None:
+        if step:
+            be.rope(qd, pd, 500.0, False)
+            be.rope(kd, pd, 500.0, False)
+        be.attention(qd, kd, vd, ck, cv, sd, pd, out, one_sequence=True)
+
+    if step:
+        be.run_step(("prompt-chunk-test", t), run)
+        cpu_ops.rope(ref_q, pos, 500.0, False)
+        cpu_ops.rope(ref_k, pos, 500.0, False)
+    else:
+        run()
+    ref = np.zeros_like(q)
+    cpu_ops.kv_store(ref_k, v, ref_ck, ref_cv, slots, pos)
+    cpu_ops.attention(ref_q, ref_ck, ref_cv, slots, pos, ref)
+    np.testing.assert_allclose(be.download(ck), ref_ck, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(be.download(cv), ref_cv)
+    got = be.download(out)
+    # a GPU's fast exp can flip an fp16-rounded weight against the CPU's; the per-token kernel shares it
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    per_token = _dev(be, np.full_like(q, np.nan))
+    be.attention(qd, kd, vd, ck, cv, sd, pd, per_token)  # stores the same rows again
+    np.testing.assert_allclose(got, be.download(per_token), rtol=1e-5, atol=1e-6)
+
+
+# few tokens: the product normalizes (and, for Q4_1, rounds) its input itself; many: a rounding kernel does.
+# Two tokens take vec_kernel, three the few-token kernel, GEMM_MIN_TOKENS + 1 the GEMM.
+@pytest.mark.parametrize(("t", "qtype"), [(3, Q.BF16), (2, Q.Q4_1), (GEMM_MIN_TOKENS + 1, Q.Q4_1)],
+                         ids=["rows-bf16", "vec-q4_1", "gemm-q4_1"])  # fmt: skip
 def test_fused_step_equals_separate_ops(be, t, qtype):
     """run_step fuses norm + q/k/v, norm + gate/up + SwiGLU and projection + residual add; same results."""
     rng = np.random.default_rng(3)
@@ -243,6 +287,19 @@ def test_sample_greedy_ties_pick_lowest_id(be):
     assert be.sample(_dev(be, logits), _rows(1, temperature=0.0)).tolist() == [7]
 
 
+def test_sample_greedy_skips_nan_and_reads_every_logit(be):
+    """Greedy rows without a penalty take a one-pass argmax over the logits: NaN never wins, and the
+    winner may sit anywhere, here past several strides of the kernel's unrolled loop."""
+    vocab = 300 if SIM else 5000
+    logits = np.random.default_rng(6).standard_normal((2, vocab)).astype(np.float32)
+    logits[0, 3] = np.nan
+    logits[0, vocab - 2] = 9.0
+    logits[1, :] = np.nan
+    logits[1, vocab // 2] = -1.0
+    got = be.sample(_dev(be, logits), _rows(2, temperature=0.0))
+    assert got.tolist() == [vocab - 2, vocab // 2]
+
+
 def test_fused_rope_and_store_equal_cpu(be):
     """In a step, rope(q), rope(k) and the KV store become one launch; results must match the CPU."""
     rng = np.random.default_rng(5)
@@ -269,3 +326,40 @@ def test_fused_rope_and_store_equal_cpu(be):
     np.testing.assert_allclose(be.download(ck), ref_ck, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(be.download(cv), ref_cv)
     np.testing.assert_allclose(be.download(out), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("t", "neox"), [(1, False), (2, True)], ids=["1-token-llama", "2-tokens-neox"])
+def test_qkv_product_rotates_and_stores_itself(be, t, neox):
+    """For one or two tokens the q/k/v product also does RoPE and the KV store (one launch for
+    norm, products, rotation and cache); the CPU backend runs the same ops one by one."""
+    cpu = CpuBackend(threads=1)
+    rng = np.random.default_rng(7)
+    d, h, g, e, ctx = 64, 4, 2, 16, 8
+    shapes = {"q": (h * e, d), "k": (g * e, d), "v": (g * e, d)}
+    raws = {n: random_matrix(Q.Q4_1, *sh, rng)[0] for n, sh in shapes.items()}
+    x0 = rng.standard_normal((t, d)).astype(np.float32)
+    nw0, bias0 = rng.standard_normal(d).astype(np.float32), rng.standard_normal(g * e).astype(np.float32)
+    cache0 = rng.standard_normal((2, 2, ctx, g, e)).astype(np.float32)
+    slots, pos = np.array([1, 0][:t], np.int32), np.array([5, 3][:t], np.int32)
+
+    def run(b, record: bool) -> list[np.ndarray]:  # noqa: ANN001
+        ws = {n: b.weight(int(Q.Q4_1), shapes[n], raws[n]) for n in shapes}
+        up = (lambda a: _dev(be, a)) if b is be else (lambda a: a.copy())  # noqa: E731
+        x, hh, nw, bias = up(x0), up(np.zeros_like(x0)), b.vector(nw0), b.vector(bias0)
+        q, k, v = (up(np.zeros((t, n, e), np.float32)) for n in (h, g, g))
+        ck, cv, sd, pd, out = up(cache0[0]), up(cache0[1]), up(slots), up(pos), up(np.zeros((t, h, e), np.float32))
+
+        def step() -> None:
+            b.rmsnorm(x, nw, 1e-5, hh)
+            b.matmul(hh, ws["q"], q.reshape(t, -1))
+            b.matmul(hh, ws["k"], k.reshape(t, -1), bias)
+            b.matmul(hh, ws["v"], v.reshape(t, -1))
+            b.rope(q, pd, 10000.0, neox)
+            b.rope(k, pd, 10000.0, neox)
+            b.attention(q, k, v, ck, cv, sd, pd, out)
+
+        b.run_step(("qkv-rope-test", t, neox), step) if record else step()
+        return [a if b is cpu else be.download(a) for a in (q, k, v, ck, cv, out)]
+
+    for got, ref in zip(run(be, True), run(cpu, False), strict=True):
+        np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-4 * np.abs(ref).max())

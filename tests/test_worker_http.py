@@ -397,6 +397,7 @@ def test_an_unexpected_error_is_a_500_that_keeps_the_correlation_id(model_path: 
             assert r.status_code == 500
             assert r.json() == {"code": "INTERNAL", "message": "internal error", "retriable": True}
             assert r.headers["x-correlation-id"] == "req-500.check"
+            assert r.headers["connection"] == "close"  # the server closes it: the client must not reuse it
             generated = c.get("/fault")
             assert generated.status_code == 500
             assert re.fullmatch(r"[0-9a-f]{32}", generated.headers["x-correlation-id"])

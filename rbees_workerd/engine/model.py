@@ -42,10 +42,7 @@ class Scratch:
 
     def __init__(self, cfg: ModelConfig, be: Backend, t_max: int) -> None:
         h, g, e = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.tokens = be.zeros((t_max,), np.int32)
-        self.positions = be.zeros((t_max,), np.int32)
-        self.slots = be.zeros((t_max,), np.int32)
-        self.rows = be.zeros((t_max,), np.int32)
+        self.ids = be.zeros((4 * t_max,), np.int32)  # a step's tokens, positions, slots and logit rows, in one upload
         self.x = be.zeros((t_max, cfg.dim))
         self.h = be.zeros((t_max, cfg.dim))
         self.q = be.zeros((t_max, h, e))
@@ -117,23 +114,27 @@ class Transformer:
             if on_progress:
                 on_progress((i + 1) / cfg.n_layers)
         self.scratch = Scratch(cfg, be, max_step_tokens)
-        self._logits: dict[int, Array] = {}
+        self._logits: dict[int, Array] = {}  # per count of logit rows
+        self._views: dict[tuple[int, int], tuple[Array, ...]] = {}  # per step shape: ids, their parts, logits
 
     def run(self, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray, logit_rows: np.ndarray) -> Array:
         """One step; returns the backend's logits [len(logit_rows), V] for the requested token rows."""
         n, r = len(tokens), len(logit_rows)
         if not 0 < n <= self.max_step_tokens or not 0 < r <= n:
             raise ValueError(f"a step takes 1..{self.max_step_tokens} tokens and 1..T logit rows")
-        be, s = self.be, self.scratch
-        be.upload(np.asarray(tokens, np.int32), s.tokens[:n])
-        be.upload(np.asarray(positions, np.int32), s.positions[:n])
-        be.upload(np.asarray(slots, np.int32), s.slots[:n])
-        be.upload(np.asarray(logit_rows, np.int32), s.rows[:r])
-        if r not in self._logits:
-            self._logits[r] = be.zeros((r, self.cfg.vocab_size))
-        logits = self._logits[r]
-        be.run_step((n, r), lambda: self._step(n, r, logits))
-        return logits
+        slots, positions = np.asarray(slots, np.int32), np.asarray(positions, np.int32)
+        views = self._views.get((n, r))
+        if views is None:  # slicing device arrays costs tens of microseconds: once per step shape
+            if r not in self._logits:
+                self._logits[r] = self.be.zeros((r, self.cfg.vocab_size))
+            ids = self.scratch.ids
+            views = self._views[(n, r)] = (ids[: 3 * n + r], ids[:n], ids[n : 2 * n], ids[2 * n : 3 * n],
+                                           ids[3 * n : 3 * n + r], self._logits[r])  # fmt: skip
+        self.be.upload(np.concatenate([np.asarray(tokens, np.int32), positions, slots,
+                                       np.asarray(logit_rows, np.int32)]), views[0])  # fmt: skip
+        one_seq = bool(n > 1 and np.all(slots == slots[0]) and np.all(np.diff(positions) == 1))
+        self.be.run_step((n, r, one_seq), lambda: self._step(*views[1:], one_seq))
+        return views[-1]
 
     def forward(
         self, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray, logit_rows: np.ndarray
@@ -141,9 +142,9 @@ class Transformer:
         """`run`, with the logits copied to the host (tests and tools)."""
         return self.be.download(self.run(tokens, positions, slots, logit_rows))
 
-    def _step(self, n: int, r: int, logits: Array) -> None:
+    def _step(self, tokens: Array, positions: Array, slots: Array, rows: Array, logits: Array, one_seq: bool) -> None:
         cfg, be, s = self.cfg, self.be, self.scratch
-        tokens, positions, slots = s.tokens[:n], s.positions[:n], s.slots[:n]
+        n, r = tokens.shape[0], rows.shape[0]
         x, h = s.x[:n], s.h[:n]
         q, k, v, att = s.q[:n], s.k[:n], s.v[:n], s.att[:n]
         q2, k2, v2, att2 = (a.reshape(n, -1) for a in (q, k, v, att))
@@ -157,7 +158,7 @@ class Transformer:
             be.matmul(h, layer.wv, v2, layer.bv)
             be.rope(q, positions, cfg.rope_theta, cfg.rope_neox)
             be.rope(k, positions, cfg.rope_theta, cfg.rope_neox)
-            be.attention(q, k, v, layer.cache_k, layer.cache_v, slots, positions, att)
+            be.attention(q, k, v, layer.cache_k, layer.cache_v, slots, positions, att, one_seq)
             be.matmul(att2, layer.wo, h)
             be.add(x, h)
             be.rmsnorm(x, layer.ffn_norm, cfg.norm_eps, h)
@@ -167,6 +168,6 @@ class Transformer:
             be.matmul(gate, layer.w_down, h)
             be.add(x, h)
         last = s.last[:r]
-        be.gather_rows(x, s.rows[:r], last)
+        be.gather_rows(x, rows, last)
         be.rmsnorm(last, self.output_norm, cfg.norm_eps, last)
         be.matmul(last, self.output, logits)

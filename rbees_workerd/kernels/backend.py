@@ -119,12 +119,15 @@ class Backend(ABC):
         slots: Array,
         positions: Array,
         out: Array,
+        one_sequence: bool = False,
     ) -> None:
         """Store k/v[T, G, E] at (slots[t], positions[t]) of cache_k/v[S, C, G, E], then attend.
 
         Token t attends causally to positions 0..positions[t] of its own slot,
         query head h using key/value head h // (H // G); scale 1/sqrt(E).
         out is [T, H, E]. All of a step's k/v are stored before any token attends.
+        `one_sequence` promises that the T tokens are consecutive positions of one
+        slot (a prompt chunk), which lets a backend attend a tile of them at a time.
         """
 
     @abstractmethod

@@ -62,7 +62,7 @@ class CpuBackend(backend.Backend):
     def rope(self, x: np.ndarray, positions: np.ndarray, theta: float, neox: bool) -> None:
         ops.rope(x, positions, theta, neox)
 
-    def attention(self, q, k, v, cache_k, cache_v, slots, positions, out) -> None:  # noqa: ANN001
+    def attention(self, q, k, v, cache_k, cache_v, slots, positions, out, one_sequence=False) -> None:  # noqa: ANN001
         ops.kv_store(k, v, cache_k, cache_v, slots, positions)
         ops.attention(q, cache_k, cache_v, slots, positions, out)
 

@@ -2,7 +2,8 @@
 
 Ops queue kernel launches on one stream. Inside `run_step` they are recorded
 instead, fused where the pattern allows (q/k/v sharing an input, gate/up with
-SwiGLU, a projection followed by the residual add), launched once (which also
+SwiGLU, a projection followed by the residual add, RMSNorm into the product
+after it, and for one or two tokens q/k/v with RoPE and the KV store), launched once (which also
 compiles them) and captured into a CUDA graph through cuda.core's graph
 builder; later steps of the same key replay the graph, a few microseconds of
 host time for the whole forward instead of one launch per op.
@@ -65,6 +66,7 @@ class _MatMul:
     mode: int = mm.MODE_ROWS
     res: Any = None
     norm: tuple[Any, Any, float] | None = None  # (x, weight, eps): the input is rmsnorm(x), written to self.x
+    rope: tuple[Any, ...] | None = None  # MODE_QKV: rope_store_kernel's arguments, which this product does
 
 
 @dataclass
@@ -134,6 +136,11 @@ class CudaBackend(backend.Backend):
         self._dummy_w = self._to_device(np.zeros((1, 1), np.uint32))
         self._dummy_f = self._to_device(np.zeros((1, 1), np.float32))
         self._dummy_v = self._to_device(np.zeros(1, np.float32))
+        self._dummy_part = self._to_device(np.zeros((1, 1, 1), np.float32))
+        self._dummy_count = self._to_device(np.zeros(1, np.int32))
+        dummy_c = self._to_device(np.zeros((1, 1, 1, 1), np.float32))
+        self._no_rope = (dummy_c, dummy_c, self._dummy_count, self._dummy_count, self._dummy_f, self._dummy_f, 2, False)
+        self._rope_tables: dict[tuple[float, int, int], tuple[Any, Any]] = {}
 
     # ---- memory
     def check_fits(self, needed_bytes: int) -> None:
@@ -197,6 +204,26 @@ class CudaBackend(backend.Backend):
             self.synchronize()
         return h
 
+    def _rope_table(self, theta: float, head: int, context: int) -> tuple[Any, Any]:
+        """cos/sin[position, pair] of RoPE's angles, float32 of the float64 values the CPU computes."""
+        key = (theta, head, context)
+        if key not in self._rope_tables:
+            freq = np.arange(context)[:, None] * theta ** (-2.0 * np.arange(head // 2) / head)
+            self._rope_tables[key] = (self.vector(np.cos(freq)), self.vector(np.sin(freq)))
+        return self._rope_tables[key]
+
+    def _split_buffers(self, split: int, tokens: int, rows: int, tiles: int) -> tuple[Any, Any]:
+        """The partial sums and tile counters of a GEMM split over K (dummies when not split).
+
+        One pair per shape: the launches of a step run one after another, and each leaves its
+        counters at zero."""
+        if split == 1:
+            return self._dummy_part, self._dummy_count
+        key = ("split", split, tokens, rows, tiles)
+        if key not in self._act_bufs:
+            self._act_bufs[key] = (self.zeros((split, tokens, rows)), self.zeros((tiles,), np.int32))
+        return self._act_bufs[key]
+
     def memory_bytes(self) -> int:
         return self._bytes
 
@@ -238,14 +265,23 @@ class CudaBackend(backend.Backend):
         self._submit(("rope", x, positions, float(theta), bool(neox),
                       _Launch(ops.rope_kernel, (math.ceil(n / 128),), (128,), args)))  # fmt: skip
 
-    def attention(self, q, k, v, cache_k, cache_v, slots, positions, out) -> None:  # noqa: ANN001
-        if q.shape[2] > ops.ATT_THREADS:
-            raise InvalidParams(f"head size {q.shape[2]} exceeds the CUDA kernel's {ops.ATT_THREADS}")
+    def attention(self, q, k, v, cache_k, cache_v, slots, positions, out, one_sequence=False) -> None:  # noqa: ANN001
+        t_count, heads, e = q.shape
+        tiled = one_sequence and t_count >= ops.SEQ_MIN_TOKENS  # a prompt chunk: a tile of queries per block
+        if tiled and (e > ops.SEQ_MAX_E or e % 8):
+            raise InvalidParams(f"head size {e} is not a multiple of 8 up to {ops.SEQ_MAX_E} (the tiled CUDA kernel)")
+        if not tiled and e > ops.ATT_THREADS:
+            raise InvalidParams(f"head size {e} exceeds the CUDA kernel's {ops.ATT_THREADS}")
         n = k.shape[0] * k.shape[1] * k.shape[2]
         store = (k, v, cache_k, cache_v, slots, positions)
         self._submit(("kvstore", *store, _Launch(ops.kv_store_kernel, (math.ceil(n / 128),), (128,), store)))
-        self._submit(_Launch(ops.attention_kernel, (q.shape[0], q.shape[1]), (ops.ATT_THREADS,),
-                             (q, cache_k, cache_v, slots, positions, out)))  # fmt: skip
+        args = (q, cache_k, cache_v, slots, positions, out)
+        if tiled:
+            kernel = ops.attention_seq_kernel(e)
+            grid = (math.ceil(t_count / ops.SEQ_QT), heads)
+            self._submit(_Launch(kernel, grid, (ops.SEQ_THREADS,), args))
+        else:
+            self._submit(_Launch(ops.attention_kernel, (t_count, heads), (ops.ATT_THREADS,), args))
 
     def swiglu(self, gate: Any, up: Any, out: Any) -> None:
         grid, block = _grid2(*gate.shape)
@@ -368,7 +404,7 @@ def _fuse(ops_in: list[Any]) -> list[Any]:
                 continue
         out.append(op)
         i += 1
-    return _fuse_norms(out)
+    return _fuse_qkv_rope(_fuse_norms(out))
 
 
 def _fuse_norms(seq: list[Any]) -> list[Any]:
@@ -403,6 +439,28 @@ def _rope_store(seq: list[Any]) -> _Launch | None:
         return None
     args = (q, k, v, cache_k, cache_v, slots, positions, rq[3], rq[4])
     return _Launch(ops.rope_store_kernel, (q.shape[0],), (512,), args)
+
+
+def _fuse_qkv_rope(seq: list[Any]) -> list[Any]:
+    """The q/k/v product of one or two tokens followed by the RoPE + KV store launch: the product
+    rotates and stores its pairs of rows itself (MODE_QKV), one launch fewer per layer."""
+    out: list[Any] = []
+    for op in seq:
+        prev = out[-1] if out else None
+        if (isinstance(op, _Launch) and op.kernel is ops.rope_store_kernel and isinstance(prev, _MatMul)
+                and prev.mode == mm.MODE_ROWS and len(prev.ws) == 3 and prev.res is None
+                and prev.x.shape[0] <= mm.VEC_MAX_TOKENS):  # fmt: skip
+            q, k, v = op.args[:3]
+            if all(_addr(o) == _addr(a) and o.size == a.size for o, a in zip(prev.outs, (q, k, v), strict=True)):
+                prev.mode = mm.MODE_QKV
+                prev.rope = op.args
+                continue
+        out.append(op)
+    return out
+
+
+def _addr(a: Any) -> int:
+    return _ptr(a)[0]
 
 
 def _lower(recorded: list[Any], be: CudaBackend) -> list[_Launch]:
@@ -442,7 +500,8 @@ def _prepared_input(op: _MatMul, rnd: int, be: CudaBackend) -> tuple[list[_Launc
 
 
 def _matmul_launches(op: _MatMul, be: CudaBackend) -> list[_Launch]:
-    """The warp-per-row kernel for few tokens, the tiled GEMM (then SwiGLU apart) for many."""
+    """vec_kernel for one or two tokens, the warp-per-row kernel for a few, the tiled GEMM (then SwiGLU apart)
+    for many."""
     t_count = op.x.shape[0]
     many = t_count >= mm.GEMM_MIN_TOKENS
     w0 = op.ws[0]
@@ -469,21 +528,32 @@ def _matmul_launches(op: _MatMul, be: CudaBackend) -> list[_Launch]:
         flags |= 8
     res = be._dummy_f if op.res is None else op.res
     if many:
-        grid = (math.ceil(sum(ns) / mm.BM), math.ceil(t_count / mm.BN))
-        gemm_args = (x_in, *sets, *ns, w0.off, flags, res, msum)
-        launches.append(_Launch(mm.gemm_kernel(w0.fmt), grid, (mm.GEMM_THREADS,), gemm_args))
+        tiles = (math.ceil(sum(ns) / mm.BM), math.ceil(t_count / mm.BN))
+        groups = op.x.shape[1] // 32
+        split = max(1, min(math.ceil(mm.GEMM_BLOCKS / (tiles[0] * tiles[1])), groups // mm.GEMM_SPLIT_GROUPS))
+        part, count = be._split_buffers(split, t_count, sum(ns), tiles[0] * tiles[1])
+        gemm_args = (x_in, *sets, *ns, w0.off, flags, res, msum, part, count)
+        launches.append(_Launch(mm.gemm_kernel(w0.fmt), (*tiles, split), (mm.GEMM_THREADS,), gemm_args))
         if op.mode == mm.MODE_SWIGLU:
             gate, up, out = op.outs
             grid2, block2 = _grid2(*gate.shape)
             launches.append(_Launch(ops.swiglu_kernel, grid2, block2, (gate, up, out)))
         return launches
     rows = ns[0] if op.mode == mm.MODE_SWIGLU else sum(ns)
-    tb = 1 if t_count == 1 else mm.TB
-    grid_y = math.ceil(t_count / tb)
-    grid = (min(math.ceil(rows / mm.WARPS), max(1, mm.ROW_BLOCKS // grid_y)), grid_y)
     x, nw, eps, hout = x_in, be._dummy_v, np.float32(0.0), be._dummy_f
     if op.norm is not None:
         x, nw, eps, hout = op.norm[0], op.norm[1], np.float32(op.norm[2]), op.x
         flags |= 16
     args = (x, *sets, *ns, w0.off, op.mode, flags, res, nw, eps, hout, msum)
-    return [_Launch(mm.rows_kernel(w0.fmt, rnd, tb), grid, (mm.BLOCK,), args)]
+    if t_count <= mm.VEC_MAX_TOKENS:
+        rope = be._no_rope
+        if op.mode == mm.MODE_QKV:
+            q, k, v, cache_k, cache_v, slots, positions, theta, neox = op.rope
+            cos_t, sin_t = be._rope_table(theta, q.shape[2], cache_k.shape[1])
+            rope, rows = (cache_k, cache_v, slots, positions, cos_t, sin_t, q.shape[2], neox), rows // 2
+        args = (*args[:-1], rope)
+        grid = (math.ceil(min(rows, mm.VEC_WARPS) / mm.WARPS), t_count)
+        return [_Launch(mm.vec_kernel(w0.fmt, rnd, math.ceil(x.shape[1] / 256)), grid, (mm.BLOCK,), args)]
+    grid_y = math.ceil(t_count / mm.TB)
+    grid = (min(math.ceil(rows / mm.WARPS), max(1, mm.ROW_BLOCKS // grid_y)), grid_y)
+    return [_Launch(mm.rows_kernel(w0.fmt, rnd), grid, (mm.BLOCK,), args)]

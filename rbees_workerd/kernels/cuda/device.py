@@ -26,13 +26,14 @@ UNROLL = 4  # strided loops step this many strides at a time: their loads are th
 if SIM:
 
     @cuda.jit(device=True)
-    def _lanes(v, scratch, take_max):  # pragma: no cover - the device variants below are the fast ones
+    def _lanes(v, scratch, width, take_max):  # pragma: no cover - the device variants below are the fast ones
+        """Sum or maximum of v over this thread's group of `width` consecutive lanes."""
         tid = cuda.threadIdx.x
         scratch[tid] = v
         cuda.syncthreads()
-        base = tid - tid % 32
+        base = tid - tid % width
         s = scratch[base]
-        for i in range(1, 32):
+        for i in range(1, width):
             s = max(s, scratch[base + i]) if take_max else s + scratch[base + i]
         cuda.syncthreads()
         return s
@@ -40,12 +41,22 @@ if SIM:
     @cuda.jit(device=True)
     def warp_sum(v, scratch):
         """The sum of v over the 32 lanes of this thread's warp (every lane gets it)."""
-        return _lanes(v, scratch, False)
+        return _lanes(v, scratch, 32, False)
 
     @cuda.jit(device=True)
     def warp_max(v, scratch):
         """The maximum of v over the 32 lanes of this thread's warp (every lane gets it)."""
-        return _lanes(v, scratch, True)
+        return _lanes(v, scratch, 32, True)
+
+    @cuda.jit(device=True)
+    def quad_sum(v, scratch):
+        """The sum of v over this lane's group of 4 lanes (lanes 4i .. 4i + 3)."""
+        return _lanes(v, scratch, 4, False)
+
+    @cuda.jit(device=True)
+    def quad_max(v, scratch):
+        """The maximum of v over this lane's group of 4 lanes."""
+        return _lanes(v, scratch, 4, True)
 
     @cuda.jit(device=True)
     def f32_from_bits(bits):
@@ -84,6 +95,18 @@ else:
             v = max(v, cuda.shfl_xor_sync(FULL_MASK, v, off))
             off //= 2
         return v
+
+    @cuda.jit(**DEVICE)
+    def quad_sum(v, scratch):
+        """The sum of v over this lane's group of 4 lanes (lanes 4i .. 4i + 3)."""
+        v += cuda.shfl_xor_sync(FULL_MASK, v, 1)
+        return v + cuda.shfl_xor_sync(FULL_MASK, v, 2)
+
+    @cuda.jit(**DEVICE)
+    def quad_max(v, scratch):
+        """The maximum of v over this lane's group of 4 lanes."""
+        v = max(v, cuda.shfl_xor_sync(FULL_MASK, v, 1))
+        return max(v, cuda.shfl_xor_sync(FULL_MASK, v, 2))
 
     @cuda.jit(**DEVICE)
     def f32_from_bits(bits):

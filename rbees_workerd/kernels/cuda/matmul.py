@@ -2,13 +2,20 @@
 
 A row group of 32 weights is read as four items of 8 weights; the 32 lanes of a
 warp take consecutive items of one output row (coalesced spans of the packed
-words), dequantize them in registers and reduce across the warp. A block stages
-TB tokens' inputs in shared memory first (normalizing and rounding them there
-for few tokens), so a weight item read once serves TB tokens; a row's warp also
-serves the fused forms: several matrices sharing an input (q, k, v), gate and
-up with SwiGLU, and the residual add after a projection. The product kernels
-are compiled per weight format (and input rounding): one format's decoding per
-kernel keeps the code small.
+words), dequantize them in registers and reduce across the warp. Three kernels,
+by the step's token count:
+
+- vec_kernel (one or two tokens, decode): each lane prepares the inputs of its
+  items once, in registers, and its warp loops over rows; no shared memory.
+- rows_kernel (a few tokens): a block stages TB tokens' inputs in shared memory
+  (normalizing and rounding them there), so a weight item read once serves TB tokens.
+- gemm_kernel (many tokens): BM x BN output tiles through shared memory, split
+  over K when a matrix has too few tiles to fill the GPU.
+
+A row's warp also serves the fused forms: several matrices sharing an input
+(q, k, v), gate and up with SwiGLU, and the residual add after a projection.
+The product kernels are compiled per weight format (and input rounding): one
+format's decoding per kernel keeps the code small.
 """
 
 from __future__ import annotations
@@ -28,13 +35,15 @@ from rbees_workerd.kernels.cuda.device import (
     fp16_round,
     half_bits_to_f32,
     inv_rms,
+    quad_max,
+    quad_sum,
     rint,
     warp_max,
     warp_sum,
 )  # fmt: skip
 from rbees_workerd.kernels.cuda.repack import BF16, F16, NIB4, NIB5, Q6, Q8
 
-TB = 4  # tokens per block of the few-token kernel (a kernel of one token per block serves batch-1 decode)
+TB = 4  # tokens per block of the few-token kernel (vec_kernel serves steps of one or two tokens)
 WARPS = 1 if SIM else 4  # warps per block (one in the slow simulator)
 BLOCK = 32 * WARPS
 KC = 256 if SIM else 2048  # input columns per token staged in shared memory at a time
@@ -42,7 +51,7 @@ KC_ITEMS, KC_GROUPS = KC // 8, KC // 32  # (constants for numba's shared array s
 # blocks of the few-token kernel at most (3 resident per SM of 132): their warps loop over the rows, and
 # each block stages its input once; the simulator runs few blocks, its cost grows with the stagings
 ROW_BLOCKS = 2 if SIM else 396
-MODE_ROWS, MODE_SWIGLU = 0, 1
+MODE_ROWS, MODE_SWIGLU, MODE_QKV = 0, 1, 2
 # how the few-token kernel rounds its input (llama.cpp's activations per weight type)
 ROUND_NONE, ROUND_Q8_0, ROUND_Q8_1, ROUND_F16 = range(4)
 
@@ -192,12 +201,13 @@ def _two_items(w, d, m, fmt, off, r, c0, it, items, q8_1, xs, ms, tb, n, wv, wv2
 
 
 @functools.cache
-def rows_kernel(fmt: int, rnd: int, tb: int):  # noqa: ANN201
-    """The few-token product for one weight format, input rounding and tokens per block (tb), fixed when compiled.
+def rows_kernel(fmt: int, rnd: int):  # noqa: ANN201
+    """The few-token product for one weight format and input rounding, fixed when compiled.
 
-    Each (fmt, rnd, tb) is its own kernel (closure constants, part of Numba's cache key): only that
+    Each (fmt, rnd) is its own kernel (closure constants, part of Numba's cache key): only that
     format's decoding is compiled in, so the code stays small and its arrays stay in registers.
     """
+    tb = TB
 
     @cuda.jit(**EXACT)
     def kernel(x, w0, d0, m0, o0, b0, w1, d1, m1, o1, b1, w2, d2, m2, o2, b2,
@@ -237,14 +247,7 @@ def rows_kernel(fmt: int, rnd: int, tb: int):  # noqa: ANN201
         first = cuda.blockIdx.x * WARPS
         for rb in range(first, total, cuda.gridDim.x * WARPS):  # the same trips for the whole block
             row = rb + cuda.threadIdx.x // 32
-            which = 0
-            r = row
-            if mode == MODE_ROWS and r >= n0:
-                r -= n0
-                which = 1
-                if r >= n1:
-                    r -= n1
-                    which = 2
+            which, r = _matrix_row(row, n0, n1) if mode == MODE_ROWS else (0, row)
             # one decode call site per matrix role: each inlined copy of decode is large
             w, d, m = (w0, d0, m0) if which == 0 else ((w1, d1, m1) if which == 1 else (w2, d2, m2))
             for tt in range(tb):
@@ -271,23 +274,180 @@ def rows_kernel(fmt: int, rnd: int, tb: int):  # noqa: ANN201
                 a = warp_sum(acc_a[tt], scratch)
                 b = warp_sum(acc_b[tt], scratch) if mode == MODE_SWIGLU else float32(0.0)
                 if lane == 0 and row < total:
-                    if which == 0:
-                        if flags & 1:
-                            a += b0[r]
-                        o0[t, r] = a
-                        if flags & 8:
-                            res[t, r] += a
-                        if mode == MODE_SWIGLU:
-                            if flags & 2:
-                                b += b1[r]
-                            o1[t, r] = b
-                            o2[t, r] = a / (float32(1.0) + math.exp(-a)) * b
-                    elif which == 1:
-                        o1[t, r] = a + b1[r] if flags & 2 else a
-                    else:
-                        o2[t, r] = a + b2[r] if flags & 4 else a
+                    _store(which, mode, flags, t, r, a, b, o0, b0, o1, b1, o2, b2, res)
 
     return kernel
+
+
+VEC_MAX_TOKENS = 2  # steps of at most this many tokens take vec_kernel (one token per block row)
+VEC_WARPS = 1 if SIM else 2112  # warps of vec_kernel at most (16 an SM): they loop over the rows
+
+
+@functools.cache
+def vec_kernel(fmt: int, rnd: int, ni: int):  # noqa: ANN201
+    """The product for one token per block row, and rows of at most 256 * ni inputs (ni fixed when compiled).
+
+    Lane l always takes items l, l + 32, ... of a row, so it prepares those inputs once (normalized,
+    then rounded with its 3 neighbours holding the same 32-block: two shuffles instead of a warp's
+    five), keeps them in registers and reuses them for every row its warp takes. No shared staging,
+    no block barrier: for batch-1 decode the cost is the latency of one pass over the weights.
+    Arguments and flags as rows_kernel's (the input is never rounded beforehand), and MODE_QKV:
+    matrices q, k, v, each warp a pair of rows that RoPE rotates together (q and k; two rows of v),
+    which it rotates, writes, and for k and v also stores in the KV cache: `rope` is
+    (cache_k, cache_v, slots, positions, cos, sin, head size, neox), cos/sin[position, pair] the
+    rotation table (CudaBackend._rope_table). Other modes get a tuple of dummies there.
+    """
+
+    n_inputs = ni * 8  # (a constant for numba's local array shape)
+
+    @cuda.jit(**EXACT)
+    def kernel(x, w0, d0, m0, o0, b0, w1, d1, m1, o1, b1, w2, d2, m2, o2, b2,
+               n0, n1, n2, off, mode, flags, res, nw, eps, hout, rope):  # fmt: skip
+        scratch = cuda.shared.array(BLOCK, float32)
+        xr = cuda.local.array(n_inputs, float32)
+        sr = cuda.local.array(ni, float32)
+        wv = cuda.local.array(8, float32)
+        lane = cuda.threadIdx.x % 32
+        warp = cuda.blockIdx.x * WARPS + cuda.threadIdx.x // 32
+        t = cuda.blockIdx.y
+        items = x.shape[1] // 8
+        norm = (flags & 16) != 0
+        q8_1 = rnd == ROUND_Q8_1
+        inv = inv_rms(x, t, eps, scratch) if norm else float32(1.0)
+        for i in range(ni):
+            it = lane + 32 * i
+            g = it // 4
+            amax = float32(0.0)
+            for j in range(8):
+                v = float32(0.0)
+                if it < items:
+                    c = g * 32 + elem(fmt, it % 4, j)
+                    v = x[t, c] * inv * nw[c] if norm else x[t, c]
+                    if norm and warp == 0:
+                        hout[t, c] = v
+                xr[i * 8 + j] = v
+                amax = max(amax, abs(v))
+            sr[i] = float32(0.0)
+            if rnd == ROUND_F16:
+                for j in range(8):
+                    xr[i * 8 + j] = fp16_round(xr[i * 8 + j])
+            elif rnd != ROUND_NONE:  # the arithmetic of round_lane, over a quad of lanes
+                amax = quad_max(amax, scratch)
+                d = amax / float32(127.0)
+                inv_d = float32(127.0) / amax if amax != 0 else float32(0.0)
+                dr = fp16_round(d)
+                qs = float32(0.0)
+                for j in range(8):
+                    qv = rint(xr[i * 8 + j] * inv_d)
+                    qs += qv
+                    xr[i * 8 + j] = qv * dr
+                if rnd == ROUND_Q8_1:
+                    sr[i] = fp16_round(d * quad_sum(qs, scratch))
+        total = n0 if mode == MODE_SWIGLU else (n0 + n1 + n2) // (2 if mode == MODE_QKV else 1)
+        hd = rope[6]
+        for row in range(warp, total, cuda.gridDim.x * WARPS):  # the same trips for the whole warp
+            which, r = _matrix_row(row, n0, n1) if mode == MODE_ROWS else (0, row)
+            rb = r  # SwiGLU: the up row; MODE_QKV: the second row of the pair
+            if mode == MODE_QKV:
+                which, r, rb = _pair(row, n0, n1, hd, rope[7])
+            w, d, m = (w0, d0, m0) if which == 0 else ((w1, d1, m1) if which == 1 else (w2, d2, m2))
+            wb, db, mb = (w1, d1, m1) if mode == MODE_SWIGLU else (w, d, m)
+            a = float32(0.0)
+            b = float32(0.0)
+            for i in range(ni):
+                it = lane + 32 * i
+                if it < items:
+                    a += _item_dot(w, d, m, fmt, off, r, it, q8_1, xr, sr, i, wv)
+                    if mode != MODE_ROWS:
+                        b += _item_dot(wb, db, mb, fmt, off, rb, it, q8_1, xr, sr, i, wv)
+            a = warp_sum(a, scratch)
+            if mode != MODE_ROWS:
+                b = warp_sum(b, scratch)
+            if lane == 0:
+                if mode == MODE_QKV:
+                    _store_pair(which, flags, t, r, rb, a, b, o0, b0, o1, b1, o2, b2, rope)
+                else:
+                    _store(which, mode, flags, t, r, a, b, o0, b0, o1, b1, o2, b2, res)
+
+    return kernel
+
+
+@cuda.jit(**DEVICE)
+def _matrix_row(row, n0, n1):
+    """MODE_ROWS: the matrix (0, 1, 2) and its row for the row-th of their rows one after another."""
+    if row < n0:
+        return 0, row
+    if row < n0 + n1:
+        return 1, row - n0
+    return 2, row - n0 - n1
+
+
+@cuda.jit(**DEVICE)
+def _item_dot(w, d, m, fmt, off, r, it, q8_1, xr, sr, i, wv):
+    """Item it of row r times this lane's prepared inputs of its i-th item (and the Q8_1 min term)."""
+    g = it // 4
+    decode(w, d, m, fmt, off, r, g, it % 4, wv, not q8_1)
+    s = float32(0.0)
+    for j in range(8):
+        s += wv[j] * xr[i * 8 + j]
+    if q8_1 and it % 4 == 0:
+        s += m[r, g] * sr[i]
+    return s
+
+
+@cuda.jit(**DEVICE)
+def _pair(p, n0, n1, hd, neox):
+    """Pair p of MODE_QKV's rows: (matrix, first row, second row); RoPE's pairs for q and k."""
+    which, p = _matrix_row(p, n0 // 2, n1 // 2)
+    if which == 2:
+        return which, 2 * p, 2 * p + 1
+    half = hd // 2
+    i = p % half
+    ra = (p // half) * hd + (i if neox else 2 * i)
+    return which, ra, ra + (half if neox else 1)
+
+
+@cuda.jit(**DEVICE)
+def _store_pair(which, flags, t, ra, rb, a, b, o0, b0, o1, b1, o2, b2, rope):
+    """MODE_QKV's outputs of one pair: bias, RoPE (q and k), the fp16 KV-cache store (k and v)."""
+    cache_k, cache_v, slots, positions, cos_t, sin_t, hd, neox = rope
+    o, bias = (o0, b0) if which == 0 else ((o1, b1) if which == 1 else (o2, b2))
+    if flags & (1 << which):
+        a += bias[ra]
+        b += bias[rb]
+    pos = positions[t]
+    if which < 2:
+        i = (ra % hd) % (hd // 2) if neox else (ra % hd) // 2
+        c = cos_t[pos, i]
+        s = sin_t[pos, i]
+        a, b = a * c - b * s, a * s + b * c
+    o[t, ra] = a
+    o[t, rb] = b
+    if which > 0:
+        cache = cache_k if which == 1 else cache_v
+        slot = slots[t]
+        cache[slot, pos, ra // hd, ra % hd] = fp16_round(a)  # llama.cpp's cache is fp16
+        cache[slot, pos, rb // hd, rb % hd] = fp16_round(b)
+
+
+@cuda.jit(**DEVICE)
+def _store(which, mode, flags, t, r, a, b, o0, b0, o1, b1, o2, b2, res):
+    """Write output element (t, r) of matrix `which` (a, and b for SwiGLU's up row): bias, residual, SwiGLU."""
+    if which == 0:
+        if flags & 1:
+            a += b0[r]
+        o0[t, r] = a
+        if flags & 8:
+            res[t, r] += a
+        if mode == MODE_SWIGLU:
+            if flags & 2:
+                b += b1[r]
+            o1[t, r] = b
+            o2[t, r] = a / (float32(1.0) + math.exp(-a)) * b
+    elif which == 1:
+        o1[t, r] = a + b1[r] if flags & 2 else a
+    else:
+        o2[t, r] = a + b2[r] if flags & 4 else a
 
 
 @functools.cache
@@ -337,6 +497,8 @@ GEMM_THREADS = (BM // 4) * TX  # each thread 4 rows x 4 tokens
 # below this the few-token kernel wins: measured on the H200 at 64 tokens (5.6k against 3.4k tok/s of batched
 # decode), the GEMM at 256 and 512; the simulator switches early, so its tests reach the GEMM cheaply
 GEMM_MIN_TOKENS = 16 if SIM else 128
+GEMM_BLOCKS = 4 if SIM else 528  # a GEMM with fewer tiles than this splits K until it has about this many blocks
+GEMM_SPLIT_GROUPS = 2  # 32-blocks of K per split at least
 
 
 @functools.cache
@@ -345,11 +507,15 @@ def gemm_kernel(fmt: int):  # noqa: ANN201
 
     @cuda.jit(**JIT)
     def kernel(x, w0, d0, m0, o0, b0, w1, d1, m1, o1, b1, w2, d2, m2, o2, b2,
-               n0, n1, n2, off, flags, res, msum):  # fmt: skip
-        """Tiled form of matmul_kernel's MODE_ROWS for many tokens: a BM x BN output tile per block.
+               n0, n1, n2, off, flags, res, msum, part, count):  # fmt: skip
+        """Tiled form of rows_kernel's MODE_ROWS for many tokens: a BM x BN output tile per block.
 
         Each step dequantizes a BM-row x 32 weight tile and a 32 x BN-token slice of x
         into shared memory; every weight is decoded once per BN tokens.
+        Split over K (gridDim.z > 1, for matrices with too few tiles to fill the GPU): block z
+        sums its share of the 32-blocks into part[z]; the tile's last block to finish (counted
+        in count[tile], which it resets for the next launch) adds the parts in order of z, so
+        the result does not depend on which block finished first.
         """
         ws = cuda.shared.array((32, PAD_M), float32)
         xs = cuda.shared.array((32, PAD_N), float32)
@@ -367,7 +533,10 @@ def gemm_kernel(fmt: int):  # noqa: ANN201
         total = n0 + n1 + n2
         for i in range(16):
             acc[i] = 0.0
-        for g in range(x.shape[1] // 32):
+        n_groups = x.shape[1] // 32
+        split = cuda.gridDim.z
+        z = cuda.blockIdx.z
+        for g in range((n_groups * z) // split, (n_groups * (z + 1)) // split):
             for li in range(tid, BM * 4, GEMM_THREADS):  # the tile's weight items
                 lr = li // 4
                 lq = li % 4
@@ -409,6 +578,24 @@ def gemm_kernel(fmt: int):  # noqa: ANN201
                     for j in range(4):
                         acc[4 * i + j] += ms[ty * 4 + i] * ss[tx * 4 + j]
             cuda.syncthreads()
+        if split > 1:
+            for i in range(4):
+                for j in range(4):
+                    row = r0 + ty * 4 + i
+                    t = t0 + tx * 4 + j
+                    if row < total and t < n_tok:
+                        part[z, t, row] = acc[4 * i + j]
+            cuda.threadfence()
+            cuda.syncthreads()
+            tile = cuda.blockIdx.y * cuda.gridDim.x + cuda.blockIdx.x
+            if tid == 0:
+                ss[0] = float32(cuda.atomic.add(count, tile, 1))
+            cuda.syncthreads()
+            if ss[0] != split - 1:  # another block of the tile finishes it
+                return
+            if tid == 0:
+                count[tile] = 0
+            cuda.threadfence()
         for i in range(4):
             row = r0 + ty * 4 + i
             if row < total:
@@ -416,6 +603,10 @@ def gemm_kernel(fmt: int):  # noqa: ANN201
                     t = t0 + tx * 4 + j
                     if t < n_tok:
                         v = acc[4 * i + j]
+                        if split > 1:
+                            v = float32(0.0)
+                            for zz in range(split):
+                                v += part[zz, t, row]
                         if row < n0:
                             if flags & 1:
                                 v += b0[row]

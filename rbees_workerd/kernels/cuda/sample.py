@@ -15,7 +15,7 @@ import math
 import numpy as np
 from numba import cuda, float32, int32, uint32
 
-from rbees_workerd.kernels.cuda.device import DEVICE, JIT, SIM, bits_from_f32, block_sum, f32_from_bits
+from rbees_workerd.kernels.cuda.device import DEVICE, JIT, SIM, UNROLL, bits_from_f32, block_sum, f32_from_bits
 
 THREADS = 32 if SIM else 1024
 HEAD = 8  # params row: temperature, top_p, min_p, penalty, uniform (float bits), top_k, history length, 0
@@ -25,10 +25,10 @@ INF_BITS = 0x7F800000
 def pack_params(rows: list, width: int) -> np.ndarray:
     """int32[R, HEAD + width]: each row's settings, then its distinct history ids."""
     out = np.zeros((len(rows), HEAD + width), np.int32)
+    f = np.array([(r.temperature, r.top_p, r.min_p, r.repetition_penalty, r.uniform) for r in rows], np.float32)
+    out[:, :5] = f.view(np.int32)
+    out[:, 5] = [r.top_k for r in rows]
     for r, row in enumerate(rows):
-        f = np.array([row.temperature, row.top_p, row.min_p, row.repetition_penalty, row.uniform], np.float32)
-        out[r, :5] = f.view(np.int32)
-        out[r, 5] = row.top_k
         if row.repetition_penalty != 1.0:  # the history matters only to the penalty
             hist = np.unique(np.asarray(row.history, np.int32))
             out[r, 6] = hist.size
@@ -93,7 +93,10 @@ def _drop_below(work, r, cut):
     return s
 
 
-@cuda.jit(**JIT)
+_FIT = {} if SIM else {"max_registers": 65536 // THREADS}  # a block of THREADS must fit one SM's registers
+
+
+@cuda.jit(**JIT, **_FIT)
 def sample_kernel(logits, params, work, out):
     sh = cuda.shared.array(THREADS, float32)
     best_v = cuda.shared.array(THREADS, float32)
@@ -103,22 +106,29 @@ def sample_kernel(logits, params, work, out):
     v_count = logits.shape[1]
     temperature = f32_from_bits(params[r, 0])
     penalty = f32_from_bits(params[r, 3])
-    for i in range(tid, v_count, THREADS):
-        x = logits[r, i]
-        work[r, i] = -math.inf if math.isnan(x) else x
-    cuda.syncthreads()
-    for j in range(tid, params[r, 6], THREADS):
-        i = params[r, HEAD + j]
-        x = work[r, i]
-        work[r, i] = x / penalty if x > 0 else x * penalty
-    cuda.syncthreads()
-    # argmax, lowest id on ties
+    src = logits
+    if temperature != 0.0 or params[r, 6] > 0:  # greedy without a penalty reads the logits once, copies nothing
+        src = work
+        for i in range(tid, v_count, THREADS):
+            x = logits[r, i]
+            work[r, i] = -math.inf if math.isnan(x) else x
+        cuda.syncthreads()
+        for j in range(tid, params[r, 6], THREADS):
+            i = params[r, HEAD + j]
+            x = work[r, i]
+            work[r, i] = x / penalty if x > 0 else x * penalty
+        cuda.syncthreads()
+    # argmax, lowest id on ties; NaN never wins (tested on its bits: fastmath may assume no NaN)
     bv = float32(-math.inf)
     bi = int32(0)
-    for i in range(tid, v_count, THREADS):
-        if work[r, i] > bv:
-            bv = work[r, i]
-            bi = i
+    for i0 in range(tid, v_count, THREADS * UNROLL):  # UNROLL loads in flight per thread
+        for u in range(UNROLL):
+            i = i0 + u * THREADS
+            if i < v_count:
+                x = src[r, i]
+                if x > bv and (bits_from_f32(x) & 0x7FFFFFFF) <= INF_BITS:
+                    bv = x
+                    bi = i
     best_v[tid] = bv
     best_i[tid] = bi
     cuda.syncthreads()
