@@ -134,12 +134,16 @@ def round_lane(v, rnd, scratch):
         return v, float32(0.0)
     if rnd == ROUND_F16:
         return fp16_round(v), float32(0.0)
-    amax = warp_max(abs(v), scratch)
-    d = amax / float32(127.0)
-    inv = float32(127.0) / amax if amax != 0 else float32(0.0)
+    d, inv = _q8_scale(warp_max(abs(v), scratch))
     q = rint(v * inv)
     s = warp_sum(q, scratch) if rnd == ROUND_Q8_1 else float32(0.0)  # whole numbers below 2^24: exact
     return q * fp16_round(d), fp16_round(d * s)
+
+
+@cuda.jit(**DEVICE)
+def _q8_scale(amax):
+    """A 32-block's Q8 scale d = amax / 127 and the factor 127 / amax (0 for an all-zero block)."""
+    return amax / float32(127.0), (float32(127.0) / amax if amax != 0 else float32(0.0))
 
 
 @cuda.jit(**DEVICE)
@@ -332,9 +336,7 @@ def vec_kernel(fmt: int, rnd: int, ni: int):  # noqa: ANN201
                 for j in range(8):
                     xr[i * 8 + j] = fp16_round(xr[i * 8 + j])
             elif rnd != ROUND_NONE:  # the arithmetic of round_lane, over a quad of lanes
-                amax = quad_max(amax, scratch)
-                d = amax / float32(127.0)
-                inv_d = float32(127.0) / amax if amax != 0 else float32(0.0)
+                d, inv_d = _q8_scale(quad_max(amax, scratch))
                 dr = fp16_round(d)
                 qs = float32(0.0)
                 for j in range(8):
