@@ -7,6 +7,7 @@ unless REQUIRE_REAL_GPU=1 demands a GPU, where it fails.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 
@@ -34,9 +35,10 @@ from rbees_workerd.kernels.backend import SamplingRow  # noqa: E402
 from rbees_workerd.kernels.cpu import ops as cpu_ops  # noqa: E402
 from rbees_workerd.kernels.cpu import quant as cpu_quant  # noqa: E402
 from rbees_workerd.kernels.cpu.backend import CpuBackend  # noqa: E402
-from rbees_workerd.kernels.cuda import CudaBackend  # noqa: E402
+from rbees_workerd.kernels.cuda import CudaBackend, ops  # noqa: E402
 from rbees_workerd.kernels.cuda.matmul import GEMM_MIN_TOKENS, KC  # noqa: E402
-from rbees_workerd.kernels.cuda.ops import SEQ_KT, SEQ_MIN_TOKENS, SEQ_QT  # noqa: E402
+from rbees_workerd.kernels.cuda.ops import ATT_CHUNK, ATT_KT, SEQ_KT, SEQ_MIN_TOKENS, SEQ_QT  # noqa: E402
+from rbees_workerd.kernels.cuda.sample import ARGMAX_TILE  # noqa: E402
 
 QTYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 _SCALE_AT = {Q.Q4_K: slice(0, 4), Q.Q5_K: slice(0, 4), Q.Q6_K: slice(208, 210)}
@@ -143,6 +145,17 @@ def test_norm_rope_swiglu_add_gather_match_cpu(be):
     np.testing.assert_array_equal(be.download(out), x[rows])
 
 
+def _attend_both(be, q, k, v, cache, slots, pos):  # noqa: ANN001, ANN202
+    """Store k/v and attend on the device and on the CPU: (out, ref, device caches, CPU caches)."""
+    ref_k, ref_v = cache[0].copy(), cache[1].copy()
+    ck, cv = _dev(be, cache[0]), _dev(be, cache[1])
+    out, ref = _dev(be, np.full_like(q, np.nan)), np.zeros_like(q)
+    be.attention(_dev(be, q), _dev(be, k), _dev(be, v), ck, cv, _dev(be, slots), _dev(be, pos), out)
+    cpu_ops.kv_store(k, v, ref_k, ref_v, slots, pos)
+    cpu_ops.attention(q, ref_k, ref_v, slots, pos, ref)
+    return out, ref, ck, cv, ref_k, ref_v
+
+
 def test_attention_causal_gqa_per_slot_matches_cpu(be):
     rng = np.random.default_rng(2)
     n_heads, g, e, ctx = 4, 2, 8, 16
@@ -151,15 +164,28 @@ def test_attention_causal_gqa_per_slot_matches_cpu(be):
     pos = np.array([3, 0, 1, 2, 3, 4], np.int32)
     q, k, v = (rng.standard_normal((6, h, e)).astype(np.float32) for h in (n_heads, g, g))
     cache = rng.standard_normal((2, 2, ctx, g, e)).astype(np.float32)  # slot 1 holds 3 earlier tokens
-    ref_k, ref_v = cache[0].copy(), cache[1].copy()
-    ck, cv = _dev(be, cache[0]), _dev(be, cache[1])
-    out, ref = _dev(be, np.full_like(q, np.nan)), np.zeros_like(q)
-    be.attention(_dev(be, q), _dev(be, k), _dev(be, v), ck, cv, _dev(be, slots), _dev(be, pos), out)
-    cpu_ops.kv_store(k, v, ref_k, ref_v, slots, pos)
-    cpu_ops.attention(q, ref_k, ref_v, slots, pos, ref)
+    out, ref, ck, cv, ref_k, ref_v = _attend_both(be, q, k, v, cache, slots, pos)
     np.testing.assert_array_equal(be.download(ck), ref_k)
     np.testing.assert_array_equal(be.download(cv), ref_v)
     np.testing.assert_allclose(be.download(out), ref, rtol=1e-4, atol=1e-5)
+
+
+# the per-token kernel past one chunk of scores (three sweeps over the chunks, recomputing the scores), at a
+# chunk's end and on a short context; one block per query head, or one per KV head serving its 3 query heads
+# (SmolLM2's grouping); a head size that leaves lanes of the weighted sum idle
+@pytest.mark.parametrize("grouped", [False, True], ids=["head-per-block", "kv-head-per-block"])
+def test_attention_long_context_and_grouped_heads_match_cpu(be, monkeypatch, grouped):
+    monkeypatch.setattr(ops, "ATT_GROUP_MIN_BLOCKS", 0 if grouped else 1 << 30)
+    rng = np.random.default_rng(8)
+    (n_heads, g), e = (6, 2), 40
+    assert ops.attention_heads_per_block(3, n_heads, g, e) == (n_heads // g if grouped else 1)
+    slots = np.array([2, 0, 1], np.int32)
+    pos = np.array([ATT_CHUNK + ATT_KT + 4, 1, ATT_CHUNK - 1], np.int32)
+    q, k, v = (rng.standard_normal((3, h, e)).astype(np.float32) for h in (n_heads, g, g))
+    cache = rng.standard_normal((2, 3, ATT_CHUNK + ATT_KT + 8, g, e)).astype(np.float32)
+    cache = cache.astype(np.float16).astype(np.float32)  # the cache holds fp16 values
+    out, ref = _attend_both(be, q, k, v, cache, slots, pos)[:2]
+    np.testing.assert_allclose(be.download(out), ref, rtol=1e-4, atol=1e-4)
 
 
 # a prompt chunk of one slot takes the tiled kernel: from position 0 (in a step, after the fused rope and
@@ -256,15 +282,10 @@ def _rows(n: int, **kw: float) -> list[SamplingRow]:
 
 _SAMPLING = [dict(temperature=0.0, repetition_penalty=1.3),
              dict(top_k=20, top_p=0.9, min_p=0.05, repetition_penalty=1.2, temperature=1.3)]  # fmt: skip
-if not SIM:  # each filter alone too; the simulator takes minutes per sampled row, so CI runs the two above
+if not SIM:  # each filter alone too; the simulator takes seconds per sampled row, so CI runs the two above
     _SAMPLING += [dict(temperature=0.0), dict(top_k=5), dict(top_p=0.6), dict(min_p=0.2)]
 
 
-# the sampler's threshold searches take the simulator many minutes: on a GPU only, until made cheaper there
-_DEVICE_ONLY = pytest.mark.skipif(SIM, reason="sampler runs too slowly under the CUDA simulator")
-
-
-@_DEVICE_ONLY
 @pytest.mark.parametrize("params", _SAMPLING)
 def test_sample_matches_cpu_sampler(be, params):
     rng = np.random.default_rng(4)
@@ -280,7 +301,6 @@ def test_sample_matches_cpu_sampler(be, params):
     np.testing.assert_array_equal(be.download(dev), logits)  # the caller's logits are untouched
 
 
-@_DEVICE_ONLY
 def test_sample_greedy_ties_pick_lowest_id(be):
     logits = np.zeros((1, 50), np.float32)
     logits[0, [7, 30]] = 2.0
@@ -288,8 +308,8 @@ def test_sample_greedy_ties_pick_lowest_id(be):
 
 
 def test_sample_greedy_skips_nan_and_reads_every_logit(be):
-    """Greedy rows without a penalty take a one-pass argmax over the logits: NaN never wins, and the
-    winner may sit anywhere, here past several strides of the kernel's unrolled loop."""
+    """Greedy rows without a penalty take argmax_kernel, several blocks per row: NaN never wins, and the
+    winner may sit anywhere, here past several blocks."""
     vocab = 300 if SIM else 5000
     logits = np.random.default_rng(6).standard_normal((2, vocab)).astype(np.float32)
     logits[0, 3] = np.nan
@@ -298,6 +318,89 @@ def test_sample_greedy_skips_nan_and_reads_every_logit(be):
     logits[1, vocab // 2] = -1.0
     got = be.sample(_dev(be, logits), _rows(2, temperature=0.0))
     assert got.tolist() == [vocab - 2, vocab // 2]
+
+
+def _greedy(n: int, **kw: float) -> list[SamplingRow]:
+    hist = np.array([0, 0], np.int32)  # an id every vocabulary below holds
+    return [dataclasses.replace(r, history=hist) for r in _rows(n, temperature=0.0, **kw)]
+
+
+def test_sample_greedy_ties_across_blocks_and_special_values(be):
+    """Each block of argmax_kernel reduces a tile of the row and the tiles' maxima combine by an atomic
+    maximum of (value, inverted id): the lowest id must win ties between tiles, NaN must count as -inf,
+    -0 equal +0, and denormals keep their order, as in the CPU sampler."""
+    tile = ARGMAX_TILE
+    vocab = 3 * tile + 5  # a last tile of 5
+    x = np.zeros((9, vocab), np.float32)
+    x[0, [tile - 1, tile, 2 * tile, 3 * tile + 4]] = 5.0  # the end of tile 0 against the start of tile 1
+    x[1, [3 * tile + 4, 2 * tile + 1]] = 5.0  # ties in the last tiles only
+    x[2, :] = np.nan
+    x[2, 2 * tile + 3] = -np.inf  # all NaN or -inf: id 0, as the CPU's argmax of all -inf
+    x[3, :] = -np.inf
+    x[4, [7, 2 * tile]] = np.inf
+    x[4, 0] = np.nan
+    x[5, :] = -1.0
+    x[5, [3, tile + 2]] = [np.nan, -0.0]
+    x[5, 2 * tile + 1] = 0.0  # -0 at tile + 2 ties with +0 and has the lower id
+    x[6, :] = np.float32(1e-45)
+    x[6, tile + 2] = np.float32(3e-45)  # the largest denormal wins (fastmath compares may flush them)
+    x[7, :] = -3.0
+    x[7, vocab - 1] = -2.5  # the very last logit
+    x[8, :] = np.nan
+    x[8, 0] = np.inf  # +inf at id 0, NaN (whose bits order above +inf) elsewhere
+    got = be.sample(_dev(be, x), _greedy(9))
+    np.testing.assert_array_equal(got, sample_rows(x, _greedy(9)))
+    assert got.tolist() == [tile - 1, 2 * tile + 1, 0, 0, 7, tile + 2, tile + 2, vocab - 1, 0]
+
+
+@pytest.mark.parametrize("vocab", [1, ARGMAX_TILE - 1, ARGMAX_TILE, 2 * ARGMAX_TILE + 1, 5000])
+def test_sample_greedy_many_rows_and_vocab_sizes(be, vocab):
+    """Up to 256 rows (fewer under the simulator) of vocabularies below, at and past the tile; a second
+    call on new logits in the same array checks that each launch leaves the row maxima and counters reset."""
+    if SIM and vocab > 2 * ARGMAX_TILE + 1:
+        pytest.skip("the simulator runs a Python thread per GPU thread")
+    n_rows = 256 if not SIM else (17 if vocab <= ARGMAX_TILE else 5)
+    rng = np.random.default_rng(vocab)
+    dev = be.zeros((n_rows, vocab), np.float32)
+    for _ in range(2):
+        x = rng.standard_normal((n_rows, vocab)).astype(np.float32)
+        x[::3] = np.round(x[::3])  # many ties
+        be.upload(x, dev)
+        np.testing.assert_array_equal(be.sample(dev, _greedy(n_rows)), sample_rows(x, _greedy(n_rows)))
+
+
+def test_sample_mixed_greedy_and_penalized_rows(be):
+    """A batch of greedy rows (argmax_kernel) and greedy rows with a penalty (sample_kernel) in one call;
+    each row is written by one kernel only, also on replays with other logits."""
+    vocab = 2 * ARGMAX_TILE + 3
+    rng = np.random.default_rng(8)
+    rows = _greedy(5)
+    for i in (1, 4):
+        rows[i] = dataclasses.replace(rows[i], repetition_penalty=2.0, history=np.array([2, 0, 2], np.int32))
+    dev = be.zeros((5, vocab), np.float32)
+    for _ in range(2):
+        x = rng.standard_normal((5, vocab)).astype(np.float32)
+        x[:, 2] = 6.0  # a history token leads, by less than the penalty takes
+        x[:, ARGMAX_TILE + 1] = 4.0
+        be.upload(x, dev)
+        got = be.sample(dev, rows)
+        np.testing.assert_array_equal(got, sample_rows(x, rows))
+        assert got.tolist() == [2, ARGMAX_TILE + 1, 2, 2, ARGMAX_TILE + 1]
+
+
+def test_sample_mixed_greedy_and_sampled_rows(be):
+    """Greedy, greedy with a penalty and sampled rows in one batch, against the CPU sampler."""
+    vocab, n_rows = (150, 4) if SIM else (3000, 6)  # the simulator takes seconds per sampled row
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal((n_rows, vocab)) * 3).astype(np.float32)
+    dev = _dev(be, x)
+    for u in (0.5,) if SIM else (0.05, 0.5, 0.95):
+        rows = _greedy(n_rows, uniform=u)
+        rows[1] = dataclasses.replace(rows[1], temperature=0.9, top_k=40)
+        rows[3] = dataclasses.replace(rows[3], repetition_penalty=1.3)
+        if not SIM:
+            rows[4] = dataclasses.replace(rows[4], temperature=1.1, top_p=0.8, repetition_penalty=1.2)
+        np.testing.assert_array_equal(be.sample(dev, rows), sample_rows(x, rows))
 
 
 def test_fused_rope_and_store_equal_cpu(be):

@@ -32,4 +32,4 @@ def test_cuda_kernels_pass_under_the_simulator():
     tail = proc.stdout[-3000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
     passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed and int(passed.group(1)) >= 16, tail  # the kernel tests ran; only the sampler's skip there
+    assert passed and int(passed.group(1)) >= 30, tail  # the kernel tests ran; only GPU-sized cases skip there

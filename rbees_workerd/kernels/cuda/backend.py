@@ -77,6 +77,32 @@ class _Launch:
     args: tuple[Any, ...]
 
 
+@dataclass
+class _ArgmaxBufs:
+    """Per row count: argmax_kernel's row maxima and block counters (reset by each launch), the ids
+    on the device and in pinned host memory, and a params stand-in for launches that read none."""
+
+    acc: Any
+    count: Any
+    ids: Any
+    dummy: Any
+    host: np.ndarray
+    ids_addr: int
+    host_addr: int
+
+
+@dataclass
+class _ParamsBufs:
+    """Per (rows, vocabulary, history width): packed params on the device and in pinned host
+    memory, and sample_kernel's work rows."""
+
+    dev: Any
+    work: Any
+    host: np.ndarray
+    dev_addr: int
+    host_addr: int
+
+
 def _ptr(a: Any) -> tuple[int, tuple[int, ...]]:
     """Identity of a device array view: its address and shape."""
     if SIM:  # the simulator's arrays wrap a NumPy array and lack the CUDA interface
@@ -270,8 +296,8 @@ class CudaBackend(backend.Backend):
         tiled = one_sequence and t_count >= ops.SEQ_MIN_TOKENS  # a prompt chunk: a tile of queries per block
         if tiled and (e > ops.SEQ_MAX_E or e % 8):
             raise InvalidParams(f"head size {e} is not a multiple of 8 up to {ops.SEQ_MAX_E} (the tiled CUDA kernel)")
-        if not tiled and e > ops.ATT_THREADS:
-            raise InvalidParams(f"head size {e} exceeds the CUDA kernel's {ops.ATT_THREADS}")
+        if not tiled and e > ops.ATT_MAX_E:
+            raise InvalidParams(f"head size {e} exceeds the CUDA kernel's {ops.ATT_MAX_E}")
         n = k.shape[0] * k.shape[1] * k.shape[2]
         store = (k, v, cache_k, cache_v, slots, positions)
         self._submit(("kvstore", *store, _Launch(ops.kv_store_kernel, (math.ceil(n / 128),), (128,), store)))
@@ -281,7 +307,8 @@ class CudaBackend(backend.Backend):
             grid = (math.ceil(t_count / ops.SEQ_QT), heads)
             self._submit(_Launch(kernel, grid, (ops.SEQ_THREADS,), args))
         else:
-            self._submit(_Launch(ops.attention_kernel, (t_count, heads), (ops.ATT_THREADS,), args))
+            r = ops.attention_heads_per_block(t_count, heads, cache_k.shape[2], e)
+            self._submit(_Launch(ops.attention_kernel(e, r), (t_count, heads // r), (ops.ATT_THREADS,), args))
 
     def swiglu(self, gate: Any, up: Any, out: Any) -> None:
         grid, block = _grid2(*gate.shape)
@@ -299,20 +326,83 @@ class CudaBackend(backend.Backend):
         r_count, vocab = logits.shape
         if r_count != len(rows):
             raise InvalidParams(f"logits of shape {logits.shape} do not match {len(rows)} sampling rows")
-        width = max([len(r.history) for r in rows if r.repetition_penalty != 1.0] + [1])
-        width = 1 << (width - 1).bit_length()  # few distinct shapes, few buffers
-        params = sample.pack_params(rows, width)
-        bufs = self._sample_bufs.get(params.shape)
-        if bufs is None:
-            bufs = (self.zeros(params.shape, np.int32), self.zeros((r_count, vocab)),
-                    self.zeros((r_count,), np.int32))  # fmt: skip
-            self._sample_bufs[params.shape] = bufs
-        p_dev, work, ids = bufs
-        self.upload(params, p_dev)
-        launch = _Launch(sample.sample_kernel, (r_count,), (sample.THREADS,), (logits, p_dev, work, ids))
+        if not vocab:
+            raise InvalidParams("logits rows must not be empty")
         with _cuda_errors("sampling"):
-            self._replay(("sample", _ptr(logits), params.shape), lambda: [launch])
-        return self.download(ids)
+            ptr = self._logits_ptr(logits)
+            ab = self._argmax_bufs(r_count)
+            grid = (-(-vocab // sample.ARGMAX_TILE), r_count)
+            if all(r.temperature == 0 and (r.repetition_penalty == 1.0 or not len(r.history)) for r in rows):
+                # all greedy: argmax_kernel alone, reading no params, so nothing is packed or uploaded
+                args = (logits, ab.dummy, ab.acc, ab.count, ab.ids, False)
+                block = (sample.ARGMAX_THREADS,)
+                self._replay(("sample", ptr), lambda: [_Launch(sample.argmax_kernel, grid, block, args)])
+                return self._fetch_ids(ab)
+            width = max([len(r.history) for r in rows if r.repetition_penalty != 1.0] + [1])
+            width = 1 << (width - 1).bit_length()  # few distinct shapes, few buffers
+            pb = self._params_bufs(r_count, vocab, width)
+            n_greedy = sample.pack_params(rows, width, pb.host)[1]  # the kernels' own test of whose rows
+            some, every = n_greedy > 0, n_greedy == r_count
+            if SIM:
+                pb.dev.copy_to_device(pb.host, stream=self._stream)
+            else:  # from the pinned buffer, free again once sample has synchronized
+                _check(cu.cuMemcpyHtoDAsync(pb.dev_addr, pb.host_addr, pb.host.nbytes, self._stream_handle))
+
+            def build() -> list[_Launch]:
+                launches = [_Launch(sample.argmax_kernel, grid, (sample.ARGMAX_THREADS,),
+                                    (logits, pb.dev, ab.acc, ab.count, ab.ids, True))] if some else []  # fmt: skip
+                if not every:
+                    launches.append(_Launch(sample.sample_kernel, (r_count,), (sample.THREADS,),
+                                            (logits, pb.dev, pb.work, ab.ids)))  # fmt: skip
+                return launches
+
+            self._replay(("sample", ptr, width, some, every), build)
+            return self._fetch_ids(ab)
+
+    def _logits_ptr(self, logits: Any) -> tuple[int, tuple[int, ...]]:
+        """_ptr(logits), kept per array object (held, so that its id stays its own): the model passes
+        the same logits array at every step, and numba's array interface costs microseconds."""
+        seen = self._sample_bufs.setdefault(("logits",), {})
+        got = seen.get(id(logits))
+        if got is None or got[0] is not logits:
+            if len(seen) >= 64:  # arrays sampled once or twice (tests): forget them
+                seen.clear()
+            got = seen[id(logits)] = (logits, _ptr(logits))
+        return got[1]
+
+    def _argmax_bufs(self, r_count: int) -> _ArgmaxBufs:
+        key = ("argmax", r_count)
+        bufs = self._sample_bufs.get(key)
+        if bufs is None:
+            acc = self._to_device(np.full(r_count, sample.ARGMAX_NONE, np.int64))
+            count = self.zeros((r_count,), np.int32)
+            ids = self.zeros((r_count,), np.int32)
+            host = np.zeros(r_count, np.int32) if SIM else cuda.pinned_array(r_count, np.int32)
+            dummy = self.zeros((1, sample.HEAD), np.int32)
+            bufs = _ArgmaxBufs(acc, count, ids, dummy, host, _ptr(ids)[0], host.ctypes.data)
+            self._sample_bufs[key] = bufs
+        return bufs
+
+    def _params_bufs(self, r_count: int, vocab: int, width: int) -> _ParamsBufs:
+        key = ("params", r_count, vocab, width)
+        bufs = self._sample_bufs.get(key)
+        if bufs is None:
+            shape = (r_count, sample.HEAD + width)
+            host = np.zeros(shape, np.int32) if SIM else cuda.pinned_array(shape, np.int32)
+            host[:] = 0
+            dev = self.zeros(shape, np.int32)
+            bufs = _ParamsBufs(dev, self.zeros((r_count, vocab)), host, _ptr(dev)[0], host.ctypes.data)
+            self._sample_bufs[key] = bufs
+        return bufs
+
+    def _fetch_ids(self, ab: _ArgmaxBufs) -> np.ndarray:
+        """The sampled ids, through their pinned buffer, once the stream has finished."""
+        if SIM:
+            ab.ids.copy_to_host(ab.host, stream=self._stream)
+        else:
+            _check(cu.cuMemcpyDtoHAsync(ab.host_addr, ab.ids_addr, ab.host.nbytes, self._stream_handle))
+        self.synchronize()
+        return ab.host.copy()
 
     # ---- steps
     def run_step(self, key: Hashable, step: Callable[[], None]) -> None:

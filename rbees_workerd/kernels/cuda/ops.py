@@ -7,11 +7,22 @@ import math
 
 from numba import cuda, float32, float64, int32, uint32
 
-from rbees_workerd.kernels.cuda.device import DEVICE, EXACT, JIT, SIM, block_max, block_sum, fp16_round, inv_rms
+from rbees_workerd.kernels.cuda.device import DEVICE, EXACT, JIT, SIM, fp16_round, inv_rms, warp_max, warp_sum
 
 NORM_THREADS = 32 if SIM else 256  # the simulator runs a Python thread per GPU thread: keep blocks small
-ATT_THREADS = 32 if SIM else 256  # a power of two, at least the head size (few in the slow simulator)
-ATT_CHUNK = 1024  # positions whose scores one pass keeps in shared memory
+# attention_kernel: ATT_THREADS a block (a multiple of 32; two warps in the slow simulator), K tiles of ATT_KT
+# positions up to head size 64 (fewer for larger heads), up to ATT_VROWS V rows a warp in flight in the weighted
+# sum, the scores of ATT_CHUNK positions kept in shared memory (a longer context recomputes them chunk by chunk;
+# the simulator's tile and chunk are small so that the tests reach several tiles and chunks)
+ATT_THREADS = 64 if SIM else 256
+ATT_WARPS = ATT_THREADS // 32
+ATT_KT = 16 if SIM else 128
+ATT_VROWS = 2 if SIM else 8
+ATT_CHUNK = 32 if SIM else 1024
+ATT_SHARED = 46 * 1024  # bytes of the K tile and the scores together (static shared memory stops at 48 KB)
+ATT_MAX_E = 256
+ATT_GROUP_MIN_BLOCKS = 128  # blocks of (token, KV head) from which a block serves all query heads of its KV head
+_ATT_FIT = {} if SIM else {"max_registers": 65536 // (2 * ATT_THREADS)}  # two blocks an SM, without spills (ptxas)
 # attention_seq_kernel's tiles: SEQ_QT queries per block (144 blocks for 512 tokens and 9 heads, more than the
 # H200's 132 SMs), SEQ_KT cached positions per K/V tile; a thread scores SEQ_QR queries against
 # SEQ_KT // SEQ_KG positions, so SEQ_QT // SEQ_QR * SEQ_KG threads. On the H200, 512 SmolLM2 tokens: 129 us
@@ -101,83 +112,231 @@ def kv_store_kernel(k, v, cache_k, cache_v, slots, positions):
         cache_v[slots[t], positions[t], g, j] = fp16_round(v[t, g, j])
 
 
-@cuda.jit(**DEVICE)
-def _scores(qs, cache_k, s, g, c0, c1, scale, scores, weights, best):
-    """Scores of positions c0..c1 into shared memory (exp(score - best) when weights); this thread's max."""
-    local = float32(-math.inf)
-    for p in range(c0 + cuda.threadIdx.x, c1, ATT_THREADS):
-        dot = float32(0.0)
-        for i in range(cache_k.shape[3]):
-            dot += qs[i] * cache_k[s, p, g, i]
-        dot *= scale
-        scores[p - c0] = math.exp(dot - best) if weights else dot
-        local = max(local, dot)
-    return local
+def _att_shape(e: int, r: int) -> tuple[int, int] | None:
+    """attention_kernel's K tile (positions of about 32 KB of shared memory) and the V rows a warp loads a
+    batch (fewer for wider heads and for several heads a block: registers), both powers of two; None
+    where the scores and the tile do not fit in shared memory."""
+    kt = min(ATT_KT, 1 << (ATT_KT * 64 // e).bit_length() - 1)
+    kt = max(kt, 1 << (ATT_WARPS * r - 1).bit_length())  # the warps' parts of the output fit in the tile
+    budget = (ATT_VROWS * 4 if r == 1 else ATT_VROWS * 2) // (1 if e % 32 == 0 else 2)  # V registers a thread
+    vrows = 1 << max(1, min(ATT_VROWS, budget // (2 * -(-e // 32)))).bit_length() - 1
+    if r * ATT_CHUNK * 4 + kt * (e + 1) * 4 > ATT_SHARED or ATT_CHUNK % kt or ATT_CHUNK % (ATT_WARPS * vrows):
+        return None
+    return kt, vrows
 
 
-@cuda.jit(**JIT)
-def attention_kernel(q, cache_k, cache_v, slots, positions, out):
-    """One block per (token, head), rounding like llama.cpp (and the CPU backend).
+def attention_heads_per_block(t_count: int, heads: int, kv_heads: int, e: int) -> int:
+    """The query heads one attention_kernel block serves: all of a KV head's, once the blocks of
+    (token, KV head) fill the GPU and their scores fit in shared memory; else one (more blocks, shorter ones)."""
+    group = heads // kv_heads
+    fits = _att_shape(e, group) is not None
+    return group if group > 1 and fits and t_count * kv_heads >= ATT_GROUP_MIN_BLOCKS else 1
 
-    The query and the softmax weights are rounded to fp16 values (the cache holds
-    fp16 values already), the softmax sum is float64. Three passes over the
-    positions (max, sum, weighted values) keep a chunk of scores in shared memory;
-    a context longer than one chunk recomputes them. The weighted sum splits the
-    positions among ATT_THREADS // E groups of E threads, summed at the end.
+
+@functools.cache
+def _dot_row(e: int, r: int):  # noqa: ANN202
+    """A device function dot[j] += qs[j, i] * ks[row, i] for i = 0 .. e - 1 in order and j < r, written out:
+    Numba keeps a loop over e (not unrolled), whose index arithmetic costs more than the products."""
+    lines = ["def dot_row(ks, qs, row, dot):"]
+    for i in range(e):
+        lines.append(f"    k = ks[row, {i}]")
+        lines += [f"    dot[{j}] += qs[{j}, {i}] * k" for j in range(r)]
+    scope: dict = {}
+    exec("\n".join(lines), scope)  # noqa: S102 - generated from the two integers above
+    return cuda.jit(**DEVICE)(scope["dot_row"])
+
+
+@functools.cache
+def attention_kernel(e: int, r: int = 1):  # noqa: ANN201, C901
+    """Per-token attention (decode, or the tokens of several sequences), head size e fixed when compiled.
+
+    One block of ATT_THREADS per token and r query heads of one KV head (r = 1, or all the heads
+    sharing it: their K/V rows are then read once), rounding like llama.cpp and the CPU backend:
+    the query and the softmax weights rounded to fp16 values (the cache holds fp16 values
+    already), scores dot * (1 / sqrt(e)) in float32, the softmax sum in float64.
+    Scores: K tiles of kt positions are read coalesced (a warp a row) into shared memory, the next
+    tile's loads in flight while this one is scored, and one thread scores one position against
+    the r queries, summing over the dimensions in order like the CPU and attention_seq_kernel.
+    Max and sum reduce through warp shuffles and one exchange between the warps. Weighted sum:
+    lanes across the dimensions, each warp vrows positions a batch, the next batch's loads in
+    flight; the first batch of V rows loads with the first K tile, the second once the scores are
+    done. The warps' parts are summed in order at the end. A context longer than ATT_CHUNK
+    positions takes three sweeps over its chunks (max, sum, weighted sum), recomputing the scores.
+    Grid (T, H // r), r dividing H // G.
     """
-    scores = cuda.shared.array(ATT_CHUNK, float32)
-    sh = cuda.shared.array(ATT_THREADS, float32)
-    sh64 = cuda.shared.array(ATT_THREADS, float64)
-    qs = cuda.shared.array(ATT_THREADS, float32)
-    t = cuda.blockIdx.x
-    h = cuda.blockIdx.y
-    tid = cuda.threadIdx.x
-    e = q.shape[2]
-    g = h // (q.shape[1] // cache_k.shape[2])
-    s = slots[t]
-    n = positions[t] + 1
-    one_chunk = n <= ATT_CHUNK
-    parts = ATT_THREADS // e
-    part = tid // e
-    col = tid % e
+    shape = _att_shape(e, r)
+    if shape is None:
+        raise ValueError(f"no attention kernel for head size {e} with {r} heads a block")
+    kt, vrows = shape
+    nt, warps, ch = ATT_THREADS, ATT_WARPS, ATT_CHUNK
+    row = e + 1  # shared rows padded by one: a warp's strided reads hit distinct banks
+    dr = -(-e // 32)  # dimensions a lane takes in the loads and the weighted sum
+    kr = kt // warps  # tile rows a warp loads
+    qper = -(-r * e // nt)
+    step = warps * vrows  # positions of one batch of the weighted sum
+    vrows2 = 2 * vrows
     scale = float32(1.0 / math.sqrt(e))
-    if tid < e:
-        qs[tid] = fp16_round(q[t, h, tid])
-    cuda.syncthreads()
-    best = float32(-math.inf)
-    for c0 in range(0, n, ATT_CHUNK):
-        local = _scores(qs, cache_k, s, g, c0, min(n, c0 + ATT_CHUNK), scale, scores, False, best)
-        best = max(best, block_max(local, sh))
-    total = float64(0.0)
-    for c0 in range(0, n, ATT_CHUNK):
-        c1 = min(n, c0 + ATT_CHUNK)
-        if one_chunk:
-            for p in range(tid, c1, ATT_THREADS):
-                scores[p] = math.exp(scores[p] - best)
-        else:
-            cuda.syncthreads()
-            _scores(qs, cache_k, s, g, c0, c1, scale, scores, True, best)
-        part_sum = float64(0.0)
-        for p in range(c0 + tid, c1, ATT_THREADS):
-            part_sum += scores[p - c0]
-        total += block_sum(part_sum, sh64)  # also orders the score writes before the reads below
-    inv = float32(1.0 / total)
-    acc = float32(0.0)
-    for c0 in range(0, n, ATT_CHUNK):
-        c1 = min(n, c0 + ATT_CHUNK)
-        if not one_chunk:
-            cuda.syncthreads()
-            _scores(qs, cache_k, s, g, c0, c1, scale, scores, True, best)
-            cuda.syncthreads()
-        if part < parts:
-            for p in range(c0 + part, c1, parts):
-                acc += fp16_round(scores[p - c0] * inv) * cache_v[s, p, g, col]
-    sh[tid] = acc
-    cuda.syncthreads()
-    if tid < e:
-        for i in range(1, parts):
-            acc += sh[i * e + tid]
-        out[t, h, tid] = acc
+    full = e % 32 == 0
+    scratch_n = nt if SIM else 1  # the simulator's warp reductions go through shared memory
+    dot_row = _dot_row(e, r)
+
+    @cuda.jit(**DEVICE)
+    def load_rows(cache, sg, p0, stride, last, rows, regs, u0):
+        """Start loading rows p0 + w + stride * u of cache[s, :, g] (sg = (s, g); none past last) into
+        regs[u0 + u]: warp w's rows, its lanes across the dimensions."""
+        w = uint32(cuda.threadIdx.x) // 32
+        lane = uint32(cuda.threadIdx.x) % 32
+        kv = cache[sg[0], :, sg[1]]  # [position, dimension]: one multiply a row
+        for u in range(rows):
+            p = uint32(p0 + w + stride * u)  # 32-bit, like last; rows past it stay unread
+            if p <= last:
+                for m in range(dr):
+                    if full or lane + 32 * m < e:
+                        regs[u0 + u, m] = kv[p, uint32(lane + 32 * m)]
+
+    @cuda.jit(**DEVICE)
+    def stash(regs, ks):
+        """The fetched K rows into the shared tile, once every thread is done with the previous tile."""
+        w = uint32(cuda.threadIdx.x) // 32
+        lane = uint32(cuda.threadIdx.x) % 32
+        cuda.syncthreads()
+        for u in range(kr):
+            for m in range(dr):
+                if full or lane + 32 * m < e:
+                    ks[uint32(w + warps * u), uint32(lane + 32 * m)] = regs[u, m]
+        cuda.syncthreads()
+
+    @cuda.jit(**JIT, **_ATT_FIT)
+    def kernel(q, cache_k, cache_v, slots, positions, out):
+        ks = cuda.shared.array((kt, row), float32)  # the K tile; at the end the warps' parts of the output
+        qs = cuda.shared.array((r, e), float32)
+        sc = cuda.shared.array((r, ch), float32)  # scores, then exp(score - max), then the weights
+        red = cuda.shared.array((r, warps), float32)
+        red64 = cuda.shared.array((r, warps), float64)
+        scratch = cuda.shared.array(scratch_n, float32)
+        scratch64 = cuda.shared.array(scratch_n, float64)
+        regs = cuda.local.array((kr, dr), float32)
+        qv = cuda.local.array(qper, float32)
+        vb = cuda.local.array((vrows2, dr), float32)  # this batch's V rows, then the next batch's
+        dot = cuda.local.array(r, float32)
+        best = cuda.local.array(r, float32)
+        inv = cuda.local.array(r, float32)
+        tot = cuda.local.array(r, float64)
+        acc = cuda.local.array((r, dr), float32)
+        t = uint32(cuda.blockIdx.x)
+        h0 = uint32(cuda.blockIdx.y) * r
+        tid = uint32(cuda.threadIdx.x)
+        w = tid // 32
+        lane = tid % 32
+        for u in range(qper):
+            i = tid + nt * u
+            if i < r * e:
+                qv[u] = q[t, uint32(h0 + i // e), uint32(i % e)]
+        g = uint32(h0 // uint32(q.shape[1] // cache_k.shape[2]))
+        s = uint32(slots[t])
+        n = positions[t] + 1
+        single = n <= ch
+        last = uint32(n - 1)
+        sg = (s, g)
+        load_rows(cache_k, sg, 0, warps, last, kr, regs, 0)  # the first K tile and V batch load
+        load_rows(cache_v, sg, 0, warps, last, vrows, vb, 0)  # while the query is rounded
+        for u in range(qper):
+            i = tid + nt * u
+            if i < r * e:
+                qs[uint32(i // e), uint32(i % e)] = fp16_round(qv[u])  # the tile's barriers order these first
+        for j in range(r):
+            best[j] = -math.inf
+            tot[j] = 0.0
+            for m in range(dr):
+                acc[j, m] = float32(0.0)
+        for sweep in range(3):  # max, sum, weighted sum; a single chunk is scored once
+            for c0 in range(0, n, ch):
+                c1 = min(n, c0 + ch)
+                if sweep == 0 or not single:
+                    for t0 in range(c0, c1, kt):
+                        stash(regs, ks)
+                        nxt = t0 + kt  # the next tile to score loads while this one is
+                        if nxt >= n and sweep < 2 and not single:
+                            nxt = 0
+                        if nxt < n:
+                            load_rows(cache_k, sg, nxt, warps, last, kr, regs, 0)
+                        p = t0 + tid
+                        if tid < kt and p < c1:
+                            for j in range(r):
+                                dot[j] = float32(0.0)
+                            dot_row(ks, qs, tid, dot)
+                            for j in range(r):
+                                score = dot[j] * scale
+                                if sweep == 0:
+                                    sc[j, uint32(p - c0)] = score
+                                    best[j] = max(best[j], score)
+                                else:
+                                    sc[j, uint32(p - c0)] = math.exp(score - best[j])
+                    if sweep > 0:
+                        cuda.syncthreads()  # below, a thread takes other positions than it scored
+                if sweep == 1:
+                    for p in range(tid, c1 - c0, nt):
+                        for j in range(r):
+                            x = sc[j, uint32(p)]
+                            if single:  # sc still holds the scores
+                                x = float32(math.exp(x - best[j]))  # (the simulator's exp is float64)
+                                sc[j, uint32(p)] = x
+                            tot[j] += x
+                if sweep == 2:
+                    for p in range(tid, c1 - c0, nt):  # single: the same thread wrote these exponentials
+                        for j in range(r):
+                            sc[j, uint32(p)] = fp16_round(sc[j, uint32(p)] * inv[j])
+                    cuda.syncthreads()
+                    for b0 in range(c0, c1, step):  # batches run on across chunks: ch is a multiple of step
+                        for u in range(vrows):
+                            p = b0 + w + warps * u
+                            if p < c1:
+                                for j in range(r):
+                                    wt = sc[j, uint32(p - c0)]
+                                    for m in range(dr):
+                                        acc[j, m] += wt * vb[u, m]
+                        for u in range(vrows):
+                            for m in range(dr):
+                                vb[u, m] = vb[vrows + u, m]
+                        if b0 + 2 * step < n:
+                            load_rows(cache_v, sg, b0 + 2 * step, warps, last, vrows, vb, vrows)
+            if sweep == 0:
+                load_rows(cache_v, sg, step, warps, last, vrows, vb, vrows)  # the second V batch, meanwhile
+                for j in range(r):
+                    mx = warp_max(best[j], scratch)
+                    if lane == 0:
+                        red[j, w] = mx
+                cuda.syncthreads()
+                for j in range(r):
+                    mx = red[j, 0]
+                    for i in range(1, warps):
+                        mx = max(mx, red[j, i])
+                    best[j] = mx
+            if sweep == 1:
+                for j in range(r):
+                    part = warp_sum(tot[j], scratch64)
+                    if lane == 0:
+                        red64[j, w] = part
+                cuda.syncthreads()
+                for j in range(r):
+                    total = red64[j, 0]
+                    for i in range(1, warps):
+                        total += red64[j, i]
+                    inv[j] = float32(1.0 / total)
+        for j in range(r):  # ks is free: the last tile was scored before the barriers above
+            for m in range(dr):
+                if full or lane + 32 * m < e:
+                    ks[uint32(w * r + j), uint32(lane + 32 * m)] = acc[j, m]
+        cuda.syncthreads()
+        for i in range(tid, r * e, nt):
+            j = uint32(i // e)
+            col = uint32(i % e)
+            o = ks[j, col]
+            for k in range(1, warps):
+                o += ks[uint32(k * r + j), col]
+            out[t, uint32(h0 + j), col] = o
+
+    return kernel
 
 
 @functools.cache
