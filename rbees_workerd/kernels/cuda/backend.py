@@ -157,7 +157,8 @@ class CudaBackend(backend.Backend):
         self._staged = 0  # bytes of the pinned staging buffer in use since the last synchronization
         self._recording: list[Any] | None = None
         self._graphs: OrderedDict[Hashable, Any] = OrderedDict()
-        self._sample_bufs: dict[tuple[int, ...], Any] = {}
+        self._sample_bufs: dict[tuple[Any, ...], Any] = {}
+        self._logits_ptrs: dict[int, tuple[Any, tuple[int, tuple[int, ...]]]] = {}  # see _logits_ptr
         self._act_bufs: dict[tuple[Any, ...], tuple[Any, Any]] = {}
         self._dummy_w = self._to_device(np.zeros((1, 1), np.uint32))
         self._dummy_f = self._to_device(np.zeros((1, 1), np.float32))
@@ -332,7 +333,7 @@ class CudaBackend(backend.Backend):
             ptr = self._logits_ptr(logits)
             ab = self._argmax_bufs(r_count)
             grid = (-(-vocab // sample.ARGMAX_TILE), r_count)
-            if all(r.temperature == 0 and (r.repetition_penalty == 1.0 or not len(r.history)) for r in rows):
+            if all(map(sample.is_greedy, rows)):
                 # all greedy: argmax_kernel alone, reading no params, so nothing is packed or uploaded
                 args = (logits, ab.dummy, ab.acc, ab.count, ab.ids, False)
                 block = (sample.ARGMAX_THREADS,)
@@ -362,7 +363,7 @@ class CudaBackend(backend.Backend):
     def _logits_ptr(self, logits: Any) -> tuple[int, tuple[int, ...]]:
         """_ptr(logits), kept per array object (held, so that its id stays its own): the model passes
         the same logits array at every step, and numba's array interface costs microseconds."""
-        seen = self._sample_bufs.setdefault(("logits",), {})
+        seen = self._logits_ptrs
         got = seen.get(id(logits))
         if got is None or got[0] is not logits:
             if len(seen) >= 64:  # arrays sampled once or twice (tests): forget them

@@ -189,23 +189,6 @@ def block_sum(v, sh):
 
 
 @cuda.jit(**DEVICE)
-def block_max(v, sh):
-    """Maximum over the block, like block_sum."""
-    tid = cuda.threadIdx.x
-    sh[tid] = v
-    cuda.syncthreads()
-    s = cuda.blockDim.x // 2
-    while s > 0:
-        if tid < s:
-            sh[tid] = max(sh[tid], sh[tid + s])
-        cuda.syncthreads()
-        s //= 2
-    r = sh[0]
-    cuda.syncthreads()
-    return r
-
-
-@cuda.jit(**DEVICE)
 def half_bits_to_f32(h):
     """The float32 value of IEEE half bits (exact)."""
     sign = (h & 0x8000) << 16

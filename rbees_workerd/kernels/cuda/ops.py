@@ -112,6 +112,23 @@ def kv_store_kernel(k, v, cache_k, cache_v, slots, positions):
         cache_v[slots[t], positions[t], g, j] = fp16_round(v[t, g, j])
 
 
+@cuda.jit(**DEVICE)
+def _across_warps(vals, red, scratch, r, take_max):
+    """vals[j] (j < r) becomes the maximum, or the sum, of every thread's vals[j] in the block: warp
+    shuffles, then one exchange of the ATT_WARPS warps' results through red[r, ATT_WARPS], in warp order."""
+    w = cuda.threadIdx.x // 32
+    for j in range(r):
+        v = warp_max(vals[j], scratch) if take_max else warp_sum(vals[j], scratch)
+        if cuda.threadIdx.x % 32 == 0:
+            red[j, w] = v
+    cuda.syncthreads()
+    for j in range(r):
+        v = red[j, 0]
+        for i in range(1, ATT_WARPS):
+            v = max(v, red[j, i]) if take_max else v + red[j, i]
+        vals[j] = v
+
+
 def _att_shape(e: int, r: int) -> tuple[int, int] | None:
     """attention_kernel's K tile (positions of about 32 KB of shared memory) and the V rows a warp loads a
     batch (fewer for wider heads and for several heads a block: registers), both powers of two; None
@@ -302,27 +319,11 @@ def attention_kernel(e: int, r: int = 1):  # noqa: ANN201, C901
                             load_rows(cache_v, sg, b0 + 2 * step, warps, last, vrows, vb, vrows)
             if sweep == 0:
                 load_rows(cache_v, sg, step, warps, last, vrows, vb, vrows)  # the second V batch, meanwhile
-                for j in range(r):
-                    mx = warp_max(best[j], scratch)
-                    if lane == 0:
-                        red[j, w] = mx
-                cuda.syncthreads()
-                for j in range(r):
-                    mx = red[j, 0]
-                    for i in range(1, warps):
-                        mx = max(mx, red[j, i])
-                    best[j] = mx
+                _across_warps(best, red, scratch, r, True)
             if sweep == 1:
+                _across_warps(tot, red64, scratch64, r, False)
                 for j in range(r):
-                    part = warp_sum(tot[j], scratch64)
-                    if lane == 0:
-                        red64[j, w] = part
-                cuda.syncthreads()
-                for j in range(r):
-                    total = red64[j, 0]
-                    for i in range(1, warps):
-                        total += red64[j, i]
-                    inv[j] = float32(1.0 / total)
+                    inv[j] = float32(1.0 / tot[j])
         for j in range(r):  # ks is free: the last tile was scored before the barriers above
             for m in range(dr):
                 if full or lane + 32 * m < e:

@@ -22,6 +22,7 @@ import math
 import numpy as np
 from numba import cuda, float32, int32, int64, uint32, uint64
 
+from rbees_workerd.kernels.backend import SamplingRow
 from rbees_workerd.kernels.cuda.device import (
     DEVICE,
     JIT,
@@ -43,9 +44,15 @@ ARGMAX_NONE = -(1 << 63)  # argmax_kernel's key below every logit's, where acc r
 _LOW = 0xFFFFFFFF
 
 
-def pack_params(rows: list, width: int, out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+def is_greedy(row: SamplingRow) -> bool:
+    """Whether argmax_kernel takes the row: temperature 0 as float32 and no penalty history, which
+    both kernels test on the packed row."""
+    return np.float32(row.temperature) == 0 and (row.repetition_penalty == 1.0 or not len(row.history))
+
+
+def pack_params(rows: list[SamplingRow], width: int, out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """int32[R, HEAD + width]: each row's settings, then its distinct history ids; and the count of
-    greedy rows, which argmax_kernel takes: temperature 0 as float32, no history (both kernels test that).
+    greedy rows (is_greedy).
 
     Into `out` when given: only the first `history length` ids of a row are read, so
     the columns after them are left as they were."""
@@ -55,16 +62,12 @@ def pack_params(rows: list, width: int, out: np.ndarray | None = None) -> tuple[
     out[:, :5] = f.view(np.int32)
     out[:, 5] = [r.top_k for r in rows]
     out[:, 6:HEAD] = 0
-    temperatures = f[:, 0].tolist()
-    n_greedy = 0
     for r, row in enumerate(rows):
         if row.repetition_penalty != 1.0 and len(row.history):  # the history matters only to the penalty
             hist = np.unique(np.asarray(row.history, np.int32))
             out[r, 6] = hist.size
             out[r, HEAD : HEAD + hist.size] = hist
-        elif temperatures[r] == 0:
-            n_greedy += 1
-    return out, n_greedy
+    return out, sum(map(is_greedy, rows))
 
 
 @cuda.jit(**DEVICE)
