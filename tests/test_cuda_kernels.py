@@ -36,7 +36,7 @@ from rbees_workerd.kernels.cpu import ops as cpu_ops  # noqa: E402
 from rbees_workerd.kernels.cpu import quant as cpu_quant  # noqa: E402
 from rbees_workerd.kernels.cpu.backend import CpuBackend  # noqa: E402
 from rbees_workerd.kernels.cuda import CudaBackend, ops  # noqa: E402
-from rbees_workerd.kernels.cuda.matmul import GEMM_MIN_TOKENS, KC  # noqa: E402
+from rbees_workerd.kernels.cuda.matmul import GEMM_MIN_TOKENS, KC, MMA_BN  # noqa: E402
 from rbees_workerd.kernels.cuda.ops import ATT_CHUNK, ATT_KT, SEQ_KT, SEQ_MIN_TOKENS, SEQ_QT  # noqa: E402
 from rbees_workerd.kernels.cuda.sample import ARGMAX_TILE  # noqa: E402
 
@@ -110,6 +110,36 @@ def test_matmul_rows_longer_than_one_staged_chunk(be, qtype):
         ref = np.empty((t, n), np.float32)
         cpu_quant.matmul(x, cpu_w, ref)
         np.testing.assert_allclose(be.download(out), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+_MMA_TYPES = [Q.Q4_0, Q.Q5_1, Q.Q8_0] if SIM else [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]
+
+
+@pytest.mark.parametrize("qtype", _MMA_TYPES, ids=lambda q: q.name)
+def test_tensor_core_product_of_three_matrices(be, qtype):
+    """Many tokens of an integer weight type take the tensor-core product: three matrices sharing an
+    input (q, k, v) in one launch, rows of several matrices in one row tile, tokens over one or two
+    token tiles; each output as the CPU's product with its bias."""
+    rng = np.random.default_rng(11)
+    k, ns = 128, (20, 12, 8)
+    raws = [random_matrix(qtype, n, k, rng)[0] for n in ns]
+    ws = [be.weight(int(qtype), (n, k), raw) for n, raw in zip(ns, raws, strict=True)]
+    biases = [rng.standard_normal(n).astype(np.float32) for n in ns]
+    for t in (GEMM_MIN_TOKENS + 1, MMA_BN + 5):
+        x = rng.standard_normal((t, k)).astype(np.float32)
+        xd = _dev(be, x)
+        outs = [_dev(be, np.full((t, n), np.nan, np.float32)) for n in ns]
+        bs = [be.vector(b) for b in biases]
+        def step(x=xd, sets=tuple(zip(ws, outs, bs, strict=True))) -> None:  # noqa: ANN001 - bound now
+            for a in sets:
+                be.matmul(x, *a)
+
+        be.run_step(("mma-test", t, qtype), step)
+        for n, raw, out, bias in zip(ns, raws, outs, biases, strict=True):
+            ref = np.empty((t, n), np.float32)
+            cpu_quant.matmul(x, cpu_quant.prepare(int(qtype), (n, k), raw), ref)
+            ref += bias
+            np.testing.assert_allclose(be.download(out), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
 def test_norm_rope_swiglu_add_gather_match_cpu(be):

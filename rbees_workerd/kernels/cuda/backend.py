@@ -590,16 +590,34 @@ def _prepared_input(op: _MatMul, rnd: int, be: CudaBackend) -> tuple[list[_Launc
     return [_Launch(mm.prep_kernel(rnd), (x.shape[0],), (mm.BLOCK,), args)], xq, msum
 
 
+def _q8_input(op: _MatMul, rnd: int, fmt: int, be: CudaBackend) -> tuple[_Launch, tuple[Any, Any, Any]]:
+    """For many tokens and integer products: the launch rounding (and normalizing) the input once to Q8
+    in the item order of weight format fmt, and the staged input (words, scales, sum terms)."""
+    key = ("q8", _ptr(op.x), fmt)
+    t, k = op.x.shape
+    if key not in be._act_bufs:
+        be._act_bufs[key] = (be.zeros((t, k // 4), np.int32), be.zeros((t, k // 32)), be.zeros((t, k // 32)))
+    staged = be._act_bufs[key]
+    x, norm, nw, eps = op.x, False, be._dummy_v, np.float32(0.0)
+    if op.norm is not None:
+        x, norm, nw, eps = op.norm[0], True, op.norm[1], np.float32(op.norm[2])
+    return _Launch(mm.prep_q8_kernel(fmt, rnd), (t,), (mm.BLOCK,), (x, norm, nw, eps, op.x, *staged)), staged
+
+
 def _matmul_launches(op: _MatMul, be: CudaBackend) -> list[_Launch]:
-    """vec_kernel for one or two tokens, the warp-per-row kernel for a few, the tiled GEMM (then SwiGLU apart)
-    for many."""
+    """vec_kernel for one or two tokens, the warp-per-row kernel for a few, for many the tensor-core
+    product (weights of the integer types) or the tiled GEMM (the others), then SwiGLU apart."""
     t_count = op.x.shape[0]
     many = t_count >= mm.GEMM_MIN_TOKENS
     w0 = op.ws[0]
     rnd = _rounding(w0.qtype)
+    integer = many and rnd in (mm.ROUND_Q8_0, mm.ROUND_Q8_1) and w0.fmt in (repack.NIB4, repack.NIB5, repack.Q8)
     launches: list[_Launch] = []
     x_in, msum, flags = op.x, be._dummy_f, 0
-    if many and rnd != mm.ROUND_NONE:
+    if integer:
+        prep, staged = _q8_input(op, rnd, w0.fmt, be)
+        launches = [prep]
+    elif many and rnd != mm.ROUND_NONE:
         launches, x_in, msum = _prepared_input(op, rnd, be)
         if rnd == mm.ROUND_Q8_1:
             flags |= 32
@@ -618,13 +636,18 @@ def _matmul_launches(op: _MatMul, be: CudaBackend) -> list[_Launch]:
     if op.res is not None:
         flags |= 8
     res = be._dummy_f if op.res is None else op.res
-    if many:
+    if integer:
+        grid = (mm.mma_row_tiles(*ns), math.ceil(t_count / mm.MMA_BN))
+        args = (*staged, *sets, *ns, w0.off, flags, res)
+        launches.append(_Launch(mm.mma_kernel(w0.fmt, rnd), grid, (mm.MMA_THREADS,), args))
+    elif many:
         tiles = (math.ceil(sum(ns) / mm.BM), math.ceil(t_count / mm.BN))
         groups = op.x.shape[1] // 32
         split = max(1, min(math.ceil(mm.GEMM_BLOCKS / (tiles[0] * tiles[1])), groups // mm.GEMM_SPLIT_GROUPS))
         part, count = be._split_buffers(split, t_count, sum(ns), tiles[0] * tiles[1])
-        gemm_args = (x_in, *sets, *ns, w0.off, flags, res, msum, part, count)
-        launches.append(_Launch(mm.gemm_kernel(w0.fmt), (*tiles, split), (mm.GEMM_THREADS,), gemm_args))
+        args = (x_in, *sets, *ns, w0.off, flags, res, msum, part, count)
+        launches.append(_Launch(mm.gemm_kernel(w0.fmt), (*tiles, split), (mm.GEMM_THREADS,), args))
+    if many:
         if op.mode == mm.MODE_SWIGLU:
             gate, up, out = op.outs
             grid2, block2 = _grid2(*gate.shape)

@@ -89,6 +89,27 @@ if SIM:
             s += (x - 256 if x >= 128 else x) * (y - 256 if y >= 128 else y)
         return int32(s)
 
+    @cuda.jit(device=True)
+    def mma_s8(a0, a1, a2, a3, b0, b1, scratch):
+        """The warp's 16 x 8 int32 product of a 16 x 32 and a 32 x 8 int8 fragment (PTX mma m16n8k32 s8):
+        this lane's 4 elements. Lane l holds rows l // 4 and l // 4 + 8 of A, columns 4 (l % 4) .. + 3
+        (a0, a1) and 16 + 4 (l % 4) .. + 3 (a2, a3); column l // 4 of B, rows as A's columns (b0, b1);
+        it gets C's rows l // 4 and l // 4 + 8, columns 2 (l % 4) and 2 (l % 4) + 1. Every lane calls it."""
+        tid = cuda.threadIdx.x
+        lane = tid % 32
+        for i, v in enumerate((a0, a1, a2, a3, b0, b1)):
+            scratch[tid, i] = int(v) & 0xFFFFFFFF
+        cuda.syncthreads()
+        regs = np.ascontiguousarray(scratch[tid - lane : tid - lane + 32]).view(np.int8).astype(np.int64)
+        regs = regs.reshape(8, 4, 6, 4)  # [group, lane in group, register, byte]
+        a = np.concatenate([np.concatenate([regs[:, :, r, :].reshape(8, 16), regs[:, :, r + 2, :].reshape(8, 16)], 1)
+                            for r in (0, 1)])  # fmt: skip
+        b = np.concatenate([regs[:, :, 4, :].reshape(8, 16), regs[:, :, 5, :].reshape(8, 16)], 1)  # B transposed
+        c = a @ b.T
+        cuda.syncthreads()
+        g, q = lane // 4, lane % 4
+        return int32(c[g, 2 * q]), int32(c[g, 2 * q + 1]), int32(c[g + 8, 2 * q]), int32(c[g + 8, 2 * q + 1])
+
 else:
 
     @cuda.jit(**DEVICE)
@@ -150,6 +171,26 @@ else:
             return builder.call(asm, ins)
 
         return types.int32(a, b, c), codegen
+
+    @intrinsic
+    def mma_s8(typingctx, a0, a1, a2, a3, b0, b1, scratch):  # noqa: ANN001, ANN201
+        """The warp's 16 x 8 int32 product of int8 fragments: one tensor-core instruction (PTX mma
+        m16n8k32 s8; the fragments as the simulator twin describes). scratch is the twin's."""
+
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            i32 = ir.IntType(32)
+            ins = [context.cast(builder, v, t, types.int32) for v, t in zip(args[:6], sig.args[:6], strict=True)]
+            ins += [ir.Constant(i32, 0)] * 4
+            asm = ir.InlineAsm(
+                ir.FunctionType(ir.LiteralStructType([i32] * 4), [i32] * 10),
+                "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, "
+                "{$10,$11,$12,$13};",
+                ",".join(["=r"] * 4 + ["r"] * 10),
+            )
+            out = builder.call(asm, ins)
+            return context.make_tuple(builder, sig.return_type, [builder.extract_value(out, i) for i in range(4)])
+
+        return types.UniTuple(types.int32, 4)(a0, a1, a2, a3, b0, b1, scratch), codegen
 
 
 @cuda.jit(**DEVICE)

@@ -2,15 +2,17 @@
 
 A row group of 32 weights is read as four items of 8 weights; the 32 lanes of a
 warp take consecutive items of one output row (coalesced spans of the packed
-words), dequantize them in registers and reduce across the warp. Three kernels,
+words), dequantize them in registers and reduce across the warp. Four kernels,
 by the step's token count:
 
-- vec_kernel (one or two tokens, decode): each lane prepares the inputs of its
-  items once, in registers, and its warp loops over rows; no shared memory.
+- vec_kernel (one or two tokens, decode): the block stages its token's input once
+  (rounded to Q8 where the weight type takes that), and its warps loop over rows.
 - rows_kernel (a few tokens): a block stages TB tokens' inputs in shared memory
   (normalizing and rounding them there), so a weight item read once serves TB tokens.
-- gemm_kernel (many tokens): BM x BN output tiles through shared memory, split
-  over K when a matrix has too few tiles to fill the GPU.
+- mma_kernel (many tokens, weights of the types whose inputs are rounded to Q8):
+  int8 tensor-core products over an input rounded once (prep_q8_kernel).
+- gemm_kernel (many tokens, the other types): BM x BN output tiles through shared
+  memory, split over K when a matrix has too few tiles to fill the GPU.
 
 A row's warp also serves the fused forms: several matrices sharing an input
 (q, k, v), gate and up with SwiGLU, and the residual add after a projection.
@@ -36,6 +38,7 @@ from rbees_workerd.kernels.cuda.device import (
     fp16_round,
     half_bits_to_f32,
     inv_rms,
+    mma_s8,
     quad_max,
     quad_sum,
     rint,
@@ -446,17 +449,7 @@ def _item_idot(w, d, m, fmt, off, r, it, rnd, xw, xd, xs):
     or the weight type's offset."""
     g = it // 4
     q = it % 4
-    if fmt == Q8:
-        lo = w[uint32(r), uint32(g * 8 + 2 * q)]
-        hi = w[uint32(r), uint32(g * 8 + 2 * q + 1)]
-    else:  # NIB4, NIB5: the item's word holds its 4 low elements in the low nibbles, its 4 high ones above
-        word = w[uint32(r), uint32(g * 4 + q if fmt == NIB4 else g * 5 + 1 + q)]
-        lo = word & 0x0F0F0F0F
-        hi = (word >> 4) & 0x0F0F0F0F
-        if fmt == NIB5:
-            bits = w[uint32(r), uint32(g * 5)]
-            lo |= _fifth_bits(bits >> (4 * q))
-            hi |= _fifth_bits(bits >> (16 + 4 * q))
+    lo, hi = _item_words(w, fmt, r, it)
     s = dp4a(hi, xw[uint32(2 * it + 1)], dp4a(lo, xw[uint32(2 * it)], 0))
     scale = d[uint32(r), uint32(g)]
     v = scale * xd[uint32(g)] * float32(s)
@@ -466,6 +459,25 @@ def _item_idot(w, d, m, fmt, off, r, it, rnd, xw, xd, xs):
         elif off != 0:
             v += scale * off * xs[uint32(g)]
     return v
+
+
+@cuda.jit(**DEVICE)
+def _item_words(w, fmt, r, it):
+    """Item it of row r of a Q8, NIB4 or NIB5 matrix as two words of four int8 values, in the order
+    of _stage_q8's input words (the item's elem(fmt, q, 0 .. 3), then elem(fmt, q, 4 .. 7))."""
+    g = it // 4
+    q = it % 4
+    if fmt == Q8:
+        return w[uint32(r), uint32(g * 8 + 2 * q)], w[uint32(r), uint32(g * 8 + 2 * q + 1)]
+    # NIB4, NIB5: the item's word holds its 4 low elements in the low nibbles, its 4 high ones above
+    word = w[uint32(r), uint32(g * 4 + q if fmt == NIB4 else g * 5 + 1 + q)]
+    lo = word & 0x0F0F0F0F
+    hi = (word >> 4) & 0x0F0F0F0F
+    if fmt == NIB5:
+        bits = w[uint32(r), uint32(g * 5)]
+        lo |= _fifth_bits(bits >> (4 * q))
+        hi |= _fifth_bits(bits >> (16 + 4 * q))
+    return uint32(lo), uint32(hi)
 
 
 @cuda.jit(**DEVICE)
@@ -554,6 +566,142 @@ def prep_kernel(rnd: int):  # noqa: ANN201
     return kernel
 
 
+@functools.cache
+def prep_q8_kernel(fmt: int, rnd: int):  # noqa: ANN201
+    """Many tokens' inputs normalized and rounded to Q8 once, for mma_kernel, in vec_kernel's staged
+    layout (_stage_q8, the item order of weight format fmt): xw[t] the int8 values four a word, xd[t]
+    and xs[t] each 32-block's scale and sum term. One block per token."""
+
+    @cuda.jit(**EXACT)
+    def kernel(x, norm, nw, eps, hout, xw, xd, xs):
+        scratch = cuda.shared.array(BLOCK, float32)
+        wv = cuda.local.array(8, float32)
+        t = cuda.blockIdx.x
+        inv = inv_rms(x, t, eps, scratch) if norm else float32(1.0)
+        _stage_q8(x, t, inv, norm, nw, norm, hout, fmt, rnd, xw[t], xd[t], xs[t], scratch, wv)
+
+    return kernel
+
+
+MMA_WARPS = 1 if SIM else 4  # warps per block of mma_kernel, one above the other
+MMA_MI, MMA_NJ = 2, 4  # a warp's output tile: MMA_MI 16-row by MMA_NJ 8-token tensor-core tiles
+MMA_BM, MMA_BN = 16 * MMA_MI * MMA_WARPS, 8 * MMA_NJ  # a block's rows and tokens
+MMA_ACC, MMA_COLS, MMA_ROWS = MMA_MI * MMA_NJ * 4, 2 * MMA_NJ, 2 * MMA_MI  # a lane's accumulators, tokens, rows
+MMA_PAD = MMA_BN + 1  # the block's output tile in shared memory, rows padded against bank conflicts
+MMA_THREADS = 32 * MMA_WARPS
+MMA_SCRATCH = MMA_THREADS if SIM else 1  # (the simulator's mma_s8 exchanges the fragments through it)
+
+
+@functools.cache
+def mma_kernel(fmt: int, rnd: int):  # noqa: ANN201
+    """The many-token product of Q8-rounded inputs (prep_q8_kernel) and Q8, NIB4 or NIB5 weights on the
+    tensor cores: int8 mma over each 32-block, then its scales, in float.
+
+    A block takes MMA_BM rows of one of the (up to three) matrices, its blocks along x those of matrix
+    0, then 1, then 2, so the weights a block reads are chosen once. Lane l of a warp takes item l % 4
+    of each 32-block: the two words _item_words gives are exactly its A fragment (rows l // 4 and + 8
+    of a 16-row tile) and the token's two staged input words its B fragment (token l // 4 of an
+    8-token tile); the mma sums over the items' k-order, which the weights and the inputs share. Each
+    element (row, token) then adds d_w * d_x * dot plus the min term (Q8_1: m_w * xs) or the offset
+    term (Q8_0: d_w * off * xs), as _item_idot does. A warp keeps MMA_MI x MMA_NJ tiles, its loads
+    reused across them; rows and tokens past the ends are read clamped and not written. The block's
+    outputs go through shared memory to coalesced stores. K is not split: on the H200, splitting it
+    over blocks like gemm_kernel (to fill the GPU at 64 tokens) made every product slower (batch-64
+    decode 8.6k against 14.8k tok/s without).
+    """
+    q8_1 = rnd == ROUND_Q8_1
+
+    @cuda.jit(**JIT)
+    def kernel(xw, xd, xs, w0, d0, m0, o0, b0, w1, d1, m1, o1, b1, w2, d2, m2, o2, b2, n0, n1, n2, off, flags, res):
+        scratch = cuda.shared.array((MMA_SCRATCH, 6), uint32)
+        tile = cuda.shared.array((MMA_BM, MMA_PAD), float32)
+        acc = cuda.local.array(MMA_ACC, float32)
+        rows = cuda.local.array(MMA_ROWS, uint32)
+        btok = cuda.local.array(MMA_NJ, uint32)
+        ctok = cuda.local.array(MMA_COLS, uint32)
+        blo = cuda.local.array(MMA_NJ, int32)
+        bhi = cuda.local.array(MMA_NJ, int32)
+        td = cuda.local.array(MMA_COLS, float32)
+        ts = cuda.local.array(MMA_COLS, float32)
+        lane = cuda.threadIdx.x % 32
+        gq = lane // 4
+        tq = lane % 4
+        n_tok = xw.shape[0]
+        which, first, n = _mma_block_rows(n0, n1, n2)
+        w, d, m = (w0, d0, m0) if which == 0 else ((w1, d1, m1) if which == 1 else (w2, d2, m2))
+        r0 = first + (cuda.threadIdx.x // 32) * 16 * MMA_MI  # the warp's first row in its matrix
+        t0 = cuda.blockIdx.y * MMA_BN
+        for i in range(MMA_ROWS):  # the lane's rows (clamped): gq and gq + 8 of each 16-row tile
+            rows[i] = min(r0 + 16 * (i // 2) + gq + 8 * (i % 2), n - 1)
+        for j in range(MMA_NJ):  # its B token of each 8-token tile, and the tokens of its outputs
+            btok[j] = min(t0 + 8 * j + gq, n_tok - 1)
+            for e in range(2):
+                ctok[2 * j + e] = min(t0 + 8 * j + 2 * tq + e, n_tok - 1)
+        for i in range(MMA_ACC):
+            acc[i] = 0.0
+        for g in range(xd.shape[1]):
+            it = g * 4 + tq
+            for j in range(MMA_NJ):
+                blo[j] = xw[btok[j], uint32(2 * it)]
+                bhi[j] = xw[btok[j], uint32(2 * it + 1)]
+            for c in range(MMA_COLS):
+                td[c] = xd[ctok[c], uint32(g)]
+                ts[c] = xs[ctok[c], uint32(g)]
+            for i in range(MMA_MI):
+                ra = rows[2 * i]
+                rb = rows[2 * i + 1]
+                alo, ahi = _item_words(w, fmt, ra, it)
+                blo_a, bhi_a = _item_words(w, fmt, rb, it)
+                sa = d[ra, uint32(g)]
+                sb = d[rb, uint32(g)]
+                ea = m[ra, uint32(g)] if q8_1 else sa * off
+                eb = m[rb, uint32(g)] if q8_1 else sb * off
+                for j in range(MMA_NJ):
+                    c0, c1, c2, c3 = mma_s8(alo, blo_a, ahi, bhi_a, blo[j], bhi[j], scratch)
+                    k = (i * MMA_NJ + j) * 4
+                    for c, v, s_w, e_w in ((0, c0, sa, ea), (1, c1, sa, ea), (2, c2, sb, eb), (3, c3, sb, eb)):
+                        acc[k + c] += (s_w * td[2 * j + c % 2]) * float32(v)  # two fused multiply-adds
+                        acc[k + c] += e_w * ts[2 * j + c % 2]
+        wr = (cuda.threadIdx.x // 32) * 16 * MMA_MI
+        for k in range(MMA_ACC):  # C's fragment order: tile (i, j), then row gq (tokens 2 tq, + 1), row gq + 8
+            i = (k // 4) // MMA_NJ
+            j = (k // 4) % MMA_NJ
+            tile[wr + 16 * i + gq + 8 * ((k % 4) // 2), 8 * j + 2 * tq + k % 2] = acc[k]
+        cuda.syncthreads()
+        for u in range(MMA_ACC):
+            r, t = _tile_element(first, t0, u)
+            if r < n and t < n_tok:
+                _store(which, MODE_ROWS, flags, t, r, tile[r - first, t - t0], float32(0.0),
+                       o0, b0, o1, b1, o2, b2, res)  # fmt: skip
+
+    return kernel
+
+
+@cuda.jit(**DEVICE)
+def _tile_element(first, t0, u):
+    """The (row, token) of this thread's u-th element of an mma_kernel block's output tile."""
+    e = cuda.threadIdx.x + MMA_THREADS * u
+    return first + e % MMA_BM, t0 + e // MMA_BM
+
+
+def mma_row_tiles(n0: int, n1: int, n2: int) -> int:
+    """mma_kernel's blocks along x: each matrix's rows in tiles of MMA_BM."""
+    return sum(-(-n // MMA_BM) for n in (n0, n1, n2))
+
+
+@cuda.jit(**DEVICE)
+def _mma_block_rows(n0, n1, n2):
+    """This block's matrix (0, 1, 2), its first row there and the matrix's rows (mma_row_tiles' order)."""
+    bx = cuda.blockIdx.x
+    t0 = (n0 + MMA_BM - 1) // MMA_BM
+    t1 = (n1 + MMA_BM - 1) // MMA_BM
+    if bx < t0:
+        return 0, bx * MMA_BM, n0
+    if bx < t0 + t1:
+        return 1, (bx - t0) * MMA_BM, n1
+    return 2, (bx - t0 - t1) * MMA_BM, n2
+
+
 @cuda.jit(**JIT)
 def embed_kernel(words, d, m, fmt, off, tokens, out):
     """out[t, :] = dequantized row tokens[t]; grid (T, ceil(items / blockDim))."""
@@ -600,6 +748,7 @@ def gemm_kernel(fmt: int):  # noqa: ANN201
         xs = cuda.shared.array((32, PAD_N), float32)
         ms = cuda.shared.array(BM, float32)  # Q8_1 inputs: the tile rows' mins and the tokens' block sums
         ss = cuda.shared.array(BN, float32)
+        last = cuda.shared.array(1, int32)
         q8_1 = (flags & 32) != 0
         wv = cuda.local.array(8, float32)
         acc = cuda.local.array(16, float32)
@@ -664,37 +813,42 @@ def gemm_kernel(fmt: int):  # noqa: ANN201
                     t = t0 + tx * 4 + j
                     if row < total and t < n_tok:
                         part[z, t, row] = acc[4 * i + j]
-            cuda.threadfence()
-            cuda.syncthreads()
-            tile = cuda.blockIdx.y * cuda.gridDim.x + cuda.blockIdx.x
-            if tid == 0:
-                ss[0] = float32(cuda.atomic.add(count, tile, 1))
-            cuda.syncthreads()
-            if ss[0] != split - 1:  # another block of the tile finishes it
+            if not _last_of_split(count, split, last):  # another block of the tile finishes it
                 return
-            if tid == 0:
-                count[tile] = 0
-            cuda.threadfence()
         for i in range(4):
             row = r0 + ty * 4 + i
-            if row < total:
-                for j in range(4):
-                    t = t0 + tx * 4 + j
-                    if t < n_tok:
-                        v = acc[4 * i + j]
-                        if split > 1:
-                            v = float32(0.0)
-                            for zz in range(split):
-                                v += part[zz, t, row]
-                        if row < n0:
-                            if flags & 1:
-                                v += b0[row]
-                            o0[t, row] = v
-                            if flags & 8:
-                                res[t, row] += v
-                        elif row < n0 + n1:
-                            o1[t, row - n0] = v + b1[row - n0] if flags & 2 else v
-                        else:
-                            o2[t, row - n0 - n1] = v + b2[row - n0 - n1] if flags & 4 else v
+            for j in range(4):
+                t = t0 + tx * 4 + j
+                if row < total and t < n_tok:
+                    v = _split_sum(part, split, t, row) if split > 1 else acc[4 * i + j]
+                    which, r = _matrix_row(row, n0, n1)
+                    _store(which, MODE_ROWS, flags, t, r, v, float32(0.0), o0, b0, o1, b1, o2, b2, res)
 
     return kernel
+
+
+@cuda.jit(**DEVICE)
+def _last_of_split(count, split, flag):
+    """Called by the whole block of a GEMM split over K once it has written its part: whether it is
+    the last of its tile's blocks to finish (counted in count[tile], which it then resets for the next
+    launch), the one that adds the parts."""
+    tile = cuda.blockIdx.y * cuda.gridDim.x + cuda.blockIdx.x
+    cuda.threadfence()
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0:
+        flag[0] = cuda.atomic.add(count, tile, 1)
+    cuda.syncthreads()
+    last = flag[0] == split - 1
+    if last and cuda.threadIdx.x == 0:
+        count[tile] = 0
+    cuda.threadfence()
+    return last
+
+
+@cuda.jit(**DEVICE)
+def _split_sum(part, split, t, row):
+    """The parts of output (t, row) added in the order of z, so the sum does not depend on which block finished last."""
+    v = float32(0.0)
+    for z in range(split):
+        v += part[z, t, row]
+    return v
