@@ -79,7 +79,7 @@ def test_matmul_and_embed_every_type(be, qtype):
     cpu_w = cpu_quant.prepare(int(qtype), (n, k), raw)
     bias = rng.standard_normal(n).astype(np.float32)
     # one token, a tile of several (both the few-token kernel), and the tiled GEMM of many
-    counts = (1, 5, GEMM_MIN_TOKENS + 1) if qtype in (Q.Q4_1, Q.Q6_K, Q.Q5_K, Q.BF16) or not SIM else (1, 5)
+    counts = (1, 5, GEMM_MIN_TOKENS + 1) if qtype in (Q.Q4_1, Q.Q6_K, Q.Q5_K, Q.BF16, Q.F16) or not SIM else (1, 5)
     for t in counts:
         x = rng.standard_normal((t, k)).astype(np.float32)
         out = _dev(be, np.full((t, n), np.nan, np.float32))  # poisoned: every element must be written

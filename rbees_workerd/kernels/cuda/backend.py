@@ -583,11 +583,16 @@ def _prepared_input(op: _MatMul, rnd: int, be: CudaBackend) -> tuple[list[_Launc
         t, k = op.x.shape
         be._act_bufs[key] = (be.zeros((t, k)), be.zeros((t, k // 32)))
     xq, msum = be._act_bufs[key]
-    x, norm, nw, eps = op.x, False, be._dummy_v, np.float32(0.0)
-    if op.norm is not None:
-        x, norm, nw, eps = op.norm[0], True, op.norm[1], np.float32(op.norm[2])
-    args = (x, norm, nw, eps, op.x, xq, msum)
-    return [_Launch(mm.prep_kernel(rnd), (x.shape[0],), (mm.BLOCK,), args)], xq, msum
+    args = (*_norm_input(op, be), op.x, xq, msum)
+    return [_Launch(mm.prep_kernel(rnd), (op.x.shape[0],), (mm.BLOCK,), args)], xq, msum
+
+
+def _norm_input(op: _MatMul, be: CudaBackend) -> tuple[Any, bool, Any, np.float32]:
+    """What a rounding kernel reads: (x, whether to normalize it, the norm's weight, eps); x is the
+    norm's input where the product took the RMSNorm before it in (_fuse_norms)."""
+    if op.norm is None:
+        return op.x, False, be._dummy_v, np.float32(0.0)
+    return op.norm[0], True, op.norm[1], np.float32(op.norm[2])
 
 
 def _q8_input(op: _MatMul, rnd: int, fmt: int, be: CudaBackend) -> tuple[_Launch, tuple[Any, Any, Any]]:
@@ -598,10 +603,7 @@ def _q8_input(op: _MatMul, rnd: int, fmt: int, be: CudaBackend) -> tuple[_Launch
     if key not in be._act_bufs:
         be._act_bufs[key] = (be.zeros((t, k // 4), np.int32), be.zeros((t, k // 32)), be.zeros((t, k // 32)))
     staged = be._act_bufs[key]
-    x, norm, nw, eps = op.x, False, be._dummy_v, np.float32(0.0)
-    if op.norm is not None:
-        x, norm, nw, eps = op.norm[0], True, op.norm[1], np.float32(op.norm[2])
-    return _Launch(mm.prep_q8_kernel(fmt, rnd), (t,), (mm.BLOCK,), (x, norm, nw, eps, op.x, *staged)), staged
+    return _Launch(mm.prep_q8_kernel(fmt, rnd), (t,), (mm.BLOCK,), (*_norm_input(op, be), op.x, *staged)), staged
 
 
 def _matmul_launches(op: _MatMul, be: CudaBackend) -> list[_Launch]:
