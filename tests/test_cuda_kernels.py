@@ -118,8 +118,8 @@ _MMA_TYPES = [Q.Q4_0, Q.Q5_1, Q.Q8_0] if SIM else [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_
 @pytest.mark.parametrize("qtype", _MMA_TYPES, ids=lambda q: q.name)
 def test_tensor_core_product_of_three_matrices(be, qtype):
     """Many tokens of an integer weight type take the tensor-core product: three matrices sharing an
-    input (q, k, v) in one launch, rows of several matrices in one row tile, tokens over one or two
-    token tiles; each output as the CPU's product with its bias."""
+    input (q, k, v) in one launch, each in row tiles of its own that it fills only partly, the last
+    token tile partly past the tokens; each output as the CPU's product with its bias."""
     rng = np.random.default_rng(11)
     k, ns = 128, (20, 12, 8)
     raws = [random_matrix(qtype, n, k, rng)[0] for n in ns]

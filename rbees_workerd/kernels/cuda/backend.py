@@ -613,7 +613,7 @@ def _matmul_launches(op: _MatMul, be: CudaBackend) -> list[_Launch]:
     many = t_count >= mm.GEMM_MIN_TOKENS
     w0 = op.ws[0]
     rnd = _rounding(w0.qtype)
-    integer = many and rnd in (mm.ROUND_Q8_0, mm.ROUND_Q8_1) and w0.fmt in (repack.NIB4, repack.NIB5, repack.Q8)
+    integer = many and rnd in (mm.ROUND_Q8_0, mm.ROUND_Q8_1)  # (weights in NIB4, NIB5 or Q8, as for vec_kernel)
     launches: list[_Launch] = []
     x_in, msum, flags = op.x, be._dummy_f, 0
     if integer:
