@@ -1,7 +1,7 @@
 """Prefill and decode throughput of the CUDA backend on one GPU.
 
     python bench/cuda_bench.py MODEL.gguf [--batches 1,64,256] [--prompt 512] [--steps 128] [--json]
-                                          [--gemm-min-tokens N] [--vec-max-tokens N]
+                                          [--gemm-min-tokens N] [--vec-max-tokens N] [--no-overlap]
 
 Decode: B sequences step together from position 0 for `steps` tokens (like
 llama-bench's tg128), each step a forward plus greedy sampling on the device;
@@ -9,7 +9,8 @@ tok/s = B * steps / time. Prefill: one `prompt`-token step; tok/s = prompt / tim
 Every figure is the median of `--repeat` timed runs after a warm-up run
 (which compiles or loads the kernels and captures the CUDA graphs).
 --gemm-min-tokens moves the switch from the few-token kernel to the tiled GEMM, --vec-max-tokens
-the one from the one-token-per-block kernel to the few-token kernel (tuning).
+the one from the one-token-per-block kernel to the few-token kernel (tuning); --no-overlap captures
+graphs without programmatic dependent launch (each kernel starts when the one before has ended).
 """
 
 from __future__ import annotations
@@ -79,8 +80,11 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--gemm-min-tokens", type=int)
     ap.add_argument("--vec-max-tokens", type=int)
+    ap.add_argument("--no-overlap", action="store_true")
     args = ap.parse_args()
-    from rbees_workerd.kernels.cuda import matmul
+    from rbees_workerd.kernels.cuda import backend, matmul
+
+    backend.PROGRAMMATIC = not args.no_overlap
 
     if args.gemm_min_tokens is not None:
         matmul.GEMM_MIN_TOKENS = args.gemm_min_tokens

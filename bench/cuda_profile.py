@@ -1,6 +1,9 @@
 """Where a batch-1 decode step's time goes on the CUDA backend: host-side phases, timed separately.
 
-    python bench/cuda_profile.py MODEL.gguf [--steps 64] [--batch 1] [--prefill N]
+    python bench/cuda_profile.py MODEL.gguf [--steps 64] [--batch 1] [--prefill N] [--no-overlap]
+
+"steps back to back" queues the step's graph `steps` times before one synchronization: the
+device's time per step without the host's round trip between steps.
 
 Run it under `ncu --metrics gpu__time_duration.sum --print-summary per-kernel`
 for the per-kernel device times of the captured graph's nodes.
@@ -24,7 +27,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prefill", type=int, default=0, help="time N-token prefill steps instead of decode")
+    ap.add_argument("--no-overlap", action="store_true", help="graphs without programmatic dependent launch")
     args = ap.parse_args()
+    if args.no_overlap:
+        from rbees_workerd.kernels.cuda import backend
+
+        backend.PROGRAMMATIC = False
     b = args.batch
     engine = Engine.load(args.model, backend="cuda", slots=b, context_length=max(args.steps + 1, args.prefill),
                          max_step_tokens=max(256, b, args.prefill))  # fmt: skip
@@ -54,6 +62,14 @@ def main() -> None:
             phases["step (upload + graph launch)"].append(t1 - t0)
             phases["step synchronized"].append(t2 - t0)
             phases["sample"].append(t3 - t2)
+    if not args.prefill:
+        positions = np.zeros(b, np.int32)
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                model.run(tokens, positions, slots, rows)
+            be.synchronize()
+            phases.setdefault("steps back to back, each", []).append((time.perf_counter() - t0) / args.steps)
     for name, times in phases.items():
         print(f"{name:>32}: median {statistics.median(times) * 1e6:8.1f} us")
 

@@ -36,7 +36,7 @@ from rbees_workerd.kernels.cpu import ops as cpu_ops  # noqa: E402
 from rbees_workerd.kernels.cpu import quant as cpu_quant  # noqa: E402
 from rbees_workerd.kernels.cpu.backend import CpuBackend  # noqa: E402
 from rbees_workerd.kernels.cuda import CudaBackend, ops  # noqa: E402
-from rbees_workerd.kernels.cuda.matmul import GEMM_MIN_TOKENS, KC, MMA_BN  # noqa: E402
+from rbees_workerd.kernels.cuda.matmul import GEMM_MIN_TOKENS, KC, MMA_BN, VEC_WARPS  # noqa: E402
 from rbees_workerd.kernels.cuda.ops import ATT_CHUNK, ATT_KT, SEQ_KT, SEQ_MIN_TOKENS, SEQ_QT  # noqa: E402
 from rbees_workerd.kernels.cuda.sample import ARGMAX_TILE  # noqa: E402
 
@@ -110,6 +110,27 @@ def test_matmul_rows_longer_than_one_staged_chunk(be, qtype):
         ref = np.empty((t, n), np.float32)
         cpu_quant.matmul(x, cpu_w, ref)
         np.testing.assert_allclose(be.download(out), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q5_0, Q.Q8_0], ids=lambda q: q.name)
+def test_one_token_product_of_many_rows_a_warp(be, qtype):
+    """The one-token product of a matrix of more rows than its warps (the output head), each warp
+    loading a row's weights while it sums the one before, launched alone and replayed from a graph
+    (whose kernels overlap on a GPU), equals the CPU's product; also with every warp one row."""
+    rng = np.random.default_rng(11)
+    k = 256
+    for n in (VEC_WARPS, 2 * VEC_WARPS + 3):
+        raw, _ = random_matrix(qtype, n, k, rng)
+        w = be.weight(int(qtype), (n, k), raw)
+        x = rng.standard_normal((1, k)).astype(np.float32)
+        ref = np.empty((1, n), np.float32)
+        cpu_quant.matmul(x, cpu_quant.prepare(int(qtype), (n, k), raw), ref)
+        xd, alone, graphed = _dev(be, x), *(_dev(be, np.full((1, n), np.nan, np.float32)) for _ in "ag")
+        be.matmul(xd, w, alone)
+        for _ in range(2):  # captured, then replayed
+            be.run_step(("many rows", qtype, n), lambda: be.matmul(xd, w, graphed))  # noqa: B023
+        for out in (alone, graphed):
+            np.testing.assert_allclose(be.download(out), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
 _MMA_TYPES = [Q.Q4_0, Q.Q5_1, Q.Q8_0] if SIM else [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]

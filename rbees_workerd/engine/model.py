@@ -167,7 +167,7 @@ class Transformer:
             be.swiglu(gate, up, gate)
             be.matmul(gate, layer.w_down, h)
             be.add(x, h)
-        last = s.last[:r]
+        last, normed = s.last[:r], s.h[:r]  # (out of place: a backend may fuse the norm into the product)
         be.gather_rows(x, rows, last)
-        be.rmsnorm(last, self.output_norm, cfg.norm_eps, last)
-        be.matmul(last, self.output, logits)
+        be.rmsnorm(last, self.output_norm, cfg.norm_eps, normed)
+        be.matmul(normed, self.output, logits)

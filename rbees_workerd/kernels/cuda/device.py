@@ -25,6 +25,7 @@ EXACT = {"cache": not SIM}  # kernels whose quotients must round exactly like th
 DEVICE = {"device": True} if SIM else {"device": True, "forceinline": True}
 FULL_MASK = 0xFFFFFFFF
 UNROLL = 4  # strided loops step this many strides at a time: their loads are then in flight together
+NORM_SPAN = 4 if SIM else 32  # elements a lane of inv_rms loads at once
 
 
 if SIM:
@@ -41,6 +42,10 @@ if SIM:
             s = max(s, scratch[base + i]) if take_max else s + scratch[base + i]
         cuda.syncthreads()
         return s
+
+    @cuda.jit(device=True)
+    def grid_ready():
+        """The simulator runs kernels one after another: nothing to wait for."""
 
     @cuda.jit(device=True)
     def warp_sum(v, scratch):
@@ -111,6 +116,21 @@ if SIM:
         return int32(c[g, 2 * q]), int32(c[g, 2 * q + 1]), int32(c[g + 8, 2 * q]), int32(c[g + 8, 2 * q + 1])
 
 else:
+
+    @intrinsic
+    def grid_ready(typingctx):  # noqa: ANN001, ANN201
+        """Wait until the kernels before this one have finished and their writes are visible, then let
+        the next kernel launch (PTX griddepcontrol; both are no-ops in a launch without a programmatic
+        dependency). A memory barrier for the compiler: no load or store moves across it."""
+
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), []),
+                               "griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;", "~{memory}",
+                               side_effect=True)  # fmt: skip
+            builder.call(asm, [])
+            return context.get_dummy_value()
+
+        return types.none(), codegen
 
     @cuda.jit(**DEVICE)
     def warp_sum(v, scratch):
@@ -199,15 +219,18 @@ def inv_rms(x, t, eps, scratch):
 
     Summed in one fixed order (each lane a stride of 32 elements, then the warp), so the
     RMSNorm kernel and the products that normalize their input themselves agree bit for bit.
+    A lane loads NORM_SPAN elements before it sums them: one memory round trip for rows of up
+    to 32 * NORM_SPAN elements, not one per few elements.
     """
+    xv = cuda.local.array(NORM_SPAN, float32)
     ss = float32(0.0)
     k = x.shape[1]
-    for base in range(cuda.threadIdx.x % 32, k, 32 * UNROLL):
-        for u in range(UNROLL):
+    for base in range(cuda.threadIdx.x % 32, k, 32 * NORM_SPAN):
+        for u in range(NORM_SPAN):
             i = base + 32 * u
-            if i < k:
-                xi = x[uint32(t), uint32(i)]
-                ss += xi * xi
+            xv[u] = x[uint32(t), uint32(i)] if i < k else float32(0.0)
+        for u in range(NORM_SPAN):
+            ss += xv[u] * xv[u]
     ss = warp_sum(ss, scratch)
     return float32(1.0 / math.sqrt(ss / x.shape[1] + eps))
 

@@ -36,6 +36,7 @@ from rbees_workerd.kernels.cuda.device import (
     dp4a,
     f32_from_bits,
     fp16_round,
+    grid_ready,
     half_bits_to_f32,
     inv_rms,
     mma_s8,
@@ -231,6 +232,7 @@ def rows_kernel(fmt: int, rnd: int):  # noqa: ANN201
         bit 4 = the input is rmsnorm(x) * nw, which the blocks of column 0 also write to hout;
         bit 5 = the input was rounded to Q8_1 already, its block sums in msum.
         """
+        grid_ready()
         xs = cuda.shared.array((tb, 8, KC_ITEMS), float32)
         ms = cuda.shared.array((tb, KC_GROUPS), float32)
         scratch = cuda.shared.array(BLOCK, float32)
@@ -308,11 +310,14 @@ def vec_kernel(fmt: int, rnd: int, ni: int):  # noqa: ANN201
     which it rotates, writes, and for k and v also stores in the KV cache: `rope` is
     (cache_k, cache_v, slots, positions, cos, sin, head size, neox), cos/sin[position, pair] the
     rotation table (CudaBackend._rope_table). Other modes get a tuple of dummies there.
+    Integer products load a warp's first row (or pair) of weights into registers before grid_ready,
+    overlapping the kernel before this one in a graph, and each next row's while it sums and stores.
     """
 
     n_inputs = ni * 8  # (constants for numba's array shapes)
     n_words = ni * 64
     n_groups = ni * 8
+    n_fetch = ni * 2  # registers of one unit of work (two rows: SwiGLU, MODE_QKV)
     integer = rnd in (ROUND_Q8_0, ROUND_Q8_1)
 
     @cuda.jit(**EXACT)
@@ -324,11 +329,24 @@ def vec_kernel(fmt: int, rnd: int, ni: int):  # noqa: ANN201
         xs = cuda.shared.array(n_groups, float32)  # and its sum term
         xr = cuda.local.array(n_inputs, float32)  # float inputs: this lane's items
         wv = cuda.local.array(8, float32)
+        # integer products: the lane's items of the warp's next row (and second row) in registers
+        lo = cuda.local.array(n_fetch, uint32)
+        hi = cuda.local.array(n_fetch, uint32)
+        sc = cuda.local.array(n_fetch, float32)
+        mn = cuda.local.array(n_fetch, float32)
         lane = cuda.threadIdx.x % 32
         warp = cuda.blockIdx.x * WARPS + cuda.threadIdx.x // 32
         t = cuda.blockIdx.y
         items = x.shape[1] // 8
+        total = n0 if mode == MODE_SWIGLU else (n0 + n1 + n2) // (2 if mode == MODE_QKV else 1)
+        stride = cuda.gridDim.x * WARPS
+        hd = rope[6]
+        if integer and warp < total:  # weights only: these loads overlap the kernel before this one
+            _fetch_rows(warp, mode, n0, n1, hd, rope[7], w0, d0, m0, w1, d1, m1, w2, d2, m2, fmt, rnd, ni, lane,
+                        items, lo, hi, sc, mn)  # fmt: skip
+        grid_ready()
         norm = (flags & 16) != 0
+        pos = rope[3][uint32(t)] if mode == MODE_QKV else 0
         inv = inv_rms(x, t, eps, scratch) if norm else float32(1.0)
         if integer:
             _stage_q8(x, t, inv, norm, nw, norm and cuda.blockIdx.x == 0, hout, fmt, rnd, xw, xd, xs, scratch, wv)
@@ -344,25 +362,27 @@ def vec_kernel(fmt: int, rnd: int, ni: int):  # noqa: ANN201
                         if norm and warp == 0:
                             hout[uint32(t), uint32(c)] = v
                     xr[i * 8 + j] = fp16_round(v) if rnd == ROUND_F16 else v
-        total = n0 if mode == MODE_SWIGLU else (n0 + n1 + n2) // (2 if mode == MODE_QKV else 1)
-        hd = rope[6]
-        for row in range(warp, total, cuda.gridDim.x * WARPS):  # the same trips for the whole warp
-            which, r = _matrix_row(row, n0, n1) if mode == MODE_ROWS else (0, row)
-            rb = r  # SwiGLU: the up row; MODE_QKV: the second row of the pair
-            if mode == MODE_QKV:
-                which, r, rb = _pair(row, n0, n1, hd, rope[7])
-            w, d, m = (w0, d0, m0) if which == 0 else ((w1, d1, m1) if which == 1 else (w2, d2, m2))
-            wb, db, mb = (w1, d1, m1) if mode == MODE_SWIGLU else (w, d, m)
+        for row in range(warp, total, stride):  # the same trips for the whole warp
+            which, r, rb = _vec_rows(row, mode, n0, n1, hd, rope[7])
             a = float32(0.0)
             b = float32(0.0)
-            for i in range(ni):
-                it = lane + 32 * i
-                if it < items:
-                    if integer:
-                        a += _item_idot(w, d, m, fmt, off, r, it, rnd, xw, xd, xs)
+            if integer:
+                for i in range(ni):
+                    it = lane + 32 * i
+                    if it < items:
+                        a += _staged_idot(lo[i], hi[i], sc[i], mn[i], it, rnd, off, xw, xd, xs)
                         if mode != MODE_ROWS:
-                            b += _item_idot(wb, db, mb, fmt, off, rb, it, rnd, xw, xd, xs)
-                    else:
+                            j = ni + i
+                            b += _staged_idot(lo[j], hi[j], sc[j], mn[j], it, rnd, off, xw, xd, xs)
+                if row + stride < total:  # the next row's loads in flight during the sums and stores
+                    _fetch_rows(row + stride, mode, n0, n1, hd, rope[7], w0, d0, m0, w1, d1, m1, w2, d2, m2, fmt,
+                                rnd, ni, lane, items, lo, hi, sc, mn)  # fmt: skip
+            else:
+                w, d, m = (w0, d0, m0) if which == 0 else ((w1, d1, m1) if which == 1 else (w2, d2, m2))
+                wb, db, mb = (w1, d1, m1) if mode == MODE_SWIGLU else (w, d, m)
+                for i in range(ni):
+                    it = lane + 32 * i
+                    if it < items:
                         a += _item_dot(w, d, m, fmt, off, r, it, xr, i, wv)
                         if mode != MODE_ROWS:
                             b += _item_dot(wb, db, mb, fmt, off, rb, it, xr, i, wv)
@@ -371,11 +391,50 @@ def vec_kernel(fmt: int, rnd: int, ni: int):  # noqa: ANN201
                 b = warp_sum(b, scratch)
             if lane == 0:
                 if mode == MODE_QKV:
-                    _store_pair(which, flags, t, r, rb, a, b, o0, b0, o1, b1, o2, b2, rope)
+                    _store_pair(which, flags, t, pos, r, rb, a, b, o0, b0, o1, b1, o2, b2, rope)
                 else:
                     _store(which, mode, flags, t, r, a, b, o0, b0, o1, b1, o2, b2, res)
 
     return kernel
+
+
+@cuda.jit(**DEVICE)
+def _vec_rows(row, mode, n0, n1, hd, neox):
+    """vec_kernel's row-th unit of work: (matrix, row, second row); the second row is SwiGLU's up
+    row, MODE_QKV's other row of the pair, and the row itself in MODE_ROWS."""
+    if mode == MODE_QKV:
+        return _pair(row, n0, n1, hd, neox)
+    if mode == MODE_SWIGLU:
+        return 0, row, row
+    which, r = _matrix_row(row, n0, n1)
+    return which, r, r
+
+
+@cuda.jit(**DEVICE)
+def _fetch_rows(row, mode, n0, n1, hd, neox, w0, d0, m0, w1, d1, m1, w2, d2, m2, fmt, rnd, ni, lane, items,
+                lo, hi, sc, mn):  # fmt: skip
+    """The lane's items of vec_kernel's row-th unit of work into registers: the first row's at 0 .. ni,
+    the second row's (SwiGLU's up row, MODE_QKV's pair) at ni .. 2 ni."""
+    which, r, rb = _vec_rows(row, mode, n0, n1, hd, neox)
+    w, d, m = (w0, d0, m0) if which == 0 else ((w1, d1, m1) if which == 1 else (w2, d2, m2))
+    _fetch_items(w, d, m, fmt, rnd, r, ni, 0, lane, items, lo, hi, sc, mn)
+    if mode == MODE_SWIGLU:
+        _fetch_items(w1, d1, m1, fmt, rnd, rb, ni, ni, lane, items, lo, hi, sc, mn)
+    elif mode == MODE_QKV:
+        _fetch_items(w, d, m, fmt, rnd, rb, ni, ni, lane, items, lo, hi, sc, mn)
+
+
+@cuda.jit(**DEVICE)
+def _fetch_items(w, d, m, fmt, rnd, r, ni, at, lane, items, lo, hi, sc, mn):
+    """Items lane, lane + 32, ... of row r: their words (_item_words), scales and Q8_1 mins from index at."""
+    for i in range(ni):
+        it = lane + 32 * i
+        if it < items:
+            g = uint32(it // 4)
+            lo[at + i], hi[at + i] = _item_words(w, fmt, r, it)
+            sc[at + i] = d[uint32(r), g]
+            if rnd == ROUND_Q8_1 and it % 4 == 0:
+                mn[at + i] = m[uint32(r), g]
 
 
 @cuda.jit(**DEVICE)
@@ -443,21 +502,19 @@ def _item_dot(w, d, m, fmt, off, r, it, xr, i, wv):
 
 
 @cuda.jit(**DEVICE)
-def _item_idot(w, d, m, fmt, off, r, it, rnd, xw, xd, xs):
-    """Item it of row r times the staged Q8 input (_stage_q8): the integer dot product of the weights'
-    values and the inputs' by dp4a, then the scales; the block's first item adds the Q8_1 min term
-    or the weight type's offset."""
-    g = it // 4
-    q = it % 4
-    lo, hi = _item_words(w, fmt, r, it)
+def _staged_idot(lo, hi, scale, mn, it, rnd, off, xw, xd, xs):
+    """Item it of a row (its words lo, hi from _item_words, its 32-block's scale and Q8_1 min mn)
+    times the staged Q8 input (_stage_q8): the integer dot product of the weights' values and the
+    inputs' by dp4a, then the scales; the block's first item adds the Q8_1 min term or the weight
+    type's offset."""
+    g = uint32(it // 4)
     s = dp4a(hi, xw[uint32(2 * it + 1)], dp4a(lo, xw[uint32(2 * it)], 0))
-    scale = d[uint32(r), uint32(g)]
-    v = scale * xd[uint32(g)] * float32(s)
-    if q == 0:
+    v = scale * xd[g] * float32(s)
+    if it % 4 == 0:
         if rnd == ROUND_Q8_1:
-            v += m[uint32(r), uint32(g)] * xs[uint32(g)]
+            v += mn * xs[g]
         elif off != 0:
-            v += scale * off * xs[uint32(g)]
+            v += scale * off * xs[g]
     return v
 
 
@@ -499,14 +556,14 @@ def _pair(p, n0, n1, hd, neox):
 
 
 @cuda.jit(**DEVICE)
-def _store_pair(which, flags, t, ra, rb, a, b, o0, b0, o1, b1, o2, b2, rope):
-    """MODE_QKV's outputs of one pair: bias, RoPE (q and k), the fp16 KV-cache store (k and v)."""
-    cache_k, cache_v, slots, positions, cos_t, sin_t, hd, neox = rope
+def _store_pair(which, flags, t, pos, ra, rb, a, b, o0, b0, o1, b1, o2, b2, rope):
+    """MODE_QKV's outputs of one pair of token t at position pos: bias, RoPE (q and k), the fp16
+    KV-cache store (k and v)."""
+    cache_k, cache_v, slots, _, cos_t, sin_t, hd, neox = rope
     o, bias = (o0, b0) if which == 0 else ((o1, b1) if which == 1 else (o2, b2))
     if flags & (1 << which):
         a += bias[uint32(ra)]
         b += bias[uint32(rb)]
-    pos = positions[uint32(t)]
     if which < 2:
         i = (ra % hd) % (hd // 2) if neox else (ra % hd) // 2
         c = cos_t[uint32(pos), uint32(i)]
@@ -549,6 +606,7 @@ def prep_kernel(rnd: int):  # noqa: ANN201
     def kernel(x, norm, nw, eps, hout, xq, msum):
         """xq = round(x), or round(rmsnorm(x) * nw) also written to hout; one block per token,
         a warp per 32-block; msum[t, block] the Q8_1 sum terms."""
+        grid_ready()
         scratch = cuda.shared.array(BLOCK, float32)
         t = cuda.blockIdx.x
         lane = cuda.threadIdx.x % 32
@@ -574,6 +632,7 @@ def prep_q8_kernel(fmt: int, rnd: int):  # noqa: ANN201
 
     @cuda.jit(**EXACT)
     def kernel(x, norm, nw, eps, hout, xw, xd, xs):
+        grid_ready()
         scratch = cuda.shared.array(BLOCK, float32)
         wv = cuda.local.array(8, float32)
         t = cuda.blockIdx.x
@@ -603,7 +662,7 @@ def mma_kernel(fmt: int, rnd: int):  # noqa: ANN201
     of a 16-row tile) and the token's two staged input words its B fragment (token l // 4 of an
     8-token tile); the mma sums over the items' k-order, which the weights and the inputs share. Each
     element (row, token) then adds d_w * d_x * dot plus the min term (Q8_1: m_w * xs) or the offset
-    term (Q8_0: d_w * off * xs), as _item_idot does. A warp keeps MMA_MI x MMA_NJ tiles, its loads
+    term (Q8_0: d_w * off * xs), as _staged_idot does. A warp keeps MMA_MI x MMA_NJ tiles, its loads
     reused across them; rows and tokens past the ends are read clamped and not written. The block's
     outputs go through shared memory to coalesced stores. K is not split: on the H200, splitting it
     over blocks like gemm_kernel (to fill the GPU at 64 tokens) made every product slower (batch-64
@@ -613,6 +672,7 @@ def mma_kernel(fmt: int, rnd: int):  # noqa: ANN201
 
     @cuda.jit(**JIT)
     def kernel(xw, xd, xs, w0, d0, m0, o0, b0, w1, d1, m1, o1, b1, w2, d2, m2, o2, b2, n0, n1, n2, off, flags, res):
+        grid_ready()
         scratch = cuda.shared.array((MMA_SCRATCH, 6), uint32)
         tile = cuda.shared.array((MMA_BM, MMA_PAD), float32)
         acc = cuda.local.array(MMA_ACC, float32)
@@ -705,6 +765,7 @@ def _mma_block_rows(n0, n1, n2):
 @cuda.jit(**JIT)
 def embed_kernel(words, d, m, fmt, off, tokens, out):
     """out[t, :] = dequantized row tokens[t]; grid (T, ceil(items / blockDim))."""
+    grid_ready()
     wv = cuda.local.array(8, float32)
     t = cuda.blockIdx.x
     it = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
@@ -744,6 +805,7 @@ def gemm_kernel(fmt: int):  # noqa: ANN201
         in count[tile], which it resets for the next launch) adds the parts in order of z, so
         the result does not depend on which block finished first.
         """
+        grid_ready()
         ws = cuda.shared.array((32, PAD_M), float32)
         xs = cuda.shared.array((32, PAD_N), float32)
         ms = cuda.shared.array(BM, float32)  # Q8_1 inputs: the tile rows' mins and the tokens' block sums

@@ -7,7 +7,17 @@ import math
 
 from numba import cuda, float32, float64, int32, uint32
 
-from rbees_workerd.kernels.cuda.device import DEVICE, EXACT, JIT, SIM, fp16_round, inv_rms, warp_max, warp_sum
+from rbees_workerd.kernels.cuda.device import (
+    DEVICE,
+    EXACT,
+    JIT,
+    SIM,
+    fp16_round,
+    grid_ready,
+    inv_rms,
+    warp_max,
+    warp_sum,
+)
 
 NORM_THREADS = 32 if SIM else 256  # the simulator runs a Python thread per GPU thread: keep blocks small
 # attention_kernel: ATT_THREADS a block (a multiple of 32; two warps in the slow simulator), K tiles of ATT_KT
@@ -36,6 +46,7 @@ SEQ_MAX_E = 128  # the head sizes whose tiles fit in 48 KB of shared memory
 @cuda.jit(**EXACT)
 def rmsnorm_kernel(x, weight, eps, out):
     """One block per token; every warp computes the norm (inv_rms), exactly as the fused products do."""
+    grid_ready()
     sh = cuda.shared.array(NORM_THREADS, float32)
     t = cuda.blockIdx.x
     d = x.shape[1]
@@ -64,6 +75,7 @@ def _rotate(x, t, h, p, pos, theta, neox):
 @cuda.jit(**JIT)
 def rope_kernel(x, positions, theta, neox):
     """x[T, heads, E] in place; one thread per (token, head, pair)."""
+    grid_ready()
     i = cuda.grid(1)
     t_count, heads, e = x.shape
     half = e // 2
@@ -75,6 +87,7 @@ def rope_kernel(x, positions, theta, neox):
 @cuda.jit(**JIT)
 def rope_store_kernel(q, k, v, cache_k, cache_v, slots, positions, theta, neox):
     """rope(q), rope(k) and the KV store of the step in one launch: one block per token."""
+    grid_ready()
     t = cuda.blockIdx.x
     hq = q.shape[1]
     g_count, e = k.shape[1], k.shape[2]
@@ -102,6 +115,7 @@ def rope_store_kernel(q, k, v, cache_k, cache_v, slots, positions, theta, neox):
 
 @cuda.jit(**JIT)
 def kv_store_kernel(k, v, cache_k, cache_v, slots, positions):
+    grid_ready()
     i = cuda.grid(1)
     t_count, g_count, e = k.shape
     if i < t_count * g_count * e:
@@ -225,6 +239,7 @@ def attention_kernel(e: int, r: int = 1):  # noqa: ANN201, C901
 
     @cuda.jit(**JIT, **_ATT_FIT)
     def kernel(q, cache_k, cache_v, slots, positions, out):
+        grid_ready()
         ks = cuda.shared.array((kt, row), float32)  # the K tile; at the end the warps' parts of the output
         qs = cuda.shared.array((r, e), float32)
         sc = cuda.shared.array((r, ch), float32)  # scores, then exp(score - max), then the weights
@@ -415,6 +430,7 @@ def attention_seq_kernel(e: int):  # noqa: ANN201
 
     @cuda.jit(**JIT)
     def kernel(q, cache_k, cache_v, slots, positions, out):
+        grid_ready()
         qs = cuda.shared.array((SEQ_QT, row), float32)
         kv = cuda.shared.array((kt, row), float32)  # the K tile, then in the last pass the V tile
         ws = cuda.shared.array((SEQ_QT, wrow), float32)
@@ -499,6 +515,7 @@ def attention_seq_kernel(e: int):  # noqa: ANN201
 
 @cuda.jit(**JIT)
 def swiglu_kernel(gate, up, out):
+    grid_ready()
     i, j = cuda.grid(2)
     if i < gate.shape[0] and j < gate.shape[1]:
         g = gate[i, j]
@@ -507,6 +524,7 @@ def swiglu_kernel(gate, up, out):
 
 @cuda.jit(**JIT)
 def add_kernel(x, y):
+    grid_ready()
     i, j = cuda.grid(2)
     if i < x.shape[0] and j < x.shape[1]:
         x[i, j] += y[i, j]
@@ -514,6 +532,7 @@ def add_kernel(x, y):
 
 @cuda.jit(**JIT)
 def add_bias_kernel(out, bias):
+    grid_ready()
     i, j = cuda.grid(2)
     if i < out.shape[0] and j < out.shape[1]:
         out[i, j] += bias[j]
@@ -521,6 +540,7 @@ def add_bias_kernel(out, bias):
 
 @cuda.jit(**JIT)
 def gather_kernel(x, rows, out):
+    grid_ready()
     i, j = cuda.grid(2)
     if i < out.shape[0] and j < out.shape[1]:
         out[i, j] = x[rows[i], j]

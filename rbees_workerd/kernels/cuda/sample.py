@@ -31,6 +31,7 @@ from rbees_workerd.kernels.cuda.device import (
     bits_from_f32,
     block_sum,
     f32_from_bits,
+    grid_ready,
     warp_max,
 )
 
@@ -148,6 +149,7 @@ def argmax_kernel(logits, params, acc, count, out, check):
     atomic maximum of acc[r] with it; the row's last block (counted in count[r]) swaps acc[r] back to
     ARGMAX_NONE, resets count[r] and writes the id. The maximum is the same in any order.
     """
+    grid_ready()
     scratch = cuda.shared.array(ARGMAX_THREADS, int64)  # the simulator's warp_max
     warps = cuda.shared.array(32, int64)
     xs = cuda.local.array(ARGMAX_PER_THREAD, float32)
@@ -199,6 +201,7 @@ _FIT = {} if SIM else {"max_registers": 65536 // THREADS}  # a block of THREADS 
 
 @cuda.jit(**JIT, **_FIT)
 def sample_kernel(logits, params, work, out):
+    grid_ready()
     sh = cuda.shared.array(THREADS, float32)
     best_v = cuda.shared.array(THREADS, float32)
     best_i = cuda.shared.array(THREADS, int32)
