@@ -29,10 +29,9 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=0, help="time N-token prefill steps instead of decode")
     ap.add_argument("--no-overlap", action="store_true", help="graphs without programmatic dependent launch")
     args = ap.parse_args()
-    if args.no_overlap:
-        from rbees_workerd.kernels.cuda import backend
+    from rbees_workerd.kernels.cuda import backend
 
-        backend.PROGRAMMATIC = False
+    backend.PROGRAMMATIC = not args.no_overlap
     b = args.batch
     engine = Engine.load(args.model, backend="cuda", slots=b, context_length=max(args.steps + 1, args.prefill),
                          max_step_tokens=max(256, b, args.prefill))  # fmt: skip

@@ -6,7 +6,8 @@ SwiGLU, a projection followed by the residual add, RMSNorm into the product
 after it, and for one or two tokens q/k/v with RoPE and the KV store), launched once (which also
 compiles them) and captured into a CUDA graph through cuda.core's graph
 builder; later steps of the same key replay the graph, a few microseconds of
-host time for the whole forward instead of one launch per op.
+host time for the whole forward instead of one launch per op. In the graphs of decode
+steps each kernel launches while the one before it runs (_programmatic_edges).
 """
 
 from __future__ import annotations
