@@ -2,10 +2,13 @@
 
     python bench/cuda_bench.py MODEL.gguf [--batches 1,64,256] [--prompt 512] [--steps 128] [--json]
                                           [--gemm-min-tokens N] [--vec-max-tokens N] [--no-overlap]
+                                          [--no-pipeline]
 
 Decode: B sequences step together from position 0 for `steps` tokens (like
 llama-bench's tg128), each step a forward plus greedy sampling on the device;
-tok/s = B * steps / time. Prefill: one `prompt`-token step; tok/s = prompt / time.
+tok/s = B * steps / time. Like the engine, each step is queued before the host reads the tokens
+of the one before, which it takes on the device (`--no-pipeline`: the host reads each step's tokens
+and uploads them for the next). Prefill: one `prompt`-token step; tok/s = prompt / time.
 Every figure is the median of `--repeat` timed runs after a warm-up run
 (which compiles or loads the kernels and captures the CUDA graphs).
 --gemm-min-tokens moves the switch from the few-token kernel to the tiled GEMM, --vec-max-tokens
@@ -41,7 +44,7 @@ def _median_time(fn, repeat: int) -> float:  # noqa: ANN001
     return statistics.median(times)
 
 
-def decode_tok_s(engine: Engine, batch: int, steps: int, repeat: int) -> float:
+def decode_tok_s(engine: Engine, batch: int, steps: int, repeat: int, pipeline: bool = True) -> float:
     model, be = engine.model, engine.backend
     slots = np.arange(batch, dtype=np.int32)
     rows = np.arange(batch, dtype=np.int32)
@@ -49,9 +52,20 @@ def decode_tok_s(engine: Engine, batch: int, steps: int, repeat: int) -> float:
 
     def run() -> None:
         tokens = np.full(batch, 1, np.int32)
+        if not pipeline:
+            for pos in range(steps):
+                logits = model.run(tokens, np.full(batch, pos, np.int32), slots, rows)
+                tokens = be.sample(logits, rows_greedy)
+            return
+        # as the engine does: each step queued, fed the last one's picks on the device, before the host reads them
+        picks = None
         for pos in range(steps):
-            logits = model.run(tokens, np.full(batch, pos, np.int32), slots, rows)
-            tokens = be.sample(logits, rows_greedy)
+            logits = model.run(tokens, np.full(batch, pos, np.int32), slots, rows, feed=picks)
+            queued = be.sample_async(logits, rows_greedy)
+            if picks is not None:
+                picks.ids()
+            picks = queued
+        picks.ids()
 
     return batch * steps / _median_time(run, repeat)
 
@@ -81,6 +95,7 @@ def main() -> None:
     ap.add_argument("--gemm-min-tokens", type=int)
     ap.add_argument("--vec-max-tokens", type=int)
     ap.add_argument("--no-overlap", action="store_true")
+    ap.add_argument("--no-pipeline", action="store_true")
     args = ap.parse_args()
     from rbees_workerd.kernels.cuda import backend, matmul
 
@@ -99,7 +114,7 @@ def main() -> None:
               "vram_bytes": engine.backend.memory_bytes()}  # fmt: skip
     result[f"prefill_{args.prompt}_tok_s"] = round(prefill_tok_s(engine, args.prompt, args.repeat), 1)
     for b in batches:
-        result[f"decode_b{b}_tok_s"] = round(decode_tok_s(engine, b, args.steps, args.repeat), 1)
+        result[f"decode_b{b}_tok_s"] = round(decode_tok_s(engine, b, args.steps, args.repeat, not args.no_pipeline), 1)
     if args.json:
         print(json.dumps(result))
     else:

@@ -89,3 +89,35 @@ def test_vram_check_refuses_absurd_context(model_path):
     # the context is capped at the model's 8192: 4096 slots of it need ~190 GB of KV cache
     with pytest.raises(VramOOM, match="MiB free"):
         Engine.load(model_path, backend="cuda", slots=4096, context_length=10**9)
+
+
+def test_queued_steps_give_the_same_tokens(engines):
+    """The engine queues each step before reading the last one's tokens, fed to it on the device
+    (Backend.queues_ahead): the tokens are those of reading every step first, for a greedy and a
+    seeded sequence, the second ending first (steps of the same shapes either way, so the same kernels)."""
+    _, gpu = engines
+    assert gpu.backend.queues_ahead
+    params = [GenerationParams(max_tokens=20, temperature=0.0),
+              GenerationParams(max_tokens=12, temperature=0.9, top_k=40, seed=5)]  # fmt: skip
+
+    def run() -> list[list[int]]:
+        seqs = [gpu.submit(gpu.tokenizer.encode(p), g) for p, g in zip(PROMPTS[:2], params, strict=True)]
+        got: dict[int, list[int]] = {s.id: [] for s in seqs}
+        while gpu.has_work():
+            for e in gpu.step():
+                if hasattr(e, "token_id") and e.index == len(got[e.seq_id]):
+                    got[e.seq_id].append(e.token_id)
+        return [got[s.id] for s in seqs]
+
+    be, fed = gpu.backend, []
+    be.feed = lambda picks, tokens: (fed.append(picks.on_device()), type(be).feed(be, picks, tokens))
+    try:
+        queued = run()
+        be.queues_ahead = False
+        plain = run()
+    finally:
+        be.queues_ahead = True
+        del be.feed
+    assert len(fed) >= 8 and all(fed)  # fed on the device (the picks' ids still there) at most steps
+    assert all(len(ids) > 1 for ids in queued)
+    assert queued == plain

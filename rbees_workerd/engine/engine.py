@@ -30,7 +30,7 @@ from rbees_workerd.engine.types import (
     TokenEvent,
 )
 from rbees_workerd.errors import AllSlotsBusy, InvalidParams
-from rbees_workerd.kernels.backend import Backend, SamplingRow
+from rbees_workerd.kernels.backend import Backend, Picks, SamplingRow
 
 DEFAULT_CONTEXT = 4096
 REPETITION_WINDOW = 64  # llama.cpp's default penalty_last_n
@@ -72,6 +72,26 @@ class Sequence:
         return self.cached < len(self.prompt)
 
 
+@dataclass
+class _Batch:
+    """One step's flat batch (see Transformer.run) and the sequences its logit rows sample."""
+
+    feed: Picks | None
+    tokens: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    sampled: list[Sequence] = field(default_factory=list)
+
+
+@dataclass
+class _Queued:
+    """A step on the device whose sampled tokens the host has not read yet."""
+
+    sampled: list[Sequence]
+    picks: Picks
+
+
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, model_name: str) -> None:
         self.model = model
@@ -84,6 +104,7 @@ class Engine:
         self._free = list(range(self.slots - 1, -1, -1))
         self._active: dict[int, Sequence] = {}
         self._ids = itertools.count(1)
+        self._queued: _Queued | None = None  # see step
 
     @classmethod
     def load(
@@ -161,49 +182,79 @@ class Engine:
 
     # ---- stepping
     def step(self) -> list[Event]:
+        """One batched step for every active sequence: the events of one step's tokens.
+
+        Where the backend queues ahead (a GPU), the next step is queued before this one's tokens
+        are read, its decode tokens fed on the device from this step's picks, so that the device
+        need not wait for the host between steps. The speculation is exact: a sequence that ends
+        with this step's token (end of text, a stop string) only leaves an unused row behind.
+        """
         events: list[Event] = []
         for seq in [s for s in self._active.values() if s.cancelled]:
             events.append(self._finish(seq, "CANCELLED"))
-        if not self._active:
-            return events
+        queued = self._queued
+        if queued is None:
+            if not self._active:
+                return events
+            queued = self._launch(self._batch(None))
+            if queued is None:  # prompt chunks only: nothing to sample yet
+                return events
+        self._queued = self._launch(self._batch(queued)) if self._can_feed(queued) else None
+        events.extend(self._read(queued))
+        return events
 
-        tokens: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        rows: list[int] = []
-        sampled: list[Sequence] = []
-        budget = self.model.max_step_tokens
-        for seq in self._active.values():  # decoding sequences first: one token each
-            if not seq.prefilling:
-                rows.append(len(tokens))
-                sampled.append(seq)
-                tokens.append(seq.generated[-1])
-                positions.append(seq.cached)
-                slots.append(seq.slot)
-                seq.cached += 1
-        budget -= len(tokens)
-        for seq in self._active.values():  # then prompt chunks
+    def _batch(self, fed: _Queued | None) -> _Batch:
+        """The next step's tokens: one for every decoding sequence (those sampled by `fed`, in its order,
+        their tokens still on the device; else each one's last token), then prompt chunks."""
+        b = _Batch(feed=None if fed is None else fed.picks)
+        decoding = fed.sampled if fed is not None else [s for s in self._active.values() if not s.prefilling]
+        for seq in decoding:
+            b.rows.append(len(b.tokens))
+            b.sampled.append(seq)
+            b.tokens.append(0 if fed is not None else seq.generated[-1])
+            b.positions.append(seq.cached)
+            b.slots.append(seq.slot)
+            seq.cached += 1
+        budget = self.model.max_step_tokens - len(b.tokens)
+        for seq in self._active.values():
             if not seq.prefilling or budget <= 0:
                 continue
             chunk = seq.prompt[seq.cached : seq.cached + budget]
-            tokens.extend(chunk)
-            positions.extend(range(seq.cached, seq.cached + len(chunk)))
-            slots.extend([seq.slot] * len(chunk))
+            b.tokens.extend(chunk)
+            b.positions.extend(range(seq.cached, seq.cached + len(chunk)))
+            b.slots.extend([seq.slot] * len(chunk))
             seq.cached += len(chunk)
             budget -= len(chunk)
             if not seq.prefilling:
-                rows.append(len(tokens) - 1)
-                sampled.append(seq)
+                b.rows.append(len(b.tokens) - 1)
+                b.sampled.append(seq)
+        return b
 
+    def _launch(self, b: _Batch) -> _Queued | None:
+        """Run the step and queue the sampling of its rows (None when it samples none)."""
         logits = self.model.run(
-            np.asarray(tokens, np.int32), np.asarray(positions, np.int32), np.asarray(slots, np.int32),
-            np.asarray(rows, np.int32),
+            np.asarray(b.tokens, np.int32), np.asarray(b.positions, np.int32), np.asarray(b.slots, np.int32),
+            np.asarray(b.rows, np.int32), feed=b.feed,
         )  # fmt: skip
-        if not sampled:
-            return events
-        picks = self.backend.sample(logits, [self._sampling_row(seq) for seq in sampled])
-        for seq, token in zip(sampled, picks.tolist(), strict=True):
-            events.extend(self._accept(seq, int(token)))
+        if not b.sampled:
+            return None
+        return _Queued(b.sampled, self.backend.sample_async(logits, [self._sampling_row(s) for s in b.sampled]))
+
+    def _can_feed(self, queued: _Queued) -> bool:
+        """Whether the next step can be queued before `queued`'s tokens are read: each sequence it
+        sampled goes on unless that token ends it, and its sampling needs no token history."""
+        return self.backend.queues_ahead and all(
+            self._active.get(s.id) is s and not s.cancelled and s.params.repetition_penalty == 1.0
+            and len(s.generated) + 1 < s.params.max_tokens and s.cached + 1 < self.context_length
+            for s in queued.sampled
+        )  # fmt: skip
+
+    def _read(self, queued: _Queued) -> list[Event]:
+        """Accept `queued`'s tokens (waiting for them) for the sequences still active."""
+        events: list[Event] = []
+        for seq, token in zip(queued.sampled, queued.picks.ids().tolist(), strict=True):
+            if self._active.get(seq.id) is seq:
+                events.extend(self._accept(seq, int(token)))
         return events
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:

@@ -16,7 +16,7 @@ import numpy as np
 
 from rbees_workerd.engine.config import ModelConfig
 from rbees_workerd.engine.gguf import GGUFFile
-from rbees_workerd.kernels.backend import Array, Backend
+from rbees_workerd.kernels.backend import Array, Backend, Picks
 
 
 @dataclass
@@ -117,8 +117,18 @@ class Transformer:
         self._logits: dict[int, Array] = {}  # per count of logit rows
         self._views: dict[tuple[int, int], tuple[Array, ...]] = {}  # per step shape: ids, their parts, logits
 
-    def run(self, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray, logit_rows: np.ndarray) -> Array:
-        """One step; returns the backend's logits [len(logit_rows), V] for the requested token rows."""
+    def run(
+        self,
+        tokens: np.ndarray,
+        positions: np.ndarray,
+        slots: np.ndarray,
+        logit_rows: np.ndarray,
+        feed: Picks | None = None,
+    ) -> Array:
+        """One step; returns the backend's logits [len(logit_rows), V] for the requested token rows.
+
+        With `feed`, the step's first len(feed) tokens are those picks (the values in `tokens`
+        there are ignored): a GPU passes them on the device, before the host has read them."""
         n, r = len(tokens), len(logit_rows)
         if not 0 < n <= self.max_step_tokens or not 0 < r <= n:
             raise ValueError(f"a step takes 1..{self.max_step_tokens} tokens and 1..T logit rows")
@@ -132,6 +142,10 @@ class Transformer:
                                            ids[3 * n : 3 * n + r], self._logits[r])  # fmt: skip
         self.be.upload(np.concatenate([np.asarray(tokens, np.int32), positions, slots,
                                        np.asarray(logit_rows, np.int32)]), views[0])  # fmt: skip
+        if feed is not None:
+            if len(feed) > n:
+                raise ValueError(f"{len(feed)} fed tokens for a step of {n}")
+            self.be.feed(feed, views[1])
         one_seq = bool(n > 1 and np.all(slots == slots[0]) and np.all(np.diff(positions) == 1))
         self.be.run_step((n, r, one_seq), lambda: self._step(*views[1:], one_seq))
         return views[-1]

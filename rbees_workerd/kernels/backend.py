@@ -45,11 +45,31 @@ class SamplingRow:
     history: np.ndarray  # int32
 
 
+class Picks:
+    """The token ids one `sample_async` call picked, read with `ids()`.
+
+    This base class holds ids that are already on the host (backends that compute as they are
+    called); a GPU backend's picks also wait for the device and stay on it for `feed`."""
+
+    def __init__(self, ids: np.ndarray) -> None:
+        self._ids = ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def ids(self) -> np.ndarray:
+        """The ids, one per sampled row (waits until they are known)."""
+        return self._ids
+
+
 class Backend(ABC):
     """Memory and math for one device. Ops write into caller-provided `out` arrays."""
 
     name: str  # "cpu" or "cuda"
     device: str  # a human-readable device description, e.g. "cpu" or "cuda:0 NVIDIA H100"
+    # whether calls only queue work on the device: then the engine queues the next step before it
+    # reads the tokens of the last one (sample_async, feed); the CPU computes as it is called
+    queues_ahead: bool = False
 
     # ---- memory -----------------------------------------------------------------
     @abstractmethod
@@ -155,6 +175,18 @@ class Backend(ABC):
         the first token (in descending probability order) whose cumulative
         probability exceeds `uniform`.
         """
+
+    def sample_async(self, logits: Array, rows: list[SamplingRow]) -> Picks:
+        """`sample` without waiting for the ids: they come with the result's `ids()`, and `feed`
+        can pass them to a later step on the device before they have crossed to the host."""
+        return Picks(self.sample(logits, rows))
+
+    def feed(self, picks: Picks, tokens: Array) -> None:
+        """tokens[:len(picks)] = the picked ids, queued after the sampling that picks them.
+
+        Call it before the next sampling of as many rows (a GPU reuses its device ids then)."""
+        ids = picks.ids()
+        self.upload(ids, tokens[: len(ids)])
 
     # ---- step execution ----------------------------------------------------------
     def run_step(self, key: Hashable, step: Callable[[], None]) -> None:

@@ -83,27 +83,52 @@ class _Launch:
 @dataclass
 class _ArgmaxBufs:
     """Per row count: argmax_kernel's row maxima and block counters (reset by each launch), the ids
-    on the device and in pinned host memory, and a params stand-in for launches that read none."""
+    on the device, a params stand-in for launches that read none, and how many samplings have
+    written those ids (so that a feed of older picks notices)."""
 
     acc: Any
     count: Any
     ids: Any
     dummy: Any
-    host: np.ndarray
     ids_addr: int
-    host_addr: int
+    samplings: int = 0
 
 
 @dataclass
 class _ParamsBufs:
-    """Per (rows, vocabulary, history width): packed params on the device and in pinned host
-    memory, and sample_kernel's work rows."""
+    """Per (rows, vocabulary, history width): packed params on the host and the device, and
+    sample_kernel's work rows."""
 
     dev: Any
     work: Any
     host: np.ndarray
-    dev_addr: int
-    host_addr: int
+
+
+class _DevicePicks(backend.Picks):
+    """Sampled ids on their way to the host: copied into a pinned buffer behind an event, while the
+    device's copy can still feed the next step (until the next sampling of as many rows)."""
+
+    def __init__(self, be: CudaBackend, ab: _ArgmaxBufs, n: int) -> None:
+        self._be, self._ab, self._n, self._sampling = be, ab, n, ab.samplings
+        self._host, self._event = be._pinned_ids(n)
+        _check(cu.cuMemcpyDtoHAsync(self._host.ctypes.data, ab.ids_addr, 4 * n, be._stream_handle))
+        _check(cu.cuEventRecord(self._event, be._stream_handle))
+        self._got: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self._n
+
+    def ids(self) -> np.ndarray:
+        if self._got is None:
+            with _cuda_errors("reading sampled tokens"):
+                _check(cu.cuEventSynchronize(self._event))
+            self._got = self._host.copy()
+            self._be._free_ids.setdefault(self._n, []).append((self._host, self._event))
+        return self._got
+
+    def on_device(self) -> int | None:
+        """The address of the device's ids while they are still these picks', else None."""
+        return self._ab.ids_addr if self._ab.samplings == self._sampling else None
 
 
 def _ptr(a: Any) -> tuple[int, tuple[int, ...]]:
@@ -134,6 +159,7 @@ def _cuda_errors(what: str) -> Iterator[None]:
 
 class CudaBackend(backend.Backend):
     name = "cuda"
+    queues_ahead = not SIM  # (the simulator runs each kernel as it is launched)
 
     def __init__(self, gpu: int = 0) -> None:
         with _cuda_errors(f"opening GPU {gpu}"):
@@ -161,7 +187,8 @@ class CudaBackend(backend.Backend):
         self._recording: list[Any] | None = None
         self._graphs: OrderedDict[Hashable, Any] = OrderedDict()
         self._sample_bufs: dict[tuple[Any, ...], Any] = {}
-        self._logits_ptrs: dict[int, tuple[Any, tuple[int, tuple[int, ...]]]] = {}  # see _logits_ptr
+        self._ptrs: dict[int, tuple[Any, tuple[int, tuple[int, ...]]]] = {}  # see _array_ptr
+        self._free_ids: dict[int, list[tuple[np.ndarray, Any]]] = {}  # see _pinned_ids
         self._act_bufs: dict[tuple[Any, ...], tuple[Any, Any]] = {}
         self._dummy_w = self._to_device(np.zeros((1, 1), np.uint32))
         self._dummy_f = self._to_device(np.zeros((1, 1), np.float32))
@@ -327,13 +354,18 @@ class CudaBackend(backend.Backend):
         self._submit(_Launch(ops.gather_kernel, grid, block, (x, rows, out)))
 
     def sample(self, logits: Any, rows: list[backend.SamplingRow]) -> np.ndarray:
+        ids = self.sample_async(logits, rows).ids()
+        self.synchronize()  # (idle by now unless more was queued: frees the staging buffer)
+        return ids
+
+    def sample_async(self, logits: Any, rows: list[backend.SamplingRow]) -> backend.Picks:
         r_count, vocab = logits.shape
         if r_count != len(rows):
             raise InvalidParams(f"logits of shape {logits.shape} do not match {len(rows)} sampling rows")
         if not vocab:
             raise InvalidParams("logits rows must not be empty")
         with _cuda_errors("sampling"):
-            ptr = self._logits_ptr(logits)
+            ptr = self._array_ptr(logits)
             ab = self._argmax_bufs(r_count)
             grid = (-(-vocab // sample.ARGMAX_TILE), r_count)
             if all(map(sample.is_greedy, rows)):
@@ -341,16 +373,13 @@ class CudaBackend(backend.Backend):
                 args = (logits, ab.dummy, ab.acc, ab.count, ab.ids, False)
                 block = (sample.ARGMAX_THREADS,)
                 self._replay(("sample", ptr), lambda: [_Launch(sample.argmax_kernel, grid, block, args)])
-                return self._fetch_ids(ab)
+                return self._picks(ab, r_count)
             width = max([len(r.history) for r in rows if r.repetition_penalty != 1.0] + [1])
             width = 1 << (width - 1).bit_length()  # few distinct shapes, few buffers
             pb = self._params_bufs(r_count, vocab, width)
             n_greedy = sample.pack_params(rows, width, pb.host)[1]  # the kernels' own test of whose rows
             some, every = n_greedy > 0, n_greedy == r_count
-            if SIM:
-                pb.dev.copy_to_device(pb.host, stream=self._stream)
-            else:  # from the pinned buffer, free again once sample has synchronized
-                _check(cu.cuMemcpyHtoDAsync(pb.dev_addr, pb.host_addr, pb.host.nbytes, self._stream_handle))
+            self.upload(pb.host, pb.dev)  # (through the staging buffer: the host's copy is rewritten next step)
 
             def build() -> list[_Launch]:
                 launches = [_Launch(sample.argmax_kernel, grid, (sample.ARGMAX_THREADS,),
@@ -361,17 +390,41 @@ class CudaBackend(backend.Backend):
                 return launches
 
             self._replay(("sample", ptr, width, some, every), build)
-            return self._fetch_ids(ab)
+            return self._picks(ab, r_count)
 
-    def _logits_ptr(self, logits: Any) -> tuple[int, tuple[int, ...]]:
-        """_ptr(logits), kept per array object (held, so that its id stays its own): the model passes
-        the same logits array at every step, and numba's array interface costs microseconds."""
-        seen = self._logits_ptrs
-        got = seen.get(id(logits))
-        if got is None or got[0] is not logits:
-            if len(seen) >= 64:  # arrays sampled once or twice (tests): forget them
+    def feed(self, picks: backend.Picks, tokens: Any) -> None:
+        addr = picks.on_device() if isinstance(picks, _DevicePicks) else None
+        if addr is None:  # (the simulator's picks, or device ids a later sampling has overwritten)
+            super().feed(picks, tokens)
+            return
+        if len(picks) > tokens.shape[0]:
+            raise InvalidParams(f"{len(picks)} picks for {tokens.shape[0]} tokens")
+        with _cuda_errors("passing sampled tokens on"):
+            _check(cu.cuMemcpyDtoDAsync(self._array_ptr(tokens)[0], addr, 4 * len(picks), self._stream_handle))
+
+    def _picks(self, ab: _ArgmaxBufs, r_count: int) -> backend.Picks:
+        ab.samplings += 1
+        if SIM:
+            return backend.Picks(ab.ids.copy_to_host(stream=self._stream))
+        return _DevicePicks(self, ab, r_count)
+
+    def _pinned_ids(self, n: int) -> tuple[np.ndarray, Any]:
+        """A pinned host buffer for n ids and an event, free again once their picks are read."""
+        free = self._free_ids.get(n)
+        if free:
+            return free.pop()
+        flags = cu.CUevent_flags.CU_EVENT_DISABLE_TIMING
+        return cuda.pinned_array(n, np.int32), _check(cu.cuEventCreate(flags))[0]
+
+    def _array_ptr(self, a: Any) -> tuple[int, tuple[int, ...]]:
+        """_ptr(a), kept per array object (held, so that its id stays its own): the model passes
+        the same logits and token arrays at every step, and numba's array interface costs microseconds."""
+        seen = self._ptrs
+        got = seen.get(id(a))
+        if got is None or got[0] is not a:
+            if len(seen) >= 64:  # arrays passed once or twice (tests): forget them
                 seen.clear()
-            got = seen[id(logits)] = (logits, _ptr(logits))
+            got = seen[id(a)] = (a, _ptr(a))
         return got[1]
 
     def _argmax_bufs(self, r_count: int) -> _ArgmaxBufs:
@@ -381,9 +434,8 @@ class CudaBackend(backend.Backend):
             acc = self._to_device(np.full(r_count, sample.ARGMAX_NONE, np.int64))
             count = self.zeros((r_count,), np.int32)
             ids = self.zeros((r_count,), np.int32)
-            host = np.zeros(r_count, np.int32) if SIM else cuda.pinned_array(r_count, np.int32)
             dummy = self.zeros((1, sample.HEAD), np.int32)
-            bufs = _ArgmaxBufs(acc, count, ids, dummy, host, _ptr(ids)[0], host.ctypes.data)
+            bufs = _ArgmaxBufs(acc, count, ids, dummy, _ptr(ids)[0])
             self._sample_bufs[key] = bufs
         return bufs
 
@@ -392,21 +444,9 @@ class CudaBackend(backend.Backend):
         bufs = self._sample_bufs.get(key)
         if bufs is None:
             shape = (r_count, sample.HEAD + width)
-            host = np.zeros(shape, np.int32) if SIM else cuda.pinned_array(shape, np.int32)
-            host[:] = 0
-            dev = self.zeros(shape, np.int32)
-            bufs = _ParamsBufs(dev, self.zeros((r_count, vocab)), host, _ptr(dev)[0], host.ctypes.data)
+            bufs = _ParamsBufs(self.zeros(shape, np.int32), self.zeros((r_count, vocab)), np.zeros(shape, np.int32))
             self._sample_bufs[key] = bufs
         return bufs
-
-    def _fetch_ids(self, ab: _ArgmaxBufs) -> np.ndarray:
-        """The sampled ids, through their pinned buffer, once the stream has finished."""
-        if SIM:
-            ab.ids.copy_to_host(ab.host, stream=self._stream)
-        else:
-            _check(cu.cuMemcpyDtoHAsync(ab.host_addr, ab.ids_addr, ab.host.nbytes, self._stream_handle))
-        self.synchronize()
-        return ab.host.copy()
 
     # ---- steps
     def run_step(self, key: Hashable, step: Callable[[], None]) -> None:

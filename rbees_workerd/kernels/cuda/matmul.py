@@ -284,7 +284,8 @@ def rows_kernel(fmt: int, rnd: int):  # noqa: ANN201
                 a = warp_sum(acc_a[tt], scratch)
                 b = warp_sum(acc_b[tt], scratch) if mode == MODE_SWIGLU else float32(0.0)
                 if lane == 0 and row < total:
-                    _store(which, mode, flags, t, r, a, b, o0, b0, o1, b1, o2, b2, res)
+                    res_v = _residual(flags, which, t, r, res)
+                    _store(which, mode, flags, t, r, a, b, o0, b0, o1, b1, o2, b2, res, res_v)
 
     return kernel
 
@@ -334,6 +335,7 @@ def vec_kernel(fmt: int, rnd: int, ni: int):  # noqa: ANN201
         hi = cuda.local.array(n_fetch, uint32)
         sc = cuda.local.array(n_fetch, float32)
         mn = cuda.local.array(n_fetch, float32)
+        nwv = cuda.local.array(8, float32)  # the norm's weights of this thread's first staged item
         lane = cuda.threadIdx.x % 32
         warp = cuda.blockIdx.x * WARPS + cuda.threadIdx.x // 32
         t = cuda.blockIdx.y
@@ -341,15 +343,27 @@ def vec_kernel(fmt: int, rnd: int, ni: int):  # noqa: ANN201
         total = n0 if mode == MODE_SWIGLU else (n0 + n1 + n2) // (2 if mode == MODE_QKV else 1)
         stride = cuda.gridDim.x * WARPS
         hd = rope[6]
-        if integer and warp < total:  # weights only: these loads overlap the kernel before this one
+        norm = (flags & 16) != 0
+        # before grid_ready only what no kernel of the step writes: weights, and the step's positions
+        # and slots (uploaded before it) with the rotation table: these loads overlap the kernel before
+        pos, slot = 0, 0
+        side_a, side_b = float32(0.0), float32(0.0)  # what the warp's row stores with: cos/sin or residual
+        if mode == MODE_QKV:
+            pos, slot = rope[3][uint32(t)], rope[2][uint32(t)]
+            if warp < total:
+                side_a, side_b = _side(warp, mode, flags, t, pos, n0, n1, res, rope)
+        if integer and warp < total:
             _fetch_rows(warp, mode, n0, n1, hd, rope[7], w0, d0, m0, w1, d1, m1, w2, d2, m2, fmt, rnd, ni, lane,
                         items, lo, hi, sc, mn)  # fmt: skip
+        if integer and norm:
+            _fetch_norm(nw, fmt, items, nwv)
         grid_ready()
-        norm = (flags & 16) != 0
-        pos = rope[3][uint32(t)] if mode == MODE_QKV else 0
+        if mode != MODE_QKV and warp < total:  # the residual: in flight while the input is staged
+            side_a, side_b = _side(warp, mode, flags, t, pos, n0, n1, res, rope)
         inv = inv_rms(x, t, eps, scratch) if norm else float32(1.0)
         if integer:
-            _stage_q8(x, t, inv, norm, nw, norm and cuda.blockIdx.x == 0, hout, fmt, rnd, xw, xd, xs, scratch, wv)
+            _stage_q8(x, t, inv, norm, nw, nwv, norm and cuda.blockIdx.x == 0, hout, fmt, rnd, xw, xd, xs,
+                      scratch, wv)  # fmt: skip
             cuda.syncthreads()
         else:
             for i in range(ni):
@@ -391,9 +405,12 @@ def vec_kernel(fmt: int, rnd: int, ni: int):  # noqa: ANN201
                 b = warp_sum(b, scratch)
             if lane == 0:
                 if mode == MODE_QKV:
-                    _store_pair(which, flags, t, pos, r, rb, a, b, o0, b0, o1, b1, o2, b2, rope)
+                    _store_pair(which, flags, t, pos, slot, r, rb, a, b, side_a, side_b, o0, b0, o1, b1, o2, b2,
+                                rope)  # fmt: skip
                 else:
-                    _store(which, mode, flags, t, r, a, b, o0, b0, o1, b1, o2, b2, res)
+                    _store(which, mode, flags, t, r, a, b, o0, b0, o1, b1, o2, b2, res, side_a)
+            if row + stride < total:
+                side_a, side_b = _side(row + stride, mode, flags, t, pos, n0, n1, res, rope)
 
     return kernel
 
@@ -408,6 +425,25 @@ def _vec_rows(row, mode, n0, n1, hd, neox):
         return 0, row, row
     which, r = _matrix_row(row, n0, n1)
     return which, r, r
+
+
+@cuda.jit(**DEVICE)
+def _side(row, mode, flags, t, pos, n0, n1, res, rope):
+    """What vec_kernel's row-th unit of work stores with its sums, loaded ahead of them: MODE_QKV's
+    RoPE cos and sin (_rotation), else the residual its row adds to (_residual)."""
+    which, r, _ = _vec_rows(row, mode, n0, n1, rope[6], rope[7])
+    if mode == MODE_QKV:
+        return _rotation(which, r, pos, rope)
+    return _residual(flags, which, t, r, res), float32(0.0)
+
+
+@cuda.jit(**DEVICE)
+def _fetch_norm(nw, fmt, items, nwv):
+    """The norm's weights of this thread's first item of _stage_q8 into nwv."""
+    it = cuda.threadIdx.x
+    if it < items:
+        for j in range(8):
+            nwv[j] = nw[uint32((it // 4) * 32 + elem(fmt, it % 4, j))]
 
 
 @cuda.jit(**DEVICE)
@@ -438,8 +474,10 @@ def _fetch_items(w, d, m, fmt, rnd, r, ni, at, lane, items, lo, hi, sc, mn):
 
 
 @cuda.jit(**DEVICE)
-def _stage_q8(x, t, inv, norm, nw, write_h, hout, fmt, rnd, xw, xd, xs, scratch, wv):
+def _stage_q8(x, t, inv, norm, nw, nwv, write_h, hout, fmt, rnd, xw, xd, xs, scratch, wv):
     """Token t's input (normalized where norm) rounded to Q8 blocks into shared memory, a thread per item.
+
+    nwv holds the norm's weights of the thread's first item (_fetch_norm), loaded before grid_ready.
 
     A thread loads its item's 8 inputs and rounds them with the 3 threads of the same 32-block (a
     quad: two shuffles for the maximum, two for the sum), with round_lane's arithmetic; then it
@@ -455,7 +493,9 @@ def _stage_q8(x, t, inv, norm, nw, write_h, hout, fmt, rnd, xw, xd, xs, scratch,
             v = float32(0.0)
             if it < items:
                 c = uint32(g * 32 + elem(fmt, q, j))
-                v = x[uint32(t), c] * inv * nw[c] if norm else x[uint32(t), c]
+                v = x[uint32(t), c]
+                if norm:
+                    v = v * inv * (nwv[j] if it == cuda.threadIdx.x else nw[c])
                 if write_h:
                     hout[uint32(t), c] = v
             wv[j] = v
@@ -556,37 +596,51 @@ def _pair(p, n0, n1, hd, neox):
 
 
 @cuda.jit(**DEVICE)
-def _store_pair(which, flags, t, pos, ra, rb, a, b, o0, b0, o1, b1, o2, b2, rope):
-    """MODE_QKV's outputs of one pair of token t at position pos: bias, RoPE (q and k), the fp16
-    KV-cache store (k and v)."""
-    cache_k, cache_v, slots, _, cos_t, sin_t, hd, neox = rope
+def _rotation(which, ra, pos, rope):
+    """cos and sin of the RoPE angle of MODE_QKV's pair with first row ra (q and k) at position pos."""
+    hd, neox = rope[6], rope[7]
+    if which == 2:
+        return float32(1.0), float32(0.0)
+    i = (ra % hd) % (hd // 2) if neox else (ra % hd) // 2
+    return rope[4][uint32(pos), uint32(i)], rope[5][uint32(pos), uint32(i)]
+
+
+@cuda.jit(**DEVICE)
+def _store_pair(which, flags, t, pos, slot, ra, rb, a, b, c, s, o0, b0, o1, b1, o2, b2, rope):
+    """MODE_QKV's outputs of one pair of token t at position pos of its slot: bias, RoPE (q and k:
+    cos c, sin s from _rotation), the fp16 KV-cache store (k and v)."""
+    cache_k, cache_v, hd = rope[0], rope[1], rope[6]
     o, bias = (o0, b0) if which == 0 else ((o1, b1) if which == 1 else (o2, b2))
     if flags & (1 << which):
         a += bias[uint32(ra)]
         b += bias[uint32(rb)]
     if which < 2:
-        i = (ra % hd) % (hd // 2) if neox else (ra % hd) // 2
-        c = cos_t[uint32(pos), uint32(i)]
-        s = sin_t[uint32(pos), uint32(i)]
         a, b = a * c - b * s, a * s + b * c
     o[uint32(t), uint32(ra)] = a
     o[uint32(t), uint32(rb)] = b
     if which > 0:
         cache = cache_k if which == 1 else cache_v
-        slot = uint32(slots[uint32(t)])
+        slot = uint32(slot)
         cache[slot, uint32(pos), uint32(ra // hd), uint32(ra % hd)] = fp16_round(a)  # llama.cpp's cache is fp16
         cache[slot, uint32(pos), uint32(rb // hd), uint32(rb % hd)] = fp16_round(b)
 
 
 @cuda.jit(**DEVICE)
-def _store(which, mode, flags, t, r, a, b, o0, b0, o1, b1, o2, b2, res):
-    """Write output element (t, r) of matrix `which` (a, and b for SwiGLU's up row): bias, residual, SwiGLU."""
+def _residual(flags, which, t, r, res):
+    """The residual that _store adds output element (t, r) of matrix `which` to (0 where none)."""
+    return res[uint32(t), uint32(r)] if flags & 8 and which == 0 else float32(0.0)
+
+
+@cuda.jit(**DEVICE)
+def _store(which, mode, flags, t, r, a, b, o0, b0, o1, b1, o2, b2, res, res_v):
+    """Write output element (t, r) of matrix `which` (a, and b for SwiGLU's up row): bias, residual
+    (res[t, r] = res_v + a, res_v that element as _residual read it), SwiGLU."""
     if which == 0:
         if flags & 1:
             a += b0[uint32(r)]
         o0[uint32(t), uint32(r)] = a
         if flags & 8:
-            res[uint32(t), uint32(r)] += a
+            res[uint32(t), uint32(r)] = res_v + a
         if mode == MODE_SWIGLU:
             if flags & 2:
                 b += b1[uint32(r)]
@@ -632,12 +686,15 @@ def prep_q8_kernel(fmt: int, rnd: int):  # noqa: ANN201
 
     @cuda.jit(**EXACT)
     def kernel(x, norm, nw, eps, hout, xw, xd, xs):
-        grid_ready()
         scratch = cuda.shared.array(BLOCK, float32)
         wv = cuda.local.array(8, float32)
+        nwv = cuda.local.array(8, float32)
         t = cuda.blockIdx.x
+        if norm:
+            _fetch_norm(nw, fmt, x.shape[1] // 8, nwv)
+        grid_ready()
         inv = inv_rms(x, t, eps, scratch) if norm else float32(1.0)
-        _stage_q8(x, t, inv, norm, nw, norm, hout, fmt, rnd, xw[t], xd[t], xs[t], scratch, wv)
+        _stage_q8(x, t, inv, norm, nw, nwv, norm, hout, fmt, rnd, xw[t], xd[t], xs[t], scratch, wv)
 
     return kernel
 
@@ -732,7 +789,7 @@ def mma_kernel(fmt: int, rnd: int):  # noqa: ANN201
             r, t = _tile_element(first, t0, u)
             if r < n and t < n_tok:
                 _store(which, MODE_ROWS, flags, t, r, tile[r - first, t - t0], float32(0.0),
-                       o0, b0, o1, b1, o2, b2, res)  # fmt: skip
+                       o0, b0, o1, b1, o2, b2, res, _residual(flags, which, t, r, res))  # fmt: skip
 
     return kernel
 
@@ -884,7 +941,8 @@ def gemm_kernel(fmt: int):  # noqa: ANN201
                 if row < total and t < n_tok:
                     v = _split_sum(part, split, t, row) if split > 1 else acc[4 * i + j]
                     which, r = _matrix_row(row, n0, n1)
-                    _store(which, MODE_ROWS, flags, t, r, v, float32(0.0), o0, b0, o1, b1, o2, b2, res)
+                    _store(which, MODE_ROWS, flags, t, r, v, float32(0.0), o0, b0, o1, b1, o2, b2, res,
+                           _residual(flags, which, t, r, res))  # fmt: skip
 
     return kernel
 

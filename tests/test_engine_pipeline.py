@@ -1,0 +1,83 @@
+"""Queuing the next step before reading this one's tokens (Backend.queues_ahead) changes no sequence's events.
+
+The CPU backend computes as it is called, so it does not queue ahead by itself; these tests turn
+the engine's pipelined path on for a real CPU backend and compare it, event for event, with the
+plain path (the GPU tests do the same on the device, where the picks stay on it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from ggufgen import write_tiny_model
+
+from rbees_workerd.engine.engine import Engine
+from rbees_workerd.engine.types import Event, FinishEvent, GenerationParams, TokenEvent
+
+GREEDY = GenerationParams(max_tokens=30, temperature=0.0)
+# step of the run -> what happens before it: ("submit", name, prompt, params) or ("cancel", name)
+SCRIPT: dict[int, list[tuple]] = {
+    0: [("submit", "a", [1, 2, 3], GREEDY),
+        ("submit", "b", [4, 5, 6, 7, 8], GenerationParams(max_tokens=12, temperature=0.8, seed=7))],
+    3: [("submit", "c", list(range(10, 30)), GenerationParams(max_tokens=200, temperature=0.0))],  # to the end
+    5: [("cancel", "a")],
+    7: [("submit", "d", [9, 9, 9], GenerationParams(max_tokens=10, temperature=0.7, repetition_penalty=1.3, seed=3))],
+    9: [("submit", "e", [3, 1, 4, 1, 5], GenerationParams(max_tokens=40, temperature=1.0, seed=11, stop=("e",)))],
+    16: [("submit", "f", [2, 7], GenerationParams(max_tokens=1, temperature=0.0))],  # in b's slot
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("pipeline") / "tiny.gguf")
+
+
+def _run(path: Path, queues_ahead: bool) -> tuple[dict[str, list[tuple]], int]:
+    """Play SCRIPT; each sequence's events, and how many steps took their first tokens from picks."""
+    engine = Engine.load(path, slots=4, context_length=48)
+    engine.backend.queues_ahead = queues_ahead
+    run, fed = engine.model.run, 0
+
+    def counting_run(*args, feed=None):  # noqa: ANN002, ANN202
+        nonlocal fed
+        fed += feed is not None
+        return run(*args, feed=feed)
+
+    engine.model.run = counting_run
+    names: dict[int, str] = {}
+    events: dict[str, list[tuple]] = {}
+    step = 0
+    while step <= max(SCRIPT) or engine.has_work():
+        for action in SCRIPT.get(step, []):
+            if action[0] == "submit":
+                seq = engine.submit(action[2], action[3])
+                names[seq.id] = action[1]
+                events[action[1]] = []
+            else:
+                engine.cancel(next(i for i, n in names.items() if n == action[1]))
+        for e in engine.step():
+            events[names[e.seq_id]].append(_plain(e))
+        step += 1
+        assert step < 500
+    return events, fed
+
+
+def _plain(e: Event) -> tuple:
+    if isinstance(e, TokenEvent):
+        return ("token", e.token_id, e.text, e.index)
+    assert isinstance(e, FinishEvent)
+    return ("finish", e.stop_reason, e.tokens_out, e.prompt_tokens, e.stop_sequence)
+
+
+def test_queued_steps_give_every_sequence_the_same_events(tiny: Path) -> None:
+    want, fed_plain = _run(tiny, queues_ahead=False)
+    got, fed = _run(tiny, queues_ahead=True)
+    assert fed_plain == 0 and fed >= 15  # the pipelined path ran (not while d, whose penalty needs history, runs)
+    assert got == want
+    reasons = {name: evs[-1][1] for name, evs in want.items()}
+    assert reasons["a"] == "CANCELLED" and reasons["c"] == "MAX_TOKENS" and reasons["f"] == "MAX_TOKENS"
+    assert reasons["e"] == "STOP_SEQUENCE"
+    assert want["c"][-1][2] == 48 - 20 + 1  # c ran to the context's end (its last token is not stored)
+    assert len(want["d"]) > 1  # the penalized sequence (never fed) generated
+
