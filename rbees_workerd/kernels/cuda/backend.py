@@ -196,7 +196,7 @@ class CudaBackend(backend.Backend):
         self._dummy_part = self._to_device(np.zeros((1, 1, 1), np.float32))
         self._dummy_count = self._to_device(np.zeros(1, np.int32))
         dummy_c = self._to_device(np.zeros((1, 1, 1, 1), np.float32))
-        self._no_rope = (dummy_c, dummy_c, self._dummy_count, self._dummy_count, self._dummy_f, self._dummy_f, 2, False)
+        self._no_rope = (dummy_c, dummy_c, self._dummy_count, self._dummy_count, self._dummy_f, self._dummy_f)
         self._rope_tables: dict[tuple[float, int, int], tuple[Any, Any]] = {}
 
     # ---- memory
@@ -733,16 +733,17 @@ def _matmul_launches(op: _MatMul, be: CudaBackend) -> list[_Launch]:
     if op.norm is not None:
         x, nw, eps, hout = op.norm[0], op.norm[1], np.float32(op.norm[2]), op.x
         flags |= 16
-    args = (x, *sets, *ns, w0.off, op.mode, flags, res, nw, eps, hout, msum)
     if t_count <= mm.VEC_MAX_TOKENS:
-        rope = be._no_rope
+        rope, hd, neox = be._no_rope, 0, False
         if op.mode == mm.MODE_QKV:
             q, k, v, cache_k, cache_v, slots, positions, theta, neox = op.rope
-            cos_t, sin_t = be._rope_table(theta, q.shape[2], cache_k.shape[1])
-            rope, rows = (cache_k, cache_v, slots, positions, cos_t, sin_t, q.shape[2], neox), rows // 2
-        args = (*args[:-1], rope)
+            hd = q.shape[2]
+            cos_t, sin_t = be._rope_table(theta, hd, cache_k.shape[1])
+            rope, rows = (cache_k, cache_v, slots, positions, cos_t, sin_t), rows // 2
+        kernel = mm.vec_kernel(w0.fmt, rnd, x.shape[1], op.mode, flags, tuple(ns), hd, bool(neox))
         grid = (math.ceil(min(rows, mm.VEC_WARPS) / mm.WARPS), t_count)
-        return [_Launch(mm.vec_kernel(w0.fmt, rnd, math.ceil(x.shape[1] / 256)), grid, (mm.BLOCK,), args)]
+        return [_Launch(kernel, grid, (mm.BLOCK,), (x, *sets, w0.off, res, nw, eps, hout, rope))]
+    args = (x, *sets, *ns, w0.off, op.mode, flags, res, nw, eps, hout, msum)
     grid_y = math.ceil(t_count / mm.TB)
     grid = (min(math.ceil(rows / mm.WARPS), max(1, mm.ROW_BLOCKS // grid_y)), grid_y)
     return [_Launch(mm.rows_kernel(w0.fmt, rnd), grid, (mm.BLOCK,), args, overlap=False)]

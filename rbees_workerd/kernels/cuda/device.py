@@ -214,8 +214,9 @@ else:
 
 
 @cuda.jit(**DEVICE)
-def inv_rms(x, t, eps, scratch):
-    """1 / sqrt(mean(x[t]^2) + eps), called by a whole warp.
+def inv_rms(x, t, k, eps, scratch):
+    """1 / sqrt(mean(x[t, :k]^2) + eps), called by a whole warp (k the row's length: a constant
+    where the kernel is compiled for it, which folds the bounds away).
 
     Summed in one fixed order (each lane a stride of 32 elements, then the warp), so the
     RMSNorm kernel and the products that normalize their input themselves agree bit for bit.
@@ -224,15 +225,16 @@ def inv_rms(x, t, eps, scratch):
     """
     xv = cuda.local.array(NORM_SPAN, float32)
     ss = float32(0.0)
-    k = x.shape[1]
-    for base in range(cuda.threadIdx.x % 32, k, 32 * NORM_SPAN):
+    lane = cuda.threadIdx.x & 31
+    for s0 in range(0, k, 32 * NORM_SPAN):
+        full = min(NORM_SPAN, (k - s0) // 32)  # elements of the span that every lane has
         for u in range(NORM_SPAN):
-            i = base + 32 * u
-            xv[u] = x[uint32(t), uint32(i)] if i < k else float32(0.0)
+            i = s0 + 32 * u + lane
+            xv[u] = x[uint32(t), uint32(i)] if u < full or (u == full and i < k) else float32(0.0)
         for u in range(NORM_SPAN):
             ss += xv[u] * xv[u]
     ss = warp_sum(ss, scratch)
-    return float32(1.0 / math.sqrt(ss / x.shape[1] + eps))
+    return float32(1.0 / math.sqrt(ss / k + eps))
 
 
 @cuda.jit(**DEVICE)

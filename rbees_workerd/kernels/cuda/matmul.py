@@ -251,7 +251,7 @@ def rows_kernel(fmt: int, rnd: int):  # noqa: ANN201
         for tt in range(tb):
             inv[tt] = 1.0
             if norm and tt < n:  # every warp computes its block's norms (K is small next to N * K)
-                inv[tt] = inv_rms(x, t0 + tt, eps, scratch)
+                inv[tt] = inv_rms(x, t0 + tt, k, eps, scratch)
         total = n0 if mode == MODE_SWIGLU else n0 + n1 + n2
         n_chunks = (k + KC - 1) // KC
         first = cuda.blockIdx.x * WARPS
@@ -295,8 +295,9 @@ VEC_WARPS = 1 if SIM else 2112  # warps of vec_kernel at most (16 an SM): they l
 
 
 @functools.cache
-def vec_kernel(fmt: int, rnd: int, ni: int):  # noqa: ANN201
-    """The product for one token per block row, and rows of at most 256 * ni inputs (ni fixed when compiled).
+def vec_kernel(fmt: int, rnd: int, k: int, mode: int, flags: int, ns: tuple[int, int, int], hd: int = 0,
+               neox: bool = False):  # noqa: ANN201  # fmt: skip
+    """The product for one token per block row, with everything but the arrays fixed when compiled.
 
     For batch-1 decode the cost is the latency of one warp's instructions (a row per warp, about one
     warp per scheduler), so the input is prepared once per block, not per warp: rounded to Q8 (the
@@ -306,24 +307,29 @@ def vec_kernel(fmt: int, rnd: int, ni: int):  # noqa: ANN201
     packed words), an item's 8 weights meeting the inputs in two dp4a instructions (exact integer
     sums, then the scales: llama.cpp's and the CPU's arithmetic). Other weight types keep float
     inputs: lane l prepares those of its items l, l + 32, ... in registers, once for all its rows.
-    Arguments and flags as rows_kernel's (the input is never rounded beforehand), and MODE_QKV:
-    matrices q, k, v, each warp a pair of rows that RoPE rotates together (q and k; two rows of v),
-    which it rotates, writes, and for k and v also stores in the KV cache: `rope` is
-    (cache_k, cache_v, slots, positions, cos, sin, head size, neox), cos/sin[position, pair] the
-    rotation table (CudaBackend._rope_table). Other modes get a tuple of dummies there.
+    The input width k, the mode, the flags and the matrices' row counts ns are rows_kernel's
+    arguments compiled in: a warp's few thousand instructions are then mostly the product's own (the
+    shapes' divisions, the other modes' branches and the index arithmetic fold away). MODE_QKV:
+    matrices q, k, v of head size hd, each warp a pair of rows that RoPE rotates together (q and k; two
+    rows of v), which it rotates, writes, and for k and v also stores in the KV cache: `rope` is
+    (cache_k, cache_v, slots, positions, cos, sin), cos/sin[position, pair] the rotation table
+    (CudaBackend._rope_table). Other modes get a tuple of dummies there.
     Integer products load a warp's first row (or pair) of weights into registers before grid_ready,
     overlapping the kernel before this one in a graph, and each next row's while it sums and stores.
     """
-
+    ni = -(-k // 256)
     n_inputs = ni * 8  # (constants for numba's array shapes)
     n_words = ni * 64
     n_groups = ni * 8
     n_fetch = ni * 2  # registers of one unit of work (two rows: SwiGLU, MODE_QKV)
     integer = rnd in (ROUND_Q8_0, ROUND_Q8_1)
+    n0, n1, n2 = ns
+    total = n0 if mode == MODE_SWIGLU else (n0 + n1 + n2) // (2 if mode == MODE_QKV else 1)
+    items = k // 8
+    norm = (flags & 16) != 0
 
     @cuda.jit(**EXACT)
-    def kernel(x, w0, d0, m0, o0, b0, w1, d1, m1, o1, b1, w2, d2, m2, o2, b2,
-               n0, n1, n2, off, mode, flags, res, nw, eps, hout, rope):  # fmt: skip
+    def kernel(x, w0, d0, m0, o0, b0, w1, d1, m1, o1, b1, w2, d2, m2, o2, b2, off, res, nw, eps, hout, rope):
         scratch = cuda.shared.array(BLOCK, float32)
         xw = cuda.shared.array(n_words, int32)  # the Q8 input: item i's int8 values in words 2i, 2i + 1
         xd = cuda.shared.array(n_groups, float32)  # each 32-block's scale
@@ -336,14 +342,10 @@ def vec_kernel(fmt: int, rnd: int, ni: int):  # noqa: ANN201
         sc = cuda.local.array(n_fetch, float32)
         mn = cuda.local.array(n_fetch, float32)
         nwv = cuda.local.array(8, float32)  # the norm's weights of this thread's first staged item
-        lane = cuda.threadIdx.x % 32
+        lane = cuda.threadIdx.x & 31  # (a bitmask: the compiler then knows it below 32)
         warp = cuda.blockIdx.x * WARPS + cuda.threadIdx.x // 32
         t = cuda.blockIdx.y
-        items = x.shape[1] // 8
-        total = n0 if mode == MODE_SWIGLU else (n0 + n1 + n2) // (2 if mode == MODE_QKV else 1)
         stride = cuda.gridDim.x * WARPS
-        hd = rope[6]
-        norm = (flags & 16) != 0
         # before grid_ready only what no kernel of the step writes: weights, and the step's positions
         # and slots (uploaded before it) with the rotation table: these loads overlap the kernel before
         pos, slot = 0, 0
@@ -351,18 +353,18 @@ def vec_kernel(fmt: int, rnd: int, ni: int):  # noqa: ANN201
         if mode == MODE_QKV:
             pos, slot = rope[3][uint32(t)], rope[2][uint32(t)]
             if warp < total:
-                side_a, side_b = _side(warp, mode, flags, t, pos, n0, n1, res, rope)
+                side_a, side_b = _side(warp, mode, flags, t, pos, n0, n1, hd, neox, res, rope)
         if integer and warp < total:
-            _fetch_rows(warp, mode, n0, n1, hd, rope[7], w0, d0, m0, w1, d1, m1, w2, d2, m2, fmt, rnd, ni, lane,
+            _fetch_rows(warp, mode, n0, n1, hd, neox, w0, d0, m0, w1, d1, m1, w2, d2, m2, fmt, rnd, ni, lane,
                         items, lo, hi, sc, mn)  # fmt: skip
-        if integer and norm:
-            _fetch_norm(nw, fmt, items, nwv)
+        if integer and norm and cuda.threadIdx.x < items:  # (_stage_q8's first item of this thread)
+            _fetch_norm(nw, fmt, cuda.threadIdx.x, nwv)
         grid_ready()
         if mode != MODE_QKV and warp < total:  # the residual: in flight while the input is staged
-            side_a, side_b = _side(warp, mode, flags, t, pos, n0, n1, res, rope)
-        inv = inv_rms(x, t, eps, scratch) if norm else float32(1.0)
+            side_a, side_b = _side(warp, mode, flags, t, pos, n0, n1, hd, neox, res, rope)
+        inv = inv_rms(x, t, k, eps, scratch) if norm else float32(1.0)
         if integer:
-            _stage_q8(x, t, inv, norm, nw, nwv, norm and cuda.blockIdx.x == 0, hout, fmt, rnd, xw, xd, xs,
+            _stage_q8(x, t, items, inv, norm, nw, nwv, norm and cuda.blockIdx.x == 0, hout, fmt, rnd, xw, xd, xs,
                       scratch, wv)  # fmt: skip
             cuda.syncthreads()
         else:
@@ -371,13 +373,13 @@ def vec_kernel(fmt: int, rnd: int, ni: int):  # noqa: ANN201
                 for j in range(8):
                     v = float32(0.0)
                     if it < items:
-                        c = (it // 4) * 32 + elem(fmt, it % 4, j)
+                        c = (it >> 2) * 32 + elem(fmt, (it & 3), j)
                         v = x[uint32(t), uint32(c)] * inv * nw[uint32(c)] if norm else x[uint32(t), uint32(c)]
                         if norm and warp == 0:
                             hout[uint32(t), uint32(c)] = v
                     xr[i * 8 + j] = fp16_round(v) if rnd == ROUND_F16 else v
         for row in range(warp, total, stride):  # the same trips for the whole warp
-            which, r, rb = _vec_rows(row, mode, n0, n1, hd, rope[7])
+            which, r, rb = _vec_rows(row, mode, n0, n1, hd, neox)
             a = float32(0.0)
             b = float32(0.0)
             if integer:
@@ -389,7 +391,7 @@ def vec_kernel(fmt: int, rnd: int, ni: int):  # noqa: ANN201
                             j = ni + i
                             b += _staged_idot(lo[j], hi[j], sc[j], mn[j], it, rnd, off, xw, xd, xs)
                 if row + stride < total:  # the next row's loads in flight during the sums and stores
-                    _fetch_rows(row + stride, mode, n0, n1, hd, rope[7], w0, d0, m0, w1, d1, m1, w2, d2, m2, fmt,
+                    _fetch_rows(row + stride, mode, n0, n1, hd, neox, w0, d0, m0, w1, d1, m1, w2, d2, m2, fmt,
                                 rnd, ni, lane, items, lo, hi, sc, mn)  # fmt: skip
             else:
                 w, d, m = (w0, d0, m0) if which == 0 else ((w1, d1, m1) if which == 1 else (w2, d2, m2))
@@ -406,11 +408,11 @@ def vec_kernel(fmt: int, rnd: int, ni: int):  # noqa: ANN201
             if lane == 0:
                 if mode == MODE_QKV:
                     _store_pair(which, flags, t, pos, slot, r, rb, a, b, side_a, side_b, o0, b0, o1, b1, o2, b2,
-                                rope)  # fmt: skip
+                                hd, rope)  # fmt: skip
                 else:
                     _store(which, mode, flags, t, r, a, b, o0, b0, o1, b1, o2, b2, res, side_a)
             if row + stride < total:
-                side_a, side_b = _side(row + stride, mode, flags, t, pos, n0, n1, res, rope)
+                side_a, side_b = _side(row + stride, mode, flags, t, pos, n0, n1, hd, neox, res, rope)
 
     return kernel
 
@@ -428,22 +430,20 @@ def _vec_rows(row, mode, n0, n1, hd, neox):
 
 
 @cuda.jit(**DEVICE)
-def _side(row, mode, flags, t, pos, n0, n1, res, rope):
+def _side(row, mode, flags, t, pos, n0, n1, hd, neox, res, rope):
     """What vec_kernel's row-th unit of work stores with its sums, loaded ahead of them: MODE_QKV's
     RoPE cos and sin (_rotation), else the residual its row adds to (_residual)."""
-    which, r, _ = _vec_rows(row, mode, n0, n1, rope[6], rope[7])
+    which, r, _ = _vec_rows(row, mode, n0, n1, hd, neox)
     if mode == MODE_QKV:
-        return _rotation(which, r, pos, rope)
+        return _rotation(which, r, pos, hd, neox, rope)
     return _residual(flags, which, t, r, res), float32(0.0)
 
 
 @cuda.jit(**DEVICE)
-def _fetch_norm(nw, fmt, items, nwv):
-    """The norm's weights of this thread's first item of _stage_q8 into nwv."""
-    it = cuda.threadIdx.x
-    if it < items:
-        for j in range(8):
-            nwv[j] = nw[uint32((it // 4) * 32 + elem(fmt, it % 4, j))]
+def _fetch_norm(nw, fmt, it, nwv):
+    """The norm's weights of item it of _stage_q8 into nwv."""
+    for j in range(8):
+        nwv[j] = nw[uint32((it >> 2) * 32 + elem(fmt, it & 3, j))]
 
 
 @cuda.jit(**DEVICE)
@@ -466,40 +466,43 @@ def _fetch_items(w, d, m, fmt, rnd, r, ni, at, lane, items, lo, hi, sc, mn):
     for i in range(ni):
         it = lane + 32 * i
         if it < items:
-            g = uint32(it // 4)
+            g = uint32(it >> 2)
             lo[at + i], hi[at + i] = _item_words(w, fmt, r, it)
             sc[at + i] = d[uint32(r), g]
-            if rnd == ROUND_Q8_1 and it % 4 == 0:
+            if rnd == ROUND_Q8_1 and (it & 3) == 0:
                 mn[at + i] = m[uint32(r), g]
 
 
 @cuda.jit(**DEVICE)
-def _stage_q8(x, t, inv, norm, nw, nwv, write_h, hout, fmt, rnd, xw, xd, xs, scratch, wv):
+def _stage_q8(x, t, items, inv, norm, nw, nwv, write_h, hout, fmt, rnd, xw, xd, xs, scratch, wv):
     """Token t's input (normalized where norm) rounded to Q8 blocks into shared memory, a thread per item.
 
-    nwv holds the norm's weights of the thread's first item (_fetch_norm), loaded before grid_ready.
+    nwv holds the norm's weights of the thread's first item (_fetch_norm), loaded before grid_ready where
+    the kernel can.
 
     A thread loads its item's 8 inputs and rounds them with the 3 threads of the same 32-block (a
     quad: two shuffles for the maximum, two for the sum), with round_lane's arithmetic; then it
     writes them four a word (item i's words 2i, 2i + 1), and the block's first item its scale and
     sum term: xs[g] is the Q8_1 term, or for Q8_0 the scale times the integer sum (which a weight
-    type's offset multiplies). Every thread takes the same trips (the simulator's quads need it)."""
-    items = x.shape[1] // 8
+    type's offset multiplies). Every thread takes the same trips (the simulator's quads need it).
+    items is x.shape[1] // 8 (a constant in vec_kernel)."""
     for it in range(cuda.threadIdx.x, (items + 31) // 32 * 32, BLOCK):
-        g = it // 4
-        q = it % 4
+        g = it >> 2  # (shifts and masks: the compiler does not know that it is not negative)
+        q = it & 3
         amax = float32(0.0)
-        for j in range(8):
-            v = float32(0.0)
-            if it < items:
+        if it < items:  # (one branch for the item: the 8 loads go out together)
+            if norm and it != cuda.threadIdx.x:
+                _fetch_norm(nw, fmt, it, nwv)
+            for j in range(8):
                 c = uint32(g * 32 + elem(fmt, q, j))
-                v = x[uint32(t), c]
-                if norm:
-                    v = v * inv * (nwv[j] if it == cuda.threadIdx.x else nw[c])
+                v = x[uint32(t), c] * inv * nwv[j] if norm else x[uint32(t), c]
                 if write_h:
                     hout[uint32(t), c] = v
-            wv[j] = v
-            amax = max(amax, abs(v))
+                wv[j] = v
+                amax = max(amax, abs(v))
+        else:
+            for j in range(8):
+                wv[j] = float32(0.0)
         d, inv_d = _q8_scale(quad_max(amax, scratch))
         qs = float32(0.0)
         lo = uint32(0)
@@ -534,7 +537,7 @@ def _matrix_row(row, n0, n1):
 @cuda.jit(**DEVICE)
 def _item_dot(w, d, m, fmt, off, r, it, xr, i, wv):
     """Item it of row r times this lane's float inputs of its i-th item."""
-    decode(w, d, m, fmt, off, r, it // 4, it % 4, wv, True)
+    decode(w, d, m, fmt, off, r, it >> 2, (it & 3), wv, True)
     s = float32(0.0)
     for j in range(8):
         s += wv[j] * xr[i * 8 + j]
@@ -547,10 +550,10 @@ def _staged_idot(lo, hi, scale, mn, it, rnd, off, xw, xd, xs):
     times the staged Q8 input (_stage_q8): the integer dot product of the weights' values and the
     inputs' by dp4a, then the scales; the block's first item adds the Q8_1 min term or the weight
     type's offset."""
-    g = uint32(it // 4)
+    g = uint32(it >> 2)
     s = dp4a(hi, xw[uint32(2 * it + 1)], dp4a(lo, xw[uint32(2 * it)], 0))
     v = scale * xd[g] * float32(s)
-    if it % 4 == 0:
+    if (it & 3) == 0:
         if rnd == ROUND_Q8_1:
             v += mn * xs[g]
         elif off != 0:
@@ -562,8 +565,8 @@ def _staged_idot(lo, hi, scale, mn, it, rnd, off, xw, xd, xs):
 def _item_words(w, fmt, r, it):
     """Item it of row r of a Q8, NIB4 or NIB5 matrix as two words of four int8 values, in the order
     of _stage_q8's input words (the item's elem(fmt, q, 0 .. 3), then elem(fmt, q, 4 .. 7))."""
-    g = it // 4
-    q = it % 4
+    g = it >> 2
+    q = it & 3
     if fmt == Q8:
         return w[uint32(r), uint32(g * 8 + 2 * q)], w[uint32(r), uint32(g * 8 + 2 * q + 1)]
     # NIB4, NIB5: the item's word holds its 4 low elements in the low nibbles, its 4 high ones above
@@ -596,9 +599,8 @@ def _pair(p, n0, n1, hd, neox):
 
 
 @cuda.jit(**DEVICE)
-def _rotation(which, ra, pos, rope):
+def _rotation(which, ra, pos, hd, neox, rope):
     """cos and sin of the RoPE angle of MODE_QKV's pair with first row ra (q and k) at position pos."""
-    hd, neox = rope[6], rope[7]
     if which == 2:
         return float32(1.0), float32(0.0)
     i = (ra % hd) % (hd // 2) if neox else (ra % hd) // 2
@@ -606,10 +608,10 @@ def _rotation(which, ra, pos, rope):
 
 
 @cuda.jit(**DEVICE)
-def _store_pair(which, flags, t, pos, slot, ra, rb, a, b, c, s, o0, b0, o1, b1, o2, b2, rope):
+def _store_pair(which, flags, t, pos, slot, ra, rb, a, b, c, s, o0, b0, o1, b1, o2, b2, hd, rope):
     """MODE_QKV's outputs of one pair of token t at position pos of its slot: bias, RoPE (q and k:
     cos c, sin s from _rotation), the fp16 KV-cache store (k and v)."""
-    cache_k, cache_v, hd = rope[0], rope[1], rope[6]
+    cache_k, cache_v = rope[0], rope[1]
     o, bias = (o0, b0) if which == 0 else ((o1, b1) if which == 1 else (o2, b2))
     if flags & (1 << which):
         a += bias[uint32(ra)]
@@ -664,7 +666,7 @@ def prep_kernel(rnd: int):  # noqa: ANN201
         scratch = cuda.shared.array(BLOCK, float32)
         t = cuda.blockIdx.x
         lane = cuda.threadIdx.x % 32
-        inv = inv_rms(x, t, eps, scratch) if norm else float32(1.0)
+        inv = inv_rms(x, t, x.shape[1], eps, scratch) if norm else float32(1.0)
         for b in range(cuda.threadIdx.x // 32, x.shape[1] // 32, WARPS):
             c = b * 32 + lane
             v = x[t, c] * inv * nw[c] if norm else x[t, c]
@@ -690,11 +692,11 @@ def prep_q8_kernel(fmt: int, rnd: int):  # noqa: ANN201
         wv = cuda.local.array(8, float32)
         nwv = cuda.local.array(8, float32)
         t = cuda.blockIdx.x
-        if norm:
-            _fetch_norm(nw, fmt, x.shape[1] // 8, nwv)
+        if norm and cuda.threadIdx.x < x.shape[1] // 8:
+            _fetch_norm(nw, fmt, cuda.threadIdx.x, nwv)
         grid_ready()
-        inv = inv_rms(x, t, eps, scratch) if norm else float32(1.0)
-        _stage_q8(x, t, inv, norm, nw, nwv, norm, hout, fmt, rnd, xw[t], xd[t], xs[t], scratch, wv)
+        inv = inv_rms(x, t, x.shape[1], eps, scratch) if norm else float32(1.0)
+        _stage_q8(x, t, x.shape[1] // 8, inv, norm, nw, nwv, norm, hout, fmt, rnd, xw[t], xd[t], xs[t], scratch, wv)
 
     return kernel
 

@@ -50,7 +50,7 @@ def rmsnorm_kernel(x, weight, eps, out):
     sh = cuda.shared.array(NORM_THREADS, float32)
     t = cuda.blockIdx.x
     d = x.shape[1]
-    inv = inv_rms(x, t, eps, sh)
+    inv = inv_rms(x, t, d, eps, sh)
     cuda.syncthreads()  # out may be x: every warp has read it
     for i in range(cuda.threadIdx.x, d, NORM_THREADS):
         out[t, i] = x[t, i] * inv * weight[i]
