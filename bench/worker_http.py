@@ -115,7 +115,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_daemon(model: str, slots: int, context_length: int) -> tuple[subprocess.Popen[bytes], str]:
+def start_daemon(
+    model: str, slots: int, context_length: int, backend: str = "cpu", gpu: int = 0, cache_dir: str | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A daemon on a free loopback port, returned once its /health says Ready (its Numba cache: `cache_dir`)."""
     port = _free_port()
     cmd = [
         sys.executable,
@@ -131,10 +134,15 @@ def start_daemon(model: str, slots: int, context_length: int) -> tuple[subproces
         str(slots),
         "--context-length",
         str(context_length),
+        "--backend",
+        backend,
+        "--gpu",
+        str(gpu),
         "--log-level",
         "WARNING",
     ]
-    env = {**os.environ, "NUMBA_CACHE_DIR": os.environ.get("NUMBA_CACHE_DIR", str(REPO / ".numba-cache"))}
+    cache_dir = cache_dir or os.environ.get("NUMBA_CACHE_DIR", str(REPO / ".numba-cache"))
+    env = {**os.environ, "NUMBA_CACHE_DIR": cache_dir}
     proc = subprocess.Popen(cmd, env=env, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600

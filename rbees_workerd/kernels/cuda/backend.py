@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
@@ -32,6 +33,10 @@ from rbees_workerd.kernels.cuda.device import SIM
 
 if not SIM:
     from cuda.bindings import driver as cu
+
+# The small grids are deliberate (a decode step's kernels are graph nodes that overlap one another), and
+# numba-cuda would warn of each one at its first launch, in every worker's log.
+warnings.filterwarnings("ignore", message=r"(\x1b\[1m)?Grid size \d+ will likely result in GPU under-utilization")
 
 MAX_GRAPHS = 64  # captured step shapes kept (least recently used dropped)
 PROGRAMMATIC = True  # graphs' kernels launch while the one before runs (see _programmatic_edges)
