@@ -2,7 +2,8 @@
 
     python bench/cuda_bench.py MODEL.gguf [--batches 1,64,256] [--prompt 512] [--steps 128] [--json]
                                           [--gemm-min-tokens N] [--vec-max-tokens N] [--no-overlap]
-                                          [--no-pipeline]
+                                          [--no-pipeline] [--vec-warps N] [--block-warps N]
+                                          [--long-block-warps N] [--fetch-regs N]
 
 Decode: B sequences step together from position 0 for `steps` tokens (like
 llama-bench's tg128), each step a forward plus greedy sampling on the device;
@@ -12,7 +13,10 @@ and uploads them for the next). Prefill: one `prompt`-token step; tok/s = prompt
 Every figure is the median of `--repeat` timed runs after a warm-up run
 (which compiles or loads the kernels and captures the CUDA graphs).
 --gemm-min-tokens moves the switch from the few-token kernel to the tiled GEMM, --vec-max-tokens
-the one from the one-token-per-block kernel to the few-token kernel (tuning); --no-overlap captures
+the one from the one-token-per-block kernel to the few-token kernel, --vec-warps, --block-warps,
+--long-block-warps and --fetch-regs set the one-token kernel's warps, warps a block (short and long
+inputs) and registers of prefetched weights
+(tuning); --no-overlap captures
 graphs without programmatic dependent launch (each kernel starts when the one before has ended).
 """
 
@@ -94,17 +98,23 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--gemm-min-tokens", type=int)
     ap.add_argument("--vec-max-tokens", type=int)
+    ap.add_argument("--vec-warps", type=int, help="tuning: gemv.VEC_WARPS")
+    ap.add_argument("--block-warps", type=int, help="tuning: gemv.BLOCK_WARPS")
+    ap.add_argument("--long-block-warps", type=int, help="tuning: gemv.LONG_BLOCK_WARPS")
+    ap.add_argument("--fetch-regs", type=int, help="tuning: gemv.FETCH_REGS")
     ap.add_argument("--no-overlap", action="store_true")
     ap.add_argument("--no-pipeline", action="store_true")
     args = ap.parse_args()
-    from rbees_workerd.kernels.cuda import backend, matmul
+    from rbees_workerd.kernels.cuda import backend, gemv
 
     backend.PROGRAMMATIC = not args.no_overlap
-
     if args.gemm_min_tokens is not None:
-        matmul.GEMM_MIN_TOKENS = args.gemm_min_tokens
+        backend.GEMM_MIN_TOKENS = args.gemm_min_tokens
     if args.vec_max_tokens is not None:
-        matmul.VEC_MAX_TOKENS = args.vec_max_tokens
+        gemv.VEC_MAX_TOKENS = args.vec_max_tokens
+    for name in ("vec_warps", "block_warps", "long_block_warps", "fetch_regs"):
+        if getattr(args, name) is not None:
+            setattr(gemv, name.upper(), getattr(args, name))
     batches = [int(b) for b in args.batches.split(",")]
     t0 = time.perf_counter()
     engine = Engine.load(args.model, backend="cuda", gpu=args.gpu, slots=max(batches),

@@ -16,7 +16,7 @@ import numpy as np
 
 from rbees_workerd.engine.config import ModelConfig
 from rbees_workerd.engine.gguf import GGUFFile
-from rbees_workerd.kernels.backend import Array, Backend, Picks
+from rbees_workerd.kernels.backend import Array, Backend, GatedFFN, Norm, Picks, Product, RopeStore
 
 
 @dataclass
@@ -113,6 +113,7 @@ class Transformer:
             f.release_pages()
             if on_progress:
                 on_progress((i + 1) / cfg.n_layers)
+        be.loaded()
         self.scratch = Scratch(cfg, be, max_step_tokens)
         self._logits: dict[int, Array] = {}  # per count of logit rows
         self._views: dict[tuple[int, int], tuple[Array, ...]] = {}  # per step shape: ids, their parts, logits
@@ -162,26 +163,16 @@ class Transformer:
         x, h = s.x[:n], s.h[:n]
         q, k, v, att = s.q[:n], s.k[:n], s.v[:n], s.att[:n]
         q2, k2, v2, att2 = (a.reshape(n, -1) for a in (q, k, v, att))
-        gate, up = s.gate[:n], s.up[:n]
 
         be.embed(self.token_embd, tokens, x)
         for layer in self.layers:
-            be.rmsnorm(x, layer.attn_norm, cfg.norm_eps, h)
-            be.matmul(h, layer.wq, q2, layer.bq)
-            be.matmul(h, layer.wk, k2, layer.bk)
-            be.matmul(h, layer.wv, v2, layer.bv)
-            be.rope(q, positions, cfg.rope_theta, cfg.rope_neox)
-            be.rope(k, positions, cfg.rope_theta, cfg.rope_neox)
-            be.attention(q, k, v, layer.cache_k, layer.cache_v, slots, positions, att, one_seq)
-            be.matmul(att2, layer.wo, h)
-            be.add(x, h)
-            be.rmsnorm(x, layer.ffn_norm, cfg.norm_eps, h)
-            be.matmul(h, layer.w_gate, gate)
-            be.matmul(h, layer.w_up, up)
-            be.swiglu(gate, up, gate)
-            be.matmul(gate, layer.w_down, h)
-            be.add(x, h)
-        last, normed = s.last[:r], s.h[:r]  # (out of place: a backend may fuse the norm into the product)
+            rope = RopeStore(q, k, v, layer.cache_k, layer.cache_v, slots, positions, cfg.rope_theta, cfg.rope_neox)
+            qkv = [Product(layer.wq, q2, layer.bq), Product(layer.wk, k2, layer.bk), Product(layer.wv, v2, layer.bv)]
+            be.products(x, qkv, Norm(layer.attn_norm, cfg.norm_eps, h), rope)
+            be.attention(q, layer.cache_k, layer.cache_v, slots, positions, att, one_seq)
+            be.products(att2, [Product(layer.wo, x, accumulate=True)])
+            ffn = Norm(layer.ffn_norm, cfg.norm_eps, h)
+            be.gated_ffn(x, GatedFFN(ffn, layer.w_gate, layer.w_up, layer.w_down, s.gate[:n], s.up[:n], x))
+        last = s.last[:r]
         be.gather_rows(x, rows, last)
-        be.rmsnorm(last, self.output_norm, cfg.norm_eps, normed)
-        be.matmul(normed, self.output, logits)
+        be.products(last, [Product(self.output, logits)], Norm(self.output_norm, cfg.norm_eps, s.h[:r]))

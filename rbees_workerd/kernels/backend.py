@@ -12,18 +12,78 @@ features of a matrix, S slots, C context length, V vocabulary.
 
 All activations are float32. Weight matrices are `[N, K]` (GGUF row-major,
 one row per output feature) and stay in their quantized GGUF format.
+
+The ops are the blocks the model is made of, not single kernels: a group of
+products over one input (with the RMSNorm before them, their biases, and for
+q/k/v the rotation and the KV-cache store after them), the gated feed-forward
+block, attention. The records below say what each does; a backend chains its
+kernels for them (the CPU) or lowers each to as few launches as it can (CUDA),
+without having to rediscover the structure from a stream of smaller ops.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 Array = Any  # a backend-owned array; the model treats it as opaque
+
+
+@dataclass(frozen=True)
+class Product:
+    """out[T, N] = x[T, K] @ weight[N, K].T (+ bias[N]); with `accumulate`, out += that (a residual add)."""
+
+    weight: Any
+    out: Array
+    bias: Array | None = None
+    accumulate: bool = False
+
+
+@dataclass(frozen=True)
+class Norm:
+    """RMSNorm of an input: x[t] / sqrt(mean(x[t]**2) + eps) * weight, written to `out` [T, K] too."""
+
+    weight: Array
+    eps: float
+    out: Array
+
+
+@dataclass(frozen=True)
+class RopeStore:
+    """What follows the q/k/v products: q[T, H, E] and k[T, G, E] (views of the first two products'
+    outputs) rotated by position, then k and v stored at (slots[t], positions[t]) of the caches
+    cache_k/v[S, C, G, E]. `neox=False` rotates adjacent pairs (2i, 2i+1) (llama GGUF files);
+    `neox=True` rotates (i, i + E/2) (qwen2)."""
+
+    q: Array
+    k: Array
+    v: Array
+    cache_k: Array
+    cache_v: Array
+    slots: Array
+    positions: Array
+    theta: float
+    neox: bool
+
+
+@dataclass(frozen=True)
+class GatedFFN:
+    """out (+= with `accumulate`) down(silu(gate(n)) * up(n)) with n = norm(x): the SwiGLU block.
+
+    `act` [T, F] receives silu(gate(n)) * up(n) and `up_out` [T, F] is scratch of the same shape."""
+
+    norm: Norm
+    gate: Any
+    up: Any
+    down: Any
+    act: Array
+    up_out: Array
+    out: Array
+    accumulate: bool = True
 
 
 @dataclass(frozen=True)
@@ -103,6 +163,9 @@ class Backend(ABC):
         Host memory is not checked: the CPU backend accepts anything.
         """
 
+    def loaded(self) -> None:
+        """Called once every weight is in place: free what loading needed (a GPU's staging buffers)."""
+
     @abstractmethod
     def memory_bytes(self) -> int:
         """Bytes this backend holds for weights, cache and scratch (VRAM on CUDA)."""
@@ -113,27 +176,24 @@ class Backend(ABC):
         """out[t, :] = dequantized row tokens[t] of the `[V, D]` embedding table."""
 
     @abstractmethod
-    def matmul(self, x: Array, w: Any, out: Array, bias: Array | None = None) -> None:
-        """out[T, N] = x[T, K] @ w[N, K].T (+ bias[N])."""
+    def products(
+        self, x: Array, prods: Sequence[Product], norm: Norm | None = None, rope: RopeStore | None = None
+    ) -> None:
+        """Every product of `prods` over the one input x[T, K], in one pass where the backend can.
 
-    @abstractmethod
-    def rmsnorm(self, x: Array, weight: Array, eps: float, out: Array) -> None:
-        """out[t] = x[t] / sqrt(mean(x[t]**2) + eps) * weight."""
-
-    @abstractmethod
-    def rope(self, x: Array, positions: Array, theta: float, neox: bool) -> None:
-        """Rotate x[T, heads, E] in place by position.
-
-        `neox=False` rotates adjacent pairs (2i, 2i+1) (llama GGUF files);
-        `neox=True` rotates (i, i + E/2) (qwen2).
+        With `norm`, the input is RMSNorm(x) (also written to `norm.out`). With `rope`, the outputs of
+        the first three products are q, k and v: q and k are rotated by position and k and v are then
+        stored in the KV cache (see RopeStore). A product's output must not be x, nor the norm's output.
         """
+
+    @abstractmethod
+    def gated_ffn(self, x: Array, ffn: GatedFFN) -> None:
+        """The SwiGLU feed-forward block: ffn.out (+)= down(silu(gate(n)) * up(n)), n = RMSNorm(x)."""
 
     @abstractmethod
     def attention(
         self,
         q: Array,
-        k: Array,
-        v: Array,
         cache_k: Array,
         cache_v: Array,
         slots: Array,
@@ -141,22 +201,13 @@ class Backend(ABC):
         out: Array,
         one_sequence: bool = False,
     ) -> None:
-        """Store k/v[T, G, E] at (slots[t], positions[t]) of cache_k/v[S, C, G, E], then attend.
+        """out[T, H, E] = causal attention of q[T, H, E] over the cached k/v[S, C, G, E] of each token's slot.
 
-        Token t attends causally to positions 0..positions[t] of its own slot,
-        query head h using key/value head h // (H // G); scale 1/sqrt(E).
-        out is [T, H, E]. All of a step's k/v are stored before any token attends.
-        `one_sequence` promises that the T tokens are consecutive positions of one
+        Token t attends to positions 0..positions[t] of slot slots[t] (the step's own k/v are stored
+        already, by `products` with a RopeStore), query head h using key/value head h // (H // G);
+        scale 1/sqrt(E). `one_sequence` promises that the T tokens are consecutive positions of one
         slot (a prompt chunk), which lets a backend attend a tile of them at a time.
         """
-
-    @abstractmethod
-    def swiglu(self, gate: Array, up: Array, out: Array) -> None:
-        """out = silu(gate) * up."""
-
-    @abstractmethod
-    def add(self, x: Array, y: Array) -> None:
-        """x += y (the residual stream)."""
 
     @abstractmethod
     def gather_rows(self, x: Array, rows: Array, out: Array) -> None:

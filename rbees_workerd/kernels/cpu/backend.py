@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numba
@@ -20,6 +21,7 @@ class CpuBackend(backend.Backend):
         if threads:
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         self._bytes = 0
+        self._tmp = np.empty(0, np.float32)
 
     # ---- memory
     def weight(self, qtype: int, shape: tuple[int, int], raw: np.ndarray) -> quant.QMatrix:
@@ -51,26 +53,45 @@ class CpuBackend(backend.Backend):
     def embed(self, table: quant.QMatrix, tokens: np.ndarray, out: np.ndarray) -> None:
         quant.embed_rows(table, tokens, out)
 
-    def matmul(self, x: np.ndarray, w: quant.QMatrix, out: np.ndarray, bias: np.ndarray | None = None) -> None:
-        quant.matmul(x, w, out)
-        if bias is not None:
-            ops.add_bias(out, bias)
+    def products(
+        self,
+        x: np.ndarray,
+        prods: Sequence[backend.Product],
+        norm: backend.Norm | None = None,
+        rope: backend.RopeStore | None = None,
+    ) -> None:
+        if norm is not None:
+            ops.rmsnorm(x, norm.weight, norm.eps, norm.out)
+            x = norm.out
+        for p in prods:
+            out = self._scratch(p.out.shape) if p.accumulate else p.out
+            quant.matmul(x, p.weight, out)
+            if p.bias is not None:
+                ops.add_bias(out, p.bias)
+            if p.accumulate:
+                ops.add(p.out, out)
+        if rope is not None:
+            ops.rope(rope.q, rope.positions, rope.theta, rope.neox)
+            ops.rope(rope.k, rope.positions, rope.theta, rope.neox)
+            ops.kv_store(rope.k, rope.v, rope.cache_k, rope.cache_v, rope.slots, rope.positions)
 
-    def rmsnorm(self, x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray) -> None:
-        ops.rmsnorm(x, weight, eps, out)
+    def gated_ffn(self, x: np.ndarray, ffn: backend.GatedFFN) -> None:
+        ops.rmsnorm(x, ffn.norm.weight, ffn.norm.eps, ffn.norm.out)
+        quant.matmul(ffn.norm.out, ffn.gate, ffn.act)
+        quant.matmul(ffn.norm.out, ffn.up, ffn.up_out)
+        ops.swiglu(ffn.act, ffn.up_out, ffn.act)
+        self.products(ffn.act, [backend.Product(ffn.down, ffn.out, accumulate=ffn.accumulate)])
 
-    def rope(self, x: np.ndarray, positions: np.ndarray, theta: float, neox: bool) -> None:
-        ops.rope(x, positions, theta, neox)
-
-    def attention(self, q, k, v, cache_k, cache_v, slots, positions, out, one_sequence=False) -> None:  # noqa: ANN001
-        ops.kv_store(k, v, cache_k, cache_v, slots, positions)
+    def attention(self, q, cache_k, cache_v, slots, positions, out, one_sequence=False) -> None:  # noqa: ANN001
         ops.attention(q, cache_k, cache_v, slots, positions, out)
 
-    def swiglu(self, gate: np.ndarray, up: np.ndarray, out: np.ndarray) -> None:
-        ops.swiglu(gate, up, out)
-
-    def add(self, x: np.ndarray, y: np.ndarray) -> None:
-        ops.add(x, y)
+    def _scratch(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A float32 buffer for a product that is added to its output (grown on demand, never shared
+        by two live results: a products call adds each one before the next is computed)."""
+        size = int(np.prod(shape))
+        if self._tmp.size < size:
+            self._tmp = np.empty(size, np.float32)
+        return self._tmp[:size].reshape(shape)
 
     def gather_rows(self, x: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
         np.take(x, rows, axis=0, out=out)

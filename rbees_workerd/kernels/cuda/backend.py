@@ -1,13 +1,15 @@
 """CudaBackend: the Backend interface on one NVIDIA GPU through Numba CUDA kernels.
 
-Ops queue kernel launches on one stream. Inside `run_step` they are recorded
-instead, fused where the pattern allows (q/k/v sharing an input, gate/up with
-SwiGLU, a projection followed by the residual add, RMSNorm into the product
-after it, and for one or two tokens q/k/v with RoPE and the KV store), launched once (which also
-compiles them) and captured into a CUDA graph through cuda.core's graph
-builder; later steps of the same key replay the graph, a few microseconds of
-host time for the whole forward instead of one launch per op. In the graphs of decode
-steps each kernel launches while the one before it runs (_programmatic_edges).
+Each op of the interface is lowered to its launches directly (`_Lowering`): a group of products
+over one input becomes one launch a weight type (up to three matrices: q/k/v, gate/up) that also
+normalizes its input and, for one or two tokens, rotates q/k and stores k/v in the cache
+(MODE_QKV) or applies SwiGLU (MODE_SWIGLU); for more tokens the input is rounded once and the
+tensor cores take the product. The kernel families are gemv (1-2 tokens), rows (a few), mma and
+gemm (many; quantized and float weights). Launches queue on one stream; inside `run_step` they are
+recorded instead, launched once (which also compiles them) and captured into a CUDA graph
+through cuda.core's graph builder; later steps of the same key replay the graph, a few
+microseconds of host time for the whole forward instead of one launch per op. In the graphs of
+decode steps each kernel launches while the one before it runs (_programmatic_edges).
 """
 
 from __future__ import annotations
@@ -16,20 +18,19 @@ import contextlib
 import math
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType as Q
 from numba import cuda
 from numba.cuda.cudadrv import driver
 
-from rbees_workerd.errors import CudaError, InvalidParams, VramOOM
+from rbees_workerd.errors import CudaError, InvalidParams, ModelLoadError, VramOOM
 from rbees_workerd.kernels import backend
-from rbees_workerd.kernels.cuda import matmul as mm
-from rbees_workerd.kernels.cuda import ops, repack, sample
+from rbees_workerd.kernels.cuda import formats, gemm, gemv, mma, ops, repack, rows, sample
 from rbees_workerd.kernels.cuda.device import SIM
+from rbees_workerd.kernels.cuda.outputs import ACCUMULATE, BIAS, MODE_QKV, MODE_ROWS, MODE_SWIGLU, NORM
 
 if not SIM:
     from cuda.bindings import driver as cu
@@ -40,12 +41,9 @@ warnings.filterwarnings("ignore", message=r"(\x1b\[1m)?Grid size \d+ will likely
 
 MAX_GRAPHS = 64  # captured step shapes kept (least recently used dropped)
 PROGRAMMATIC = True  # graphs' kernels launch while the one before runs (see _programmatic_edges)
+GEMM_MIN_TOKENS = 16 if SIM else 32  # steps of this many tokens take the many-token products (mma, gemm)
 _STAGING = 1 << 20  # pinned bytes through which small uploads go asynchronously
 _OOM = 2  # CUDA_ERROR_OUT_OF_MEMORY
-# llama.cpp rounds the activations of these weight types (see kernels/cpu/quant_act); the CPU backend too
-_Q8_0_INPUT = frozenset({int(Q.Q4_0), int(Q.Q5_0), int(Q.Q8_0)})
-_Q8_1_INPUT = frozenset({int(Q.Q4_1), int(Q.Q5_1)})
-_F16_INPUT = frozenset({int(Q.F16)})
 # the simulator's driver module defines only some of these
 _DRIVER_ERRORS = tuple(getattr(driver, n) for n in ("CudaAPIError", "CudaDriverError", "CudaSupportError")
                        if hasattr(driver, n))  # fmt: skip
@@ -53,27 +51,13 @@ _DRIVER_ERRORS = tuple(getattr(driver, n) for n in ("CudaAPIError", "CudaDriverE
 
 @dataclass
 class QWeight:
-    """A quantized [N, K] matrix in VRAM (see repack for the layout)."""
+    """An [N, K] matrix of GGML type qt in VRAM, in the layout of `formats`."""
 
-    qtype: int
-    fmt: int
-    off: np.float32
+    qt: int
     words: Any
-    d: Any
-    m: Any
+    gs: Any
+    sb: Any
     shape: tuple[int, int]
-
-
-@dataclass
-class _MatMul:
-    x: Any
-    ws: list[QWeight]
-    outs: list[Any]
-    biases: list[Any]
-    mode: int = mm.MODE_ROWS
-    res: Any = None
-    norm: tuple[Any, Any, float] | None = None  # (x, weight, eps): the input is rmsnorm(x), written to self.x
-    rope: tuple[Any, ...] | None = None  # MODE_QKV: rope_store_kernel's arguments, which this product does
 
 
 @dataclass
@@ -82,7 +66,7 @@ class _Launch:
     grid: tuple[int, ...]
     block: tuple[int, ...]
     args: tuple[Any, ...]
-    overlap: bool = True  # False: a product of more than VEC_MAX_TOKENS tokens (see _replay)
+    overlap: bool = True  # False: not a decode kernel that loads its weights before grid_ready (see _replay)
 
 
 @dataclass
@@ -194,8 +178,9 @@ class CudaBackend(backend.Backend):
         self._sample_bufs: dict[tuple[Any, ...], Any] = {}
         self._ptrs: dict[int, tuple[Any, tuple[int, tuple[int, ...]]]] = {}  # see _array_ptr
         self._free_ids: dict[int, list[tuple[np.ndarray, Any]]] = {}  # see _pinned_ids
-        self._act_bufs: dict[tuple[Any, ...], tuple[Any, Any]] = {}
-        self._dummy_w = self._to_device(np.zeros((1, 1), np.uint32))
+        self._act_bufs: dict[tuple[Any, ...], Any] = {}
+        self._dummy_mats: dict[int, tuple[Any, ...]] = {}  # see _dummy_mat
+        self._raw: Any = None  # the device copy of a matrix's GGUF bytes while it is repacked
         self._dummy_f = self._to_device(np.zeros((1, 1), np.float32))
         self._dummy_v = self._to_device(np.zeros(1, np.float32))
         self._dummy_part = self._to_device(np.zeros((1, 1, 1), np.float32))
@@ -222,9 +207,35 @@ class CudaBackend(backend.Backend):
         return d
 
     def weight(self, qtype: int, shape: tuple[int, int], raw: np.ndarray) -> QWeight:
-        p = repack.pack(qtype, shape, raw)
-        return QWeight(int(qtype), p.fmt, np.float32(p.off), self._to_device(p.words), self._to_device(p.d),
-                       self._to_device(p.m), tuple(shape))  # fmt: skip
+        """Copy the matrix's GGUF bytes to the GPU as they are and repack them there (repack)."""
+        qt, (n, k) = int(qtype), (int(shape[0]), int(shape[1]))
+        if qt not in formats.SUPPORTED:
+            raise ModelLoadError(f"the CUDA backend does not support the GGML type {qt}")
+        if k % 32 or (qt in formats.KQUANTS and k % 256):
+            raise ModelLoadError(f"rows of GGML type {qt} must be a multiple of {256 if qt in formats.KQUANTS else 32}"
+                                 f" elements for the CUDA backend, got {k}")  # fmt: skip
+        words_shape, gs_shape, sb_shape = repack.shapes(qt, n, k)
+        if qt not in formats.QUANTIZED:
+            words = self._to_device(repack.dense_words(raw))
+            return QWeight(qt, words, *self._dummy_mat(qt)[1:3], (n, k))
+        raw = np.ascontiguousarray(raw).view(np.uint8).reshape(n, -1)
+        with _cuda_errors(f"copying a {raw.nbytes}-byte matrix to the GPU"):
+            if self._raw is None or self._raw.size < raw.nbytes:
+                self._raw = None  # (freed before the larger one is taken)
+                self._raw = cuda.device_array(raw.nbytes, np.uint8, stream=self._stream)
+            staged = self._raw[: raw.nbytes].reshape(raw.shape)
+            staged.copy_to_device(raw, stream=self._stream)
+            words = self.zeros(words_shape, np.uint32)
+            gs = self.zeros(gs_shape, repack.scale_dtype(qt))
+            sb = self.zeros(sb_shape, repack.super_dtype(qt)) if qt in formats.KQUANTS else self._dummy_mat(qt)[2]
+            blocks = -(-(n * (k // 32)) // repack.THREADS)
+            repack.repack_kernel(qt)[blocks, repack.THREADS, self._stream](staged, words, gs, sb)
+        return QWeight(qt, words, gs, sb, (n, k))
+
+    def loaded(self) -> None:
+        """Free the repacking's copy of the GGUF bytes (as large as the largest matrix)."""
+        self.synchronize()
+        self._raw = None
 
     def vector(self, data: np.ndarray) -> Any:
         return self._to_device(np.asarray(data, np.float32))
@@ -266,6 +277,15 @@ class CudaBackend(backend.Backend):
             self.synchronize()
         return h
 
+    def _dummy_mat(self, qt: int) -> tuple[Any, ...]:
+        """A matrix with no rows of type qt for a product launch's unused places: (words, gs, sb, out, bias)
+        of the types the kernel compiled for qt is given for its real matrices."""
+        if qt not in self._dummy_mats:
+            types = (np.uint32, repack.scale_dtype(qt), repack.super_dtype(qt))
+            words, gs, sb = (self._to_device(np.zeros((1, 1), t)) for t in types)
+            self._dummy_mats[qt] = (words, gs, sb, self._dummy_f, self._dummy_v)
+        return self._dummy_mats[qt]
+
     def _rope_table(self, theta: float, head: int, context: int) -> tuple[Any, Any]:
         """cos/sin[position, pair] of RoPE's angles, float32 of the float64 values the CPU computes."""
         key = (theta, head, context)
@@ -295,12 +315,12 @@ class CudaBackend(backend.Backend):
         self._staged = 0
 
     # ---- ops
-    def _submit(self, op: Any) -> None:
+    def _submit(self, launches: list[_Launch]) -> None:
         if self._recording is not None:
-            self._recording.append(op)
+            self._recording += launches
         else:
             with _cuda_errors("launching a kernel"):
-                self._launch(_lower([op], self))
+                self._launch(launches)
 
     def _launch(self, launches: list[_Launch], target: Any = None) -> None:
         target = self._stream if target is None else target
@@ -309,54 +329,62 @@ class CudaBackend(backend.Backend):
 
     def embed(self, table: QWeight, tokens: Any, out: Any) -> None:
         items = table.shape[1] // 8
-        self._submit(_Launch(mm.embed_kernel, (out.shape[0], math.ceil(items / 128)), (128,),
-                             (table.words, table.d, table.m, table.fmt, table.off, tokens, out)))  # fmt: skip
+        self._submit([_Launch(ops.embed_kernel(table.qt), (out.shape[0], math.ceil(items / 128)), (128,),
+                              (table.words, table.gs, table.sb, tokens, out))])  # fmt: skip
 
-    def matmul(self, x: Any, w: QWeight, out: Any, bias: Any | None = None) -> None:
-        self._submit(_MatMul(x, [w], [out], [bias]))
+    def products(
+        self,
+        x: Any,
+        prods: Sequence[backend.Product],
+        norm: backend.Norm | None = None,
+        rope: backend.RopeStore | None = None,
+    ) -> None:
+        if rope is not None and len(prods) != 3:
+            raise InvalidParams(f"RoPE and the KV store follow the q, k and v products, got {len(prods)} products")
+        t_count = x.shape[0]
+        vec_rope = rope if rope is not None and t_count <= gemv.VEC_MAX_TOKENS else None
+        launches = []
+        for group in _groups(prods, rope is not None):
+            launches += _product_launches(self, x, group, norm, MODE_QKV if vec_rope else MODE_ROWS, vec_rope)
+        if rope is not None and vec_rope is None:
+            args = (rope.q, rope.k, rope.v, rope.cache_k, rope.cache_v, rope.slots, rope.positions,
+                    float(rope.theta), bool(rope.neox))  # fmt: skip
+            launches.append(_Launch(ops.rope_store_kernel, (t_count,), (512,), args))
+        self._submit(launches)
 
-    def rmsnorm(self, x: Any, weight: Any, eps: float, out: Any) -> None:
-        args = (x, weight, np.float32(eps), out)
-        self._submit(
-            ("rmsnorm", x, weight, eps, out, _Launch(ops.rmsnorm_kernel, (x.shape[0],), (ops.NORM_THREADS,), args))
-        )
+    def gated_ffn(self, x: Any, ffn: backend.GatedFFN) -> None:
+        gate, up = ffn.gate, ffn.up
+        few = x.shape[0] < GEMM_MIN_TOKENS
+        if few and gate.qt == up.qt and gate.shape == up.shape:  # one launch: products and SwiGLU
+            group: list[backend.Product | None] = [backend.Product(gate, ffn.act), backend.Product(up, None)]
+            launches = _product_launches(self, x, group, ffn.norm, MODE_SWIGLU, None)
+        else:
+            launches = []
+            for group in _groups([backend.Product(gate, ffn.act), backend.Product(up, ffn.up_out)], False):
+                launches += _product_launches(self, x, group, ffn.norm, MODE_ROWS, None)
+            grid, block = _grid2(*ffn.act.shape)
+            launches.append(_Launch(ops.swiglu_kernel, grid, block, (ffn.act, ffn.up_out, ffn.act), overlap=False))
+        self._submit(launches)
+        self.products(ffn.act, [backend.Product(ffn.down, ffn.out, accumulate=ffn.accumulate)])
 
-    def rope(self, x: Any, positions: Any, theta: float, neox: bool) -> None:
-        n = x.shape[0] * x.shape[1] * (x.shape[2] // 2)
-        args = (x, positions, float(theta), bool(neox))
-        self._submit(("rope", x, positions, float(theta), bool(neox),
-                      _Launch(ops.rope_kernel, (math.ceil(n / 128),), (128,), args)))  # fmt: skip
-
-    def attention(self, q, k, v, cache_k, cache_v, slots, positions, out, one_sequence=False) -> None:  # noqa: ANN001
+    def attention(self, q, cache_k, cache_v, slots, positions, out, one_sequence=False) -> None:  # noqa: ANN001
         t_count, heads, e = q.shape
         tiled = one_sequence and t_count >= ops.SEQ_MIN_TOKENS  # a prompt chunk: a tile of queries per block
         if tiled and (e > ops.SEQ_MAX_E or e % 8):
             raise InvalidParams(f"head size {e} is not a multiple of 8 up to {ops.SEQ_MAX_E} (the tiled CUDA kernel)")
         if not tiled and e > ops.ATT_MAX_E:
             raise InvalidParams(f"head size {e} exceeds the CUDA kernel's {ops.ATT_MAX_E}")
-        n = k.shape[0] * k.shape[1] * k.shape[2]
-        store = (k, v, cache_k, cache_v, slots, positions)
-        self._submit(("kvstore", *store, _Launch(ops.kv_store_kernel, (math.ceil(n / 128),), (128,), store)))
         args = (q, cache_k, cache_v, slots, positions, out)
         if tiled:
             kernel = ops.attention_seq_kernel(e)
-            grid = (math.ceil(t_count / ops.SEQ_QT), heads)
-            self._submit(_Launch(kernel, grid, (ops.SEQ_THREADS,), args))
+            self._submit([_Launch(kernel, (math.ceil(t_count / ops.SEQ_QT), heads), (ops.SEQ_THREADS,), args)])
         else:
             r = ops.attention_heads_per_block(t_count, heads, cache_k.shape[2], e)
-            self._submit(_Launch(ops.attention_kernel(e, r), (t_count, heads // r), (ops.ATT_THREADS,), args))
-
-    def swiglu(self, gate: Any, up: Any, out: Any) -> None:
-        grid, block = _grid2(*gate.shape)
-        self._submit(("swiglu", gate, up, out, _Launch(ops.swiglu_kernel, grid, block, (gate, up, out))))
-
-    def add(self, x: Any, y: Any) -> None:
-        grid, block = _grid2(*x.shape)
-        self._submit(("add", x, y, _Launch(ops.add_kernel, grid, block, (x, y))))
+            self._submit([_Launch(ops.attention_kernel(e, r), (t_count, heads // r), (ops.ATT_THREADS,), args)])
 
     def gather_rows(self, x: Any, rows: Any, out: Any) -> None:
         grid, block = _grid2(*out.shape)
-        self._submit(_Launch(ops.gather_kernel, grid, block, (x, rows, out)))
+        self._submit([_Launch(ops.gather_kernel, grid, block, (x, rows, out))])
 
     def sample(self, logits: Any, rows: list[backend.SamplingRow]) -> np.ndarray:
         ids = self.sample_async(logits, rows).ids()
@@ -462,7 +490,7 @@ class CudaBackend(backend.Backend):
         self._recording = []
         try:
             step()
-            return _lower(self._recording, self)
+            return self._recording
         finally:
             self._recording = None
 
@@ -519,236 +547,108 @@ def _check(result: tuple[Any, ...]) -> tuple[Any, ...]:
     return result[1:]
 
 
-def _same(a: Any, b: Any) -> bool:
-    return a is not None and b is not None and _ptr(a) == _ptr(b)
-
-
-def _fusable(a: _MatMul, b: _MatMul) -> bool:
-    """Two single products over the same input and format, neither writing that input."""
-    wa, wb = a.ws[0], b.ws[0]
-    return (len(a.ws) == len(b.ws) == 1 and a.res is None and b.res is None and _same(a.x, b.x)
-            and wa.fmt == wb.fmt and wa.off == wb.off and wa.shape[1] == wb.shape[1]
-            and _rounding(wa.qtype) == _rounding(wb.qtype)
-            and not _same(a.outs[0], a.x) and not _same(b.outs[0], b.x))  # fmt: skip
-
-
-def _fuse(ops_in: list[Any]) -> list[Any]:
-    """Merge recorded ops: gate/up + SwiGLU, up to three products sharing an input, product + residual add."""
-    out: list[Any] = []
-    i = 0
-    while i < len(ops_in):
-        op = ops_in[i]
-        fused = _rope_store(ops_in[i : i + 3])
-        if fused is not None:
-            out.append(fused)
-            i += 3
-            continue
-        if isinstance(op, _MatMul) and i + 2 < len(ops_in) and isinstance(ops_in[i + 1], _MatMul):
-            nxt, sw = ops_in[i + 1], ops_in[i + 2]
-            if (isinstance(sw, tuple) and sw[0] == "swiglu" and _fusable(op, nxt)
-                    and op.ws[0].shape == nxt.ws[0].shape
-                    and _same(sw[1], op.outs[0]) and _same(sw[2], nxt.outs[0])):  # fmt: skip
-                out.append(_MatMul(op.x, op.ws + nxt.ws, op.outs + nxt.outs + [sw[3]], op.biases + nxt.biases,
-                                   mm.MODE_SWIGLU))  # fmt: skip
-                i += 3
-                continue
-        if isinstance(op, _MatMul) and out and isinstance(out[-1], _MatMul) and out[-1].mode == mm.MODE_ROWS:
-            prev = out[-1]
-            first = _MatMul(prev.x, prev.ws[:1], prev.outs[:1], prev.biases[:1])
-            if (len(prev.ws) < 3 and prev.res is None and _fusable(first, op)
-                    and not any(_same(o, op.x) for o in prev.outs)):  # fmt: skip
-                prev.ws.append(op.ws[0])
-                prev.outs.append(op.outs[0])
-                prev.biases.append(op.biases[0])
-                i += 1
-                continue
-        if isinstance(op, tuple) and op[0] == "add" and out and isinstance(out[-1], _MatMul):
-            prev = out[-1]
-            if (prev.mode == mm.MODE_ROWS and len(prev.ws) == 1 and prev.res is None
-                    and _same(prev.outs[0], op[2]) and not _same(prev.x, op[1])):  # fmt: skip
-                prev.res = op[1]
-                i += 1
-                continue
-        out.append(op)
-        i += 1
-    return _fuse_qkv_rope(_fuse_norms(out))
-
-
-def _fuse_norms(seq: list[Any]) -> list[Any]:
-    """rmsnorm then a product of its output: the few-token product normalizes its input itself,
-    and for many tokens the rounding kernel does (where the weight type rounds the input)."""
-    out: list[Any] = []
-    for op in seq:
-        prev = out[-1] if out else None
-        fits = isinstance(op, _MatMul) and (op.x.shape[0] < mm.GEMM_MIN_TOKENS
-                                            or _rounding(op.ws[0].qtype) != mm.ROUND_NONE)  # fmt: skip
-        if (fits and isinstance(prev, tuple) and prev[0] == "rmsnorm"
-                and _same(prev[4], op.x) and not _same(prev[1], prev[4])
-                and not any(_same(o, prev[1]) for o in [*op.outs, op.res])):  # fmt: skip
-            out[-1] = op
-            op.norm = (prev[1], prev[2], prev[3])
-            continue
-        out.append(op)
-    return out
-
-
-def _rope_store(seq: list[Any]) -> _Launch | None:
-    """rope(q), rope(k), then storing that k: one launch, or None where the ops differ."""
-    if len(seq) < 3 or not all(isinstance(o, tuple) for o in seq):
-        return None
-    rq, rk, st = seq
-    if not (rq[0] == rk[0] == "rope" and st[0] == "kvstore"):
-        return None
-    if not (_same(rk[1], st[1]) and _same(rq[2], rk[2]) and _same(rk[2], st[6]) and rq[3:5] == rk[3:5]):
-        return None
-    q, k, v, cache_k, cache_v, slots, positions = rq[1], *st[1:7]
-    if _same(q, k) or q.shape[0] != k.shape[0]:
-        return None
-    args = (q, k, v, cache_k, cache_v, slots, positions, rq[3], rq[4])
-    return _Launch(ops.rope_store_kernel, (q.shape[0],), (512,), args)
-
-
-def _fuse_qkv_rope(seq: list[Any]) -> list[Any]:
-    """The q/k/v product of one or two tokens followed by the RoPE + KV store launch: the product
-    rotates and stores its pairs of rows itself (MODE_QKV), one launch fewer per layer."""
-    out: list[Any] = []
-    for op in seq:
-        prev = out[-1] if out else None
-        if (isinstance(op, _Launch) and op.kernel is ops.rope_store_kernel and isinstance(prev, _MatMul)
-                and prev.mode == mm.MODE_ROWS and len(prev.ws) == 3 and prev.res is None
-                and prev.x.shape[0] <= mm.VEC_MAX_TOKENS):  # fmt: skip
-            q, k, v = op.args[:3]
-            if all(_addr(o) == _addr(a) and o.size == a.size for o, a in zip(prev.outs, (q, k, v), strict=True)):
-                prev.mode = mm.MODE_QKV
-                prev.rope = op.args
-                continue
-        out.append(op)
-    return out
-
-
-def _addr(a: Any) -> int:
-    return _ptr(a)[0]
-
-
-def _lower(recorded: list[Any], be: CudaBackend) -> list[_Launch]:
-    """Fuse the recorded ops and turn them into kernel launches."""
-    launches = []
-    for op in _fuse(recorded):
-        if isinstance(op, _Launch):
-            launches.append(op)
-        elif isinstance(op, tuple):
-            launches.append(op[-1])
+def _groups(prods: Sequence[backend.Product], roles: bool) -> list[list[backend.Product | None]]:
+    """The launches a group of products over one input takes: products of one weight type (and the
+    same `accumulate`) together, up to three a launch. With `roles` (q, k, v, which MODE_QKV tells
+    apart by their place) each keeps its place 0, 1, 2 in its launch, None where absent."""
+    if roles:
+        types = list(dict.fromkeys(p.weight.qt for p in prods))
+        return [[p if p.weight.qt == qt else None for p in prods] for qt in types]
+    groups: list[list[backend.Product | None]] = []
+    for p in prods:
+        last = groups[-1] if groups else None
+        if last and len(last) < 3 and last[0].weight.qt == p.weight.qt and last[0].accumulate == p.accumulate:
+            last.append(p)
         else:
-            launches += _matmul_launches(op, be)
-    return launches
+            groups.append([p])
+    return groups
 
 
-def _rounding(qtype: int) -> int:
-    """How llama.cpp rounds the activations that multiply this weight type (the CPU backend too)."""
-    if qtype in _Q8_0_INPUT:
-        return mm.ROUND_Q8_0
-    if qtype in _Q8_1_INPUT:
-        return mm.ROUND_Q8_1
-    return mm.ROUND_F16 if qtype in _F16_INPUT else mm.ROUND_NONE
+def _product_launches(
+    be: CudaBackend,
+    x: Any,
+    group: list[backend.Product | None],
+    norm: backend.Norm | None,
+    mode: int,
+    rope: backend.RopeStore | None,
+) -> list[_Launch]:
+    """The launches of one group of products (_groups) of x: for one or two tokens vec_kernel, for a few
+    rows_kernel, for many the input prepared once and the tensor-core product (quantized weights) or
+    the tiled GEMM (float ones). Each normalizes its input itself where `norm` says."""
+    present = [p for p in group if p is not None]
+    qt, k = present[0].weight.qt, present[0].weight.shape[1]
+    flags = ACCUMULATE if present[0].accumulate else 0
+    mats, ns = [], []
+    for i, p in enumerate(group + [None] * (3 - len(group))):
+        if p is None:
+            mats.append(be._dummy_mat(qt))
+            ns.append(0)
+            continue
+        if p.bias is not None:
+            flags |= BIAS[i]
+        w = p.weight
+        out = be._dummy_f if p.out is None else p.out
+        mats.append((w.words, w.gs, w.sb, out, be._dummy_v if p.bias is None else p.bias))
+        ns.append(w.shape[0])
+    m0, m1, m2 = mats
+    t_count = x.shape[0]
+    nw, eps, hout = (be._dummy_v, np.float32(0.0), be._dummy_f) if norm is None else \
+        (norm.weight, np.float32(norm.eps), norm.out)  # fmt: skip
+    if t_count >= GEMM_MIN_TOKENS:
+        return _many_launches(be, x, qt, flags, mats, ns, norm is not None, nw, eps, hout)
+    if norm is not None:
+        flags |= NORM
+    if t_count <= gemv.VEC_MAX_TOKENS:
+        rope_args, hd, neox = be._no_rope, 0, False
+        units = sum(ns)
+        if mode == MODE_QKV:
+            hd, neox = rope.q.shape[2], bool(rope.neox)
+            cos_t, sin_t = be._rope_table(rope.theta, hd, rope.cache_k.shape[1])
+            rope_args, units = (rope.cache_k, rope.cache_v, rope.slots, rope.positions, cos_t, sin_t), units // 2
+        elif mode == MODE_SWIGLU:
+            units = ns[0]
+        warps = gemv.block_warps(k)
+        kernel = gemv.vec_kernel(qt, k, mode, flags, tuple(ns), hd, neox, warps)
+        grid = (math.ceil(min(units, gemv.VEC_WARPS) / warps), t_count)
+        return [_Launch(kernel, grid, (32 * warps,), (x, m0, m1, m2, nw, eps, hout, rope_args))]
+    units = ns[0] if mode == MODE_SWIGLU else sum(ns)
+    grid_y = math.ceil(t_count / rows.TB)
+    grid = (min(math.ceil(units / rows.WARPS), max(1, rows.ROW_BLOCKS // grid_y)), grid_y)
+    args = (x, m0, m1, m2, *ns, nw, eps, hout)
+    return [_Launch(rows.rows_kernel(qt, mode, flags), grid, (rows.BLOCK,), args, overlap=False)]
 
 
-def _prepared_input(op: _MatMul, rnd: int, be: CudaBackend) -> tuple[list[_Launch], Any, Any]:
-    """For many tokens: the launch rounding (and normalizing) the input once, the rounded input, its sums."""
-    key = _ptr(op.x)
-    if key not in be._act_bufs:
-        t, k = op.x.shape
-        be._act_bufs[key] = (be.zeros((t, k)), be.zeros((t, k // 32)))
-    xq, msum = be._act_bufs[key]
-    args = (*_norm_input(op, be), op.x, xq, msum)
-    return [_Launch(mm.prep_kernel(rnd), (op.x.shape[0],), (mm.BLOCK,), args)], xq, msum
-
-
-def _norm_input(op: _MatMul, be: CudaBackend) -> tuple[Any, bool, Any, np.float32]:
-    """What a rounding kernel reads: (x, whether to normalize it, the norm's weight, eps); x is the
-    norm's input where the product took the RMSNorm before it in (_fuse_norms)."""
-    if op.norm is None:
-        return op.x, False, be._dummy_v, np.float32(0.0)
-    return op.norm[0], True, op.norm[1], np.float32(op.norm[2])
-
-
-def _q8_input(op: _MatMul, rnd: int, fmt: int, be: CudaBackend) -> tuple[_Launch, tuple[Any, Any, Any]]:
-    """For many tokens and integer products: the launch rounding (and normalizing) the input once to Q8
-    in the item order of weight format fmt, and the staged input (words, scales, sum terms)."""
-    key = ("q8", _ptr(op.x), fmt)
-    t, k = op.x.shape
-    if key not in be._act_bufs:
-        be._act_bufs[key] = (be.zeros((t, k // 4), np.int32), be.zeros((t, k // 32)), be.zeros((t, k // 32)))
-    staged = be._act_bufs[key]
-    return _Launch(mm.prep_q8_kernel(fmt, rnd), (t,), (mm.BLOCK,), (*_norm_input(op, be), op.x, *staged)), staged
-
-
-def _matmul_launches(op: _MatMul, be: CudaBackend) -> list[_Launch]:
-    """vec_kernel for one or two tokens, the warp-per-row kernel for a few, for many the tensor-core
-    product (weights of the integer types) or the tiled GEMM (the others), then SwiGLU apart."""
-    t_count = op.x.shape[0]
-    many = t_count >= mm.GEMM_MIN_TOKENS
-    w0 = op.ws[0]
-    rnd = _rounding(w0.qtype)
-    integer = many and rnd in (mm.ROUND_Q8_0, mm.ROUND_Q8_1)  # (weights in NIB4, NIB5 or Q8, as for vec_kernel)
-    launches: list[_Launch] = []
-    x_in, msum, flags = op.x, be._dummy_f, 0
-    if integer:
-        prep, staged = _q8_input(op, rnd, w0.fmt, be)
-        launches = [prep]
-    elif many and rnd != mm.ROUND_NONE:
-        launches, x_in, msum = _prepared_input(op, rnd, be)
-        if rnd == mm.ROUND_Q8_1:
-            flags |= 32
-    sets = []
-    for i in range(3):
-        if i < len(op.ws):
-            w = op.ws[i]
-            bias = op.biases[i]
-            if bias is not None:
-                flags |= 1 << i
-            sets += [w.words, w.d, w.m, op.outs[i], be._dummy_v if bias is None else bias]
-        else:
-            out = op.outs[i] if i < len(op.outs) and not many else be._dummy_f
-            sets += [be._dummy_w, be._dummy_f, be._dummy_f, out, be._dummy_v]
-    ns = [w.shape[0] for w in op.ws] + [0] * (3 - len(op.ws))
-    if op.res is not None:
-        flags |= 8
-    res = be._dummy_f if op.res is None else op.res
-    if integer:
-        grid = (mm.mma_row_tiles(*ns), math.ceil(t_count / mm.MMA_BN))
-        args = (*staged, *sets, *ns, w0.off, flags, res)
-        launches.append(_Launch(mm.mma_kernel(w0.fmt, rnd), grid, (mm.MMA_THREADS,), args))
-    elif many:
-        tiles = (math.ceil(sum(ns) / mm.BM), math.ceil(t_count / mm.BN))
-        groups = op.x.shape[1] // 32
-        split = max(1, min(math.ceil(mm.GEMM_BLOCKS / (tiles[0] * tiles[1])), groups // mm.GEMM_SPLIT_GROUPS))
+def _many_launches(be: CudaBackend, x: Any, qt: int, flags: int, mats: list[tuple[Any, ...]], ns: list[int],
+                   norm: bool, nw: Any, eps: np.float32, hout: Any) -> list[_Launch]:  # fmt: skip
+    """Many tokens: the input normalized and rounded once by a launch of its own, then the product."""
+    t_count, k = x.shape
+    m0, m1, m2 = mats
+    if formats.integer(qt):
+        key = ("q8", _ptr(x), qt)
+        if key not in be._act_bufs:
+            be._act_bufs[key] = (be.zeros((t_count, k // 4), np.int32), be.zeros((t_count, k // 32)),
+                                 be.zeros((t_count, k // 32)))  # fmt: skip
+        xw, xd, xs = be._act_bufs[key]
+        prep = _Launch(mma.prep_q8_kernel(qt), (t_count,), (mma.PREP_THREADS,), (x, norm, nw, eps, hout, xw, xd, xs))
+        grid = (math.ceil(t_count / mma.BN), mma.row_tiles(*ns))
+        product = _Launch(mma.mma_kernel(qt, flags), grid, (mma.THREADS,), (xw, xd, xs, m0, m1, m2, *ns))
+        launches = [prep, product]
+    else:
+        launches = []
+        x_in = x
+        rnd = formats.rounding(qt)
+        if norm or rnd == formats.ROUND_F16:
+            key = ("prep", _ptr(x))
+            if key not in be._act_bufs:
+                be._act_bufs[key] = be.zeros((t_count, k))
+            x_in = be._act_bufs[key]
+            launches.append(_Launch(gemm.prep_kernel(rnd), (t_count,), (gemm.PREP_THREADS,),
+                                    (x, norm, nw, eps, hout, x_in)))  # fmt: skip
+        tiles = (math.ceil(sum(ns) / gemm.BM), math.ceil(t_count / gemm.BN))
+        split = gemm.split_of(tiles[0] * tiles[1], k)
         part, count = be._split_buffers(split, t_count, sum(ns), tiles[0] * tiles[1])
-        args = (x_in, *sets, *ns, w0.off, flags, res, msum, part, count)
-        launches.append(_Launch(mm.gemm_kernel(w0.fmt), (*tiles, split), (mm.GEMM_THREADS,), args))
-    if many:
-        if op.mode == mm.MODE_SWIGLU:
-            gate, up, out = op.outs
-            grid2, block2 = _grid2(*gate.shape)
-            launches.append(_Launch(ops.swiglu_kernel, grid2, block2, (gate, up, out)))
-        for ln in launches:
-            ln.overlap = False
-        return launches
-    rows = ns[0] if op.mode == mm.MODE_SWIGLU else sum(ns)
-    x, nw, eps, hout = x_in, be._dummy_v, np.float32(0.0), be._dummy_f
-    if op.norm is not None:
-        x, nw, eps, hout = op.norm[0], op.norm[1], np.float32(op.norm[2]), op.x
-        flags |= 16
-    if t_count <= mm.VEC_MAX_TOKENS:
-        rope, hd, neox = be._no_rope, 0, False
-        if op.mode == mm.MODE_QKV:
-            q, k, v, cache_k, cache_v, slots, positions, theta, neox = op.rope
-            hd = q.shape[2]
-            cos_t, sin_t = be._rope_table(theta, hd, cache_k.shape[1])
-            rope, rows = (cache_k, cache_v, slots, positions, cos_t, sin_t), rows // 2
-        kernel = mm.vec_kernel(w0.fmt, rnd, x.shape[1], op.mode, flags, tuple(ns), hd, bool(neox))
-        grid = (math.ceil(min(rows, mm.VEC_WARPS) / mm.WARPS), t_count)
-        return [_Launch(kernel, grid, (mm.BLOCK,), (x, *sets, w0.off, res, nw, eps, hout, rope))]
-    args = (x, *sets, *ns, w0.off, op.mode, flags, res, nw, eps, hout, msum)
-    grid_y = math.ceil(t_count / mm.TB)
-    grid = (min(math.ceil(rows / mm.WARPS), max(1, mm.ROW_BLOCKS // grid_y)), grid_y)
-    return [_Launch(mm.rows_kernel(w0.fmt, rnd), grid, (mm.BLOCK,), args, overlap=False)]
+        args = (x_in, m0, m1, m2, *ns, part, count)
+        launches.append(_Launch(gemm.gemm_kernel(qt, flags), (*tiles, split), (gemm.THREADS,), args))
+    for ln in launches:
+        ln.overlap = False
+    return launches

@@ -81,6 +81,11 @@ if SIM:
         return np.float32(np.float16(x))
 
     @cuda.jit(device=True)
+    def half_to_f32(h):
+        """The float32 value of the IEEE half whose bits are the low 16 of h (exact)."""
+        return np.float32(np.uint16(int(h) & 0xFFFF).view(np.float16))
+
+    @cuda.jit(device=True)
     def rint(x):
         """x rounded to the nearest integer, ties to even."""
         return np.float32(np.rint(x))
@@ -111,6 +116,24 @@ if SIM:
                             for r in (0, 1)])  # fmt: skip
         b = np.concatenate([regs[:, :, 4, :].reshape(8, 16), regs[:, :, 5, :].reshape(8, 16)], 1)  # B transposed
         c = a @ b.T
+        cuda.syncthreads()
+        g, q = lane // 4, lane % 4
+        return int32(c[g, 2 * q]), int32(c[g, 2 * q + 1]), int32(c[g + 8, 2 * q]), int32(c[g + 8, 2 * q + 1])
+
+    @cuda.jit(device=True)
+    def mma_s8_k16(a0, a1, b0, scratch):
+        """The warp's 16 x 8 int32 product of a 16 x 16 and a 16 x 8 int8 fragment (PTX mma m16n8k16 s8):
+        lane l holds rows l // 4 (a0) and l // 4 + 8 (a1) of A, columns 4 (l % 4) .. + 3; column l // 4
+        of B, rows as A's columns (b0); it gets C's elements as mma_s8 gives them. Every lane calls it."""
+        tid = cuda.threadIdx.x
+        lane = tid % 32
+        for i, v in enumerate((a0, a1, b0)):
+            scratch[tid, i] = int(v) & 0xFFFFFFFF
+        cuda.syncthreads()
+        regs = np.ascontiguousarray(scratch[tid - lane : tid - lane + 32, :3]).view(np.int8).astype(np.int64)
+        regs = regs.reshape(8, 4, 3, 4)  # [group, lane in group, register, byte]
+        a = np.concatenate([regs[:, :, 0, :].reshape(8, 16), regs[:, :, 1, :].reshape(8, 16)])
+        c = a @ regs[:, :, 2, :].reshape(8, 16).T
         cuda.syncthreads()
         g, q = lane // 4, lane % 4
         return int32(c[g, 2 * q]), int32(c[g, 2 * q + 1]), int32(c[g + 8, 2 * q]), int32(c[g + 8, 2 * q + 1])
@@ -175,6 +198,17 @@ else:
         """The float16 nearest to x (ties to even), as float32."""
         return half_bits_to_f32(uint32(cuda.libdevice.float2half_rn(x)))
 
+    @intrinsic
+    def half_to_f32(typingctx, h):  # noqa: ANN001, ANN201
+        """The float32 value of the IEEE half whose bits are the low 16 of h: one instruction (cvt.f32.f16)."""
+
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            v = context.cast(builder, args[0], sig.args[0], types.uint32)
+            half = builder.bitcast(builder.trunc(v, ir.IntType(16)), ir.HalfType())
+            return builder.fpext(half, ir.FloatType())
+
+        return types.float32(h), codegen
+
     @cuda.jit(**DEVICE)
     def rint(x):
         """x rounded to the nearest integer, ties to even."""
@@ -192,25 +226,35 @@ else:
 
         return types.int32(a, b, c), codegen
 
+    def _mma(k: int, n_a: int, n_b: int):  # noqa: ANN202
+        """The intrinsic of PTX mma m16n8k{k} s8 with n_a A and n_b B registers (and a zero C)."""
+        n_in = n_a + n_b
+        regs = [f"${i}" for i in range(4 + n_in + 4)]
+        text = (f"mma.sync.aligned.m16n8k{k}.row.col.s32.s8.s8.s32 {{{','.join(regs[:4])}}}, "
+                f"{{{','.join(regs[4:4 + n_a])}}}, {{{','.join(regs[4 + n_a:4 + n_in])}}}, "
+                f"{{{','.join(regs[4 + n_in:])}}};")  # fmt: skip
+
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            i32 = ir.IntType(32)
+            ins = [context.cast(builder, v, t, types.int32) for v, t in zip(args[:n_in], sig.args[:n_in], strict=True)]
+            ins += [ir.Constant(i32, 0)] * 4
+            fn = ir.FunctionType(ir.LiteralStructType([i32] * 4), [i32] * (n_in + 4))
+            out = builder.call(ir.InlineAsm(fn, text, ",".join(["=r"] * 4 + ["r"] * (n_in + 4))), ins)
+            return context.make_tuple(builder, sig.return_type, [builder.extract_value(out, i) for i in range(4)])
+
+        return codegen
+
     @intrinsic
     def mma_s8(typingctx, a0, a1, a2, a3, b0, b1, scratch):  # noqa: ANN001, ANN201
         """The warp's 16 x 8 int32 product of int8 fragments: one tensor-core instruction (PTX mma
         m16n8k32 s8; the fragments as the simulator twin describes). scratch is the twin's."""
+        return types.UniTuple(types.int32, 4)(a0, a1, a2, a3, b0, b1, scratch), _mma(32, 4, 2)
 
-        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-            i32 = ir.IntType(32)
-            ins = [context.cast(builder, v, t, types.int32) for v, t in zip(args[:6], sig.args[:6], strict=True)]
-            ins += [ir.Constant(i32, 0)] * 4
-            asm = ir.InlineAsm(
-                ir.FunctionType(ir.LiteralStructType([i32] * 4), [i32] * 10),
-                "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, "
-                "{$10,$11,$12,$13};",
-                ",".join(["=r"] * 4 + ["r"] * 10),
-            )
-            out = builder.call(asm, ins)
-            return context.make_tuple(builder, sig.return_type, [builder.extract_value(out, i) for i in range(4)])
-
-        return types.UniTuple(types.int32, 4)(a0, a1, a2, a3, b0, b1, scratch), codegen
+    @intrinsic
+    def mma_s8_k16(typingctx, a0, a1, b0, scratch):  # noqa: ANN001, ANN201
+        """The warp's 16 x 8 int32 product of int8 fragments over 16 columns (PTX mma m16n8k16 s8; the
+        fragments as the simulator twin describes). scratch is the twin's."""
+        return types.UniTuple(types.int32, 4)(a0, a1, b0, scratch), _mma(16, 2, 1)
 
 
 @cuda.jit(**DEVICE)

@@ -1,4 +1,4 @@
-"""Device kernels for everything but the matrix products: norm, RoPE, KV store, attention, SwiGLU."""
+"""Device kernels for everything but the matrix products: embedding, RoPE + KV store, attention, SwiGLU."""
 
 from __future__ import annotations
 
@@ -7,19 +7,9 @@ import math
 
 from numba import cuda, float32, float64, int32, uint32
 
-from rbees_workerd.kernels.cuda.device import (
-    DEVICE,
-    EXACT,
-    JIT,
-    SIM,
-    fp16_round,
-    grid_ready,
-    inv_rms,
-    warp_max,
-    warp_sum,
-)
+from rbees_workerd.kernels.cuda.device import DEVICE, JIT, SIM, fp16_round, grid_ready, warp_max, warp_sum
+from rbees_workerd.kernels.cuda.formats import OFFSET, decode, elem
 
-NORM_THREADS = 32 if SIM else 256  # the simulator runs a Python thread per GPU thread: keep blocks small
 # attention_kernel: ATT_THREADS a block (a multiple of 32; two warps in the slow simulator), K tiles of ATT_KT
 # positions up to head size 64 (fewer for larger heads), up to ATT_VROWS V rows a warp in flight in the weighted
 # sum, the scores of ATT_CHUNK positions kept in shared memory (a longer context recomputes them chunk by chunk;
@@ -43,19 +33,6 @@ SEQ_MIN_TOKENS = 2 if SIM else 16  # one sequence's tokens from which attention 
 SEQ_MAX_E = 128  # the head sizes whose tiles fit in 48 KB of shared memory
 
 
-@cuda.jit(**EXACT)
-def rmsnorm_kernel(x, weight, eps, out):
-    """One block per token; every warp computes the norm (inv_rms), exactly as the fused products do."""
-    grid_ready()
-    sh = cuda.shared.array(NORM_THREADS, float32)
-    t = cuda.blockIdx.x
-    d = x.shape[1]
-    inv = inv_rms(x, t, d, eps, sh)
-    cuda.syncthreads()  # out may be x: every warp has read it
-    for i in range(cuda.threadIdx.x, d, NORM_THREADS):
-        out[t, i] = x[t, i] * inv * weight[i]
-
-
 @cuda.jit(**DEVICE)
 def _rotate(x, t, h, p, pos, theta, neox):
     """Rotate pair p of x[t, h] by position pos; angles in float64 like the CPU."""
@@ -70,18 +47,6 @@ def _rotate(x, t, h, p, pos, theta, neox):
     x1 = x[t, h, b]
     x[t, h, a] = x0 * c - x1 * s
     x[t, h, b] = x0 * s + x1 * c
-
-
-@cuda.jit(**JIT)
-def rope_kernel(x, positions, theta, neox):
-    """x[T, heads, E] in place; one thread per (token, head, pair)."""
-    grid_ready()
-    i = cuda.grid(1)
-    t_count, heads, e = x.shape
-    half = e // 2
-    if i < t_count * heads * half:
-        t = i // (heads * half)
-        _rotate(x, t, (i // half) % heads, i % half, positions[t], theta, neox)
 
 
 @cuda.jit(**JIT)
@@ -111,19 +76,6 @@ def rope_store_kernel(q, k, v, cache_k, cache_v, slots, positions, theta, neox):
         else:
             j = i - n_rot
             cache_v[s, pos, j // e, j % e] = fp16_round(v[t, j // e, j % e])
-
-
-@cuda.jit(**JIT)
-def kv_store_kernel(k, v, cache_k, cache_v, slots, positions):
-    grid_ready()
-    i = cuda.grid(1)
-    t_count, g_count, e = k.shape
-    if i < t_count * g_count * e:
-        t = i // (g_count * e)
-        g = (i // e) % g_count
-        j = i % e
-        cache_k[slots[t], positions[t], g, j] = fp16_round(k[t, g, j])  # llama.cpp's cache is fp16
-        cache_v[slots[t], positions[t], g, j] = fp16_round(v[t, g, j])
 
 
 @cuda.jit(**DEVICE)
@@ -513,6 +465,27 @@ def attention_seq_kernel(e: int):  # noqa: ANN201
     return kernel
 
 
+@functools.cache
+def embed_kernel(qt: int):  # noqa: ANN201
+    """out[t, :] = dequantized row tokens[t] of a matrix of weight type qt; grid (T, ceil(items / blockDim))."""
+    off = float32(OFFSET.get(qt, 0.0))
+
+    @cuda.jit(**JIT)
+    def kernel(words, gs, sb, tokens, out):
+        grid_ready()
+        wv = cuda.local.array(8, float32)
+        t = cuda.blockIdx.x
+        it = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
+        if it < (out.shape[1] // 32) * 4:
+            g = it // 4
+            q = it % 4
+            decode(qt, words, gs, sb, off, tokens[t], g, q, wv, True)
+            for j in range(8):
+                out[t, g * 32 + elem(qt, q, j)] = wv[j]
+
+    return kernel
+
+
 @cuda.jit(**JIT)
 def swiglu_kernel(gate, up, out):
     grid_ready()
@@ -520,22 +493,6 @@ def swiglu_kernel(gate, up, out):
     if i < gate.shape[0] and j < gate.shape[1]:
         g = gate[i, j]
         out[i, j] = g / (float32(1.0) + math.exp(-g)) * up[i, j]
-
-
-@cuda.jit(**JIT)
-def add_kernel(x, y):
-    grid_ready()
-    i, j = cuda.grid(2)
-    if i < x.shape[0] and j < x.shape[1]:
-        x[i, j] += y[i, j]
-
-
-@cuda.jit(**JIT)
-def add_bias_kernel(out, bias):
-    grid_ready()
-    i, j = cuda.grid(2)
-    if i < out.shape[0] and j < out.shape[1]:
-        out[i, j] += bias[j]
 
 
 @cuda.jit(**JIT)

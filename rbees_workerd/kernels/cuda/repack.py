@@ -1,144 +1,163 @@
-"""Host-side repacking of GGUF weight blocks into the device layout the matmul kernels read.
+"""GGUF weight blocks into the VRAM layout of `formats`, on the device.
 
-Every quantization type becomes groups of 32 consecutive elements of a row, each
-group a fixed number of uint32 words plus float32 scales. The quantized values
-are the GGUF ones, bit for bit; only their arrangement changes (K-quant
-sub-blocks become their own groups, f16 scales are widened to the float32 value
-the CPU kernels compute from them). Formats:
-
-- NIB4 (4 words): element e < 16 in the low nibble of byte e, e >= 16 in the high
-  nibble of byte e - 16; w = (q + off) * d + m.  Q4_0, Q4_1, Q4_K.
-- NIB5 (5 words): word 0 holds bit 4 of element e at bit e, then NIB4's words.  Q5_0, Q5_1, Q5_K.
-- Q6 (6 words): NIB4's words, then bits 4-5 of element e at bits 2(e%16) of word 4 + e//16;
-  w = (q - 32) * d[e // 16] (two scales per group).  Q6_K.
-- Q8 (8 words): int8 values in order; w = q * d.  Q8_0.
-- F16, BF16 (16 words, two halves per word, low half first) and F32 (32 words): the raw bits.
+The raw bytes of a matrix are copied to the GPU as the file holds them (one read of its pages,
+no host copy kept), and `repack_kernel` rearranges them there, a thread per group of 32: the
+values stay the GGUF's bit for bit, the scales keep their width (see `formats`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 
 import numpy as np
-from gguf import GGMLQuantizationType as Q
-from gguf.quants import Q4_K
+from numba import cuda, uint32
 
-from rbees_workerd.errors import ModelLoadError
+from rbees_workerd.kernels.cuda.device import DEVICE, JIT
+from rbees_workerd.kernels.cuda.formats import (
+    KQUANTS,
+    Q4_0,
+    Q4_1,
+    Q4_K,
+    Q5_0,
+    Q5_1,
+    Q5_K,
+    Q6_K,
+    Q8_0,
+    QUANTIZED,
+    WORDS,
+    fifth_bit,
+)  # fmt: skip
 
-NIB4, NIB5, Q6, Q8, F16, BF16, F32 = range(7)
-WORDS = {NIB4: 4, NIB5: 5, Q6: 6, Q8: 8, F16: 16, BF16: 16, F32: 32}
-SCALES = {Q6: 2}  # scales per group where not one
-
-
-@dataclass
-class Packed:
-    """One weight matrix in device layout (host arrays, uploaded by the backend)."""
-
-    fmt: int
-    off: float  # added to the integer value before scaling (-8 for Q4_0, -16 for Q5_0)
-    words: np.ndarray  # uint32[N, groups * WORDS[fmt]]
-    d: np.ndarray  # float32[N, groups * scales per group]
-    m: np.ndarray  # float32[N, groups] (zeros where the type has no min)
-
-
-def _f16(b: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)
+THREADS = 128
+# bytes of one GGUF block and the groups of 32 it holds
+BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q5_0: 22, Q5_1: 24, Q8_0: 34, Q4_K: 144, Q5_K: 176, Q6_K: 210}
 
 
-def _nibbles(q: np.ndarray) -> np.ndarray:
-    """uint8 values 0..15 [..., 32] -> NIB4 words [..., 4]."""
-    b = (q[..., :16] & 15) | ((q[..., 16:] & 15) << 4)
-    return np.ascontiguousarray(b.astype(np.uint8)).view(np.uint32)
+def scale_dtype(qt: int) -> type:
+    """The element type of a type's per-group scales (gs)."""
+    return np.uint32 if qt in (Q4_1, Q5_1) else np.uint16
 
 
-def _bits(q: np.ndarray, shift: int, width: int) -> np.ndarray:
-    """Field (q >> shift) of `width` bits of 32 elements, packed element e at bit width*e, -> words."""
-    per_word = 32 // width
-    f = ((q.astype(np.uint32) >> shift) & ((1 << width) - 1)).reshape(*q.shape[:-1], 32 // per_word, per_word)
-    shifts = width * np.arange(per_word, dtype=np.uint32)
-    return np.bitwise_or.reduce(f << shifts, axis=-1).astype(np.uint32)
+def super_dtype(qt: int) -> type:
+    """The element type of a type's per-256 scales (sb): Q6_K's fp16 d, Q4_K/Q5_K's d and dmin."""
+    return np.uint16 if qt == Q6_K else np.uint32
 
 
-def _words(*parts: np.ndarray) -> np.ndarray:
-    """Concatenate per-group word arrays [N, G, w_i] and flatten to [N, G * sum(w_i)]."""
-    w = np.concatenate(parts, axis=-1)
-    return np.ascontiguousarray(w.reshape(w.shape[0], -1))
-
-
-def _legacy(blocks: np.ndarray, has_min: bool, five: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Q4_0/Q4_1/Q5_0/Q5_1 blocks [N, G, bytes] -> (words, d, m)."""
-    d = _f16(blocks[..., 0:2])
-    at = 2
-    m = np.zeros_like(d)
-    if has_min:
-        m = _f16(blocks[..., 2:4])
-        at = 4
-    qs = np.ascontiguousarray(blocks[..., at + (4 if five else 0) :])
-    nib = qs.view(np.uint32)
-    if five:
-        qh = np.ascontiguousarray(blocks[..., at : at + 4]).view(np.uint32)
-        return _words(qh, nib), d, m
-    return _words(nib), d, m
-
-
-def _kquant(blocks: np.ndarray, five: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Q4_K/Q5_K super-blocks [N, B, bytes] -> per-32 groups (words, d * sc, -dmin * m)."""
-    n, nb, _ = blocks.shape
-    flat = blocks.reshape(n * nb, -1)
-    d = _f16(flat[:, 0:2])[:, None]
-    dmin = _f16(flat[:, 2:4])[:, None]
-    sc, mn = Q4_K.get_scale_min(np.ascontiguousarray(flat[:, 4:16]))
-    scale = (d * sc.reshape(n * nb, 8).astype(np.float32)).reshape(n, nb * 8)
-    mins = -(dmin * mn.reshape(n * nb, 8).astype(np.float32)).reshape(n, nb * 8)
-    at = 16 + (32 if five else 0)
-    ql = flat[:, at : at + 128].reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
-    q = (ql & 15).reshape(n, nb * 8, 32)
-    if not five:
-        return _words(_nibbles(q)), scale, mins
-    qh = flat[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
-    q = q | ((qh & 1).reshape(n, nb * 8, 32) << 4)
-    return _words(_bits(q, 4, 1), _nibbles(q)), scale, mins
-
-
-def _q6k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    n, nb, _ = blocks.shape
-    flat = blocks.reshape(n * nb, -1)
-    ql = flat[:, :128].reshape(-1, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
-    qh = flat[:, 128:192].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
-    q = ((ql & 15).reshape(n, nb * 8, 32)) | ((qh & 3).reshape(n, nb * 8, 32) << 4)
-    scales = flat[:, 192:208].view(np.int8).astype(np.float32)
-    d = (_f16(flat[:, 208:210])[:, None] * scales).reshape(n, nb * 16)
-    return _words(_nibbles(q), _bits(q, 4, 2)), d, np.zeros((n, nb * 8), np.float32)
-
-
-def pack(qtype: int, shape: tuple[int, int], raw: np.ndarray) -> Packed:
-    """Repack raw GGUF bytes `uint8[N, row_bytes]` of an `[N, K]` matrix; K must be a multiple of 32."""
-    n, k = shape
-    if k % 32:
-        raise ModelLoadError(f"the CUDA backend needs rows of a multiple of 32 elements, got {k}")
-    raw = np.ascontiguousarray(raw).view(np.uint8).reshape(n, -1)
+def shapes(qt: int, n: int, k: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """The shapes of words, gs and sb of an [n, k] matrix of type qt (1x1 where it has none)."""
     g = k // 32
-    ones, zeros = np.ones((n, g), np.float32), np.zeros((n, g), np.float32)
-    qt = Q(qtype)
-    if qt in (Q.F32, Q.F16, Q.BF16):
-        fmt = {Q.F32: F32, Q.F16: F16, Q.BF16: BF16}[qt]
-        return Packed(fmt, 0.0, np.ascontiguousarray(raw).view(np.uint32).copy(), ones, zeros)
-    if qt == Q.Q8_0:
-        b = raw.reshape(n, g, 34)
-        words = _words(np.ascontiguousarray(b[..., 2:]).view(np.uint32))
-        return Packed(Q8, 0.0, words, _f16(b[..., :2]), zeros)
-    legacy = {Q.Q4_0: (18, False, False, -8.0), Q.Q4_1: (20, True, False, 0.0),
-              Q.Q5_0: (22, False, True, -16.0), Q.Q5_1: (24, True, True, 0.0)}  # fmt: skip
-    if qt in legacy:
-        size, has_min, five, off = legacy[qt]
-        words, d, m = _legacy(raw.reshape(n, g, size), has_min, five)
-        return Packed(NIB5 if five else NIB4, off, words, d, m)
-    if qt in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
-        if k % 256:
-            raise ModelLoadError(f"{qt.name} rows must be a multiple of 256 elements, got {k}")
-        nb = k // 256
-        if qt == Q.Q6_K:
-            return Packed(Q6, 0.0, *_q6k(raw.reshape(n, nb, 210)))
-        five = qt == Q.Q5_K
-        return Packed(NIB5 if five else NIB4, 0.0, *_kquant(raw.reshape(n, nb, 176 if five else 144), five))
-    raise ModelLoadError(f"the CUDA backend does not support the quantization type {qt.name}")
+    words = (n, g * WORDS[qt])
+    if qt not in QUANTIZED:
+        return words, (1, 1), (1, 1)
+    return words, (n, g), ((n, g // 8) if qt in KQUANTS else (1, 1))
+
+
+@cuda.jit(**DEVICE)
+def _u16(raw, r, o):
+    return uint32(uint32(raw[r, o]) | (uint32(raw[r, o + 1]) << 8))
+
+
+@cuda.jit(**DEVICE)
+def _u32(raw, r, o):
+    return uint32(_u16(raw, r, o) | (_u16(raw, r, o + 2) << 16))
+
+
+@cuda.jit(**DEVICE)
+def _value(qt, raw, r, o, j, i):
+    """Element i (0..31) of group j of the GGUF block at byte o of row r, without its fifth or sixth bits
+    for the nibble types (Q6_K: with them)."""
+    if qt == Q8_0:
+        return uint32(raw[r, o + 2 + i])
+    if qt in (Q4_K, Q5_K):
+        at = o + (16 if qt == Q4_K else 48) + 32 * (j >> 1) + i
+        return uint32((uint32(raw[r, at]) >> (4 * (j & 1))) & 15)
+    if qt == Q6_K:
+        sub = j & 3
+        half = j >> 2
+        low = uint32((uint32(raw[r, o + 64 * half + 32 * (sub & 1) + i]) >> (4 * (sub >> 1))) & 15)
+        return uint32(low | (((uint32(raw[r, o + 128 + 32 * half + i]) >> (2 * sub)) & 3) << 4))
+    at = o + (2 if qt == Q4_0 else (4 if qt == Q4_1 else (6 if qt == Q5_0 else 8)))  # Q5_1: 8
+    return uint32((uint32(raw[r, at + (i & 15)]) >> (4 * (i >> 4))) & 15)
+
+
+@cuda.jit(**DEVICE)
+def _fifth(qt, raw, r, o, j, i):
+    """Bit 4 of element i of group j (the Q5 types)."""
+    if qt == Q5_K:
+        return uint32((uint32(raw[r, o + 16 + i]) >> j) & 1)
+    return uint32((_u32(raw, r, o + (2 if qt == Q5_0 else 4)) >> i) & 1)
+
+
+@cuda.jit(**DEVICE)
+def _scales(qt, raw, r, o, j):
+    """(gs, sb) of group j of the block at byte o: see formats."""
+    if qt in (Q4_1, Q5_1):
+        return _u32(raw, r, o), uint32(0)
+    if qt in (Q4_K, Q5_K):
+        if j < 4:
+            d = uint32(uint32(raw[r, o + 4 + j]) & 63)
+            m = uint32(uint32(raw[r, o + 8 + j]) & 63)
+        else:
+            d = uint32((uint32(raw[r, o + 8 + j]) & 15) | ((uint32(raw[r, o + j]) >> 6) << 4))
+            m = uint32((uint32(raw[r, o + 8 + j]) >> 4) | ((uint32(raw[r, o + 4 + j]) >> 6) << 4))
+        return uint32(d | (m << 8)), _u32(raw, r, o)
+    if qt == Q6_K:
+        return _u16(raw, r, o + 192 + 2 * j), _u16(raw, r, o + 208)
+    return _u16(raw, r, o), uint32(0)
+
+
+@functools.cache
+def repack_kernel(qt: int):  # noqa: ANN201
+    """The repacking of one quantized type: raw uint8[N, row bytes] -> words, gs, sb; a thread per group."""
+    per_block = 8 if qt in KQUANTS else 1
+    size = BLOCK_BYTES[qt]
+    n_words = WORDS[qt]
+
+    @cuda.jit(**JIT)
+    def kernel(raw, words, gs, sb):
+        i = cuda.grid(1)
+        groups = words.shape[1] // n_words
+        if i >= raw.shape[0] * groups:
+            return
+        r = i // groups
+        g = i % groups
+        j = g % per_block
+        o = (g // per_block) * size
+        base = g * n_words
+        if qt == Q8_0:
+            for w in range(8):
+                words[r, base + w] = _u32(raw, r, o + 2 + 4 * w)
+        else:
+            head = 1 if fifth_bit(qt) else 0
+            high = uint32(0)
+            six_lo = uint32(0)
+            six_hi = uint32(0)
+            for w in range(4):  # NIB4 word w: bytes 4w .. 4w + 3, each elements e and e + 16
+                word = uint32(0)
+                for b in range(4):
+                    e = 4 * w + b
+                    lo = _value(qt, raw, r, o, j, e)
+                    hi = _value(qt, raw, r, o, j, e + 16)
+                    word |= uint32(((lo & 15) | ((hi & 15) << 4)) << (8 * b))
+                    if qt == Q6_K:
+                        six_lo |= uint32((lo >> 4) << (2 * e))
+                        six_hi |= uint32((hi >> 4) << (2 * e))
+                words[r, base + head + w] = word
+            if head:
+                for e in range(32):
+                    high |= uint32(_fifth(qt, raw, r, o, j, e) << e)
+                words[r, base] = high
+            if qt == Q6_K:
+                words[r, base + 4] = six_lo
+                words[r, base + 5] = six_hi
+        s, b = _scales(qt, raw, r, o, j)
+        gs[r, g] = s
+        if per_block == 8 and j == 0:
+            sb[r, g // 8] = b
+
+    return kernel
+
+
+def dense_words(raw: np.ndarray) -> np.ndarray:
+    """F32, F16 and BF16 rows (uint8[N, row bytes]) as uint32 words: the raw bits, as the device keeps them."""
+    return np.ascontiguousarray(raw).view(np.uint32)

@@ -1,0 +1,342 @@
+"""Weight formats in VRAM and the rounded inputs the integer products read, as device functions.
+
+Every product kernel is compiled for one GGML weight type `qt` (a constant of its closure), so the
+branches below on `qt` fold away. A matrix [N, K] is kept as groups of 32 consecutive elements of
+a row: `words` (uint32[N, groups * WORDS]) hold the quantized values, bit for bit the GGUF ones,
+and `gs` / `sb` their scales, no wider than the GGUF keeps them (VRAM = the file's bytes, but
+Q4_K/Q5_K's 12 bytes of packed 6-bit scales and mins per 256, which take 16 here):
+
+- NIB4 words (Q4_0, Q4_1, Q4_K): element e < 16 in the low nibble of byte e, e >= 16 in the high
+  nibble of byte e - 16 (the GGUF's own order for the 32-blocks).
+- NIB5 (Q5_0, Q5_1, Q5_K): word 0 holds bit 4 of element e at bit e, then NIB4's words.
+- Q6 (Q6_K): NIB4's words, then bits 4-5 of element e at bits 2 (e % 16) of word 4 + e // 16.
+- Q8 (Q8_0): the int8 values in order. F16, BF16 (two halves a word, low first), F32: the raw bits.
+
+Scales (`gs[N, groups]`, and for K-quants `sb[N, groups / 8]` per 256 elements):
+- Q4_0, Q5_0, Q8_0: gs = fp16 d (uint16); w = (q + off) * d, off -8 / -16 / 0.
+- Q4_1, Q5_1: gs = fp16 d | fp16 m << 16 (uint32); w = q * d + m.
+- Q4_K, Q5_K: gs = 6-bit scale | 6-bit min << 8 (uint16), sb = fp16 d | fp16 dmin << 16 (uint32);
+  w = q * (d * scale) - dmin * min.
+- Q6_K: gs = int8 scale of elements 0-15 | of 16-31 << 8 (uint16), sb = fp16 d; w = (q - 32) * d * scale.
+- F16, BF16, F32: none (1x1 dummies).
+
+A group is read as four items of 8 weights: item q is elements 4q .. 4q + 3 and 16 + 4q .. 16 + 4q + 3,
+one NIB4 word. The integer products round their input like llama.cpp's CUDA backend rounds it
+(int8 blocks of 32, `rounding`) and take dp4a / mma products of an item's two words of four int8
+values (`item_words`) with the input's, then apply the scales in float.
+"""
+
+from __future__ import annotations
+
+from gguf import GGMLQuantizationType as Q
+from numba import cuda, float32, int32, uint32
+
+from rbees_workerd.kernels.cuda.device import (
+    DEVICE,
+    f32_from_bits,
+    fp16_round,
+    half_to_f32,
+    quad_max,
+    quad_sum,
+    rint,
+    warp_max,
+    warp_sum,
+)  # fmt: skip
+
+F32, F16, BF16 = int(Q.F32), int(Q.F16), int(Q.BF16)
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = int(Q.Q4_0), int(Q.Q4_1), int(Q.Q5_0), int(Q.Q5_1), int(Q.Q8_0)
+Q4_K, Q5_K, Q6_K = int(Q.Q4_K), int(Q.Q5_K), int(Q.Q6_K)
+QUANTIZED = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)
+SUPPORTED = (F32, F16, BF16, *QUANTIZED)
+KQUANTS = (Q4_K, Q5_K, Q6_K)  # (256-element super-blocks)
+# words per group of 32 elements
+WORDS = {Q4_0: 4, Q4_1: 4, Q4_K: 4, Q5_0: 5, Q5_1: 5, Q5_K: 5, Q6_K: 6, Q8_0: 8, F16: 16, BF16: 16, F32: 32}
+OFFSET = {Q4_0: -8.0, Q5_0: -16.0}  # added to the integer value before scaling (0 elsewhere)
+# how the products round their input for each weight type (llama.cpp's CUDA backend: int8 blocks of 32
+# with the block sum for the types with mins; fp16 for F16 weights); the others keep float inputs
+ROUND_NONE, ROUND_Q8_0, ROUND_Q8_1, ROUND_F16 = range(4)
+ROUNDING = {Q4_0: ROUND_Q8_0, Q5_0: ROUND_Q8_0, Q8_0: ROUND_Q8_0, Q6_K: ROUND_Q8_0,
+            Q4_1: ROUND_Q8_1, Q5_1: ROUND_Q8_1, Q4_K: ROUND_Q8_1, Q5_K: ROUND_Q8_1, F16: ROUND_F16}  # fmt: skip
+
+
+def rounding(qt: int) -> int:
+    return ROUNDING.get(qt, ROUND_NONE)
+
+
+def integer(qt: int) -> bool:
+    """Whether the products of this weight type are integer dot products over Q8-rounded inputs."""
+    return rounding(qt) in (ROUND_Q8_0, ROUND_Q8_1)
+
+
+@cuda.jit(**DEVICE)
+def nibbles(qt):
+    return qt in (Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K)
+
+
+@cuda.jit(**DEVICE)
+def fifth_bit(qt):
+    return qt in (Q5_0, Q5_1, Q5_K)
+
+
+@cuda.jit(**DEVICE)
+def group_words(qt):
+    """WORDS[qt] for the device code (which reads no dicts)."""
+    if qt in (Q4_0, Q4_1, Q4_K):
+        return 4
+    if fifth_bit(qt):
+        return 5
+    if qt == Q6_K:
+        return 6
+    if qt == Q8_0:
+        return 8
+    return 32 if qt == F32 else 16
+
+
+@cuda.jit(**DEVICE)
+def elem(qt, q, j):
+    """Offset within its group of the j-th weight of item q."""
+    if nibbles(qt):
+        return 4 * q + j if j < 4 else 12 + 4 * q + j
+    return 8 * q + j
+
+
+@cuda.jit(**DEVICE)
+def slot(qt, e):
+    """Where element e of a group sits among the items: 8 * q + j with elem(qt, q, j) == e."""
+    if nibbles(qt):
+        return 8 * ((e % 16) // 4) + e % 4 + (4 if e >= 16 else 0)
+    return e
+
+
+@cuda.jit(**DEVICE)
+def _sbyte(v):
+    """The low byte of v as a signed integer."""
+    b = int32(v & 255)
+    return b - 256 if b >= 128 else b
+
+
+@cuda.jit(**DEVICE)
+def load_scales(qt, gs, sb, r, g):
+    """The raw scale fields of group g of row r: (its gs entry, its super-block's sb entry), as loaded
+    (a kernel keeps them in registers while they are in flight; scales_of turns them into floats)."""
+    r = uint32(r)
+    g = uint32(g)
+    if qt in (Q4_K, Q5_K, Q6_K):
+        return uint32(gs[r, g]), uint32(sb[r, g >> 3])
+    if qt != F32 and qt != F16 and qt != BF16:
+        return uint32(gs[r, g]), uint32(0)
+    return uint32(0), uint32(0)
+
+
+@cuda.jit(**DEVICE)
+def scales_of(qt, gv, sv):
+    """(scale of elements 0-15, scale of elements 16-31, min) of a group from its raw fields, in float32:
+    exact products of the fp16 values and small integers the GGUF holds (as the CPU unpacks them)."""
+    if qt in (Q4_1, Q5_1):
+        d = half_to_f32(gv & 0xFFFF)
+        return d, d, half_to_f32(gv >> 16)
+    if qt in (Q4_0, Q5_0, Q8_0):
+        d = half_to_f32(gv)
+        return d, d, float32(0.0)
+    if qt in (Q4_K, Q5_K):
+        d = half_to_f32(sv & 0xFFFF) * float32(gv & 63)
+        return d, d, -(half_to_f32(sv >> 16) * float32(gv >> 8))
+    if qt == Q6_K:
+        d = half_to_f32(sv)
+        return d * float32(_sbyte(gv)), d * float32(_sbyte(gv >> 8)), float32(0.0)
+    return float32(1.0), float32(1.0), float32(0.0)
+
+
+@cuda.jit(**DEVICE)
+def group_scales(qt, gs, sb, r, g):
+    """scales_of group g of row r."""
+    gv, sv = load_scales(qt, gs, sb, r, g)
+    return scales_of(qt, gv, sv)
+
+
+@cuda.jit(**DEVICE)
+def decode(qt, words, gs, sb, off, row, g, q, wv, with_min):
+    """Dequantize item q of group g of a row into wv[0:8] (the weights at elem(qt, q, j)).
+
+    Without with_min the types with mins leave them out (added once per group instead).
+    """
+    row = uint32(row)
+    if nibbles(qt):
+        d_lo, d_hi, mn = group_scales(qt, gs, sb, row, g)
+        if not with_min:
+            mn = float32(0.0)
+        base = g * group_words(qt) + (1 if fifth_bit(qt) else 0)
+        w = words[row, uint32(base + q)]
+        hb = words[row, uint32(g * 5)] if fifth_bit(qt) else uint32(0)
+        lo6 = words[row, uint32(g * 6 + 4)] if qt == Q6_K else uint32(0)
+        hi6 = words[row, uint32(g * 6 + 5)] if qt == Q6_K else uint32(0)
+        for j in range(8):
+            sh = 8 * j if j < 4 else 8 * (j - 4) + 4
+            v = (w >> sh) & 15
+            if fifth_bit(qt):
+                e = 4 * q + j if j < 4 else 12 + 4 * q + j
+                v |= ((hb >> e) & 1) << 4
+            if qt == Q6_K:
+                six = lo6 if j < 4 else hi6
+                v |= ((six >> (2 * (4 * q + j % 4))) & 3) << 4
+                wv[j] = float32(float32(v) - 32.0) * (d_lo if j < 4 else d_hi)
+            else:
+                wv[j] = (float32(v) + off) * (d_lo if j < 4 else d_hi) + mn
+    elif qt == Q8_0:
+        d = group_scales(qt, gs, sb, row, g)[0]
+        for half in range(2):
+            w = words[row, uint32(g * 8 + 2 * q + half)]
+            for b in range(4):
+                wv[4 * half + b] = float32(_sbyte(w >> (8 * b))) * d
+    elif qt in (F16, BF16):
+        for i in range(4):
+            w = words[row, uint32(g * 16 + 4 * q + i)]
+            if qt == F16:
+                wv[2 * i] = half_to_f32(w & 0xFFFF)
+                wv[2 * i + 1] = half_to_f32(w >> 16)
+            else:
+                wv[2 * i] = f32_from_bits((w & 0xFFFF) << 16)
+                wv[2 * i + 1] = f32_from_bits(w & 0xFFFF0000)
+    else:  # F32
+        for j in range(8):
+            wv[j] = f32_from_bits(words[row, uint32(g * 32 + 8 * q + j)])
+
+
+@cuda.jit(**DEVICE)
+def fifth_bits(h):
+    """Bits 0-3 of h moved to bit 4 of bytes 0-3 (NIB5's fifth bits of 4 elements)."""
+    return ((h & 1) << 4) | ((h & 2) << 11) | ((h & 4) << 18) | ((h & 8) << 25)
+
+
+@cuda.jit(**DEVICE)
+def six_bits(h):
+    """Bits 0-7 of h, four 2-bit fields, moved to bits 4-5 of bytes 0-3 (Q6's high bits of 4 elements)."""
+    return ((h & 3) << 4) | ((h & 12) << 10) | ((h & 48) << 16) | ((h & 192) << 22)
+
+
+@cuda.jit(**DEVICE)
+def signed_six(v):
+    """Four bytes of 6-bit values 0..63 minus 32 each, as signed int8 bytes (no borrows between bytes)."""
+    v ^= uint32(0x20202020)  # values >= 32 lose bit 5 (v - 32); values < 32 gain it ...
+    t = v & uint32(0x20202020)
+    return v | (t << 1) | (t << 2)  # ... and bits 6, 7 with it: v - 32 in two's complement
+
+
+@cuda.jit(**DEVICE)
+def load_item(qt, w, r, it):
+    """The raw words item it of row r is decoded from, as loaded (see unpack_item): its values' word,
+    and NIB5's fifth-bits word or Q6's two high-bits words of its group; Q8's two words."""
+    r = uint32(r)
+    g = uint32(it >> 2)
+    q = uint32(it & 3)
+    if qt == Q8_0:
+        return w[r, g * 8 + 2 * q], w[r, g * 8 + 2 * q + 1], uint32(0)
+    if fifth_bit(qt):
+        return w[r, g * 5 + 1 + q], w[r, g * 5], uint32(0)
+    if qt == Q6_K:
+        return w[r, g * 6 + q], w[r, g * 6 + 4], w[r, g * 6 + 5]
+    return w[r, g * 4 + q], uint32(0), uint32(0)
+
+
+@cuda.jit(**DEVICE)
+def unpack_item(qt, a, b, c, q):
+    """An item's raw words (load_item; q its place in the group) as two words of four int8 values each,
+    in the order of stage_q8's input words (the item's elem(qt, q, 0 .. 3), then elem(qt, q, 4 .. 7)):
+    the values before scaling, unsigned for the nibble types (their offset or min is applied apart),
+    signed (q - 32) for Q6_K."""
+    if qt == Q8_0:
+        return uint32(a), uint32(b)
+    lo = a & 0x0F0F0F0F
+    hi = (a >> 4) & 0x0F0F0F0F
+    if fifth_bit(qt):
+        lo |= fifth_bits(b >> (4 * q))
+        hi |= fifth_bits(b >> (16 + 4 * q))
+    elif qt == Q6_K:
+        lo = signed_six(lo | six_bits(b >> (8 * q)))
+        hi = signed_six(hi | six_bits(c >> (8 * q)))
+    return uint32(lo), uint32(hi)
+
+
+@cuda.jit(**DEVICE)
+def item_words(qt, w, r, it):
+    """unpack_item of item it of row r."""
+    a, b, c = load_item(qt, w, r, it)
+    return unpack_item(qt, a, b, c, it & 3)
+
+
+@cuda.jit(**DEVICE)
+def q8_scale(amax):
+    """A 32-block's Q8 scale d = amax / 127 and the factor 127 / amax (0 for an all-zero block)."""
+    return amax / float32(127.0), (float32(127.0) / amax if amax != 0 else float32(0.0))
+
+
+@cuda.jit(**DEVICE)
+def round_lane(v, rnd, scratch):
+    """This lane's element of a warp's 32-block rounded like llama.cpp's activations, and the block's
+    Q8_1 sum term; the arithmetic of the CPU's quantize_q8_row: d = amax / 127 kept as fp16,
+    q = rint(v * (127 / amax)), the element q * d, the sum term fp16(d * sum(q))."""
+    if rnd == ROUND_NONE:
+        return v, float32(0.0)
+    if rnd == ROUND_F16:
+        return fp16_round(v), float32(0.0)
+    d, inv = q8_scale(warp_max(abs(v), scratch))
+    q = rint(v * inv)
+    s = warp_sum(q, scratch) if rnd == ROUND_Q8_1 else float32(0.0)  # whole numbers below 2^24: exact
+    return q * fp16_round(d), fp16_round(d * s)
+
+
+@cuda.jit(**DEVICE)
+def fetch_norm(nw, qt, it, nwv):
+    """The norm's weights of item it of stage_q8 into nwv."""
+    for j in range(8):
+        nwv[j] = nw[uint32((it >> 2) * 32 + elem(qt, it & 3, j))]
+
+
+@cuda.jit(**DEVICE)
+def stage_q8(x, t, items, inv, norm, nw, nwv, write_h, hout, qt, rnd, xw, xd, xs, scratch, wv):
+    """Token t's input (normalized where norm) rounded to Q8 blocks, a thread per item, into xw/xd/xs.
+
+    nwv holds the norm's weights of the thread's first item (fetch_norm), loaded before grid_ready where
+    the kernel can. A thread loads its item's 8 inputs and rounds them with the 3 threads of the same
+    32-block (a quad: two shuffles for the maximum, two for the sum), with round_lane's arithmetic; then
+    it writes them four a word (item i's words 2i, 2i + 1), and the block's first item its scale and
+    sum term: xs[g] is the Q8_1 term, or for Q8_0 the scale times the integer sum (which a weight
+    type's offset multiplies). Every thread takes the same trips (the simulator's quads need it).
+    items is x.shape[1] // 8 (a constant where the kernel is compiled for the width)."""
+    for it in range(cuda.threadIdx.x, (items + 31) // 32 * 32, cuda.blockDim.x):
+        g = it >> 2  # (shifts and masks: the compiler does not know that it is not negative)
+        q = it & 3
+        amax = float32(0.0)
+        if it < items:  # (one branch for the item: the 8 loads go out together)
+            if norm and it != cuda.threadIdx.x:
+                fetch_norm(nw, qt, it, nwv)
+            for j in range(8):
+                c = uint32(g * 32 + elem(qt, q, j))
+                v = x[uint32(t), c] * inv * nwv[j] if norm else x[uint32(t), c]
+                if write_h:
+                    hout[uint32(t), c] = v
+                wv[j] = v
+                amax = max(amax, abs(v))
+        else:
+            for j in range(8):
+                wv[j] = float32(0.0)
+        d, inv_d = q8_scale(quad_max(amax, scratch))
+        qs = float32(0.0)
+        lo = uint32(0)
+        hi = uint32(0)
+        for j in range(8):
+            qv = rint(wv[j] * inv_d)
+            qs += qv
+            byte = uint32(int32(qv) & 255)
+            if j < 4:
+                lo |= byte << uint32(8 * j)
+            else:
+                hi |= byte << uint32(8 * (j - 4))
+        s = quad_sum(qs, scratch)  # whole numbers below 2^24: exact
+        if it < items:
+            xw[uint32(2 * it)] = int32(lo)
+            xw[uint32(2 * it + 1)] = int32(hi)
+            if q == 0:
+                xd[uint32(g)] = fp16_round(d)
+                xs[uint32(g)] = fp16_round(d * s) if rnd == ROUND_Q8_1 else fp16_round(d) * s
+
