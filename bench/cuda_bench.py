@@ -28,8 +28,10 @@ import statistics
 import time
 
 import numpy as np
+import psutil
 
 from rbees_workerd.engine.engine import Engine
+from rbees_workerd.engine.gguf import load_gguf
 from rbees_workerd.kernels.backend import SamplingRow
 
 
@@ -120,8 +122,10 @@ def main() -> None:
     engine = Engine.load(args.model, backend="cuda", gpu=args.gpu, slots=max(batches),
                          context_length=max(args.prompt, args.steps),
                          max_step_tokens=max(args.prompt, *batches))  # fmt: skip
+    matrices = sum(t.raw.nbytes for name, t in load_gguf(args.model).tensors.items() if len(t.shape) == 2)
     result = {"device": engine.backend.device, "load_s": round(time.perf_counter() - t0, 2),
-              "vram_bytes": engine.backend.memory_bytes()}  # fmt: skip
+              "vram_bytes": engine.backend.memory_bytes(), "weights_vram_bytes": engine.model.weight_bytes,
+              "weights_file_bytes": matrices, "host_rss_bytes": psutil.Process().memory_info().rss}  # fmt: skip
     result[f"prefill_{args.prompt}_tok_s"] = round(prefill_tok_s(engine, args.prompt, args.repeat), 1)
     for b in batches:
         result[f"decode_b{b}_tok_s"] = round(decode_tok_s(engine, b, args.steps, args.repeat, not args.no_pipeline), 1)

@@ -79,8 +79,13 @@ class Transformer:
         self.slots, self.context_length, self.max_step_tokens = slots, context_length, max_step_tokens
         t = f.tensors
 
+        self.weight_bytes = 0  # what the backend holds for the matrices (the file holds sum(raw.nbytes))
+
         def mat(name: str) -> Any:
-            return be.weight(int(t[name].qtype), t[name].shape, t[name].raw)
+            before = be.memory_bytes()
+            w = be.weight(int(t[name].qtype), t[name].shape, t[name].raw)
+            self.weight_bytes += be.memory_bytes() - before
+            return w
 
         def vec(name: str) -> Array | None:
             return be.vector(t[name].as_float32()) if name in t else None

@@ -10,9 +10,9 @@ import functools
 
 from numba import cuda, float32, int32
 
-from rbees_workerd.kernels.cuda.device import DEVICE, EXACT, JIT, SIM, fp16_round, grid_ready, inv_rms
+from rbees_workerd.kernels.cuda.device import EXACT, JIT, SIM, fp16_round, grid_ready, inv_rms
 from rbees_workerd.kernels.cuda.formats import ROUND_F16, decode, elem
-from rbees_workerd.kernels.cuda.outputs import MODE_ROWS, matrix_row, residual, store
+from rbees_workerd.kernels.cuda.outputs import MODE_ROWS, last_of_split, matrix_row, residual, split_sum, store
 
 BM = 64  # weight rows per tile (32 x 32 tiles measured slower on the H100, even at 64 tokens)
 BN = 64  # tokens per tile
@@ -117,14 +117,14 @@ def gemm_kernel(qt: int, flags: int):  # noqa: ANN201
                     t = t0 + tx * 4 + j
                     if row < total and t < n_tok:
                         part[z, t, row] = acc[4 * i + j]
-            if not _last_of_split(count, split, last):  # another block of the tile finishes it
+            if not last_of_split(count, split, last):  # another block of the tile finishes it
                 return
         for i in range(4):
             row = r0 + ty * 4 + i
             for j in range(4):
                 t = t0 + tx * 4 + j
                 if row < total and t < n_tok:
-                    v = _split_sum(part, split, t, row) if split > 1 else acc[4 * i + j]
+                    v = split_sum(part, split, t, row) if split > 1 else acc[4 * i + j]
                     which, r = matrix_row(row, n0, n1)
                     store(which, MODE_ROWS, flags, t, r, v, float32(0.0), o0, b0, o1, b1, o2, b2,
                           residual(flags, which, t, r, o0, o1, o2))  # fmt: skip
@@ -135,30 +135,3 @@ def gemm_kernel(qt: int, flags: int):  # noqa: ANN201
 def split_of(tiles: int, k: int) -> int:
     """How many parts gemm_kernel splits K into for a product of `tiles` output tiles."""
     return max(1, min(-(-BLOCKS // tiles), (k // 32) // SPLIT_GROUPS))
-
-
-@cuda.jit(**DEVICE)
-def _last_of_split(count, split, flag):
-    """Called by the whole block of a GEMM split over K once it has written its part: whether it is
-    the last of its tile's blocks to finish (counted in count[tile], which it then resets for the next
-    launch), the one that adds the parts."""
-    tile = cuda.blockIdx.y * cuda.gridDim.x + cuda.blockIdx.x
-    cuda.threadfence()
-    cuda.syncthreads()
-    if cuda.threadIdx.x == 0:
-        flag[0] = cuda.atomic.add(count, tile, 1)
-    cuda.syncthreads()
-    last = flag[0] == split - 1
-    if last and cuda.threadIdx.x == 0:
-        count[tile] = 0
-    cuda.threadfence()
-    return last
-
-
-@cuda.jit(**DEVICE)
-def _split_sum(part, split, t, row):
-    """The parts of output (t, row) added in the order of z, so the sum does not depend on which block finished last."""
-    v = float32(0.0)
-    for z in range(split):
-        v += part[z, t, row]
-    return v

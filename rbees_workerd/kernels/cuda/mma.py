@@ -21,7 +21,7 @@ from rbees_workerd.kernels.cuda.formats import (
     rounding,
     stage_q8,
 )  # fmt: skip
-from rbees_workerd.kernels.cuda.outputs import MODE_ROWS, residual, store
+from rbees_workerd.kernels.cuda.outputs import MODE_ROWS, last_of_split, residual, split_sum, store
 
 WARPS = 1 if SIM else 4  # warps per block of mma_kernel, one above the other
 MI, NJ = 2, 4  # a warp's output tile: MI 16-row by NJ 8-token tensor-core tiles
@@ -76,13 +76,14 @@ def mma_kernel(qt: int, flags: int):  # noqa: ANN201
     halves = qt == Q6_K
 
     @cuda.jit(**JIT)
-    def kernel(xw, xd, xs, m0, m1, m2, n0, n1, n2):
+    def kernel(xw, xd, xs, m0, m1, m2, n0, n1, n2, part, count):
         grid_ready()
         w0, g0, s0, o0, b0 = m0
         w1, g1, s1, o1, b1 = m1
         w2, g2, s2, o2, b2 = m2
         scratch = cuda.shared.array((SCRATCH, 6), uint32)
         tile = cuda.shared.array((BM, PAD), float32)
+        last = cuda.shared.array(1, int32)
         acc = cuda.local.array(ACC, float32)
         rows = cuda.local.array(ROWS, uint32)
         btok = cuda.local.array(NJ, uint32)
@@ -107,7 +108,10 @@ def mma_kernel(qt: int, flags: int):  # noqa: ANN201
                 ctok[2 * j + e] = min(t0 + 8 * j + 2 * tq + e, n_tok - 1)
         for i in range(ACC):
             acc[i] = 0.0
-        for g in range(xd.shape[1]):
+        groups = xd.shape[1]
+        split = cuda.gridDim.z
+        z = cuda.blockIdx.z
+        for g in range((groups * z) // split, (groups * (z + 1)) // split):
             it = g * 4 + tq
             for j in range(NJ):
                 blo[j] = xw[btok[j], uint32(2 * it)]
@@ -145,12 +149,20 @@ def mma_kernel(qt: int, flags: int):  # noqa: ANN201
             j = (k // 4) % NJ
             tile[wr + 16 * i + gq + 8 * ((k % 4) // 2), 8 * j + 2 * tq + k % 2] = acc[k]
         cuda.syncthreads()
+        at = (n0 if which > 0 else 0) + (n1 if which > 1 else 0)  # the matrix's first row in part
+        if split > 1:
+            for u in range(ACC):
+                r, t = _tile_element(first, t0, u)
+                if r < n and t < n_tok:
+                    part[z, t, at + r] = tile[r - first, t - t0]
+            if not last_of_split(count, split, last):  # another block of the tile finishes it
+                return
         for u in range(ACC):
             r, t = _tile_element(first, t0, u)
             if r < n and t < n_tok:
-                res = residual(flags, which, t, r, o0, o1, o2)
-                store(which, MODE_ROWS, flags, t, r, tile[r - first, t - t0], float32(0.0),
-                      o0, b0, o1, b1, o2, b2, res)  # fmt: skip
+                v = split_sum(part, split, t, at + r) if split > 1 else tile[r - first, t - t0]
+                store(which, MODE_ROWS, flags, t, r, v, float32(0.0), o0, b0, o1, b1, o2, b2,
+                      residual(flags, which, t, r, o0, o1, o2))  # fmt: skip
 
     return kernel
 
@@ -160,6 +172,15 @@ def _tile_element(first, t0, u):
     """The (row, token) of this thread's u-th element of an mma_kernel block's output tile."""
     e = cuda.threadIdx.x + THREADS * u
     return first + e % BM, t0 + e // BM
+
+
+BLOCKS = 4 if SIM else 264  # a product of fewer tiles than this splits K until it has about this many blocks
+SPLIT_GROUPS = 2 if SIM else 32  # 32-blocks of K per split at least
+
+
+def split_of(tiles: int, k: int) -> int:
+    """How many parts mma_kernel splits K into for a product of `tiles` output tiles."""
+    return max(1, min(-(-BLOCKS // tiles), (k // 32) // SPLIT_GROUPS))
 
 
 def row_tiles(n0: int, n1: int, n2: int) -> int:

@@ -60,3 +60,30 @@ def store(which, mode, flags, t, r, a, b, o0, b0, o1, b1, o2, b2, res):
         o1[t, r] = (a + b1[r] if flags & BIAS[1] else a) + res
     else:
         o2[t, r] = (a + b2[r] if flags & BIAS[2] else a) + res
+
+
+@cuda.jit(**DEVICE)
+def last_of_split(count, split, flag):
+    """Called by the whole block of a product split over K once it has written its part: whether it is
+    the last of its tile's blocks to finish (counted in count[tile], which it then resets for the next
+    launch), the one that adds the parts."""
+    tile = cuda.blockIdx.y * cuda.gridDim.x + cuda.blockIdx.x
+    cuda.threadfence()
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0:
+        flag[0] = cuda.atomic.add(count, tile, 1)
+    cuda.syncthreads()
+    last = flag[0] == split - 1
+    if last and cuda.threadIdx.x == 0:
+        count[tile] = 0
+    cuda.threadfence()
+    return last
+
+
+@cuda.jit(**DEVICE)
+def split_sum(part, split, t, row):
+    """The parts of output (t, row) added in the order of z, so the sum does not depend on which block finished last."""
+    v = float32(0.0)
+    for z in range(split):
+        v += part[z, t, row]
+    return v
