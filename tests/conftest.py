@@ -1,8 +1,10 @@
-"""Shared fixtures: the real SmolLM2 test model (fetched by `make model`)."""
+"""Shared fixtures: the real SmolLM2 test model (fetched by `make model`), and llama.cpp's requantizations of it."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,3 +23,24 @@ def model_path() -> Path:
     if not path.is_file():
         pytest.fail(f"test model missing at {path}: run `make model`")
     return path
+
+
+@pytest.fixture(scope="session")
+def requantized(model_path, tmp_path_factory) -> Callable[[str], Path]:
+    """The real model requantized by llama.cpp into a mix ("q4_k_m", "q5_k_m", "q6_k", "q8_0"), once a session."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the dev-only reference (make dev)")
+    out = tmp_path_factory.mktemp("requantized")
+    files: dict[str, Path] = {}
+
+    def get(mix: str) -> Path:
+        if mix not in files:
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix.upper()}")
+            params.allow_requantize = True
+            path = out / f"{model_path.stem}.{mix}.gguf"
+            if llama_cpp.llama_model_quantize(str(model_path).encode(), str(path).encode(), ctypes.byref(params)):
+                pytest.fail(f"llama.cpp could not requantize {model_path.name} to {mix}")
+            files[mix] = path
+        return files[mix]
+
+    return get

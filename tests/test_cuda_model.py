@@ -6,24 +6,15 @@ skips without a GPU, fails instead when REQUIRE_REAL_GPU=1.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import numpy as np
 import pytest
+from gpu import gpu_usable
 
 pytestmark = pytest.mark.cuda
 
-
-def _gpu_usable() -> bool:
-    if importlib.util.find_spec("numba_cuda") is None:
-        return False
-    from numba import config, cuda
-
-    return not config.ENABLE_CUDASIM and cuda.is_available()
-
-
-if not _gpu_usable():
+if not gpu_usable():
     if os.environ.get("REQUIRE_REAL_GPU") == "1":
         raise RuntimeError("REQUIRE_REAL_GPU=1 but no CUDA GPU is usable")
     pytest.skip("needs a real CUDA GPU", allow_module_level=True)
