@@ -5,7 +5,8 @@
 
 Each start is a whole `rbees-workerd` process, timed from its launch until GET /health says Ready,
 then stopped with SIGTERM. The first start gets a new, empty cache folder; the `--warm` starts after
-it reuse that folder. Also prints what /health reported (device, vram_bytes) on the last start.
+it reuse that folder. Also prints what /health reported (device, vram_bytes) on the last start, and
+the worker process's resident host memory then.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 from worker_http import REPO, start_daemon
 
 
@@ -28,6 +30,7 @@ def _start(args: argparse.Namespace, cache_dir: str) -> tuple[float, dict[str, o
     seconds = time.perf_counter() - t0
     try:
         health = httpx.get(f"{url}/health", timeout=5).json()
+        health["rss_bytes"] = psutil.Process(proc.pid).memory_info().rss
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
@@ -57,6 +60,7 @@ def main() -> None:
         "backend": args.backend,
         "device": health.get("device"),
         "vram_bytes": health.get("vram_bytes"),
+        "rss_bytes": health.get("rss_bytes"),  # the worker's host memory once Ready (last start)
         "cold_start_s": round(cold, 2),
         "warm_start_s": [round(s, 2) for s in warm],
         "warm_start_median_s": round(statistics.median(warm), 2) if warm else None,

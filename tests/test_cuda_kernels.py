@@ -118,14 +118,15 @@ def _types(sim_few: list[Q]) -> list[Q]:
 
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
 def test_products_and_embedding_of_every_type(be, qtype):
-    """One matrix with a bias at every token count (each kernel family); rows past 256 elements (several
-    super-blocks) and an odd row count. The embedding lookup dequantizes the repacked rows exactly."""
+    """One matrix with a bias at every token count (each kernel family); rows of several super-blocks
+    (K-quants) or of 32-blocks that are no multiple of 256 (the others: a lane's last item is missing),
+    and an odd row count. The embedding lookup dequantizes the repacked rows exactly."""
     rng = np.random.default_rng(int(qtype))
-    n, k = 6, 512
+    n, k = 6, 512 if qtype in KQUANTS else 480
     raw, ref_w = random_matrix(qtype, n, k, rng)
     w = be.weight(int(qtype), (n, k), raw)
     bias = rng.standard_normal(n).astype(np.float32)
-    for t in COUNTS if qtype in (Q.Q4_1, Q.Q6_K, Q.Q4_K, Q.Q5_K, Q.BF16, Q.F16) or not SIM else (1, 3):
+    for t in COUNTS if qtype in (Q.Q5_0, Q.Q6_K, Q.Q4_K, Q.BF16, Q.F16) or not SIM else (1, 3):
         x = rng.standard_normal((t, k)).astype(np.float32)
         out = _dev(be, np.full((t, n), np.nan, np.float32))  # poisoned: every element must be written
         be.products(_dev(be, x), [Product(w, out, be.vector(bias))])
