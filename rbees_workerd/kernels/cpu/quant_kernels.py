@@ -30,7 +30,7 @@ import numpy as np
 from numba import njit, prange
 from numba.core.compiler import Compiler
 
-from rbees_workerd.kernels.cpu.quant_act import quantize_q8_rows, round_f16, round_q8
+from rbees_workerd.kernels.cpu.quant_act import quantize_q8_rows, round_f16, round_q8, round_q8k
 
 
 class _NoAliasCompiler(Compiler):
@@ -50,6 +50,7 @@ ACT_FLOAT = 0  # as it is
 ACT_Q8_0 = 1  # int8 blocks (Q4_0, Q5_0, Q8_0 weights)
 ACT_Q8_1 = 2  # int8 blocks with fp16 block sums (Q4_1, Q5_1 weights)
 ACT_F16 = 3  # fp16 (F16 weights)
+ACT_Q8_K = 4  # int8 blocks of 256 (K-quant weights)
 
 
 @njit(inline="always", **_JIT)
@@ -65,7 +66,11 @@ def _block_input(x, act):  # noqa: ANN001, ANN202
         half_sums(x, sxh)
         return x, sxh
     xq = np.empty_like(x)
-    round_q8(x, act == ACT_Q8_1, xq, sxh)
+    if act == ACT_Q8_K:
+        round_q8k(x, xq)
+        half_sums(xq, sxh)
+    else:
+        round_q8(x, act == ACT_Q8_1, xq, sxh)
     return xq, sxh
 
 
@@ -273,8 +278,7 @@ def matmul_nibble_q8(x, qs, d, m, offset, tasks, out):  # noqa: ANN001, ANN201
     NC, nb, _, C = qs.shape
     N = out.shape[1]
     has_m = m.shape[1] > 0
-    # Q4_1 keeps Q8_1's block sums for its mins; Q4_0's offset multiplies the sum of rounded inputs
-    q8, dh, sums = quantize_q8_rows(x, np.float32(0.0) if has_m else offset)
+    q8, dh, sums, isums = quantize_q8_rows(x)
     ntask = max(1, min(tasks, NC))
     for task in prange(ntask):
         c0, c1 = _task_range(task, ntask, NC)
@@ -308,7 +312,9 @@ def matmul_nibble_q8(x, qs, d, m, offset, tasks, out):  # noqa: ANN001, ANN201
                             plo[t, r] += lo[r] * xl
                             phi[t, r] += hi[r] * xh
                 for t in range(T):
-                    db, sb = dh[t, b], sums[t, b]
+                    # Q4_1's mins take Q8_1's fp16 block sums; Q4_0's offset the sum of rounded inputs
+                    db = dh[t, b]
+                    sb = sums[t, b] if has_m else offset * db * np.float32(isums[t, b])
                     if has_m:
                         for r in range(C):
                             dot = np.float32(np.int32(plo[t, r]) + np.int32(phi[t, r]))
