@@ -21,7 +21,8 @@ Why they are shaped this way (measured on AVX-512 Xeon/EPYC, numba 0.68):
 * Measured: Q4_1 decode ~0.17 cycles/weight on one Zen 4 core, about the issue limit
   of this float formulation (zmm ops are double-pumped there); going further needs
   int8 dot products (vpdpbusd), which LLVM does not derive from these loops: `simd`
-  spells them out for Q4_0, Q4_1 and Q8_0 on AVX2 hosts; these kernels serve the rest.
+  spells them out for every block type on AVX2 hosts; these kernels serve F16, BF16, F32 and
+  every type on CPUs without AVX2 (or with RBEES_CPU_SIMD=0).
 """
 
 from __future__ import annotations
