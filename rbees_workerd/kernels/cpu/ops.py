@@ -141,9 +141,10 @@ def kv_store(
 
 
 @njit(inline="always", **_OPTS)
-def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, n: int, scratch: np.ndarray, out: np.ndarray) -> None:
-    """out[E] = softmax(fp16(q) . k[:n] / sqrt(E)) @ v[:n] for one head over its kv head's cache rows
-    k, v[C, E], with the weights rounded to fp16 (scratch: float32[4, >= max(n, E)])."""
+def _attend(q, cache_k, cache_v, s, g, n, scratch, out) -> None:  # noqa: ANN001
+    """out[E] = softmax(fp16(q) . k[:n] / sqrt(E)) @ v[:n] for one head over rows k, v = cache[s, :, g]
+    of its slot and kv head, with the weights rounded to fp16 (scratch: float32[4, >= max(n, E)]).
+    The caches are indexed whole: a slice of them would be a strided array, whose loops stay scalar."""
     e = q.shape[0]
     q16, scores, weights, row = scratch[0], scratch[1], scratch[2], scratch[3]
     for i in range(e):
@@ -154,7 +155,7 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, n: int, scratch: np.nda
     for p in range(n):
         acc = np.float32(0.0)
         for i in range(e):
-            acc += q16[i] * k[p, i]
+            acc += q16[i] * cache_k[s, p, g, i]
         scores[p] = acc * scale
         best = max(best, scores[p])
     _exp(scores, 1.0, -best, n, weights, row)
@@ -170,7 +171,7 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, n: int, scratch: np.nda
     for p in range(n):
         w = scores[p]
         for i in range(e):
-            row[i] += w * v[p, i]
+            row[i] += w * cache_v[s, p, g, i]
     for i in range(e):
         out[i] = row[i]
 
@@ -197,9 +198,7 @@ def attention(
         for job in range(task * jobs // ntask, (task + 1) * jobs // ntask):
             t = job // n_heads
             h = job % n_heads
-            s = slots[t]
-            g = h // group
-            _attend(q[t, h], cache_k[s, :, g], cache_v[s, :, g], positions[t] + 1, scratch, out[t, h])
+            _attend(q[t, h], cache_k, cache_v, slots[t], h // group, positions[t] + 1, scratch, out[t, h])
 
 
 @njit(inline="always", **_OPTS)
