@@ -16,6 +16,8 @@ an error of order 1e-1 or more).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numba
@@ -235,6 +237,24 @@ def test_q8k_rounding_matches_llama_cpp() -> None:
         np.testing.assert_array_equal(q8.astype(np.float32) * np.repeat(d, 256, axis=1), q8k_activations(x))
         np.testing.assert_array_equal(sums, q8.reshape(3, -1, per).sum(axis=-1, dtype=np.int64))
     assert d[0, 0] > 0 and np.all(q8[1, 256:] == 0) and d[1, 1] == 0
+
+
+@pytest.mark.skipif(simd.LEVEL == simd.PORTABLE, reason="this host runs the portable kernels")
+def test_integer_kernels_load_from_numba_cache(tmp_path: Path) -> None:
+    """A second process loads a `simd` kernel from Numba's cache instead of compiling it again
+    (a kernel built as a closure over its intrinsics missed the cache in every process)."""
+    script = (
+        "import numpy as np\n"
+        "from rbees_workerd.kernels.cpu import quant, quant_tiles, simd\n"
+        "w = quant.prepare(3, (8, 32), np.zeros((8, 20), np.uint8))\n"  # Q4_1
+        "quant.matmul(np.ones((1, 32), np.float32), w, np.empty((1, 8), np.float32))\n"
+        "kernel = simd.matmul_kernel(quant_tiles.FORMATS[3], simd.LEVEL)\n"
+        "print(sum(kernel.stats.cache_hits.values()), sum(kernel.stats.cache_misses.values()))\n"
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+            for _ in range(2)]  # fmt: skip
+    assert [r.stdout.split() for r in runs] == [["0", "1"], ["1", "0"]]
 
 
 def test_fp16_rounding_matches_numpy() -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import types as pytypes
 import zlib
 from collections.abc import Callable
 
@@ -323,6 +324,38 @@ def _tile_kernel(fmt: Format, level: int, tokens: int):  # noqa: ANN202
 
 
 _JIT = {"cache": True, "nogil": True, "fastmath": True}
+# What `_matmul` calls; each kernel is a copy of it whose globals bind these to its own type and level
+# (`matmul_kernel`). Globals, not a closure: Numba's cache keys a closure by its pickled cells, and
+# an intrinsic pickles differently in every process, so closures would compile at every start.
+_ONE = _MANY = None  # the 1-token and TILE_TOKENS-token tile kernels
+_KQUANT, _SUMS_PER = False, 32  # activations in Q8_K (else Q8_0/Q8_1), elements per activation sum
+
+
+def _matmul(x, tiles, tasks, out):  # noqa: ANN001, ANN202
+    if _KQUANT:
+        q8, dq, sq, sums = quantize_q8k_rows(x, _SUMS_PER)
+    else:
+        q8, dq, sq, sums = quantize_q8_rows(x)
+    T = x.shape[0]
+    N = out.shape[1]
+    ntiles = tiles.shape[0]
+    ntask = max(1, min(tasks, ntiles))
+    for task in prange(ntask):
+        part = np.empty((TILE_TOKENS, TILE_ROWS), np.float32)
+        for tile in range(task * ntiles // ntask, (task + 1) * ntiles // ntask):
+            rows = min(TILE_ROWS, N - tile * TILE_ROWS)
+            t = 0
+            while t < T:
+                if T - t >= TILE_TOKENS:
+                    _MANY(tiles, tile, q8, dq, sq, sums, t, part)
+                    tn = TILE_TOKENS
+                else:
+                    _ONE(tiles, tile, q8, dq, sq, sums, t, part)
+                    tn = 1
+                for k in range(tn):
+                    for r in range(rows):
+                        out[t + k, tile * TILE_ROWS + r] = part[k, r]
+                t += tn
 
 
 @functools.cache
@@ -332,35 +365,9 @@ def matmul_kernel(fmt: Format, level: int) -> Callable[[np.ndarray, np.ndarray, 
 
     Each kernel has a name of its own (its type, level and a digest of the format), so Numba's
     cache keeps one file per kernel and a changed format cannot load another's machine code."""
-    one, many = _tile_kernel(fmt, level, 1), _tile_kernel(fmt, level, TILE_TOKENS)
-    kquant, per = fmt.kquant, fmt.sums_per
-
-    def matmul(x, tiles, tasks, out):  # noqa: ANN001, ANN202
-        if kquant:
-            q8, dq, sq, sums = quantize_q8k_rows(x, per)
-        else:
-            q8, dq, sq, sums = quantize_q8_rows(x)
-        T = x.shape[0]
-        N = out.shape[1]
-        ntiles = tiles.shape[0]
-        ntask = max(1, min(tasks, ntiles))
-        for task in prange(ntask):
-            part = np.empty((TILE_TOKENS, TILE_ROWS), np.float32)
-            for tile in range(task * ntiles // ntask, (task + 1) * ntiles // ntask):
-                rows = min(TILE_ROWS, N - tile * TILE_ROWS)
-                t = 0
-                while t < T:
-                    if T - t >= TILE_TOKENS:
-                        many(tiles, tile, q8, dq, sq, sums, t, part)
-                        tn = TILE_TOKENS
-                    else:
-                        one(tiles, tile, q8, dq, sq, sums, t, part)
-                        tn = 1
-                    for k in range(tn):
-                        for r in range(rows):
-                            out[t + k, tile * TILE_ROWS + r] = part[k, r]
-                    t += tn
-
-    digest = zlib.crc32(repr(fmt).encode())
-    matmul.__name__ = matmul.__qualname__ = f"matmul_{fmt.qtype.name.lower()}_{LEVEL_NAMES[level]}_{digest:08x}"
-    return njit(parallel=True, **_JIT)(matmul)
+    name = f"matmul_{fmt.qtype.name.lower()}_{LEVEL_NAMES[level]}_{zlib.crc32(repr(fmt).encode()):08x}"
+    scope = globals() | {"_ONE": _tile_kernel(fmt, level, 1), "_MANY": _tile_kernel(fmt, level, TILE_TOKENS),
+                         "_KQUANT": fmt.kquant, "_SUMS_PER": fmt.sums_per}  # fmt: skip
+    fn = pytypes.FunctionType(_matmul.__code__, scope, name)
+    fn.__qualname__ = name
+    return njit(parallel=True, **_JIT)(fn)
