@@ -121,17 +121,11 @@ def _bit_positions(fmt: Format) -> list[tuple[int, int, int]]:
     return [(h, g, fmt.ebits * (g + 4 * h)) for h in range(2) for g in range(4)]
 
 
-def _per_row(a: np.ndarray, nt: int) -> np.ndarray:
-    """[N, nb, ...] -> [nt, nb, ..., TILE_ROWS, ...]: the row axis moved after the block's own axes
-    but before the last one (rows padded with zeros)."""
-    pad = np.zeros((nt * TILE_ROWS, *a.shape[1:]), a.dtype)
-    pad[: a.shape[0]] = a
-    pad = pad.reshape(nt, TILE_ROWS, *a.shape[1:])
-    return np.moveaxis(pad, 1, -2)
-
-
 def to_tiles(fmt: Format, f: Fields) -> np.ndarray:
-    """Fields of an [N, K] matrix -> uint8[ceil(N/8), K/block, block_bytes] (module docstring)."""
+    """Fields of an [N, K] matrix -> uint8[ceil(N/8), K/block, block_bytes] (module docstring).
+
+    Each field moves as units of its run per row (4 bytes of values or bit words, 2 of a scale or
+    a pair), so the transposing copies move a quarter or half as many items as bytes."""
     n, k = f.values.shape
     nt, nb = -(-n // TILE_ROWS), k // fmt.block
     v = f.values.reshape(n, nb, fmt.subs, 32)
@@ -145,11 +139,20 @@ def to_tiles(fmt: Format, f: Fields) -> np.ndarray:
         for h, g, p in _bit_positions(fmt):
             words[:, :, :, p // 8] |= ext[:, :, :, h, g] << (p % 8)
         parts.append(words)
-    parts += [half.reshape(n, nb, 1) for half in (f.d, f.m) if half is not None]
+    parts += [half.reshape(n, nb, 1).view(np.uint8).reshape(n, nb, 1, 2) for half in (f.d, f.m) if half is not None]
     parts += [ints.reshape(n, nb, fmt.pairs, 2) for ints in (f.scales, f.mins) if ints is not None]
-    flat = [np.ascontiguousarray(_per_row(p, nt)).view(np.uint8).reshape(nt, nb, -1) for p in parts]
-    tiles = np.ascontiguousarray(np.concatenate(flat, axis=2))
-    assert tiles.shape[2] == fmt.block_bytes
+    tiles = np.empty((nt, nb, fmt.block_bytes), np.uint8)
+    at = 0
+    for part in parts:  # [N, nb, *lead, width]: rows of `width` bytes -> [nt, nb, *lead, TILE_ROWS] units
+        *lead, width = part.shape[2:]
+        units = np.ascontiguousarray(part).view(f"<u{width}")[..., 0]
+        size = units[0].size * TILE_ROWS * width // nb
+        if n < nt * TILE_ROWS:  # zero rows up to a whole tile
+            units = np.concatenate([units, np.zeros((nt * TILE_ROWS - n, *units.shape[1:]), units.dtype)])
+        dst = tiles[:, :, at : at + size].view(units.dtype).reshape(nt, nb, *lead, TILE_ROWS)
+        np.moveaxis(dst, -1, 1)[...] = units.reshape(nt, TILE_ROWS, nb, *lead)
+        at += size
+    assert at == fmt.block_bytes
     return tiles
 
 
