@@ -167,8 +167,10 @@ def round_q8(x: np.ndarray, with_sum: bool, xq: np.ndarray, sxh: np.ndarray) -> 
 
 
 @njit(cache=True, nogil=True)
-def round_q8k(x: np.ndarray, xq: np.ndarray) -> None:
-    """xq = x rounded through llama.cpp's Q8_K blocks (`quantize_q8k_row`): q * d."""
+def round_q8k(x: np.ndarray, xq: np.ndarray, scales: np.ndarray) -> None:
+    """x through llama.cpp's Q8_K blocks (`quantize_q8k_row`), apart: xq = the int8 values as float32
+    and scales[t, b] = the Q8_K scale of 32-block b, so that x rounds to xq * scales and a float
+    kernel's sums of weight integers times xq stay exact integers, as llama.cpp's are."""
     T, K = x.shape
     q = np.empty(K, np.int8)
     d = np.empty(K // 256, np.float32)
@@ -176,7 +178,9 @@ def round_q8k(x: np.ndarray, xq: np.ndarray) -> None:
     for t in range(T):
         quantize_q8k_row(x[t], q, d, sums)
         for j in range(K):
-            xq[t, j] = np.float32(q[j]) * d[j // 256]
+            xq[t, j] = np.float32(q[j])
+        for b in range(K // 32):
+            scales[t, b] = d[b // 8]
 
 
 @njit(cache=True, nogil=True)
