@@ -6,7 +6,9 @@ of matrix products (the layer matrices at T=256, the output projection only for 
 last token, as the engine computes logits), and reports ms, GB/s of weights read and
 the equivalent tok/s. Times are wall-clock best-of-N: run it on an otherwise idle machine.
 
-    NUMBA_CACHE_DIR=.numba-cache .venv/bin/python bench/quant_cpu.py [MODEL] [--threads 2] [--json]
+    NUMBA_CACHE_DIR=.numba-cache .venv/bin/python bench/quant_cpu.py [MODEL] [--threads 2] [--level avx2] [--json]
+
+--level picks the kernels (`simd`'s levels: portable, avx2, vnni; default: the best the host has).
 """
 
 from __future__ import annotations
@@ -20,20 +22,20 @@ import numba
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 
-from rbees_workerd.kernels.cpu import quant
+from rbees_workerd.kernels.cpu import quant, simd
 
 DEFAULT_MODEL = os.environ.get("RBEES_TEST_MODEL", "models-cache/SmolLM2-135M-Instruct.Q4_1.gguf")
 OUTPUT = ("output.weight", "output(tied)")
 
 
-def _load(path: str) -> list[tuple[str, quant.QMatrix]]:
+def _load(path: str, level: int) -> list[tuple[str, quant.QMatrix]]:
     reader = GGUFReader(path)
     mats = []
     for t in reader.tensors:
         if len(t.shape) == 2:
             n, k = int(t.shape[1]), int(t.shape[0])
             raw = np.ascontiguousarray(t.data).view(np.uint8).reshape(n, -1)
-            mats.append((t.name, quant.prepare(int(t.tensor_type), (n, k), raw)))
+            mats.append((t.name, quant.prepare(int(t.tensor_type), (n, k), raw, level=level)))
     names = {name for name, _ in mats}
     if "output.weight" not in names:  # tied embeddings: the table is also the output projection
         mats += [("output(tied)", w) for name, w in mats if name == "token_embd.weight"]
@@ -67,12 +69,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prefill", type=int, default=256, help="tokens of the prefill pass")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--level", choices=[simd.LEVEL_NAMES[v] for v in (simd.PORTABLE, simd.AVX2, simd.VNNI)],
+                    default=simd.LEVEL_NAMES[simd.LEVEL])  # fmt: skip
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    level = next(v for v, name in simd.LEVEL_NAMES.items() if name == args.level)
+    if level > simd.HOST_LEVEL:
+        ap.error(f"this CPU runs up to the {simd.LEVEL_NAMES[simd.HOST_LEVEL]} kernels")
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
 
     t0 = time.perf_counter()
-    mats = _load(args.model)
+    mats = _load(args.model, level)
     load_s = time.perf_counter() - t0
     gguf_bytes = 0
     for _, w in mats:
@@ -83,6 +90,7 @@ def main() -> None:
     res = {
         "model": os.path.basename(args.model),
         "threads": numba.get_num_threads(),
+        "level": args.level,
         "matrices": len(mats),
         "weight_mb": round(gguf_bytes / 1e6, 1),
         "prepared_mb": round(sum(w.nbytes for _, w in mats) / 1e6, 1),

@@ -7,8 +7,9 @@ out once, plainly, for a whole prompt at positions 0..T-1.
 With `llama_rounding` (the default) it also rounds where llama.cpp's CPU path
 rounds, as the engine does: each matrix product's input to int8 blocks of 32
 (Q8_0 for Q4_0/Q5_0/Q8_0 weights; Q8_1, whose fp16 block sums feed the mins, for
-Q4_1/Q5_1) or to fp16 (F16 weights), and q, the KV cache and the attention
-weights to fp16. Everything else stays float64.
+Q4_1/Q5_1), to Q8_K's int8 blocks of 256 (K-quant weights) or to fp16 (F16
+weights), and q, the KV cache and the attention weights to fp16. Everything else
+stays float64.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from gguf.quants import dequantize
 ARCHITECTURES = ("llama", "qwen2")
 _Q8_0_INPUT = (Q.Q4_0, Q.Q5_0, Q.Q8_0)
 _Q8_1_INPUT = (Q.Q4_1, Q.Q5_1)  # their blocks start with fp16 d, fp16 m
+_Q8_K_INPUT = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
 
 
 class ReferenceModel:
@@ -87,6 +89,16 @@ def round_q8(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     q = np.rint(b * inv.astype(np.float32))
     rounded = (q * fp16(d)).reshape(a.shape)
     return rounded, fp16(d[..., 0] * q.sum(axis=-1))
+
+
+def round_q8k(a: np.ndarray) -> np.ndarray:
+    """a[T, K] through llama.cpp's Q8_K blocks of 256 (quantize_row_q8_K_ref, float32 steps): the first
+    element of largest magnitude `big` sets iscale = -127 / big; q = min(127, rint(iscale * a)); q / iscale."""
+    b = np.asarray(a, np.float32).reshape(a.shape[0], -1, 256)
+    big = np.take_along_axis(b, np.abs(b).argmax(axis=-1)[..., None], axis=-1)
+    iscale = np.float32(-127) / np.where(big == 0, np.float32(1), big)
+    q = np.minimum(np.float32(127), np.rint(b * iscale))  # an all-zero block stays zero
+    return (q * (np.float32(1) / iscale)).astype(np.float64).reshape(a.shape)
 
 
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -156,6 +168,8 @@ def reference_logits(
             if qtype in _Q8_1_INPUT:  # llama.cpp applies the mins to the fp16 block sums, not to sum(rounded)
                 exact = rounded.reshape(len(a), -1, 32).sum(axis=-1)
                 out += (sums - exact) @ m.mins(name + ".weight").T
+        elif llama_rounding and qtype in _Q8_K_INPUT:
+            out = round_q8k(a) @ m.weight(name + ".weight").T
         else:
             out = (fp16(a) if llama_rounding and qtype == Q.F16 else a) @ m.weight(name + ".weight").T
         if m.has(name + ".bias"):

@@ -1,10 +1,12 @@
 """The CPU quantized kernels against the gguf package's reference dequantization.
 
-Every supported type: `embed_rows` must reproduce `gguf.quants.dequantize` (up to one
-float32 rounding: the kernels may fuse d*q+m into one FMA), and `matmul` must match
-`xr @ dequantize(w).T` computed in float64, where xr is x rounded the way llama.cpp
-rounds activations for that weight type (re-implemented here with NumPy, independently
-of `quant_act`). The kernels apply block scales to float32 partial sums, so the only
+Every supported type, on every kernel level the host has (the portable float kernels, and
+`simd`'s AVX2 and VNNI integer kernels; a level the CPU lacks is skipped, saying so):
+`embed_rows` must reproduce `gguf.quants.dequantize` (up to one float32 rounding: the
+kernels may fuse d*q+m into one FMA), and `matmul` must match `xr @ dequantize(w).T`
+computed in float64, where xr is x rounded the way llama.cpp rounds activations for that
+weight type (re-implemented here with NumPy, independently of `quant_act`). The kernels
+apply block scales to float32 partial sums, so the only
 remaining error is float32 rounding of sums over K <= 1536 terms: about
 sqrt(K) * 2^-24 * sum|w*x| in the random-walk case, far below MATMUL_RTOL = 1e-5 of
 the largest output for these inputs (a bug in any block, nibble or scale shows up as
@@ -14,6 +16,8 @@ an error of order 1e-1 or more).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numba
@@ -24,14 +28,28 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
 from rbees_workerd.errors import InvalidParams, ModelLoadError
-from rbees_workerd.kernels.cpu import quant, simd
+from rbees_workerd.kernels.cpu import quant, quant_pack, quant_tiles, simd
 from rbees_workerd.kernels.cpu import quant_act as qa
 
 ALL_TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
-SIMD_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1]  # served by `simd`'s AVX2 kernels where the host has AVX2
-# every type on its default kernels, and the AVX2 types on the portable kernels as well
-CASES = [(q, simd.AVAILABLE and q in SIMD_TYPES) for q in ALL_TYPES] + [
-    (q, False) for q in SIMD_TYPES if simd.AVAILABLE
+BLOCK_TYPES = [q for q in ALL_TYPES if q in quant_tiles.FORMATS]  # `simd` serves these
+INTEGER_LEVELS = [simd.AVX2, simd.VNNI]
+
+
+def on_host(level: int) -> list[pytest.MarkDecorator]:
+    """A skip mark where this CPU cannot run `level` (simd.host_level), for parameters."""
+    if level <= simd.HOST_LEVEL:
+        return []
+    host = simd.LEVEL_NAMES[simd.HOST_LEVEL]
+    return [pytest.mark.skip(reason=f"this CPU runs up to the {host} kernels, not {simd.LEVEL_NAMES[level]}")]
+
+
+# every type on the kernels `prepare` picks by default, and the block types on every other level too
+CASES = [pytest.param((q, simd.LEVEL), id=f"{q.name}-default") for q in ALL_TYPES] + [
+    pytest.param((q, level), id=f"{q.name}-{simd.LEVEL_NAMES[level]}", marks=on_host(level))
+    for q in BLOCK_TYPES
+    for level in (simd.PORTABLE, *INTEGER_LEVELS)
+    if level != simd.LEVEL
 ]
 K_QUANTS = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
 MATMUL_RTOL = 1e-5  # see the module docstring
@@ -72,10 +90,24 @@ def reference(qtype: Q, raw: np.ndarray, n: int, k: int) -> np.ndarray:
     return dequantize(raw, qtype).reshape(n, k).astype(np.float64)
 
 
+def q8k_activations(x: np.ndarray) -> np.ndarray:
+    """x rounded as llama.cpp's quantize_row_q8_K_ref: per 256, iscale = -127 / the first element of
+    largest magnitude, q = min(127, rint(iscale * x)), values q * (1 / iscale), all in float32."""
+    blocks = x.reshape(x.shape[0], -1, 256)
+    big = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=-1)[..., None], axis=-1)  # the first one
+    with np.errstate(divide="ignore"):
+        iscale = np.where(big != 0, np.float32(-127) / big, np.float32(0)).astype(np.float32)
+        d = np.where(big != 0, np.float32(1) / iscale, np.float32(0)).astype(np.float32)
+    q = np.minimum(np.float32(127), np.rint(blocks * iscale))
+    return (q * d).reshape(x.shape)
+
+
 def llama_activations(qtype: Q, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """x rounded as llama.cpp's x86 quantize_row_q8_0/q8_1 (or fp16) would, and Q8_1's fp16 block sums."""
+    """x rounded as llama.cpp's x86 quantize_row_q8_0/q8_1/q8_K (or fp16) would, and Q8_1's fp16 block sums."""
     if qtype == Q.F16:
         return x.astype(np.float16).astype(np.float32), None
+    if qtype in K_QUANTS:
+        return q8k_activations(x), None
     if qtype not in Q8_0_ACT + Q8_1_ACT:
         return x, None
     blocks = x.reshape(x.shape[0], -1, 32)
@@ -107,13 +139,13 @@ def shape_for(qtype: Q) -> tuple[int, int]:
     return (67, 768) if qtype in K_QUANTS else (67, 288)
 
 
-@pytest.fixture(scope="module", params=CASES, ids=lambda c: c[0].name + ("-avx2" if c[1] else ""))
+@pytest.fixture(scope="module", params=CASES)
 def case(request: pytest.FixtureRequest) -> tuple[Q, np.ndarray, np.ndarray, quant.QMatrix]:
-    qtype, use_simd = request.param
+    qtype, level = request.param
     n, k = shape_for(qtype)
     raw = random_tensor(qtype, n, k, np.random.default_rng(int(qtype)))
-    w = quant.prepare(int(qtype), (n, k), raw, use_simd=use_simd)
-    assert w.blocks is None or w.blocks.tiles == use_simd
+    w = quant.prepare(int(qtype), (n, k), raw, level=level)
+    assert (w.tiles is not None) == (level != simd.PORTABLE and qtype in BLOCK_TYPES)
     return qtype, raw, reference(qtype, raw, n, k), w
 
 
@@ -129,7 +161,7 @@ def relative_error(out: np.ndarray, expect: np.ndarray) -> float:
     return float(np.abs(out - expect).max() / np.abs(expect).max())
 
 
-@pytest.mark.parametrize("tokens", [1, 3, 7, 64])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 17, 64])
 def test_matmul_matches_float64_reference(case, tokens: int) -> None:  # noqa: ANN001
     qtype, raw, ref, w = case
     x = np.random.default_rng(tokens).standard_normal((tokens, w.shape[1])).astype(np.float32)
@@ -141,30 +173,88 @@ def test_matmul_matches_float64_reference(case, tokens: int) -> None:  # noqa: A
     assert err < INT8_ACTIVATION_RTOL, f"relative error {err:.2e} against unrounded activations"
 
 
-@pytest.mark.skipif(not simd.AVAILABLE, reason="needs the AVX2 kernels")
-@pytest.mark.parametrize("qtype", SIMD_TYPES, ids=lambda q: q.name)
-def test_avx2_kernels_equal_the_portable_ones_over_shapes(qtype: Q) -> None:
-    """Exact integer sums on both paths: only float32 summation order may differ. Many
-    shapes and token counts, since a kernel reading freed scratch fails only for some."""
+@pytest.mark.parametrize("level", [pytest.param(v, id=simd.LEVEL_NAMES[v], marks=on_host(v)) for v in INTEGER_LEVELS])
+@pytest.mark.parametrize("qtype", BLOCK_TYPES, ids=lambda q: q.name)
+def test_integer_kernels_equal_the_portable_ones_over_shapes(qtype: Q, level: int) -> None:
+    """Exact integer sums on the integer path, llama.cpp's rounded activations on both: only float32
+    summation order may differ. Many shapes (rows past a tile, one block, several) and token counts
+    (the 4-token and 1-token kernels, and mixes), since a kernel reading freed scratch fails only for some."""
     rng = np.random.default_rng(11)
-    for n, k in [(64, 32), (64, 64), (13, 128), (200, 576)]:
+    shapes = [(13, 256), (8, 512), (67, 768)] if qtype in K_QUANTS else [(64, 32), (8, 64), (13, 128), (200, 576)]
+    for n, k in shapes:
         raw = random_tensor(qtype, n, k, rng)
-        fast, portable = (quant.prepare(int(qtype), (n, k), raw, use_simd=s) for s in (True, False))
-        for tokens in (1, 2, 4, 5, 8, 16):
+        fast, portable = (quant.prepare(int(qtype), (n, k), raw, level=v) for v in (level, simd.PORTABLE))
+        for tokens in (1, 2, 3, 4, 5, 8, 17):
             x = rng.standard_normal((tokens, k)).astype(np.float32)
-            a, b = np.empty((tokens, n), np.float32), np.empty((tokens, n), np.float32)
+            a, b = np.full((tokens, n), np.nan, np.float32), np.empty((tokens, n), np.float32)
             quant.matmul(x, fast, a)
             quant.matmul(x, portable, b)
             assert relative_error(a, b) < 1e-6, f"{n}x{k}, {tokens} tokens"
 
 
-def test_avx2_hosts_take_the_avx2_kernels() -> None:
-    """The fast path must not silently fall back: an x86-64 CPU that lists avx2 gets it."""
+@pytest.mark.parametrize("qtype", BLOCK_TYPES, ids=lambda q: q.name)
+def test_tiles_hold_the_gguf_fields(qtype: Q) -> None:
+    """`quant_tiles` loses nothing: every row's fields come back, and dequantize to gguf's values."""
+    fmt = quant_tiles.FORMATS[qtype]
+    n, k = 21, 2 * fmt.block + (32 if fmt.block == 32 else 0)
+    raw = random_tensor(qtype, n, k, np.random.default_rng(2))
+    fields = quant_pack.gguf_fields(int(qtype), raw)
+    tiles = quant_tiles.to_tiles(fmt, fields)
+    assert tiles.shape == (3, k // fmt.block, fmt.block_bytes)
+    ids = np.arange(n)[::-1]
+    back = quant_tiles.rows_fields(fmt, tiles, ids)
+    for name in ("values", "d", "m", "scales", "mins"):
+        ours, theirs = getattr(back, name), getattr(fields, name)
+        assert (ours is None) == (theirs is None), name
+        if ours is not None:
+            np.testing.assert_array_equal(ours.view(np.uint8), theirs[ids].view(np.uint8), err_msg=name)
+    np.testing.assert_array_equal(quant_tiles.dequantize(fmt, back), reference(qtype, raw, n, k)[ids])
+
+
+def test_hosts_take_their_best_kernels() -> None:
+    """The fast path must not silently fall back: an x86-64 CPU with AVX2 (FMA, F16C) gets the
+    integer kernels, and one with AVX-512 VNNI (with VL) or AVX-VNNI their vpdpbusd level."""
     cpuinfo = Path("/proc/cpuinfo")
-    if os.uname().machine != "x86_64" or not cpuinfo.exists() or os.environ.get("RBEES_CPU_SIMD") == "0":
-        pytest.skip("not an x86-64 Linux host with the AVX2 kernels enabled")
-    flags = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split()
-    assert ("avx2" in flags) == simd.AVAILABLE
+    chosen = [v for v in ("RBEES_CPU_SIMD", "NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES") if os.environ.get(v)]
+    if os.uname().machine != "x86_64" or not cpuinfo.exists() or chosen:
+        pytest.skip(f"not an x86-64 Linux host on its default kernels ({', '.join(chosen) or 'not x86-64 Linux'})")
+    flags = set(next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split())
+    expect = simd.PORTABLE
+    if {"avx2", "fma", "f16c"} <= flags:
+        expect = simd.VNNI if {"avx512_vnni", "avx512vl"} <= flags or "avx_vnni" in flags else simd.AVX2
+    assert simd.HOST_LEVEL == simd.LEVEL == expect
+
+
+def test_q8k_rounding_matches_llama_cpp() -> None:
+    """`quant_act`'s Q8_K against the NumPy one above: ties of magnitude pick the first element
+    (its sign sets the scale's), an all-zero block stays zero, sums are per 16 or 32 elements."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((3, 512)).astype(np.float32)
+    x[0, 10], x[0, 20] = -4.0, 4.0  # the first of equal magnitudes is negative
+    x[1, 256:] = 0.0
+    for per in (16, 32):
+        q8, d, _, sums = qa.quantize_q8k_rows(x, per)
+        np.testing.assert_array_equal(q8.astype(np.float32) * np.repeat(d, 256, axis=1), q8k_activations(x))
+        np.testing.assert_array_equal(sums, q8.reshape(3, -1, per).sum(axis=-1, dtype=np.int64))
+    assert d[0, 0] > 0 and np.all(q8[1, 256:] == 0) and d[1, 1] == 0
+
+
+@pytest.mark.skipif(simd.LEVEL == simd.PORTABLE, reason="this host runs the portable kernels")
+def test_integer_kernels_load_from_numba_cache(tmp_path: Path) -> None:
+    """A second process loads a `simd` kernel from Numba's cache instead of compiling it again
+    (a kernel built as a closure over its intrinsics missed the cache in every process)."""
+    script = (
+        "import numpy as np\n"
+        "from rbees_workerd.kernels.cpu import quant, quant_tiles, simd\n"
+        "w = quant.prepare(3, (8, 32), np.zeros((8, 20), np.uint8))\n"  # Q4_1
+        "quant.matmul(np.ones((1, 32), np.float32), w, np.empty((1, 8), np.float32))\n"
+        "kernel = simd.matmul_kernel(quant_tiles.FORMATS[3], simd.LEVEL)\n"
+        "print(sum(kernel.stats.cache_hits.values()), sum(kernel.stats.cache_misses.values()))\n"
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+            for _ in range(2)]  # fmt: skip
+    assert [r.stdout.split() for r in runs] == [["0", "1"], ["1", "0"]]
 
 
 def test_fp16_rounding_matches_numpy() -> None:
@@ -226,12 +316,17 @@ def test_prepare_copies_the_raw_bytes() -> None:
 
 
 def test_memory_stays_close_to_the_gguf_size() -> None:
+    """Portable layout: fp16 scales widened to float32. Tiles: the GGUF bytes, but for Q4_K/Q5_K's
+    12 bytes of packed 6-bit scales kept as 16 (quant_tiles' docstring)."""
     rng = np.random.default_rng(5)
     for qtype in ALL_TYPES:
         n, k = 256, 768
         raw = random_tensor(qtype, n, k, rng)
-        ratio = quant.prepare(int(qtype), (n, k), raw).nbytes / raw.nbytes
+        ratio = quant.prepare(int(qtype), (n, k), raw, level=simd.PORTABLE).nbytes / raw.nbytes
         assert ratio <= 1.36, f"{qtype.name}: {ratio:.2f}x"
+        if qtype in BLOCK_TYPES:
+            tiled = quant.prepare(int(qtype), (n, k), raw, level=simd.AVX2).nbytes / raw.nbytes
+            assert tiled == {Q.Q4_K: 148 / 144, Q.Q5_K: 180 / 176}.get(qtype, 1.0), f"{qtype.name}: {tiled:.4f}x"
 
 
 # ---- errors -------------------------------------------------------------------------------------

@@ -4,10 +4,11 @@ A `QMatrix` keeps the GGUF weights quantized, repacked by `quant_pack` into the
 layout the Numba kernels of `quant_kernels` stream (scales widened to float32,
 rows grouped in chunks). The kernels multiply float32 activations by the integer
 quant values and apply the block scales once per block. For the 32-block types and
-F16 the activations are first rounded the way llama.cpp rounds them (`quant_act`),
-so products match llama.cpp's up to float32 summation order; K-quants, BF16 and F32
-use the activations as they are. On hosts with AVX2, Q4_0, Q4_1 and Q8_0 are instead
-stored and multiplied by `simd` (integer dot products, as llama.cpp's x86 kernels).
+F16 and the K-quants the activations are first rounded the way llama.cpp rounds them
+(`quant_act`), so products match llama.cpp's up to float32 summation order; BF16 and
+F32 use the activations as they are. On hosts with AVX2 every block type is instead
+stored in `quant_tiles`' layout and multiplied by `simd` (integer dot products, as
+llama.cpp's x86 kernels).
 
 Threads: `matmul` uses `numba.get_num_threads()` of the calling thread (set it with
 `numba.set_num_threads`). With the default OpenMP layer, idle workers spin between
@@ -28,8 +29,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from rbees_workerd.errors import InvalidParams, ModelLoadError
 from rbees_workerd.kernels.cpu import quant_kernels as qk
-from rbees_workerd.kernels.cpu import simd
-from rbees_workerd.kernels.cpu.quant_pack import KIND_BYTE, KIND_NIBBLE, Blocks, pack_blocks, pack_dense
+from rbees_workerd.kernels.cpu import quant_tiles, simd
+from rbees_workerd.kernels.cpu.quant_pack import KIND_BYTE, KIND_NIBBLE, Blocks, gguf_fields, pack_blocks, pack_dense
 
 _Q = GGMLQuantizationType
 _DENSE = (_Q.F32, _Q.F16, _Q.BF16)
@@ -38,34 +39,34 @@ _DENSE = (_Q.F32, _Q.F16, _Q.BF16)
 _TASKS = 4 * numba.config.NUMBA_NUM_THREADS
 _INTEGER_MAX_TOKENS = 3  # decode steps of up to 3 tokens take the integer kernel (measured faster there)
 _thread = threading.local()  # whether this thread's parallel chunk size is set
-# llama.cpp's activation rounding per weight type (see quant_act); K-quants, BF16 and F32 keep float32
+# llama.cpp's activation rounding per weight type (see quant_act); BF16 and F32 keep float32
 _ACTIVATIONS = {_Q.Q4_0: qk.ACT_Q8_0, _Q.Q5_0: qk.ACT_Q8_0, _Q.Q8_0: qk.ACT_Q8_0,
-                _Q.Q4_1: qk.ACT_Q8_1, _Q.Q5_1: qk.ACT_Q8_1, _Q.F16: qk.ACT_F16}  # fmt: skip
-# the weight types `simd`'s AVX2 kernels serve, with llama.cpp's int8 activations
-_SIMD = {_Q.Q4_1: (simd.Q4_1, simd.matmul_q4_1), _Q.Q4_0: (simd.Q4_0, simd.matmul_q4_0),
-         _Q.Q8_0: (simd.Q8_0, simd.matmul_q8_0)}  # fmt: skip
+                _Q.Q4_1: qk.ACT_Q8_1, _Q.Q5_1: qk.ACT_Q8_1, _Q.F16: qk.ACT_F16,
+                _Q.Q4_K: qk.ACT_Q8_K, _Q.Q5_K: qk.ACT_Q8_K, _Q.Q6_K: qk.ACT_Q8_K}  # fmt: skip
 SUPPORTED = frozenset({*_DENSE, _Q.Q8_0, _Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1, _Q.Q4_K, _Q.Q5_K, _Q.Q6_K})
 
 
 @dataclasses.dataclass(frozen=True)
 class QMatrix:
-    """A prepared `[N, K]` weight matrix. Exactly one of `blocks` / `dense` is set."""
+    """A prepared `[N, K]` weight matrix. Exactly one of `blocks` / `dense` / `tiles` is set."""
 
     qtype: int
     shape: tuple[int, int]
     nbytes: int
     blocks: Blocks | None = None
     dense: np.ndarray | None = None
-    # the AVX2 kernel with its weight arguments bound (a decode step makes ~200 calls: keep them short)
+    tiles: np.ndarray | None = None  # `quant_tiles`' layout, for `simd`
+    # the integer kernel with its weight arguments bound (a decode step makes ~200 calls: keep them short)
     simd_matmul: Callable[[np.ndarray, np.ndarray], None] | None = dataclasses.field(
         default=None, repr=False, compare=False
     )
 
 
-def prepare(qtype: int, shape: tuple[int, int], raw: np.ndarray, use_simd: bool = simd.AVAILABLE) -> QMatrix:
+def prepare(qtype: int, shape: tuple[int, int], raw: np.ndarray, level: int = simd.LEVEL) -> QMatrix:
     """Repack the GGUF bytes `raw` (uint8[N, row_bytes]) of an `[N, K]` matrix; `raw` is copied.
 
-    With `use_simd` (default: the host has AVX2) Q4_0, Q4_1 and Q8_0 take `simd`'s layout and kernels.
+    At `level` AVX2 or VNNI (default: the best the host has, see `simd`) the block types take
+    `quant_tiles`' layout and `simd`'s kernels of that level; PORTABLE keeps `quant_pack`'s.
     """
     if qtype not in SUPPORTED:
         raise ModelLoadError(f"quant type {qtype} is not supported by the CPU backend")
@@ -79,15 +80,13 @@ def prepare(qtype: int, shape: tuple[int, int], raw: np.ndarray, use_simd: bool 
     if qtype in _DENSE:
         dense = pack_dense(qtype, raw)
         return QMatrix(qtype, (n, k), dense.nbytes, dense=dense)
-    b = pack_blocks(qtype, raw)
-    if not (use_simd and qtype in _SIMD):
+    if level == simd.PORTABLE:
+        b = pack_blocks(qtype, raw)
         return QMatrix(qtype, (n, k), b.qs.nbytes + b.qh.nbytes + b.d.nbytes + b.m.nbytes, blocks=b)
-    kind, kernel = _SIMD[qtype]
-    tiles, offset = simd.to_tiles(kind, b.qs, b.d, b.m), np.float32(b.offset)
-    none = np.zeros((0, 0, 0), np.float32)  # the scales live in the tiles, as fp16
-    b = dataclasses.replace(b, qs=tiles, d=none, m=none, tiles=True)
-    return QMatrix(qtype, (n, k), tiles.nbytes, blocks=b,
-                   simd_matmul=lambda x, out: kernel(x, tiles, offset, _TASKS, out))  # fmt: skip
+    tiles = quant_tiles.to_tiles(quant_tiles.FORMATS[_Q(qtype)], gguf_fields(qtype, raw))
+    kernel = simd.matmul_kernel(quant_tiles.FORMATS[_Q(qtype)], level)
+    return QMatrix(qtype, (n, k), tiles.nbytes, tiles=tiles,
+                   simd_matmul=lambda x, out: kernel(x, tiles, _TASKS, out))  # fmt: skip
 
 
 def _check(a: np.ndarray, rows: int, cols: int, what: str) -> None:
@@ -114,7 +113,7 @@ def matmul(x: np.ndarray, w: QMatrix, out: np.ndarray) -> None:
     act = _ACTIVATIONS.get(w.qtype, qk.ACT_FLOAT)
     if w.blocks is not None:
         b = w.blocks
-        if b.kind == KIND_NIBBLE and t <= _INTEGER_MAX_TOKENS and act != qk.ACT_FLOAT:
+        if b.kind == KIND_NIBBLE and t <= _INTEGER_MAX_TOKENS and act in (qk.ACT_Q8_0, qk.ACT_Q8_1):
             qk.matmul_nibble_q8(x, b.qs, b.d, b.m, np.float32(b.offset), _TASKS, out)
         elif b.kind == KIND_NIBBLE:
             qk.matmul_nibble(x, b.qs, b.d, b.m, np.float32(b.offset), act, _TASKS, out)
@@ -138,14 +137,12 @@ def embed_rows(w: QMatrix, tokens: np.ndarray, out: np.ndarray) -> None:
     if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= n):
         raise InvalidParams(f"token id out of range [0, {n})")
     ids = tokens.astype(np.int64, copy=False)
-    if w.blocks is not None:
+    if w.tiles is not None:
+        fmt = quant_tiles.FORMATS[_Q(w.qtype)]
+        out[:] = quant_tiles.dequantize(fmt, quant_tiles.rows_fields(fmt, w.tiles, ids))
+    elif w.blocks is not None:
         b = w.blocks
-        if b.tiles:  # the rows alone, in the portable layout, as chunks of one row
-            qs, d, m = simd.rows(_SIMD[w.qtype][0], b.qs, ids)
-            ids = np.arange(len(ids))
-        else:
-            qs, d, m = b.qs, b.d, b.m
-        qk.embed_blocks(qs, b.qh, d, m, b.kind, b.ebits, b.half, np.float32(b.offset), ids, out)
+        qk.embed_blocks(b.qs, b.qh, b.d, b.m, b.kind, b.ebits, b.half, np.float32(b.offset), ids, out)
     elif w.qtype == _Q.F32:
         qk.embed_dense(w.dense, ids, out)
     else:

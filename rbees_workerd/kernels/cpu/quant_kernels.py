@@ -21,7 +21,8 @@ Why they are shaped this way (measured on AVX-512 Xeon/EPYC, numba 0.68):
 * Measured: Q4_1 decode ~0.17 cycles/weight on one Zen 4 core, about the issue limit
   of this float formulation (zmm ops are double-pumped there); going further needs
   int8 dot products (vpdpbusd), which LLVM does not derive from these loops: `simd`
-  spells them out for Q4_0, Q4_1 and Q8_0 on AVX2 hosts; these kernels serve the rest.
+  spells them out for every block type on AVX2 hosts; these kernels serve F16, BF16, F32 and
+  every type on CPUs without AVX2 (or with RBEES_CPU_SIMD=0).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 from numba import njit, prange
 from numba.core.compiler import Compiler
 
-from rbees_workerd.kernels.cpu.quant_act import quantize_q8_rows, round_f16, round_q8
+from rbees_workerd.kernels.cpu.quant_act import quantize_q8_rows, round_f16, round_q8, round_q8k
 
 
 class _NoAliasCompiler(Compiler):
@@ -50,6 +51,7 @@ ACT_FLOAT = 0  # as it is
 ACT_Q8_0 = 1  # int8 blocks (Q4_0, Q5_0, Q8_0 weights)
 ACT_Q8_1 = 2  # int8 blocks with fp16 block sums (Q4_1, Q5_1 weights)
 ACT_F16 = 3  # fp16 (F16 weights)
+ACT_Q8_K = 4  # int8 blocks of 256 (K-quant weights)
 
 
 @njit(inline="always", **_JIT)
@@ -59,14 +61,20 @@ def _task_range(task: int, ntask: int, n: int) -> tuple[int, int]:
 
 @njit(inline="always", **_JIT)
 def _block_input(x, act):  # noqa: ANN001, ANN202
-    """The rounded input of a 32-block kernel and its 16-element half sums (or Q8_1's block sums)."""
+    """The rounded input of a 32-block kernel, its 16-element half sums (or Q8_1's block sums), and
+    for Q8_K (whose input is its integers) the scale per 32-block that the block's sums take."""
     sxh = np.empty((x.shape[0], x.shape[1] // 16), np.float32)
     if act == ACT_FLOAT:
         half_sums(x, sxh)
-        return x, sxh
+        return x, sxh, np.empty((x.shape[0], 0), np.float32)
     xq = np.empty_like(x)
+    if act == ACT_Q8_K:
+        xs = np.empty((x.shape[0], x.shape[1] // 32), np.float32)
+        round_q8k(x, xq, xs)
+        half_sums(xq, sxh)
+        return xq, sxh, xs
     round_q8(x, act == ACT_Q8_1, xq, sxh)
-    return xq, sxh
+    return xq, sxh, np.empty((x.shape[0], 0), np.float32)
 
 
 @njit(**_JIT)
@@ -144,8 +152,10 @@ def _acc_byte(qs, c, b, x, t, tn, xb, plo):  # noqa: ANN001, ANN202
 
 
 @njit(inline="always", **_JIT)
-def _acc_ext(qs, qh, ebits, c, b, x, t, tn, xb, plo, phi):  # noqa: ANN001, ANN202
-    """5/6-bit values: the nibble plus `ebits` bits from qh; low and high halves kept apart."""
+def _acc_ext(qs, qh, ebits, offset, c, b, x, t, tn, xb, plo, phi):  # noqa: ANN001, ANN202
+    """5/6-bit values: the nibble plus `ebits` bits from qh, plus the type's offset (Q5_0: -16,
+    Q6_K: -32: summing q * x and offset * x apart loses to cancellation what Q8 rounding of
+    the next product's input then amplifies); low and high halves kept apart."""
     C = qs.shape[3]
     mask = (1 << ebits) - 1
     for j in range(16):
@@ -167,8 +177,8 @@ def _acc_ext(qs, qh, ebits, c, b, x, t, tn, xb, plo, phi):  # noqa: ANN001, ANN2
                 e0 = np.floor(e * f0)
                 e1 = np.floor(e * f1)
                 e2 = np.floor(e * f2)
-                lo = np.float32(np.uint8(q & 15)) + np.float32(16.0) * (e0 - top * e1)
-                hi = np.float32(np.uint8(q >> 4)) + np.float32(16.0) * (e1 - top * e2)
+                lo = np.float32(np.uint8(q & 15)) + np.float32(16.0) * (e0 - top * e1) + offset
+                hi = np.float32(np.uint8(q >> 4)) + np.float32(16.0) * (e1 - top * e2) + offset
                 plo[0, r] += lo * xl
                 phi[0, r] += hi * xh
         else:
@@ -179,8 +189,8 @@ def _acc_ext(qs, qh, ebits, c, b, x, t, tn, xb, plo, phi):  # noqa: ANN001, ANN2
             for r in range(C):
                 q = qs[c, b, j, r]
                 e = qh[c, b, byte, r]
-                lo = np.float32(np.uint8((q & 15) | (((e >> sl) & mask) << 4)))
-                hi = np.float32(np.uint8((q >> 4) | (((e >> sh) & mask) << 4)))
+                lo = np.float32(np.uint8((q & 15) | (((e >> sl) & mask) << 4))) + offset
+                hi = np.float32(np.uint8((q >> 4) | (((e >> sh) & mask) << 4))) + offset
                 plo[0, r] += lo * xl0
                 phi[0, r] += hi * xh0
                 plo[1, r] += lo * xl1
@@ -192,12 +202,14 @@ def _acc_ext(qs, qh, ebits, c, b, x, t, tn, xb, plo, phi):  # noqa: ANN001, ANN2
 
 
 @njit(inline="always", **_JIT)
-def _matmul_blocks(x, qs, qh, d, m, kind, ebits, half, offset, sxh, tasks, out):  # noqa: ANN001, ANN202
-    """out[T, N] = x[T, K] @ dequant(w).T for the 32-block layouts of `quant_pack`."""
+def _matmul_blocks(x, qs, qh, d, m, kind, ebits, half, offset, sxh, xs, tasks, out):  # noqa: ANN001, ANN202
+    """out[T, N] = x[T, K] @ dequant(w).T for the 32-block layouts of `quant_pack` (x times xs[T, K/32]
+    per 32-block where xs is not empty)."""
     T = x.shape[0]
     NC, nb, _, C = qs.shape
     N = out.shape[1]
     has_m = m.shape[1] > 0
+    scaled = xs.shape[1] > 0
     ntask = max(1, min(tasks, NC))
     for task in prange(ntask):
         c0, c1 = _task_range(task, ntask, NC)
@@ -214,7 +226,7 @@ def _matmul_blocks(x, qs, qh, d, m, kind, ebits, half, offset, sxh, tasks, out):
                     plo[:tn] = 0.0
                     if kind == 1:
                         phi[:tn] = 0.0
-                        _acc_ext(qs, qh, ebits, c, b, x, t, tn, b * 32, plo, phi)
+                        _acc_ext(qs, qh, ebits, offset, c, b, x, t, tn, b * 32, plo, phi)
                     elif kind == 0:
                         _acc_nibble(qs, c, b, x, t, tn, b * 32, plo)
                     else:
@@ -224,6 +236,15 @@ def _matmul_blocks(x, qs, qh, d, m, kind, ebits, half, offset, sxh, tasks, out):
                     for k in range(tn):
                         s0 = sxh[t + k, 2 * b]
                         s1 = sxh[t + k, 2 * b + 1]
+                        if scaled:  # sums of Q8_K's integers: times their scale
+                            sx = xs[t + k, b]
+                            s0 *= sx
+                            s1 *= sx
+                            for r in range(C):
+                                plo[k, r] *= sx
+                            if kind == 1:
+                                for r in range(C):
+                                    phi[k, r] *= sx
                         if kind == 1:
                             if has_m:
                                 for r in range(C):
@@ -235,9 +256,7 @@ def _matmul_blocks(x, qs, qh, d, m, kind, ebits, half, offset, sxh, tasks, out):
                                     )
                             else:
                                 for r in range(C):
-                                    acc[k, r] += d[c, slo, r] * (plo[k, r] + offset * s0) + d[c, shi, r] * (
-                                        phi[k, r] + offset * s1
-                                    )
+                                    acc[k, r] += d[c, slo, r] * plo[k, r] + d[c, shi, r] * phi[k, r]
                         elif has_m:
                             for r in range(C):
                                 acc[k, r] += d[c, b, r] * plo[k, r] + m[c, b, r] * (s0 + s1)
@@ -256,8 +275,8 @@ def _matmul_blocks(x, qs, qh, d, m, kind, ebits, half, offset, sxh, tasks, out):
 
 @njit(parallel=True, **_JIT)
 def matmul_nibble(x, qs, d, m, offset, act, tasks, out):  # noqa: ANN001, ANN201
-    xin, sxh = _block_input(x, act)
-    _matmul_blocks(xin, qs, qs, d, m, 0, 0, 1, offset, sxh, tasks, out)
+    xin, sxh, xs = _block_input(x, act)
+    _matmul_blocks(xin, qs, qs, d, m, 0, 0, 1, offset, sxh, xs, tasks, out)
 
 
 @njit(parallel=True, **_JIT)
@@ -273,8 +292,7 @@ def matmul_nibble_q8(x, qs, d, m, offset, tasks, out):  # noqa: ANN001, ANN201
     NC, nb, _, C = qs.shape
     N = out.shape[1]
     has_m = m.shape[1] > 0
-    # Q4_1 keeps Q8_1's block sums for its mins; Q4_0's offset multiplies the sum of rounded inputs
-    q8, dh, sums = quantize_q8_rows(x, np.float32(0.0) if has_m else offset)
+    q8, dh, sums, isums = quantize_q8_rows(x)
     ntask = max(1, min(tasks, NC))
     for task in prange(ntask):
         c0, c1 = _task_range(task, ntask, NC)
@@ -308,7 +326,9 @@ def matmul_nibble_q8(x, qs, d, m, offset, tasks, out):  # noqa: ANN001, ANN201
                             plo[t, r] += lo[r] * xl
                             phi[t, r] += hi[r] * xh
                 for t in range(T):
-                    db, sb = dh[t, b], sums[t, b]
+                    # Q4_1's mins take Q8_1's fp16 block sums; Q4_0's offset the sum of rounded inputs
+                    db = dh[t, b]
+                    sb = sums[t, b] if has_m else offset * db * np.float32(isums[t, b])
                     if has_m:
                         for r in range(C):
                             dot = np.float32(np.int32(plo[t, r]) + np.int32(phi[t, r]))
@@ -324,14 +344,14 @@ def matmul_nibble_q8(x, qs, d, m, offset, tasks, out):  # noqa: ANN001, ANN201
 
 @njit(parallel=True, **_JIT)
 def matmul_byte(x, qs, d, act, tasks, out):  # noqa: ANN001, ANN201
-    xin, sxh = _block_input(x, act)
-    _matmul_blocks(xin, qs, qs, d, d[:, :0], 2, 0, 1, np.float32(0.0), sxh, tasks, out)
+    xin, sxh, xs = _block_input(x, act)
+    _matmul_blocks(xin, qs, qs, d, d[:, :0], 2, 0, 1, np.float32(0.0), sxh, xs, tasks, out)
 
 
 @njit(parallel=True, **_JIT)
 def matmul_ext(x, qs, qh, d, m, ebits, half, offset, act, tasks, out):  # noqa: ANN001, ANN201
-    xin, sxh = _block_input(x, act)
-    _matmul_blocks(xin, qs, qh, d, m, 1, ebits, half, offset, sxh, tasks, out)
+    xin, sxh, xs = _block_input(x, act)
+    _matmul_blocks(xin, qs, qh, d, m, 1, ebits, half, offset, sxh, xs, tasks, out)
 
 
 @njit(inline="always", **_JIT)

@@ -48,11 +48,6 @@ class Blocks:
     qh: np.ndarray
     d: np.ndarray
     m: np.ndarray
-    tiles: bool = False  # qs holds `simd`'s tiles (values and fp16 scales; d and m are empty)
-
-
-def _f16(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a).view(np.float16).astype(np.float32)
 
 
 def _split_blocks(raw: np.ndarray, qtype: int) -> np.ndarray:
@@ -67,19 +62,39 @@ def _k_scale_min(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     d, m, md = sc[..., 0, :], sc[..., 1, :], sc[..., 2, :]
     scale = np.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
     mins = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=-1)
-    return scale.astype(np.float32), mins.astype(np.float32)
+    return scale, mins
 
 
-def _values_and_scales(qtype: int, blk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, float]:
-    """Element-ordered integer values uint8[N, K] and per-(half-)block d, m (or None) and offset."""
+@dataclass(frozen=True)
+class Fields:
+    """A block-quantized matrix's GGUF fields, unpacked but not multiplied out (arrays [N, ...]).
+
+    Both layouts are built from these, and `simd`'s tiles keep them as they are (fp16 and 6-bit
+    integers), so its kernels apply them as llama.cpp does."""
+
+    values: np.ndarray  # uint8[N, K]: each element's unsigned integer (Q8_0: its int8 bits)
+    d: np.ndarray  # float16[N, nb]: the scale of each block (32 elements, or 256 for K-quants)
+    m: np.ndarray | None  # float16[N, nb]: Q4_1/Q5_1's min, Q4_K/Q5_K's dmin
+    scales: np.ndarray | None  # [N, nb, subs]: K-quant sub-block scales (uint8 6-bit; Q6_K int8 per 16)
+    mins: np.ndarray | None  # uint8[N, nb, 8]: Q4_K/Q5_K's 6-bit mins per 32
+
+
+def _f16(a: np.ndarray) -> np.ndarray:
+    n, nblk = a.shape[:2]
+    return np.ascontiguousarray(a).view(np.float16).reshape(n, nblk)
+
+
+def gguf_fields(qtype: int, raw: np.ndarray) -> Fields:
+    """Unpack the GGUF bytes uint8[N, row_bytes] of a block-quantized `[N, K]` matrix."""
+    blk = _split_blocks(raw, qtype)
     n, nblk, _ = blk.shape
     if qtype in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0):
-        d = _f16(blk[..., 0:2]).reshape(n, nblk)
         has_min = qtype in (Q.Q4_1, Q.Q5_1)
-        m = _f16(blk[..., 2:4]).reshape(n, nblk) if has_min else None
+        d = _f16(blk[..., 0:2])
+        m = _f16(blk[..., 2:4]) if has_min else None
         pos = 4 if has_min else 2
         if qtype == Q.Q8_0:
-            return blk[..., 2:].reshape(n, -1), d, None, 0.0
+            return Fields(np.ascontiguousarray(blk[..., 2:]).reshape(n, -1), d, None, None, None)
         if qtype in (Q.Q5_0, Q.Q5_1):
             qh = np.ascontiguousarray(blk[..., pos : pos + 4]).view(np.uint32)  # [n, nblk, 1]
             hbits = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4
@@ -88,26 +103,35 @@ def _values_and_scales(qtype: int, blk: np.ndarray) -> tuple[np.ndarray, np.ndar
             hbits = np.zeros((n, nblk, 32), np.uint8)
         qs = blk[..., pos : pos + 16]
         vals = np.concatenate([qs & 0x0F, qs >> 4], axis=-1) | hbits
-        offset = {Q.Q4_0: -8.0, Q.Q5_0: -16.0}.get(Q(qtype), 0.0)
-        return vals.reshape(n, -1), d, m, offset
+        return Fields(vals.reshape(n, -1), d, m, None, None)
     if qtype in (Q.Q4_K, Q.Q5_K):
-        d = _f16(blk[..., 0:2])  # [n, nblk, 1]
-        dmin = _f16(blk[..., 2:4])
         sc, mn = _k_scale_min(blk[..., 4:16])
         qs = blk[..., -128:].reshape(n, nblk, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(2, 1)
         vals = (qs & 0x0F).reshape(n, nblk, 8, 32)
         if qtype == Q.Q5_K:
             qh = blk[..., 16:48].reshape(n, nblk, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(8, 1)
             vals = vals | ((qh & 1) << 4)
-        return vals.reshape(n, -1), (d * sc).reshape(n, -1), (-(dmin * mn)).reshape(n, -1), 0.0
+        return Fields(vals.reshape(n, -1), _f16(blk[..., 0:2]), _f16(blk[..., 2:4]), sc, mn)
     if qtype == Q.Q6_K:
         ql = blk[..., 0:128].reshape(n, nblk, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(2, 1)
         qh = blk[..., 128:192].reshape(n, nblk, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)
         vals = (ql & 0x0F).reshape(n, nblk, 8, 32) | ((qh & 3).reshape(n, nblk, 8, 32) << 4)
-        sc = blk[..., 192:208].view(np.int8).astype(np.float32)  # [n, nblk, 16]
-        d = _f16(blk[..., 208:210])
-        return vals.reshape(n, -1), (d * sc).reshape(n, -1), None, -32.0
+        sc = np.ascontiguousarray(blk[..., 192:208]).view(np.int8)  # [n, nblk, 16]
+        return Fields(vals.reshape(n, -1), _f16(blk[..., 208:210]), None, sc, None)
     raise ModelLoadError(f"quant type {qtype} has no CPU kernel")
+
+
+def _values_and_scales(qtype: int, blk: Fields) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, float]:
+    """Element-ordered integer values uint8[N, K] and per-(half-)block d, m (or None) and offset."""
+    n = blk.values.shape[0]
+    d = blk.d.astype(np.float32)
+    m = None if blk.m is None else blk.m.astype(np.float32)
+    if qtype in (Q.Q4_K, Q.Q5_K):
+        return blk.values, (d[..., None] * blk.scales).reshape(n, -1), (-(m[..., None] * blk.mins)).reshape(n, -1), 0.0
+    if qtype == Q.Q6_K:
+        return blk.values, (d[..., None] * blk.scales).reshape(n, -1), None, -32.0
+    offset = {Q.Q4_0: -8.0, Q.Q5_0: -16.0}.get(Q(qtype), 0.0)
+    return blk.values, d, m, offset
 
 
 def _chunked(a: np.ndarray, dtype: type) -> np.ndarray:
@@ -123,7 +147,7 @@ def _chunked(a: np.ndarray, dtype: type) -> np.ndarray:
 def pack_blocks(qtype: int, raw: np.ndarray) -> Blocks:
     """Repack the GGUF bytes of a block-quantized `[N, K]` matrix; `raw` is not kept."""
     n = raw.shape[0]
-    vals, d, m, offset = _values_and_scales(qtype, _split_blocks(raw, qtype))
+    vals, d, m, offset = _values_and_scales(qtype, gguf_fields(qtype, raw))
     nb = vals.shape[1] // 32
     v = vals.reshape(n, nb, 32)
     half = d.shape[1] // nb

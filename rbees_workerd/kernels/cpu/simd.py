@@ -1,53 +1,75 @@
-"""AVX2 integer dot products for Q4_0, Q4_1 and Q8_0 weights: what llama.cpp's x86 kernels do.
+"""Integer dot products for every quantized type of the Q4_K_M family: what llama.cpp's x86 kernels do.
 
-LLVM does not derive `vpmaddubsw` (32 products of an unsigned and a signed byte, summed
-in pairs) from any loop Numba can express, and the float formulation of `quant_kernels`
-costs ~4x more instructions per weight. So the inner loop here is LLVM IR written with
-llvmlite inside a Numba `@intrinsic`: the kernels stay Numba functions (cached,
-parallel with `prange`) and only the SIMD body is spelled out.
+LLVM does not derive `vpmaddubsw` or `vpdpbusd` (products of unsigned and signed bytes, summed
+in pairs or fours) from any loop Numba can express, and the float formulation of
+`quant_kernels` costs ~4x more instructions per weight. So the inner loop here is LLVM IR
+written with llvmlite inside a Numba `@intrinsic`: the kernels stay Numba functions (cached,
+parallel with `prange`) and only the SIMD body is spelled out, by one generator for all
+types: a `quant_tiles.Format` says where a tile's bytes are and how a block is scaled.
 
-Layout ("tiles"): the rows in tiles of 8, each tile one contiguous run of its 32-blocks, and
-each block `tiles[t, b]` the 8 rows' bytes then their fp16 scales, as GGUF keeps them: the
-same 20 bytes per 32 Q4_1 weights, so decode, which streams the weights from memory once,
-reads no more than llama.cpp. The bytes: 4-byte groups `g`, then rows, then the group's 4
-bytes (for the 4-bit types the byte holding elements `4g + i` in its low nibble and
-`4g + i + 16` in its high one, for Q8_0 element `4g + i`); then d[8] and, for Q4_1, m[8].
-A 32-byte load is then 8 rows x 4 bytes, and one `vpmaddubsw` + `vpmaddwd` against 4
-broadcast activation bytes gives each row's sum of 4 products in an int32 lane (the sums
-`vpdpbusd` would give).
+Levels, chosen at import from the host's features: AVX2 (`vpmaddubsw` into int16 lanes, then
+`vpmaddwd` into int32), or VNNI (`vpdpbusd` straight into int32; AVX-512 VNNI with VL, or
+AVX-VNNI). RBEES_CPU_SIMD=avx2 keeps AVX2 on a VNNI host and RBEES_CPU_SIMD=0 the portable
+float kernels of `quant_kernels`, so each path stays testable on one machine.
 
-Sums are exact integers, then scaled per block as llama.cpp scales them, so results equal
-`quant_kernels.matmul_nibble_q8`'s up to float32 summation order.
+Arithmetic, as llama.cpp's (ggml-cpu/arch/x86/quants.c): the activations are rounded to int8
+(`quant_act`: Q8_0/Q8_1 per 32 for the 32-element types, Q8_K per 256 for the K-quants); the
+sums of products are exact integers per block, including the K-quants' integer sub-block
+scales and mins and the types' offsets (q - 8, q - 16, q - 32: subtracted as offset x the
+exact sum of the block's int8 activations); then one float multiply per block by the fp16
+weight scale times the activation scale (and Q4_1/Q5_1's m x Q8_1's fp16 sum, Q4_K/Q5_K's
+dmin x the integer min sum). Results equal llama.cpp's up to float32 summation order.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
+import types as pytypes
+import zlib
+from collections.abc import Callable
 
 import llvmlite.binding as llvm
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from rbees_workerd.kernels.cpu.quant_act import quantize_q8_rows
+from rbees_workerd.kernels.cpu.quant_act import quantize_q8_rows, quantize_q8k_rows
+from rbees_workerd.kernels.cpu.quant_tiles import TILE_ROWS, Format
 
-# RBEES_CPU_SIMD=0 keeps the portable kernels (for comparison, or a CPU that misreports AVX2)
-AVAILABLE = (
-    platform.machine().lower() in ("x86_64", "amd64")
-    and {"+avx2", "+f16c"} <= set(llvm.get_host_cpu_features().flatten().split(","))
-    and os.environ.get("RBEES_CPU_SIMD", "1") != "0"
-)
+PORTABLE, AVX2, VNNI = 0, 1, 2
+LEVEL_NAMES = {PORTABLE: "portable", AVX2: "avx2", VNNI: "vnni"}
+TILE_TOKENS = 4  # tokens per pass over a tile's weights (their accumulators and the operands fit the registers)
 
-Q4_1, Q4_0, Q8_0 = 0, 1, 2  # how a kernel reads its weights and scales its block sums
-GROUPS = {Q4_1: 4, Q4_0: 4, Q8_0: 8}  # 4-byte groups per row and 32-block
-TILE_ROWS = 8  # rows per 256-bit vector of int32 sums; the unit of work of a kernel call
-SCALES = {Q4_1: 2, Q4_0: 1, Q8_0: 1}  # fp16 vectors (d, m) after a block's bytes
-_TILE_TOKENS = 4  # tokens per pass over a tile's weights (their 8 accumulators and the operands fit 16 ymm)
+
+def host_level() -> int:
+    """The fastest level this CPU runs (x86-64 with AVX2, FMA and F16C at least, else PORTABLE), or
+    that Numba compiles for where NUMBA_CPU_NAME / NUMBA_CPU_FEATURES name another target."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return PORTABLE
+    if numba.config.CPU_FEATURES:
+        features = set(numba.config.CPU_FEATURES.split(","))
+    elif numba.config.CPU_NAME not in (None, "host"):
+        return PORTABLE  # a named CPU without its features: do not guess them
+    else:
+        features = set(llvm.get_host_cpu_features().flatten().split(","))
+    if not {"+avx2", "+fma", "+f16c"} <= features:
+        return PORTABLE
+    if {"+avx512vnni", "+avx512vl"} <= features or "+avxvnni" in features:
+        return VNNI
+    return AVX2
+
+
+HOST_LEVEL = host_level()
+LEVEL = {"0": PORTABLE, "avx2": min(AVX2, HOST_LEVEL)}.get(os.environ.get("RBEES_CPU_SIMD", ""), HOST_LEVEL)
 
 _i8, _i16, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+_P8 = _i8.as_pointer()
+_B16 = ir.VectorType(_i8, 16)
 _B32 = ir.VectorType(_i8, 32)
 _W16 = ir.VectorType(_i16, 16)
 _D8 = ir.VectorType(_i32, 8)
@@ -55,111 +77,245 @@ _F8 = ir.VectorType(_f32, 8)
 _H8 = ir.VectorType(ir.HalfType(), 8)
 
 
-def _declare(builder: ir.IRBuilder, name: str, ret: ir.Type, args: list[ir.Type]) -> ir.Function:
-    try:
-        return builder.module.get_global(name)
-    except KeyError:
-        return ir.Function(builder.module, ir.FunctionType(ret, args), name=name)
-
-
-def _splat(builder: ir.IRBuilder, value: ir.Value, vec: ir.VectorType) -> ir.Value:
-    one = builder.insert_element(ir.Constant(vec, None), value, ir.Constant(_i32, 0))
-    return builder.shuffle_vector(one, ir.Constant(vec, None), ir.Constant(_D8, [0] * vec.count))
-
-
-def _load(builder: ir.IRBuilder, base: ir.Value, offset: ir.Value, ty: ir.Type) -> ir.Value:
-    return builder.load(builder.bitcast(builder.gep(base, [offset]), ty.as_pointer()), align=1)
-
-
 def _const(v: int) -> ir.Constant:
     return ir.Constant(_i64, v)
 
 
-def block_bytes(kind: int) -> int:
-    """Bytes of one 32-block of one tile: the 8 rows' values, then their fp16 scales."""
-    return GROUPS[kind] * 32 + 16 * SCALES[kind]
+def _splat_const(vec: ir.VectorType, v: int) -> ir.Constant:
+    return ir.Constant(vec, [v] * vec.count)
 
 
-def _tile_kernel(tokens: int, kind: int):  # noqa: ANN202
-    """An intrinsic: out[t, 0:8] = the products of `tokens` activation rows with one tile of rows.
+def _int16_flush(fmt: Format) -> int:
+    """AVX2: `vpmaddubsw` results an int16 lane can add up before it overflows (each is at most
+    2 * 127 * the largest unsigned weight byte: 2^bits - 1, or 128 for Q8_0's |w|)."""
+    umax = 128 if fmt.bits == 8 else (1 << fmt.bits) - 1
+    return 32767 // (2 * 127 * umax)
 
-    Arguments: the arrays with the byte offset of the tile (tiles[tile]) and of the first
-    token's row (q8[t0], with row stride xstride bytes), and the element offset of that row in
-    dh and sums (row stride nb, the blocks); out = float32[tokens, 8]. Arrays, not raw
-    addresses: Numba keeps an array alive only while it is used as one.
+
+class _Sum:
+    """One token's exact int32 sum over a part of a sub-block, times `mul` (an integer scale or 1).
+
+    VNNI: a `vpdpbusd` chain, then a multiply. AVX2: `vpmaddubsw` into int16 lanes, folded into
+    int32 by `vpmaddwd` against `mul` (a scale in both halves of each row's lane pair) whenever
+    another fold could overflow int16."""
+
+    def __init__(self, gen: _Gen, mul: ir.Value | None) -> None:
+        self.gen, self.mul = gen, mul
+        self.i16: ir.Value | None = None
+        self.i32: ir.Value | None = None
+        self.count = 0
+
+    def add(self, u: ir.Value, x: ir.Value) -> None:
+        b = self.gen.b
+        if self.gen.level == VNNI:
+            acc = _splat_const(_D8, 0) if self.i32 is None else self.i32
+            self.i32 = b.call(self.gen.dpbusd, [acc, b.bitcast(u, _D8), b.bitcast(x, _D8)])
+            return
+        p = b.call(self.gen.maddubs, [u, x])
+        self.i16 = p if self.i16 is None else b.add(self.i16, p)
+        self.count += 1
+        if self.count == self.gen.flush:
+            self._fold()
+
+    def _fold(self) -> None:
+        b = self.gen.b
+        v = b.call(self.gen.maddwd, [self.i16, self.mul if self.mul is not None else _splat_const(_W16, 1)])
+        self.i32 = v if self.i32 is None else b.add(self.i32, v)
+        self.i16, self.count = None, 0
+
+    def total(self) -> ir.Value:
+        if self.i16 is not None:
+            self._fold()
+        if self.gen.level == VNNI and self.mul is not None:
+            return self.gen.b.mul(self.i32, self.mul)
+        return self.i32
+
+
+class _Gen:
+    """The IR of one tile call (see `_tile_kernel`): addresses, the block loop's body, the stores."""
+
+    def __init__(self, context, builder, signature, args, fmt: Format, level: int, tokens: int) -> None:  # noqa: ANN001
+        self.b, self.fmt, self.level, self.tokens = builder, fmt, level, tokens
+        self.flush = _int16_flush(fmt)
+        arrays = [
+            context.make_array(ty)(context, builder, v) if isinstance(ty, types.Array) else None
+            for ty, v in zip(signature.args, args, strict=True)
+        ]
+        w, _, q8, dq, sq, sums, _, out = arrays
+        tile, t0 = args[1], args[6]
+
+        def row(a, r: ir.Value) -> ir.Value:  # noqa: ANN001 - the i8* of a[r]
+            stride = cgutils.unpack_tuple(builder, a.strides)[0]
+            return builder.gep(builder.bitcast(a.data, _P8), [builder.mul(r, stride)])
+
+        self.nb = cgutils.unpack_tuple(builder, w.shape)[1]
+        self.w = row(w, tile)
+        rows = [builder.add(t0, _const(t)) for t in range(tokens)]
+        self.x, self.dq, self.sq, self.sums = ([row(a, r) for r in rows] for a in (q8, dq, sq, sums))
+        self.out = builder.bitcast(out.data, _F8.as_pointer())
+
+        def declare(name: str, ret: ir.Type, argtys: list[ir.Type]) -> ir.Function:
+            try:
+                return builder.module.get_global(name)
+            except KeyError:
+                return ir.Function(builder.module, ir.FunctionType(ret, argtys), name=name)
+
+        self.maddubs = declare("llvm.x86.avx2.pmadd.ub.sw", _W16, [_B32, _B32])
+        self.maddwd = declare("llvm.x86.avx2.pmadd.wd", _D8, [_W16, _W16])
+        self.psign = declare("llvm.x86.avx2.psign.b", _B32, [_B32, _B32])
+        if level == VNNI:
+            self.dpbusd = declare("llvm.x86.avx512.vpdpbusd.256", _D8, [_D8, _D8, _D8])
+        with builder.goto_entry_block():
+            self.acc = [builder.alloca(_F8) for _ in range(tokens)]  # promoted to registers by LLVM
+        for a in self.acc:
+            builder.store(ir.Constant(_F8, [0.0] * 8), a)
+
+    # ---- loads
+    def load(self, base: ir.Value, offset: ir.Value | int, ty: ir.Type) -> ir.Value:
+        off = _const(offset) if isinstance(offset, int) else offset
+        return self.b.load(self.b.bitcast(self.b.gep(base, [off]), ty.as_pointer()), align=1)
+
+    def splat(self, value: ir.Value, vec: ir.VectorType) -> ir.Value:
+        one = self.b.insert_element(ir.Constant(vec, None), value, ir.Constant(_i32, 0))
+        return self.b.shuffle_vector(one, ir.Constant(vec, None), ir.Constant(_D8, [0] * vec.count))
+
+    def broadcast(self, base: ir.Value, offset: ir.Value, ty: ir.VectorType = _B32) -> ir.Value:
+        """4 bytes at base + offset in every int32 lane."""
+        return self.b.bitcast(self.splat(self.load(base, offset, _i32), _D8), ty)
+
+    def pairs(self, wb: ir.Value, at: int, signed: bool) -> ir.Value:
+        """The 16 bytes at `at` (8 rows x a pair of integers) as int16 pairs, one row per int32 lane."""
+        v = self.load(wb, at, _B16)
+        return self.b.sext(v, _W16) if signed else self.b.zext(v, _W16)
+
+    # ---- a block
+    def decode(self, wb: ir.Value, s: int, g: int, words: list[ir.Value]) -> list[tuple[int, ir.Value, int, ir.Value]]:
+        """Group g of sub-block s: (part, unsigned weight bytes, activation offset in the block, the
+        bytes whose signs the activations take or None) for each 4 elements a row of it holds."""
+        b, fmt = self.b, self.fmt
+        wv = self.load(wb, (s * fmt.groups + g) * 32, _B32)
+        at = 32 * s + 4 * g
+        if fmt.bits == 8:
+            if self.level == VNNI:  # w + 128, unsigned; the block's sum takes 128 * sum(x) back
+                return [(0, b.xor(wv, _splat_const(_B32, 0x80)), at, None)]
+            return [(0, b.call(self.psign, [wv, wv]), at, wv)]  # |w| times x with w's sign
+        halves = [b.and_(wv, _splat_const(_B32, 0x0F)), b.lshr(wv, _splat_const(_B32, 4))]
+        top = ((1 << fmt.ebits) - 1) << 4
+        for h in range(2 if fmt.ebits else 0):
+            p = fmt.ebits * (g + 4 * h)  # where quant_tiles put these bits (its module docstring)
+            word, shift = words[p // 8], 4 - p % 8
+            if shift > 0:
+                word = b.shl(word, _splat_const(_B32, shift))
+            elif shift < 0:
+                word = b.lshr(word, _splat_const(_B32, -shift))
+            halves[h] = b.or_(halves[h], b.and_(word, _splat_const(_B32, top)))
+        second = 1 if fmt.sub == 16 else 0  # Q6_K: the halves have scales of their own
+        return [(0, halves[0], at, None), (second, halves[1], at + 16, None)]
+
+    def scale_muls(self, wb: ir.Value, s: int) -> list[ir.Value | None]:
+        """Each part's integer scale for sub-block s: int32 lanes (VNNI) or int16 pairs (AVX2)."""
+        fmt = self.fmt
+        if not fmt.sub:
+            return [None]
+        js = [s] if fmt.sub == 32 else [2 * s, 2 * s + 1]  # indices of the parts' scales
+        pv = self.pairs(wb, fmt.scales_at + 16 * (js[0] // 2), signed=fmt.sub == 16)
+        muls = []
+        for j in js:
+            k = j % 2
+            if self.level == VNNI:
+                v = self.b.bitcast(pv, _D8)
+                if k == 0:
+                    v = self.b.shl(v, _splat_const(_D8, 16))
+                muls.append(self.b.ashr(v, _splat_const(_D8, 16)))
+            else:
+                idx = ir.Constant(ir.VectorType(_i32, 16), [2 * (i // 2) + k for i in range(16)])
+                muls.append(self.b.shuffle_vector(pv, ir.Constant(_W16, None), idx))
+        return muls
+
+    def block(self, bi: ir.Value) -> None:
+        """One block of the loop: every token's exact integer sums, then its float scaling."""
+        b, fmt, tokens = self.b, self.fmt, self.tokens
+        wb = b.gep(self.w, [b.mul(bi, _const(fmt.block_bytes))])
+        xb = b.mul(bi, _const(fmt.block))
+        sumi: list[ir.Value | None] = [None] * tokens
+        for s in range(fmt.subs):
+            words = [self.load(wb, fmt.ext_at + (s * fmt.ebits + k) * 32, _B32) for k in range(fmt.ebits)]
+            muls = self.scale_muls(wb, s)
+            acc = [[_Sum(self, m) for m in muls] for _ in range(tokens)]
+            for g in range(fmt.groups):
+                for part, u, at, sign in self.decode(wb, s, g, words):
+                    for t in range(tokens):
+                        x = self.broadcast(self.x[t], b.add(xb, _const(at)))
+                        acc[t][part].add(u, b.call(self.psign, [x, sign]) if sign is not None else x)
+            for t in range(tokens):
+                for a in acc[t]:
+                    v = a.total()
+                    sumi[t] = v if sumi[t] is None else b.add(sumi[t], v)
+        mins = self.offsets(wb, bi, sumi)
+        dv = b.fpext(self.load(wb, fmt.d_at, _H8), _F8)
+        mv = b.fpext(self.load(wb, fmt.m_at, _H8), _F8) if fmt.has_m else None
+        for t in range(tokens):
+            scale = self.splat(self.load(self.dq[t], b.mul(bi, _const(4)), _f32), _F8)
+            term = b.fmul(b.fmul(dv, scale), b.sitofp(sumi[t], _F8))
+            if fmt.has_m and fmt.kquant:  # - dmin * d8 * sum(min * x) (llama.cpp's `dmin` term)
+                term = b.fsub(term, b.fmul(b.fmul(mv, scale), b.sitofp(mins[t], _F8)))
+            elif fmt.has_m:  # + m * Q8_1's fp16 d8 * sum(x)
+                s8 = self.splat(self.load(self.sq[t], b.mul(bi, _const(4)), _f32), _F8)
+                term = b.fadd(term, b.fmul(mv, s8))
+            b.store(b.fadd(b.load(self.acc[t]), term), self.acc[t])
+
+    def offsets(self, wb: ir.Value, bi: ir.Value, sumi: list[ir.Value]) -> list[ir.Value]:
+        """Subtract the offsets' integer terms from `sumi` in place; returns Q4_K/Q5_K's min sums.
+
+        32-element types: offset * sum(x) per block (Q8_0 on VNNI took w + 128). K-quants: the
+        sums of coefficient * sum(x) over sub-blocks, `vpmaddwd` of int16 pairs: the mins
+        (kept apart, scaled by dmin in float) or Q6_K's scales (times its offset 32)."""
+        b, fmt = self.b, self.fmt
+        if not fmt.kquant:
+            off = 128 if fmt.bits == 8 and self.level == VNNI else fmt.offset
+            if off:
+                for t in range(self.tokens):
+                    xs = b.sext(self.load(self.sums[t], b.mul(bi, _const(2)), _i16), _i32)
+                    sumi[t] = b.sub(sumi[t], self.splat(b.mul(xs, ir.Constant(_i32, off)), _D8))
+            return []
+        coefs = [self.pairs(wb, (fmt.mins_at if fmt.has_m else fmt.scales_at) + 16 * p, signed=not fmt.has_m)
+                 for p in range(fmt.pairs)]  # fmt: skip
+        out = []
+        for t in range(self.tokens):
+            total = None
+            for p, c in enumerate(coefs):
+                at = b.mul(b.add(b.mul(bi, _const(2 * fmt.pairs)), _const(2 * p)), _const(2))
+                v = b.call(self.maddwd, [c, self.broadcast(self.sums[t], at, _W16)])
+                total = v if total is None else b.add(total, v)
+            if fmt.has_m:
+                out.append(total)
+            else:
+                sumi[t] = b.sub(sumi[t], b.mul(total, _splat_const(_D8, fmt.offset)))
+        return out
+
+    def store(self) -> None:
+        for t, a in enumerate(self.acc):
+            self.b.store(self.b.load(a), self.b.gep(self.out, [_const(t)]), align=4)
+
+
+def _tile_kernel(fmt: Format, level: int, tokens: int):  # noqa: ANN202
+    """An intrinsic: out[0:tokens, 0:8] = one tile of rows times activation rows t0..t0+tokens.
+
+    Arguments: tiles (uint8[tiles, nb, block_bytes]), the tile's index, the rounded activations
+    (int8 q8[T, K], float32 scales[T, nb], float32 Q8_1 sums[T, nb] or [T, 0], int16 sums[T, *]),
+    t0, out (float32[tokens or more, 8]). Arrays, not raw addresses: Numba keeps an array
+    alive only while it is used as one.
     """
-    groups = GROUPS[kind]
-    block = block_bytes(kind)
 
     @intrinsic
-    def tile(typingctx, w, woff, x, xoff, xstride, dx, s, soff, nb, out):  # noqa: ANN001, ANN202, ARG001
-        i = types.intp
-        sig = types.void(w, i, x, i, i, dx, s, i, i, out)
+    def tile(typingctx, w, tile, q8, dq, sq, sums, t0, out):  # noqa: ANN001, ANN202, ARG001
+        sig = types.void(w, types.intp, q8, dq, sq, sums, types.intp, out)
 
-        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
-            wa, wo, xa, xo, xs, dxa, sa, so, nbv, oa = args
-
-            def data(k: int, value: ir.Value, ty: ir.Type) -> ir.Value:
-                ptr = context.make_array(signature.args[k])(context, builder, value).data
-                return builder.bitcast(ptr, ty.as_pointer())
-
-            w8 = builder.gep(data(0, wa, _i8), [wo])
-            x8 = builder.gep(data(2, xa, _i8), [xo])
-            dxf, sf = builder.gep(data(5, dxa, _f32), [so]), builder.gep(data(6, sa, _f32), [so])
-            of = data(9, oa, _f32)
-            maddubs = _declare(builder, "llvm.x86.avx2.pmadd.ub.sw", _W16, [_B32, _B32])
-            maddwd = _declare(builder, "llvm.x86.avx2.pmadd.wd", _D8, [_W16, _W16])
-            psign = _declare(builder, "llvm.x86.avx2.psign.b", _B32, [_B32, _B32])
-            ones = ir.Constant(_W16, [1] * 16)
-            low4 = ir.Constant(_B32, [15] * 32)
-            with builder.goto_entry_block():
-                accs = [builder.alloca(_F8) for _ in range(tokens)]  # promoted to registers by LLVM
-            for a in accs:
-                builder.store(ir.Constant(_F8, [0.0] * 8), a)
-            with cgutils.for_range(builder, nbv) as loop:
-                b = loop.index
-                sums: list[ir.Value | None] = [None] * tokens
-                for g in range(groups):
-                    wv = _load(builder, w8, builder.add(builder.mul(b, _const(block)), _const(g * 32)), _B32)
-                    if kind == Q8_0:
-                        # |w| (unsigned) times x with w's sign: vpmaddubsw wants one unsigned operand
-                        aw = builder.call(psign, [wv, wv])
-                    else:
-                        lo = builder.and_(wv, low4)
-                        hi = builder.and_(builder.lshr(wv, ir.Constant(_B32, [4] * 32)), low4)
-                    for t in range(tokens):
-                        xrow = builder.add(builder.mul(_const(t), xs), builder.mul(b, _const(32)))
-                        xl = _splat(builder, _load(builder, x8, builder.add(xrow, _const(4 * g)), _i32), _D8)
-                        if kind == Q8_0:
-                            signed = builder.call(psign, [builder.bitcast(xl, _B32), wv])
-                            part = builder.call(maddwd, [builder.call(maddubs, [aw, signed]), ones])
-                        else:
-                            xh = _splat(builder, _load(builder, x8, builder.add(xrow, _const(16 + 4 * g)), _i32), _D8)
-                            # int16 is enough for a whole 4-bit block: |sum| <= 32 * 15 * 127 / 2 per lane
-                            part = builder.add(builder.call(maddubs, [lo, builder.bitcast(xl, _B32)]),
-                                               builder.call(maddubs, [hi, builder.bitcast(xh, _B32)]))  # fmt: skip
-                        sums[t] = part if sums[t] is None else builder.add(sums[t], part)
-                scales = builder.add(builder.mul(b, _const(block)), _const(groups * 32))
-                dv = builder.fpext(_load(builder, w8, scales, _H8), _F8)
-                if kind == Q4_1:
-                    mv = builder.fpext(_load(builder, w8, builder.add(scales, _const(16)), _H8), _F8)
-                for t in range(tokens):
-                    total = sums[t] if kind == Q8_0 else builder.call(maddwd, [sums[t], ones])
-                    dot = builder.sitofp(total, _F8)
-                    at = builder.add(builder.mul(_const(t), nbv), b)
-                    dxv = _splat(builder, builder.load(builder.gep(dxf, [at])), _F8)
-                    if kind == Q4_1:  # d * dx * dot + m * s (s: Q8_1's fp16 dx * sum(q8))
-                        sv = _splat(builder, builder.load(builder.gep(sf, [at])), _F8)
-                        term = builder.fadd(builder.fmul(builder.fmul(dv, dxv), dot), builder.fmul(mv, sv))
-                    elif kind == Q4_0:  # d * (dx * dot + s) (s: offset * dx * sum(q8))
-                        sv = _splat(builder, builder.load(builder.gep(sf, [at])), _F8)
-                        term = builder.fmul(dv, builder.fadd(builder.fmul(dxv, dot), sv))
-                    else:
-                        term = builder.fmul(builder.fmul(dv, dxv), dot)
-                    builder.store(builder.fadd(builder.load(accs[t]), term), accs[t])
-            for t, a in enumerate(accs):
-                dst = builder.bitcast(builder.gep(of, [_const(t * TILE_ROWS)]), _F8.as_pointer())
-                builder.store(builder.load(a), dst, align=4)
+        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+            gen = _Gen(context, builder, signature, args, fmt, level, tokens)
+            with cgutils.for_range(builder, gen.nb) as loop:
+                gen.block(loop.index)
+            gen.store()
             return context.get_dummy_value()
 
         return sig, codegen
@@ -168,92 +324,50 @@ def _tile_kernel(tokens: int, kind: int):  # noqa: ANN202
 
 
 _JIT = {"cache": True, "nogil": True, "fastmath": True}
-_q4_1_x1, _q4_1_x4 = _tile_kernel(1, Q4_1), _tile_kernel(_TILE_TOKENS, Q4_1)
-_q4_0_x1, _q4_0_x4 = _tile_kernel(1, Q4_0), _tile_kernel(_TILE_TOKENS, Q4_0)
-_q8_0_x1, _q8_0_x4 = _tile_kernel(1, Q8_0), _tile_kernel(_TILE_TOKENS, Q8_0)
+# What `_matmul` calls; each kernel is a copy of it whose globals bind these to its own type and level
+# (`matmul_kernel`). Globals, not a closure: Numba's cache keys a closure by its pickled cells, and
+# an intrinsic pickles differently in every process, so closures would compile at every start.
+_ONE = _MANY = None  # the 1-token and TILE_TOKENS-token tile kernels
+_KQUANT, _SUMS_PER = False, 32  # activations in Q8_K (else Q8_0/Q8_1), elements per activation sum
 
 
-@njit(inline="always", **_JIT)
-def _tile(kind, many, w, woff, x, xoff, xstride, dx, s, soff, nb, out):  # noqa: ANN001, ANN202
-    """One kernel call; `kind` and `many` are constants once inlined, so LLVM keeps one branch."""
-    if kind == Q4_1:
-        if many:
-            _q4_1_x4(w, woff, x, xoff, xstride, dx, s, soff, nb, out)
-        else:
-            _q4_1_x1(w, woff, x, xoff, xstride, dx, s, soff, nb, out)
-    elif kind == Q4_0:
-        if many:
-            _q4_0_x4(w, woff, x, xoff, xstride, dx, s, soff, nb, out)
-        else:
-            _q4_0_x1(w, woff, x, xoff, xstride, dx, s, soff, nb, out)
-    elif many:
-        _q8_0_x4(w, woff, x, xoff, xstride, dx, s, soff, nb, out)
+def _matmul(x, tiles, tasks, out):  # noqa: ANN001, ANN202
+    if _KQUANT:
+        q8, dq, sq, sums = quantize_q8k_rows(x, _SUMS_PER)
     else:
-        _q8_0_x1(w, woff, x, xoff, xstride, dx, s, soff, nb, out)
-
-
-@njit(inline="always", **_JIT)
-def _matmul(kind, x, tiled, offset, tasks, out):  # noqa: ANN001, ANN202
-    """out[T, N] = x[T, K] @ dequant(w).T with x rounded to int8 blocks as llama.cpp rounds it."""
-    T, K = x.shape
-    nb = tiled.shape[1]
+        q8, dq, sq, sums = quantize_q8_rows(x)
+    T = x.shape[0]
     N = out.shape[1]
-    q8, dh, sums = quantize_q8_rows(x, offset if kind == Q4_0 else np.float32(0.0))
-    tiles = -(-N // TILE_ROWS)
-    ntask = max(1, min(tasks, tiles))
+    ntiles = tiles.shape[0]
+    ntask = max(1, min(tasks, ntiles))
     for task in prange(ntask):
-        part = np.empty((_TILE_TOKENS, TILE_ROWS), np.float32)
-        for tile in range(task * tiles // ntask, (task + 1) * tiles // ntask):
-            woff = tile * nb * tiled.shape[2]
+        part = np.empty((TILE_TOKENS, TILE_ROWS), np.float32)
+        for tile in range(task * ntiles // ntask, (task + 1) * ntiles // ntask):
             rows = min(TILE_ROWS, N - tile * TILE_ROWS)
             t = 0
             while t < T:
-                many = T - t >= _TILE_TOKENS
-                tn = _TILE_TOKENS if many else 1
-                _tile(kind, many, tiled, woff, q8, t * K, K, dh, sums, t * nb, nb, part)
+                if T - t >= TILE_TOKENS:
+                    _MANY(tiles, tile, q8, dq, sq, sums, t, part)
+                    tn = TILE_TOKENS
+                else:
+                    _ONE(tiles, tile, q8, dq, sq, sums, t, part)
+                    tn = 1
                 for k in range(tn):
                     for r in range(rows):
                         out[t + k, tile * TILE_ROWS + r] = part[k, r]
                 t += tn
 
 
-@njit(parallel=True, **_JIT)
-def matmul_q4_1(x, tiled, offset, tasks, out):  # noqa: ANN001, ANN201
-    _matmul(Q4_1, x, tiled, offset, tasks, out)
+@functools.cache
+def matmul_kernel(fmt: Format, level: int) -> Callable[[np.ndarray, np.ndarray, int, np.ndarray], None]:
+    """The compiled `matmul(x, tiles, tasks, out)` of this type and level: out[T, N] = x[T, K] @ w.T
+    with x rounded as llama.cpp rounds it, in `tasks` row ranges over the threads.
 
-
-@njit(parallel=True, **_JIT)
-def matmul_q4_0(x, tiled, offset, tasks, out):  # noqa: ANN001, ANN201
-    _matmul(Q4_0, x, tiled, offset, tasks, out)
-
-
-@njit(parallel=True, **_JIT)
-def matmul_q8_0(x, tiled, offset, tasks, out):  # noqa: ANN001, ANN201
-    _matmul(Q8_0, x, tiled, offset, tasks, out)
-
-
-def to_tiles(kind: int, qs: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """`quant_pack`'s qs[c, b, j, r] and float32 d, m[c, b, r] -> uint8 tiles[N/8, nb, block_bytes]."""
-    nc, nb, j, c = qs.shape
-    sub = c // TILE_ROWS
-    # [c, b, g, i, sub, r8] -> [c, sub, b, g, r8, i]
-    values = qs.reshape(nc, nb, j // 4, 4, sub, TILE_ROWS).transpose(0, 4, 1, 2, 5, 3).reshape(nc * sub, nb, -1)
-    scales = [d] + ([m] if kind == Q4_1 else [])
-    halves = [a.reshape(nc, nb, sub, TILE_ROWS).transpose(0, 2, 1, 3).reshape(nc * sub, nb, TILE_ROWS) for a in scales]
-    fp16 = [h.astype(np.float16).view(np.uint8) for h in halves]  # exact: they were fp16 in the GGUF
-    return np.ascontiguousarray(np.concatenate([values, *fp16], axis=2))
-
-
-def rows(kind: int, tiled: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """These rows in `quant_pack`'s layout, as chunks of one row: qs[n, nb, j, 1], d and m[n, nb, 1]."""
-    n, nb = len(ids), tiled.shape[1]
-    blk = tiled[ids // TILE_ROWS].reshape(n, nb, -1)
-    r = (ids % TILE_ROWS)[:, None]
-    groups = GROUPS[kind]
-    values = blk[:, :, : groups * 32].reshape(n, nb, groups, TILE_ROWS, 4)
-    qs = values[np.arange(n)[:, None], :, :, r, :].reshape(n, nb, groups * 4, 1)
-    scales = blk[:, :, groups * 32 :].copy().view(np.float16).astype(np.float32).reshape(n, nb, -1, TILE_ROWS)
-    pick = scales[np.arange(n), :, :, ids % TILE_ROWS]  # [n, nb, scales]
-    d = np.ascontiguousarray(pick[:, :, :1])
-    m = np.ascontiguousarray(pick[:, :, 1:2]) if kind == Q4_1 else np.zeros((n, 0, 1), np.float32)
-    return np.ascontiguousarray(qs), d, m
+    Each kernel has a name of its own (its type, level and a digest of the format), so Numba's
+    cache keeps one file per kernel and a changed format cannot load another's machine code."""
+    name = f"matmul_{fmt.qtype.name.lower()}_{LEVEL_NAMES[level]}_{zlib.crc32(repr(fmt).encode()):08x}"
+    scope = globals() | {"_ONE": _tile_kernel(fmt, level, 1), "_MANY": _tile_kernel(fmt, level, TILE_TOKENS),
+                         "_KQUANT": fmt.kquant, "_SUMS_PER": fmt.sums_per}  # fmt: skip
+    fn = pytypes.FunctionType(_matmul.__code__, scope, name)
+    fn.__qualname__ = name
+    return njit(parallel=True, **_JIT)(fn)
