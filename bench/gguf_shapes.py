@@ -6,6 +6,7 @@ from random bytes in seconds instead of downloaded:
 
     python bench/gguf_shapes.py --shape llama-3.1-8b --mix q4_k_m --out /tmp/llama8b-q4km.gguf
     python bench/gguf_shapes.py --shape qwen2.5-0.5b --mix q8_0 --out m.gguf --layers 2 --vocab 4096
+    python bench/gguf_shapes.py --vocab-only --out vocab.gguf   # the tokenizer alone, for --vocab-from elsewhere
 
 `plan()` is the type rule of llama.cpp's `llama_tensor_get_type` (src/llama-quant.cpp, as
 vendored by llama-cpp-python 0.3.36) for dense llama/qwen2 models other than 70B ones, applied
@@ -317,10 +318,25 @@ def write(
     return Written(path, path.stat().st_size, time.perf_counter() - t0)
 
 
+def write_vocab_only(path: str | Path, vocab_from: str | Path = DEFAULT_VOCAB_FROM) -> int:
+    """A GGUF of `vocab_from`'s tokenizer keys alone (no tensors; ~1.7 MB for SmolLM2's): the `--vocab-from`
+    of a machine that should not receive the whole model. Returns its size."""
+    fields = _source_fields(Path(vocab_from).resolve())
+    w = GGUFWriter(Path(path), str(GGUFReader(vocab_from).fields["general.architecture"].contents()))
+    for key, (value, vtype, sub_type) in fields.items():
+        w.add_key_value(key, value, vtype, sub_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    return Path(path).stat().st_size
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", required=True, choices=SHAPES)
-    ap.add_argument("--mix", required=True, choices=MIXES)
+    ap.add_argument("--vocab-only", action="store_true", help="write only --vocab-from's tokenizer to --out")
+    ap.add_argument("--shape", choices=SHAPES)
+    ap.add_argument("--mix", choices=MIXES)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--vocab-from", type=Path, default=DEFAULT_VOCAB_FROM, help="GGUF whose tokenizer is copied")
     ap.add_argument("--layers", type=int, help="write only the first N layers (block_count = N)")
@@ -328,6 +344,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, help="generator threads (default: every CPU)")
     args = ap.parse_args(argv)
+    if args.vocab_only:
+        print(f"{args.out}: {write_vocab_only(args.out, args.vocab_from)} bytes, the tokenizer of {args.vocab_from}")
+        return
+    if not (args.shape and args.mix):
+        ap.error("--shape and --mix are required (or --vocab-only)")
     shape = SHAPES[args.shape]
     shape = dataclasses.replace(shape, n_layers=args.layers or shape.n_layers, vocab=args.vocab or shape.vocab)
     done = write(args.out, shape, args.mix, args.vocab_from, args.seed, args.threads)

@@ -165,6 +165,17 @@ def test_the_command_line_prints_size_time_and_types(files, capsys):
     assert "GiB" in line and " s; " in line and "Q8_0" in line
 
 
+def test_a_vocabulary_only_file_gives_the_same_tokenizer(files, model_path, tmp_path):
+    """--vocab-only writes the tokenizer alone (no tensors, a few MB), and a model written from it
+    has the same tokenizer keys as one written from the whole source file."""
+    vocab = tmp_path / "vocab.gguf"
+    gs.main(["--vocab-only", "--out", str(vocab), "--vocab-from", str(model_path)])
+    assert load_gguf(vocab).tensors == {} and vocab.stat().st_size < 4 << 20
+    assert gs.tokenizer_fields(vocab, 50000) == gs.tokenizer_fields(model_path, 50000)
+    with pytest.raises(SystemExit):
+        gs.main(["--out", str(tmp_path / "x.gguf")])  # neither --vocab-only nor a shape and a mix
+
+
 @pytest.mark.parametrize("which", FILES)
 def test_file_has_the_plan_and_the_vocabulary(files, model_path, which):
     path, shape = files[which], FILES[which]
