@@ -12,7 +12,6 @@ from rbees.errors import InvalidArgument
 from rbees.hosts import Host
 from rbees.remote import path_word, program_words, word
 
-GIT_ACTIONS = ("pull", "status", "build")
 _PIP_INSTALL = ".venv/bin/python -m pip install --disable-pip-version-check -e ."
 
 
@@ -24,14 +23,12 @@ def pool(host: Host, args: Sequence[str]) -> str:
 
 def git(host: Host, action: str) -> str:
     """Keep a host's checkout current: `pull` (fast-forward only), `status`, `build` (reinstall into .venv)."""
-    repo = _in_repo(host)
-    if action == "pull":
-        return f"{repo} && git pull --ff-only"
-    if action == "status":
-        return f"{repo} && git status --short --branch && git log -1 --format='%h %cd %s' --date=short"
-    if action == "build":
-        return f"{repo} && {_require_venv(host)} && {_PIP_INSTALL}"
-    raise InvalidArgument(f"unknown git action {action!r}; choose one of {', '.join(GIT_ACTIONS)}")
+    steps = {
+        "pull": "git pull --ff-only",
+        "status": "git status --short --branch && git log -1 --format='%h %cd %s' --date=short",
+        "build": f"{_require_venv(host)} && {_PIP_INSTALL}",
+    }
+    return f"{_in_repo(host)} && {steps[action]}"
 
 
 def setup(host: Host, python: str, clone: str | None) -> str:

@@ -20,11 +20,11 @@ from rbees.errors import InvalidArgument, InvalidHostsFile
 
 _HOST_KEYS = {"ssh", "rbees_pool", "home", "repo"}
 _DESTINATION = re.compile(
-    r"^(?:ssh://)?(?:(?P<user>[^@\s/]+)@)?(?P<host>\[[0-9A-Fa-f:.%\w]+\]|[^@:\s\[\]/]+)(?::(?P<port>\d{1,5}))?$"
+    r"^(?:ssh://)?(?:(?P<user>[\w.$-]+)@)?(?P<host>\[[0-9A-Fa-f:.%\w]+\]|[\w.-]+)(?::(?P<port>\d{1,5}))?$"
 )
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _MAX_HOPS = 8
-DEFAULT_CONNECT_TIMEOUT_S = 15.0
+_DEFAULT_CONNECT_TIMEOUT_S = 15.0
 
 
 def hosts_file() -> Path:
@@ -132,7 +132,7 @@ class Inventory:
             identity_files=tuple(config.get("identityfile", [])),
             identities_only=config.get("identitiesonly", "no").lower() == "yes",
             known_hosts=tuple(os.path.expanduser(path) for path in known),
-            connect_timeout=float(config.get("connecttimeout", DEFAULT_CONNECT_TIMEOUT_S)),
+            connect_timeout=float(config.get("connecttimeout", _DEFAULT_CONNECT_TIMEOUT_S)),
             jump=hops,
         )
 

@@ -42,8 +42,10 @@ def path_word(path: str) -> str:
     tilde = _TILDE.match(path)
     if tilde is None:
         return word(path)
-    rest = path[tilde.end() :]
-    return tilde.group() + (word(rest) if rest else "")
+    rest = path[tilde.end() + 1 :]  # after the slash, which must stay bare too for the shell to expand
+    if tilde.end() == len(path):
+        return tilde.group()
+    return f"{tilde.group()}/{word(rest) if rest else ''}"
 
 
 def program_words(command: str) -> str:

@@ -38,7 +38,7 @@ def select(host: str | None, all_hosts: bool) -> list[Host]:
     if all_hosts:
         names = inventory.names()
         if not names:
-            raise InvalidArgument(f"--all: the hosts file {inventory.hosts_path} lists no hosts")
+            raise InvalidArgument(f"the hosts file {inventory.hosts_path} lists no hosts")
     else:
         names = list(dict.fromkeys(name.strip() for name in (host or "").split(",") if name.strip()))
         if not names:

@@ -13,7 +13,10 @@ import contextlib
 import getpass
 import json
 import os
+import pty
+import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -173,3 +176,28 @@ def make_client(
     client.hosts_file.write_text(hosts_toml)
     client.known_hosts.write_text(sshd.known_hosts_line)
     return client
+
+
+def run_in_terminal(
+    client: Client, *args: str, env: dict[str, str] | None = None, interrupt_after: bytes | None = None
+) -> tuple[int, str]:
+    """Run `rbees ARGS` with a terminal as its stdout and stderr, as a person would; with `interrupt_after`,
+    press Ctrl-C (SIGINT) once that text has been shown. Returns the exit code and everything shown."""
+    controller, terminal = pty.openpty()
+    proc = client.popen(*args, env=env, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    shown = b""
+    while True:
+        ready, _, _ = select.select([controller], [], [], 120)
+        try:
+            chunk = os.read(controller, 65536) if ready else b""
+        except OSError:  # EIO: every writer of the terminal has gone
+            chunk = b""
+        if not chunk:
+            break
+        shown += chunk
+        if interrupt_after is not None and interrupt_after in shown:
+            proc.send_signal(signal.SIGINT)
+            interrupt_after = None
+    os.close(controller)
+    return proc.wait(60), shown.decode(errors="replace")

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import pty
-import select
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 import test_pool_download_hf as hub
-from sshd_harness import POOL, USER, Client, Sshd, keygen, make_client, run_sshd, ssh_fingerprint
+from sshd_harness import POOL, USER, Client, Sshd, keygen, make_client, run_in_terminal, run_sshd, ssh_fingerprint
 from test_pool_download_sources import _local_index, _wheel
 from test_pool_support import serve
 
@@ -263,25 +261,6 @@ def test_pypi_download_with_forwarded_pip_settings(client: Client, tmp_path: Pat
     assert missing.returncode == ExitCode.USAGE and "not set here" in missing.stderr
 
 
-def _run_in_terminal(client: Client, *args: str) -> tuple[int, str]:
-    """Run rbees with a terminal as stdout and stderr (as a person would); returns its exit code and output."""
-    controller, terminal = pty.openpty()
-    proc = client.popen(*args, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal)
-    os.close(terminal)
-    output = b""
-    while True:
-        ready, _, _ = select.select([controller], [], [], 60)
-        try:
-            chunk = os.read(controller, 65536) if ready else b""
-        except OSError:  # EIO: every writer of the terminal has gone
-            chunk = b""
-        if not chunk:
-            break
-        output += chunk
-    os.close(controller)
-    return proc.wait(60), output.decode(errors="replace")
-
-
 def test_progress_bar_through_a_terminal_plain_lines_otherwise(client: Client, tmp_path: Path) -> None:
     big = tmp_path / "big.gguf"
     big.write_bytes(os.urandom(24 << 20))
@@ -289,8 +268,11 @@ def test_progress_bar_through_a_terminal_plain_lines_otherwise(client: Client, t
         done = client.run("pool", "models", "register", model_id, "--name", model_id, "--source", f"file://{big}",
                           "--host", "b")  # fmt: skip
         assert done.returncode == 0, done.stderr
-    code, shown = _run_in_terminal(client, "pool", "models", "download", "bar", "--host", "b")
+    secret = "never-echoed-" + os.urandom(8).hex()  # forwarded through a terminal: echo is off before it is sent
+    code, shown = run_in_terminal(client, "pool", "models", "download", "bar", "--host", "b", "--env", "SECRET",
+                                  env={"SECRET": secret})  # fmt: skip
     assert code == 0 and "big.gguf" in shown and "━" in shown and "MB" in shown, shown  # rich's bar and sizes
+    assert secret not in shown
     plain = client.run("pool", "models", "download", "plain", "--host", "b")
     assert plain.returncode == 0 and "━" not in plain.stdout + plain.stderr
     assert plain.stdout.strip().endswith("big.gguf") and "plain" in plain.stdout

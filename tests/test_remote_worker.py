@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from sshd_harness import POOL, Client, Sshd, make_client, run_sshd
+from sshd_harness import POOL, Client, Sshd, make_client, run_in_terminal, run_sshd
 from test_pool_support import assert_nothing_left_running, serve
 from worker_harness import execute_body, free_port, stream_job
 
@@ -155,6 +155,18 @@ def test_logs_follow_live_and_a_killed_remote_command_is_reported(fleet: Fleet) 
     assert proc.wait(60) == ExitCode.REMOTE_LOST
     lines = proc.stderr.read().decode().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: REMOTE_LOST: a: no exit status"), lines
+
+
+def test_ctrl_c_on_a_terminal_reaches_the_remote_command(fleet: Fleet) -> None:
+    code, shown = run_in_terminal(fleet.client, "pool", "worker", "logs", fleet.worker["worker_id"], "-f", "-n", "1",
+                                  "--host", "a", interrupt_after=b"\n")  # fmt: skip
+    # ^C went through the remote terminal (which echoed it) to rbees-pool, which ended as typer does on SIGINT
+    # (exit 130, passed through); had rbees hung up instead it would say so (error: ...)
+    assert code == 130 and "^C" in shown and "error:" not in shown, shown
+    deadline = time.monotonic() + 10
+    while any(_is_remote_follower(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])):
+        assert time.monotonic() < deadline, "the remote `logs -f` outlived Ctrl-C"
+        time.sleep(0.1)
 
 
 def _is_remote_follower(cmdline: list[str]) -> bool:
