@@ -9,6 +9,7 @@ import typer
 from fabric import Connection
 
 from rbees import commands, fleet, ssh
+from rbees.errors import RbeesError
 from rbees.hosts import Host, Inventory
 from rbees.targets import AcceptOpt, interrupts, select
 from rbees_pool.output import emit_json, table
@@ -21,16 +22,18 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 def list_cmd(as_json: JsonOpt = False) -> None:
     """Hosts of the hosts file (what --all runs on) and ssh-config aliases, resolved; nothing is contacted."""
     inventory = Inventory()
-    docs = [_describe(inventory.resolve(name), inventory.entry_fields(name)) for name in inventory.names()]
-    docs += [_describe(inventory.resolve(alias), {}) for alias in inventory.aliases() if alias not in inventory.names()]
+    names = inventory.names()
+    docs = [_describe(inventory, name) for name in names] + [
+        _describe(inventory, alias) for alias in inventory.aliases() if alias not in names
+    ]
     if as_json:
         paths = {"hosts_file": str(inventory.hosts_path), "ssh_config": str(inventory.ssh_config_path)}
         emit_json({**paths, "hosts": docs})
         return
     table(f"Hosts ({inventory.hosts_path}, {inventory.ssh_config_path})",
           ["name", "from", "ssh", "via", "rbees-pool", "home", "repo"], [
-        [d["name"], d["source"], d["address"], ", ".join(d["jump"]) or "-", d["rbees_pool"], d["home"] or "(default)",
-         d["repo"] or "-"]
+        [d["name"], d["source"], d["address"] or d["error"], ", ".join(d["jump"]) or "-", d["rbees_pool"] or "-",
+         d["home"] or "(default)", d["repo"] or "-"]
         for d in docs
     ])  # fmt: skip
 
@@ -78,16 +81,22 @@ def _failure(doc: dict[str, Any]) -> str:
     return doc.get("stderr") or f"exit {doc['exit_code']}"
 
 
-def _describe(host: Host, fields: dict[str, str | None]) -> dict[str, Any]:
+def _describe(inventory: Inventory, name: str) -> dict[str, Any]:
+    """A name as `hosts list` shows it; one that cannot be resolved (e.g. a ProxyCommand alias) says why."""
+    blank = {"name": name, "source": "hosts.toml" if name in inventory.names() else "ssh-config", "address": None,
+             "jump": [], "rbees_pool": None, "home": None, "repo": None, "error": None}  # fmt: skip
+    try:
+        host = inventory.resolve(name)
+    except RbeesError as exc:
+        return {**blank, "error": str(exc)}
     return {
-        "name": host.name,
+        **blank,
         "source": host.source,
         "address": host.endpoint.address,
         "jump": [hop.address for hop in host.endpoint.jump],
         "rbees_pool": host.rbees_pool,
         "home": host.home,
         "repo": host.repo,
-        "ssh": fields.get("ssh", host.name),
     }
 
 

@@ -136,11 +136,6 @@ class Inventory:
             jump=hops,
         )
 
-    def entry_fields(self, name: str) -> dict[str, str | None]:
-        """What the hosts file says about `name` (for `hosts list`)."""
-        entry = self._entries[name]
-        return {"ssh": entry.ssh, "rbees_pool": entry.rbees_pool, "home": entry.home, "repo": entry.repo}
-
 
 def parse_destination(destination: str) -> tuple[str | None, str, int | None]:
     """`[ssh://][user@]host[:port]` (IPv6 in brackets) -> (user, host, port)."""

@@ -147,8 +147,9 @@ def _translated(host: Host, endpoint: Endpoint, where: str) -> Iterator[None]:
     except socket.gaierror:
         why = "" if host.source != "address" else " (it is neither in the hosts file nor an ssh-config alias)"
         raise UnknownHost(f"{where}: cannot resolve {endpoint.hostname!r}{why}") from None
-    except paramiko.ssh_exception.NoValidConnectionsError:
-        raise Unreachable(f"{where}: connection refused") from None
+    except paramiko.ssh_exception.NoValidConnectionsError as exc:  # every address of the host failed
+        reasons = sorted({(error.strerror or str(error)).lower() for error in exc.errors.values()})
+        raise Unreachable(f"{where}: {', '.join(reasons)}") from None
     except TimeoutError:
         raise Unreachable(f"{where}: no answer within {endpoint.connect_timeout:g} s") from None
     except paramiko.ChannelException as exc:

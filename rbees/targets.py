@@ -64,7 +64,7 @@ def execute(hosts: list[Host], task: fleet.Task, *, accept_new: bool, env: list[
 
 @contextlib.contextmanager
 def interrupts() -> Iterator[None]:
-    """Ctrl-C becomes Interrupted (exit 130) instead of click's "Aborted!" (exit 1)."""
+    """Ctrl-C ends like every other failure: one `error: INTERRUPTED` line (exit 130)."""
     try:
         yield
     except KeyboardInterrupt:

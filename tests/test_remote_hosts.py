@@ -3,8 +3,11 @@ and that its exit codes are documented; no connection is made here (test_remote_
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from rbees.remote import path_word, program_words, word
 from rbees_pool.exitcodes import ExitCode as PoolExitCode
 
 REPO = Path(__file__).resolve().parents[1]
+RBEES = Path(sys.executable).parent / "rbees"
 
 SSH_CONFIG = """\
 Host ws
@@ -115,6 +119,23 @@ def test_unsupported_ssh_settings_are_refused(inventory: Inventory) -> None:
         inventory.resolve("viaproxy")
     with pytest.raises(InvalidArgument, match="a loop"):
         inventory.resolve("loop")
+
+
+def test_hosts_list_shows_every_name_and_why_one_cannot_be_used(inventory: Inventory, tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "RBEES_HOSTS_FILE": str(inventory.hosts_path),
+        "RBEES_SSH_CONFIG": str(inventory.ssh_config_path),
+    }
+    done = subprocess.run([str(RBEES), "hosts", "list", "--json"], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    hosts = {h["name"]: h for h in doc["hosts"]}
+    assert doc["hosts_file"] == str(inventory.hosts_path) and list(hosts)[:3] == ["gpu1", "laptop", "custom"]
+    assert hosts["gpu1"]["address"] == "alice@workstation.example.net:2222" and len(hosts["gpu1"]["jump"]) == 2
+    assert hosts["viaproxy"]["address"] is None and "ProxyCommand" in hosts["viaproxy"]["error"]
+    people = subprocess.run([str(RBEES), "hosts", "list"], capture_output=True, text=True, env=env, timeout=60)
+    assert people.returncode == 0 and "gpu1" in people.stdout
 
 
 @pytest.mark.parametrize(

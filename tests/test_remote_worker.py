@@ -60,11 +60,13 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterato
                              "--host", "a", timeout=900)  # fmt: skip
         try:
             assert spawned.returncode == 0, spawned.stderr
+            worker_id = json.loads(spawned.stdout)["worker_id"]
             yield Fleet(client, sshd, json.loads(spawned.stdout))
+            stopped = client.run("pool", "worker", "stop", worker_id, "--host", "a")
+            assert (stopped.returncode, stopped.stdout) == (0, f"{worker_id}: stopped\n"), stopped.stderr
+            assert client.run_json("pool", "worker", "list", "--host", "a")["workers"] == []
         finally:
-            stopped = client.run("pool", "worker", "stop-all", "--host", "a")
-            assert_nothing_left_running(str(sshd.default_home))
-            assert stopped.returncode == 0, stopped.stderr
+            assert_nothing_left_running(str(sshd.default_home))  # kills what is left, and fails if anything was
 
 
 def _direct_text(url: str, prompt: str, max_tokens: int) -> str:
