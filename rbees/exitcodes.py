@@ -22,7 +22,7 @@ class ExitCode(IntEnum):
     AUTH_FAILED = 14  # the SSH server (or a worker/orchestrator) refused our credentials
     HOST_KEY_UNKNOWN = 15  # not in known_hosts; check it, then rerun with --accept-new-host-key
     HOST_KEY_CHANGED = 16  # known_hosts holds another key for this host: always refused
-    REMOTE_LOST = 17  # no exit status came back: the connection dropped or the remote command was killed
+    REMOTE_LOST = 17  # no exit status came back (connection dropped, command killed); a worker died mid-job
     HOSTS_FAILED = 18  # several hosts ran and at least one failed (the summary says which, with its code)
     JOB_FAILED = 19  # `rbees infer`: the server refused the job or ended it with an error
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, the shell's convention); `infer` cancelled the job first

@@ -16,7 +16,7 @@ from urllib.parse import urljoin
 
 import httpx
 
-from rbees.errors import AuthFailed, Interrupted, InvalidArgument, JobFailed, RbeesError, Unreachable
+from rbees.errors import AuthFailed, Interrupted, InvalidArgument, JobFailed, RbeesError, RemoteLost, Unreachable
 
 _RECONNECTS = 5  # orchestrator event streams resume with Last-Event-ID after a cut
 _CANCEL_TIMEOUT_S = 5.0
@@ -108,13 +108,20 @@ def run_worker(url: str, request: Request, token: str | None, on_token: OnToken)
                 raise InvalidArgument(f"{url} serves {served!r}, not {request.model!r}")
         result = Result(job_id=f"rbees-{uuid.uuid4().hex[:16]}")
         body = {"job_id": result.job_id, **request.body()}
-        with _CtrlC() as ctrl_c, client.events("POST", client.base_url + "/execute", json=body) as events:
-            for _, event in events:
-                if event.get("type") == "started":  # from now on the worker knows the job: it can be cancelled
-                    ctrl_c.arm(lambda: client.post("/cancel", {"job_id": result.job_id}, _CANCEL_TIMEOUT_S))
-                if _apply(event, result, on_token):
-                    return ctrl_c.outcome(result)
-        raise JobFailed(f"{url}: the stream of job {result.job_id} ended before its end event")
+        started = False
+        try:
+            with _CtrlC() as ctrl_c, client.events("POST", client.base_url + "/execute", json=body) as events:
+                for _, event in events:
+                    if event.get("type") == "started":  # from now on the worker knows the job: it can be cancelled
+                        started = True
+                        ctrl_c.arm(lambda: client.post("/cancel", {"job_id": result.job_id}, _CANCEL_TIMEOUT_S))
+                    if _apply(event, result, on_token):
+                        return ctrl_c.outcome(result)
+        except Unreachable as exc:
+            if not started:
+                raise
+            raise _lost(result, exc.message) from None
+        raise _lost(result, "the stream ended before its end event")
     finally:
         client.close()
 
@@ -199,6 +206,10 @@ class _CtrlC:
         with contextlib.suppress(RbeesError):  # e.g. the job had just ended: its end event tells
             assert self._cancel is not None
             self._cancel()
+
+
+def _lost(result: Result, why: str) -> RemoteLost:
+    return RemoteLost(f"job {result.job_id} lost after {result.tokens_out} tokens (the worker died?): {why}")
 
 
 def _apply(event: dict[str, Any], result: Result, on_token: OnToken) -> bool:

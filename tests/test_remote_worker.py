@@ -171,6 +171,20 @@ def test_ctrl_c_on_a_terminal_reaches_the_remote_command(fleet: Fleet) -> None:
         time.sleep(0.1)
 
 
+def test_a_worker_killed_mid_answer_is_reported(fleet: Fleet) -> None:
+    doomed = fleet.client.run_json("pool", "worker", "spawn", "cpu", "--model", "smol", "--slots", "1", "--host", "a")
+    proc = fleet.client.popen("infer", "--worker", doomed["url"], "--max-tokens", "2000", "--temperature", "0",
+                              LONG_PROMPT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    assert _read_until(proc.stdout.fileno(), b" ", 120)  # the answer is streaming
+    psutil.Process(doomed["pid"]).kill()
+    assert proc.wait(60) == ExitCode.REMOTE_LOST
+    lines = proc.stderr.read().decode().strip().splitlines()
+    assert len(lines) == 1 and re.match(r"error: REMOTE_LOST: job rbees-\w+ lost after \d+ tokens", lines[0]), lines
+    listed = fleet.client.run_json("pool", "worker", "list", "--host", "a")
+    assert listed["removed_stale"] == [doomed["worker_id"]]  # the pool noticed too
+
+
 def _is_remote_follower(cmdline: list[str]) -> bool:
     return any(part.endswith("rbees-pool") for part in cmdline) and "-f" in cmdline and "logs" in cmdline
 
