@@ -1,10 +1,34 @@
-"""Console entry point; the commands of this program are not built yet (see the SPEC)."""
+"""`rbees`: drive the pools of a fleet over SSH, and talk to its workers. Errors exit with the codes in
+exitcodes.py (a remote rbees-pool's own code passes through)."""
 
 from __future__ import annotations
 
+import logging
 import sys
+
+import typer
+from rich.markup import escape
+
+from rbees import cli_hosts, cli_infer, cli_pool
+from rbees.errors import RbeesError
+from rbees_pool.output import err_console
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Drive rbees pool hosts over SSH and stream answers from their workers.",
+)
+app.add_typer(cli_pool.app, name="pool")
+app.add_typer(cli_hosts.app, name="hosts")
+app.command("infer")(cli_infer.infer)
 
 
 def main() -> None:
-    print("rbees: not available in this version yet; use rbees-pool and rbees-workerd", file=sys.stderr)
-    sys.exit(1)
+    """Run the CLI; an RbeesError prints `error: CODE: message` on stderr and exits with its code."""
+    logging.getLogger("paramiko").addHandler(logging.NullHandler())  # its tracebacks are ours to summarise
+    try:
+        app(prog_name="rbees")
+    except RbeesError as exc:
+        err_console.print(f"error: {escape(str(exc))}")
+        sys.exit(int(exc.exit_code))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from importlib.metadata import version
 from pathlib import Path
 from typing import Annotated
 
@@ -27,6 +28,12 @@ app.add_typer(cli_status.backends_app, name="backends")
 app.command("status")(cli_status.status)
 
 
+def _print_version(requested: bool) -> None:
+    if requested:
+        print(f"rbees-pool {version('rbees')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     ctx: typer.Context,
@@ -34,6 +41,9 @@ def _root(
         Path | None,
         typer.Option("--root", envvar="RBEES_HOME", help="Pool root (default ~/.rbees).", show_default=False),
     ] = None,
+    _version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     ctx.obj = PoolPaths((root or default_root()).expanduser().resolve())
 
