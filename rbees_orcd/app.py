@@ -13,6 +13,7 @@ import binascii
 import contextlib
 import hmac
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -36,7 +37,6 @@ from rbees_orcd.errors import (
     RouteNotFound,
     TaskNotFound,
     WorkerNotFound,
-    WorkerUnreachable,
 )
 from rbees_orcd.health import HealthPoller
 from rbees_orcd.metrics import OrcdMetrics
@@ -44,6 +44,7 @@ from rbees_orcd.registry import Registry, Worker
 from rbees_orcd.relay import Relay
 from rbees_orcd.scheduler import Scheduler
 from rbees_orcd.schemas import (
+    SSE_EVENT,
     CancelAccepted,
     Health,
     TaskAccepted,
@@ -89,11 +90,17 @@ def build(settings: Settings) -> Orcd:
     return Orcd(settings, registry, relay, metrics, scheduler, HealthPoller(scheduler))
 
 
+_FIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*|[0-9]+)$")
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict"})
+
+
 def field_errors(exc: RequestValidationError) -> list[dict[str, str]]:
-    """Pydantic's errors as {field, constraint, message}; the rejected input is left out on purpose."""
+    """Pydantic's errors as {field, constraint, message}; the rejected input is left out on purpose, and so
+    are the union members' tags in a location (`stop.function-after[...]` is `stop`)."""
     out = []
     for e in exc.errors():
         loc = [] if e["type"] == "json_invalid" else [str(p) for p in e.get("loc", ()) if p != "body"]
+        loc = [p for p in loc if _FIELD.match(p) and p not in _TYPE_TAGS]
         ctx = {k: v for k, v in (e.get("ctx") or {}).items() if k != "error"}
         constraint = e["type"] + "".join(f" {k}={v}" for k, v in ctx.items())
         out.append({"field": ".".join(loc) or "body", "constraint": constraint, "message": e["msg"]})
@@ -112,11 +119,8 @@ def _presented_token(authorization: str) -> str:
 
 
 def _v2_error(error: OrcdError) -> JSONResponse:
-    headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s is not None else {}
-    if isinstance(error, AuthFailed):
-        headers["WWW-Authenticate"] = "Bearer"
     body = {"errors": error.errors} if isinstance(error, InvalidParams) else error.to_dict()
-    return JSONResponse(body, status_code=error.status, headers=headers)
+    return JSONResponse(body, status_code=error.status, headers=error.headers())
 
 
 def _error_response(request: Request, error: OrcdError) -> JSONResponse:
@@ -131,7 +135,6 @@ _STATUS_TEXT = {
     404: "MODEL_NOT_FOUND, TASK_NOT_FOUND or WORKER_NOT_FOUND",
     409: "TASK_ENDED",
     429: "QUEUE_FULL (see Retry-After)",
-    502: "WORKER_UNREACHABLE",
     503: "POOL_UNAVAILABLE or SHUTTING_DOWN (see Retry-After)",
 }
 
@@ -228,28 +231,32 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post("/v2/workers/ready", dependencies=secured, responses=_errors_doc(400, *auth))
     async def worker_ready(body: WorkerReady) -> WorkerView:
         """A worker's ready callback: it serves `model_ref` at `url` from now on."""
+        now = time.time()
         return register(
             Worker(
                 worker_id=body.worker_id, url=body.url, model=body.model_ref, backend=body.backend,
                 device=body.device, vram_bytes=body.vram_bytes, slots_total=body.slots_total,
-                last_seen=time.time(),
+                registered_at=now, last_seen=now,
             )
         )  # fmt: skip
 
-    @app.post("/v2/workers", status_code=201, dependencies=secured, responses=_errors_doc(400, *auth, 502))
+    @app.post("/v2/workers", status_code=201, dependencies=secured, responses=_errors_doc(400, *auth))
     async def worker_add(body: WorkerAdd) -> WorkerView:
         """Register a running worker by hand; its /health must answer, Ready, for the model given (if any)."""
         probe = Worker(body.worker_id, body.url, body.model_ref or "", "", None, 0, 1)
         health = await orcd.relay.health(probe)
         if health is None or not isinstance(health.get("model"), str) or not isinstance(health.get("slots_total"), int):
-            raise WorkerUnreachable(f"{body.url}/health does not answer as a worker")
+            message = f"{body.url}/health does not answer as an rbees worker"
+            raise InvalidParams(message, [{"field": "url", "constraint": "worker", "message": message}])
         if body.model_ref is not None and health["model"] != body.model_ref:
             message = f"the worker serves {health['model']!r}, not {body.model_ref!r}"
             raise InvalidParams(message, [{"field": "model_ref", "constraint": "served", "message": message}])
+        now = time.time()
         worker = Worker(
-            worker_id=body.worker_id, url=body.url, model=health["model"], backend=str(health.get("backend", "")),
-            device=health.get("device"), vram_bytes=int(health.get("vram_bytes") or 0),
-            slots_total=max(1, health["slots_total"]), last_seen=time.time(),
+            worker_id=body.worker_id, url=body.url, model=health["model"],
+            backend=_text_or_none(health.get("backend")) or "",
+            device=_text_or_none(health.get("device")), vram_bytes=_int(health.get("vram_bytes")),
+            slots_total=max(1, health["slots_total"]), registered_at=now, last_seen=now,
             state="healthy" if health.get("status") == "ok" else "loading",
         )  # fmt: skip
         return register(worker)
@@ -307,9 +314,10 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get(
         "/v2/tasks/{job_id}/events",
+        status_code=200,
         dependencies=secured,
         response_class=SseStream,
-        responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}, **_SSE_DOC},
+        responses={200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}, **_SSE_DOC},
                    **_errors_doc(400, *auth, 404)},
     )  # fmt: skip
     async def task_events(
@@ -370,6 +378,14 @@ def create_app(settings: Settings) -> FastAPI:
         return JSONResponse(app.openapi_schema)
 
     return app
+
+
+def _text_or_none(value: object) -> str | None:
+    return value[:256] if isinstance(value, str) else None
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and 0 <= value < 2**63 else 0
 
 
 def _resume_index(last_event_id: str | None) -> int:

@@ -22,6 +22,9 @@ class OrcdError(Exception):
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
 
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else {}
+
     def to_dict(self) -> dict[str, object]:
         body: dict[str, object] = {"code": self.code, "message": self.message, "retriable": self.retriable}
         if self.retry_after_s is not None:
@@ -43,6 +46,9 @@ class InvalidParams(OrcdError):
 class AuthFailed(OrcdError):
     code = "AUTH_FAILED"
     status = 401
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
 
 
 class ModelNotFound(OrcdError):
@@ -119,13 +125,6 @@ class WorkerFailed(OrcdError):
     code = "WORKER_FAILED"
     status = 502
     retriable = True
-
-
-class WorkerUnreachable(OrcdError):
-    """A worker being registered by hand does not answer its /health as a worker."""
-
-    code = "WORKER_UNREACHABLE"
-    status = 502
 
 
 class WorkerError(OrcdError):

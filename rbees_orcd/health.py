@@ -1,8 +1,10 @@
 """Health polling: every --health-interval, each registered worker's /health sets its state.
 
-No answer marks a worker unhealthy (no placement); one still silent --drop-after seconds after it began
-failing is removed from the registry. A worker that answers again is used again. A worker that answers
-for another model than it registered with (its port reused by another worker) is unhealthy too.
+A worker that misses MISSED_POLLS polls in a row is marked unhealthy (no placement; one slow answer on a
+busy host is no failure); one still silent --drop-after seconds after it began failing is removed from
+the registry. The relay marks a worker unhealthy at once when a stream to it breaks. A worker that
+answers again is used again. One that answers for another model than it registered with (its port
+reused by another worker) is unhealthy too.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from rbees_orcd.scheduler import Scheduler
 
 log = logging.getLogger("rbees_orcd.health")
 
+MISSED_POLLS = 2
 _STATES: dict[str, State] = {"ok": "healthy", "loading": "loading", "draining": "draining", "stopped": "draining"}
 
 
@@ -44,6 +47,7 @@ class HealthPoller:
             self._failing(worker, f"it serves {doc.get('model')!r}, not {worker.model!r}")
             return
         worker.last_seen = time.time()
+        worker.missed_polls = 0
         state = _STATES.get(str(doc.get("status")), "unhealthy")
         if isinstance(doc.get("slots_total"), int) and doc["slots_total"] > 0:
             worker.slots_total = doc["slots_total"]
@@ -54,6 +58,9 @@ class HealthPoller:
             self._scheduler.dispatch(worker.model)  # slots it reports free may have been waited for
 
     def _failing(self, worker: Worker, reason: str) -> None:
+        worker.missed_polls += 1
+        if worker.missed_polls < MISSED_POLLS and worker.state != "unhealthy":
+            return
         self._scheduler.mark(worker, "unhealthy", reason)
         since = worker.failing_since or time.time()
         if time.time() - since >= self._settings.drop_after_s:

@@ -29,12 +29,15 @@ from rbees_orcd.errors import (
 from rbees_orcd.registry import Registry
 from rbees_orcd.scheduler import Scheduler
 from rbees_orcd.schemas import (
+    SSE_EVENT,
+    ChatCompletion,
     ChatCompletionRequest,
     CompletionRequest,
     ModelCard,
     ModelList,
     OpenAIError,
     OpenAIRequest,
+    TextCompletion,
 )
 from rbees_orcd.sse import SseStream, past_queued, unless_disconnected
 from rbees_orcd.tasks import Event, Task
@@ -55,8 +58,7 @@ def error_response(error: OrcdError) -> JSONResponse:
         first = error.errors[0]
         param, message = first["field"], f"{first['field']}: {first['message']}"
     detail = {"message": message, "type": _TYPES.get(error.status, "server_error"), "param": param, "code": error.code}
-    headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s is not None else {}
-    return JSONResponse({"error": detail}, status_code=error.status, headers=headers)
+    return JSONResponse({"error": detail}, status_code=error.status, headers=error.headers())
 
 
 def event_error(event: Event) -> OrcdError:
@@ -138,6 +140,12 @@ def _completion_request(body: CompletionRequest) -> dict[str, Any]:
     return {"prompt": prompt, **_sampling(body, body.max_tokens or COMPLETION_MAX_TOKENS)}
 
 
+def _answer_doc(model: type) -> dict[int | str, dict[str, Any]]:
+    """200: the whole completion as JSON, or with `stream` its chunks as SSE."""
+    sse = {"schema": SSE_EVENT}
+    return {200: {"model": model, "content": {"text/event-stream": sse}, "description": "JSON, or SSE if `stream`"}}
+
+
 def router(scheduler: Scheduler, registry: Registry) -> APIRouter:
     api = APIRouter(prefix="/v1", responses={status: ERROR_DOC for status in (400, 404, 429, 502, 503)})
 
@@ -161,13 +169,13 @@ def router(scheduler: Scheduler, registry: Registry) -> APIRouter:
         usage = body.stream_options is not None and body.stream_options.include_usage
         return SseStream(_chunks(task, shape, usage), lambda: cancel(task))
 
-    @api.post("/chat/completions")
+    @api.post("/chat/completions", responses=_answer_doc(ChatCompletion))
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any:
         """OpenAI chat completion; the worker renders the messages with the model's chat template."""
         shape = _Shape(True, f"chatcmpl-{time.time_ns():x}", body.model, int(time.time()))
         return await answer(request, body, shape, _chat_request(body))
 
-    @api.post("/completions")
+    @api.post("/completions", responses=_answer_doc(TextCompletion))
     async def completions(request: Request, body: CompletionRequest) -> Any:
         """OpenAI (legacy) text completion of a raw prompt."""
         shape = _Shape(False, f"cmpl-{time.time_ns():x}", body.model, int(time.time()))

@@ -55,6 +55,7 @@ class Worker:
     failing_since: float | None = None
     active: int = 0
     saturated: bool = False  # it answered ALL_SLOTS_BUSY: no placement until a slot frees here or a poll
+    missed_polls: int = 0  # consecutive polls it did not answer
 
     @property
     def free_slots(self) -> int:

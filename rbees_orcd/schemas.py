@@ -18,14 +18,32 @@ WorkerId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z
 ModelRef = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")]
 
 
+_PORT = r"([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+_WORKER_URL = rf"^https?://[A-Za-z0-9.-]+(:{_PORT})?(/[A-Za-z0-9._~%+/-]*)?$"  # a name or IPv4 address
+
+
 def _worker_url(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        raise PydanticCustomError("url", "an http(s) URL of a worker, without query or fragment")
+    """The base URL, without a trailing slash (the pattern has already refused query, fragment, user info)."""
+    if not urlsplit(value).hostname:
+        raise PydanticCustomError("url", "an http(s) URL of a worker")
     return value.rstrip("/")
 
 
-WorkerUrl = Annotated[str, Field(min_length=1, max_length=512), AfterValidator(_worker_url)]
+def _utf8(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PydanticCustomError("utf8", "text that UTF-8 can encode (no lone surrogates)") from None
+    return value
+
+
+# One SSE event as a client parses it; `data` holds one JSON document (or `[DONE]` on /v1 streams).
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"id": {"type": "string"}, "event": {"type": "string"}, "data": {"type": "string"}},
+}
+WorkerUrl = Annotated[str, Field(min_length=1, max_length=512, pattern=_WORKER_URL), AfterValidator(_worker_url)]
 
 
 # ---- workers
@@ -35,9 +53,9 @@ class WorkerReady(BaseModel):
     worker_id: WorkerId
     url: WorkerUrl
     model_ref: ModelRef
-    backend: Annotated[str, Field(min_length=1, max_length=32)]
-    device: Annotated[str, Field(max_length=256)] | None = None
-    vram_bytes: Annotated[int, Field(ge=0)] = 0
+    backend: Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9._-]+$")]
+    device: Annotated[str, Field(max_length=256), AfterValidator(_utf8)] | None = None
+    vram_bytes: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
     slots_total: Annotated[int, Field(ge=1, le=4096)]
 
 
@@ -163,6 +181,55 @@ class CompletionRequest(OpenAIRequest):
     echo: Literal[False] = False
     logprobs: None = None
     suffix: None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatChoiceMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatChoiceMessage
+    logprobs: None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    """A whole chat completion (`stream` false); with `stream` the answer is SSE of chat.completion.chunk."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: None
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class TextChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: Literal["stop", "length"]
+
+
+class TextCompletion(BaseModel):
+    """A whole text completion (`stream` false); with `stream` the answer is SSE of text_completion chunks."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: None
+    choices: list[TextChoice]
+    usage: Usage
 
 
 class ModelCard(BaseModel):

@@ -6,8 +6,11 @@ workers see the connection close and cancel them) and the process exits 0.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import socket
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -29,6 +32,19 @@ def bind(settings: Settings) -> socket.socket:
     return sock
 
 
+class _Server(uvicorn.Server):
+    """uvicorn, but a SIGTERM/SIGINT ends it with exit 0 (uvicorn re-raises a captured signal at the end)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
 def serve(settings: Settings, sock: socket.socket) -> int:
     config = uvicorn.Config(
         create_app(settings),
@@ -36,7 +52,7 @@ def serve(settings: Settings, sock: socket.socket) -> int:
         access_log=False,
         timeout_graceful_shutdown=5,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
     log.info(
         f"listening on {settings.host}:{settings.port}, registry {settings.db}",
         extra={"fields": {"bind": f"{settings.host}:{settings.port}", "db": str(settings.db)}},

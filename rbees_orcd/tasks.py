@@ -54,7 +54,7 @@ class Task:
         self.error: Event | None = None
         self.end: Event | None = None
         self.timers: dict[str, asyncio.TimerHandle] = {}
-        self._changed: asyncio.Future[None] | None = None
+        self._waiters: list[asyncio.Future[None]] = []  # one per reader: a reader's cancel is its own
 
     @property
     def ended(self) -> bool:
@@ -79,16 +79,17 @@ class Task:
         self.publish(event)
 
     def _wake(self) -> None:
-        changed, self._changed = self._changed, None
-        if changed is not None and not changed.done():
-            changed.set_result(None)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def wait_beyond(self, count: int) -> None:
         """Return once more than `count` events exist or the task has ended."""
         while len(self.events) <= count and not self.ended:
-            if self._changed is None:
-                self._changed = asyncio.get_running_loop().create_future()
-            await self._changed
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
 
     async def wait_ended(self) -> None:
         while not self.ended:
