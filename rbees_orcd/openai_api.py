@@ -63,7 +63,7 @@ def error_response(error: OrcdError) -> JSONResponse:
 
 def event_error(event: Event) -> OrcdError:
     """The error a task's `error` event stands for."""
-    data = event.data
+    data = event.data or {}
     code, message = str(data.get("code")), str(data.get("message", ""))
     if code == "INVALID_PARAMS":
         return InvalidParams(message, data.get("errors") or None)
@@ -101,13 +101,13 @@ class _Shape:
 
 
 def _usage(task: Task) -> dict[str, int]:
-    tokens = int(task.end.data.get("tokens_out", task.tokens_out)) if task.end is not None else task.tokens_out
+    tokens = int((task.end.data or {}).get("tokens_out", task.tokens_out)) if task.end else task.tokens_out
     return {"prompt_tokens": task.prompt_tokens, "completion_tokens": tokens,
             "total_tokens": task.prompt_tokens + tokens}  # fmt: skip
 
 
 def _finish_reason(task: Task) -> str:
-    return "length" if task.end is not None and task.end.data.get("stop_reason") == "MAX_TOKENS" else "stop"
+    return "length" if task.end is not None and (task.end.data or {}).get("stop_reason") == "MAX_TOKENS" else "stop"
 
 
 def _sampling(body: OpenAIRequest, max_tokens: int) -> dict[str, Any]:
@@ -163,7 +163,7 @@ def router(scheduler: Scheduler, registry: Registry) -> APIRouter:
         if task.error is not None and (not body.stream or len(task.events) <= 2):
             raise event_error(task.error)  # before the first token: a plain HTTP error
         if not body.stream:
-            text = "".join(e.data["t"] for e in task.events if e.type == "token")
+            text = "".join(e.text for e in task.events if e.type == "token")
             choice = shape.choice(text, _finish_reason(task), chunk=False)
             return JSONResponse(shape.document([choice], chunk=False, usage=_usage(task)))
         usage = body.stream_options is not None and body.stream_options.include_usage
@@ -206,7 +206,7 @@ async def _chunks(task: Task, shape: _Shape, include_usage: bool) -> AsyncIterat
         for event in task.events[position:]:
             kind = event.type
             if kind == "token":
-                out.append(data(shape.document([shape.choice(event.data["t"], None, chunk=True)], chunk=True,
+                out.append(data(shape.document([shape.choice(event.text, None, chunk=True)], chunk=True,
                                                usage=usage)))  # fmt: skip
             elif kind == "started" and shape.chat:  # the assistant's role comes first
                 out.append(data(shape.document([shape.choice(None, None, chunk=True, first=True)], chunk=True,

@@ -22,7 +22,7 @@ import orjson
 from rbees_orcd.metrics import OrcdMetrics
 from rbees_orcd.registry import State, Worker
 from rbees_orcd.settings import WorkerTokens
-from rbees_orcd.tasks import Event, Task, error_event
+from rbees_orcd.tasks import Event, Task, error_event, event, token_event
 
 log = logging.getLogger("rbees_orcd.relay")
 
@@ -177,13 +177,13 @@ class _Stream:
                     raise _Lost("the worker sent a malformed frame") from None
                 if kind == "token":
                     self._flush_started()
-                    task.publish(Event("token", frame, raw))
+                    task.publish(token_event(raw, str(frame.get("t", ""))))
                     relayed += 1
                 elif kind == "started":
                     self._started = frame
                 elif kind == "metrics":
                     self._flush_started()
-                    task.publish(Event("metrics", frame, raw))
+                    task.publish(Event("metrics", raw, frame))
                 elif kind in ("end", "error"):
                     self._flush_started()
                     task.tokens_out += relayed
@@ -202,7 +202,7 @@ class _Stream:
         started = self._started or {}
         self._task.prompt_tokens = int(started.get("prompt_tokens", 0))
         self._task.publish(
-            Event(
+            event(
                 "started",
                 {
                     "type": "started",
@@ -226,8 +226,8 @@ def _data(block: bytes) -> bytes | None:
 
 def _ending(frame: dict[str, Any], raw: bytes) -> Finished:
     if frame["type"] == "error":
-        return Finished("failed", Event("error", frame, raw))
-    return Finished("cancelled" if frame.get("stop_reason") == "CANCELLED" else "completed", Event("end", frame, raw))
+        return Finished("failed", Event("error", raw, frame))
+    return Finished("cancelled" if frame.get("stop_reason") == "CANCELLED" else "completed", Event("end", raw, frame))
 
 
 async def _error_body(response: httpx.Response) -> dict[str, Any]:
@@ -244,9 +244,8 @@ def _refusal(status: int, body: dict[str, Any]) -> Finished | Retry:
     code = str(body.get("code", ""))
     if status == 400:
         errors = body.get("errors") if isinstance(body.get("errors"), list) else []
-        event = error_event("INVALID_PARAMS", "the worker refused the request's parameters", False)
-        event = Event("error", {**event.data, "errors": errors})
-        return Finished("failed", event)
+        refused = error_event("INVALID_PARAMS", "the worker refused the request's parameters", False).data or {}
+        return Finished("failed", event("error", {**refused, "errors": errors}))
     if status == 503 and code in _BUSY_STATES:
         return Retry(f"{code} (HTTP 503)", busy=True, worker_state=_BUSY_STATES[code])
     return Retry(f"{code or 'error'} (HTTP {status})")

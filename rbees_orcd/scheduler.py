@@ -30,7 +30,7 @@ from rbees_orcd.metrics import OrcdMetrics
 from rbees_orcd.registry import Registry, State, Worker
 from rbees_orcd.relay import Finished, Relay, Retry
 from rbees_orcd.settings import Settings
-from rbees_orcd.tasks import Event, Status, Task, TaskStore, end_event, error_event
+from rbees_orcd.tasks import Event, Status, Task, TaskStore, end_event, error_event, event
 
 log = logging.getLogger("rbees_orcd.scheduler")
 
@@ -90,7 +90,7 @@ class Scheduler:
         task.set_timer("queue", self.settings.queue_timeout_s, lambda: self._expire(task))
         self.dispatch(task.model)
         position = queue.position(task)
-        task.publish(Event("queued", {"type": "queued", "job_id": task.job_id, "queue_position": position}))
+        task.publish(event("queued", {"type": "queued", "job_id": task.job_id, "queue_position": position}))
 
     def _check_admission(self, model: str) -> None:
         if self.closing:
@@ -144,7 +144,7 @@ class Scheduler:
         if isinstance(outcome, Finished):
             self._task_seconds = 0.8 * self._task_seconds + 0.2 * (time.perf_counter() - started)
             if outcome.worker_lost:
-                self.mark(worker, "unhealthy", outcome.event.data["message"])
+                self.mark(worker, "unhealthy", str((outcome.event.data or {}).get("message")))
             self.finish(task, outcome.status, outcome.event)  # type: ignore[arg-type]
         else:
             self._retry(task, worker, outcome)
@@ -243,7 +243,7 @@ class Scheduler:
         if task.worker_id:
             fields["worker_id"] = task.worker_id
         if task.error is not None:
-            fields["code"] = task.error.data.get("code")
+            fields["code"] = (task.error.data or {}).get("code")
         log.info(f"task {task.job_id} {status} with {task.tokens_out} tokens", extra={"fields": fields})
 
     async def shutdown(self) -> None:

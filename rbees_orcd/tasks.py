@@ -11,7 +11,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import orjson
 
@@ -20,15 +20,23 @@ Status = Literal["queued", "running", "completed", "failed", "cancelled"]
 ENDED: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 
 
-class Event:
-    """One published frame: its type, its JSON document, and that document's bytes (as sent)."""
+class Event(NamedTuple):
+    """One published frame: its type, its JSON document's bytes (as sent), and that document parsed, except
+    for a token, which keeps its text alone. A token event is thus a tuple of atomic values that the garbage
+    collector stops tracking, so a long-lived log of many tokens costs no collection pauses."""
 
-    __slots__ = ("type", "data", "raw")
+    type: str
+    raw: bytes
+    data: dict[str, Any] | None = None
+    text: str = ""
 
-    def __init__(self, type: str, data: dict[str, Any], raw: bytes | None = None) -> None:
-        self.type = type
-        self.data = data
-        self.raw = raw if raw is not None else orjson.dumps(data)
+
+def event(type: str, data: dict[str, Any]) -> Event:
+    return Event(type, orjson.dumps(data), data)
+
+
+def token_event(raw: bytes, text: str) -> Event:
+    return Event("token", raw, None, text)
 
 
 class Task:
@@ -123,11 +131,11 @@ def sse_frames(task: Task, start: int) -> bytes:
 
 
 def end_event(stop_reason: str, tokens_out: int = 0) -> Event:
-    return Event("end", {"type": "end", "tokens_out": tokens_out, "decode_time_ms": 0.0, "stop_reason": stop_reason})
+    return event("end", {"type": "end", "tokens_out": tokens_out, "decode_time_ms": 0.0, "stop_reason": stop_reason})
 
 
 def error_event(code: str, message: str, retriable: bool) -> Event:
-    return Event("error", {"type": "error", "code": code, "message": message, "retriable": retriable})
+    return event("error", {"type": "error", "code": code, "message": message, "retriable": retriable})
 
 
 class TaskStore:

@@ -14,7 +14,7 @@ from orcd_harness import ORCD
 
 from rbees_orcd.registry import Registry, Worker
 from rbees_orcd.settings import SettingsError, read_api_token, read_worker_tokens, split_bind
-from rbees_orcd.tasks import Event, Task, sse_frames
+from rbees_orcd.tasks import Task, event, sse_frames, token_event
 
 
 @pytest.mark.parametrize(
@@ -120,14 +120,14 @@ def test_a_reader_that_goes_away_does_not_stop_the_others() -> None:
 
     async def scenario() -> list[bytes]:
         task = Task("smol", {"prompt": "x", "max_tokens": 1})
-        task.publish(Event("queued", {"type": "queued"}))
+        task.publish(event("queued", {"type": "queued"}))
         readers = [asyncio.create_task(task.wait_beyond(0)) for _ in range(3)]
         await asyncio.sleep(0)
         readers[0].cancel()
         await asyncio.sleep(0)
-        task.publish(Event("token", {"type": "token", "t": "a", "i": 0}))
+        task.publish(token_event(b'{"type":"token","t":"a","i":0}', "a"))
         await asyncio.wait_for(asyncio.gather(*readers[1:]), 5)
-        task.finish("completed", Event("end", {"type": "end"}))
+        task.finish("completed", event("end", {"type": "end"}))
         await asyncio.wait_for(task.wait_beyond(99), 5)  # an ended task never makes a reader wait
         return [sse_frames(task, 0), sse_frames(task, 2)]
 
