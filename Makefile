@@ -50,8 +50,10 @@ test: dev model
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
+# The whole flow: orchestrator, a worker spawned by rbees-pool (registered by its callback), an answer streamed
+# through the orchestrator with curl; everything is stopped at the end.
 demo: install model
-	$(VENV)/bin/rbees-workerd generate --model $(MODEL) --prompt "$(PROMPT)" --max-tokens 32 --temperature 0
+	VENV_BIN=$(VENV)/bin MODEL_FILE=$(CURDIR)/$(MODEL) PROMPT="$(PROMPT)" bash bench/demo.sh
 
 bench: dev model $(LLAMA_BENCH_DIR)
 	PYTHONPATH=$(LLAMA_BENCH_DIR) $(PY) bench/engine_cpu.py --model $(MODEL) --start-times

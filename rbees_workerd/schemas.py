@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 MAX_PROMPT_CHARS = 32768
 MAX_TOKENS = 2048
 MAX_STOP_STRINGS = 4
 MAX_STOP_BYTES = 100
+MAX_MESSAGES = 64
 
 JobId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
 
@@ -40,13 +41,28 @@ def _stop_bytes(value: str) -> str:
 StopString = Annotated[str, Field(min_length=1), AfterValidator(_stop_bytes)]
 
 
-class ExecuteRequest(BaseModel):
-    """One generation. Unknown fields are ignored, so a newer orchestrator can talk to this worker."""
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 
-    model_config = ConfigDict(allow_inf_nan=False)
 
-    job_id: JobId
-    prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+Messages = Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+
+
+class Generation(BaseModel):
+    """What to generate, of a raw `prompt` or of chat `messages` that the worker renders with the model's
+    chat template (exactly one of the two), and how. The orchestrator's task body is one too. Unknown
+    fields are ignored, so a newer orchestrator can talk to this worker."""
+
+    model_config = ConfigDict(
+        allow_inf_nan=False,
+        json_schema_extra={"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]},
+    )
+
+    # None only when left out (an explicit null is a wrong type): the schema's oneOf asks for one of them
+    prompt: Prompt = None  # type: ignore[assignment]
+    messages: Messages = None  # type: ignore[assignment]
     max_tokens: _number(int, ge=1, le=MAX_TOKENS)
     temperature: _number(float, ge=0, le=2) = 1.0
     top_p: _number(float, ge=0, le=1) = 1.0
@@ -56,6 +72,18 @@ class ExecuteRequest(BaseModel):
     # 2**53: the largest bound that a JSON number (a double to many clients) states exactly
     seed: _number(int, ge=0, le=2**53) | None = None
     stop: Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] = []
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> Generation:
+        if (self.prompt is None) == (self.messages is None):
+            raise PydanticCustomError("prompt_or_messages", "Give exactly one of prompt and messages")
+        return self
+
+
+class ExecuteRequest(Generation):
+    """One generation on this worker, under the caller's job id."""
+
+    job_id: JobId
 
 
 class CancelRequest(BaseModel):

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rbees_workerd import logs
 from rbees_workerd.callback import CallbackFailed, send_ready
-from rbees_workerd.errors import AllSlotsBusy, RbeesError
+from rbees_workerd.errors import AllSlotsBusy, InvalidParams, RbeesError
 from rbees_workerd.http_errors import AuthFailed, Draining, FieldInvalid, JobNotFound, NotReady
 from rbees_workerd.runtime import WorkerRuntime, start_loading
 from rbees_workerd.schemas import (
@@ -213,6 +213,8 @@ def create_app(runtime: WorkerRuntime) -> FastAPI:
     )
     async def execute(body: ExecuteRequest) -> StreamingResponse:
         """Generate; the response streams each token as it is sampled."""
+        if body.messages is not None:
+            body = await _with_chat_prompt(runtime, body)
         return JobStream(runtime, await runtime.start_job(body), settings.model_ref)
 
     @app.post("/cancel", status_code=202, dependencies=secured, responses=_errors_doc(400, *auth_doc, 404))
@@ -276,6 +278,18 @@ def create_app(runtime: WorkerRuntime) -> FastAPI:
         return JSONResponse(app.openapi_schema)
 
     return app
+
+
+async def _with_chat_prompt(runtime: WorkerRuntime, body: ExecuteRequest) -> ExecuteRequest:
+    """The request with its chat messages rendered into the prompt by the model's own chat template."""
+    if runtime.engine is None:
+        raise NotReady(f"the model is loading ({runtime.load_progress:.0%})")
+    messages = [m.model_dump() for m in body.messages]
+    try:
+        prompt = await asyncio.to_thread(runtime.engine.tokenizer.apply_chat_template, messages)
+    except InvalidParams as e:
+        raise FieldInvalid("messages", "chat_template", e.message) from e
+    return body.model_copy(update={"prompt": prompt, "messages": None})
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

@@ -157,6 +157,25 @@ INVALID_BODIES: list[tuple[str, str, str]] = [
     ("stop string over 100 bytes", json.dumps(execute_body("x", SECRET_PROMPT, stop=["é" * 51])), "stop.0"),
     ("stop not a list", json.dumps(execute_body("x", SECRET_PROMPT, stop="\n")), "stop"),
     ("bad job id", json.dumps(execute_body("a b/c", SECRET_PROMPT)), "job_id"),
+    ("neither prompt nor messages", json.dumps({"job_id": "x", "max_tokens": 4}), "body"),
+    (
+        "both prompt and messages",
+        json.dumps(execute_body("x", SECRET_PROMPT, messages=[{"role": "user", "content": SECRET_PROMPT}])),
+        "body",
+    ),
+    ("null prompt", json.dumps({"job_id": "x", "prompt": None, "max_tokens": 4}), "prompt"),
+    ("empty messages", json.dumps({"job_id": "x", "messages": [], "max_tokens": 4}), "messages"),
+    (
+        "unknown message role",
+        json.dumps({"job_id": "x", "messages": [{"role": "robot", "content": SECRET_PROMPT}], "max_tokens": 4}),
+        "messages.0.role",
+    ),
+    (
+        "messages over the context",
+        json.dumps({"job_id": "x", "messages": [{"role": "user", "content": SECRET_PROMPT + " word" * 400}],
+                    "max_tokens": 4}),
+        "prompt",
+    ),
 ]
 
 
@@ -170,6 +189,21 @@ def test_invalid_execute_is_400_with_field_errors_and_no_echo(client: httpx.Clie
     assert field in [e["field"] for e in errors]
     assert all(set(e) == {"field", "constraint", "message"} and e["message"] for e in errors)
     assert SECRET_PROMPT not in r.text
+
+
+def test_chat_messages_are_rendered_with_the_model_chat_template(worker: Daemon, tokenizer: Tokenizer) -> None:
+    """`messages` generate exactly what their rendering by the model's template generates as a raw prompt."""
+    messages = [
+        {"role": "system", "content": "You are a terse assistant."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
+    body = {"job_id": "chat-1", "messages": messages, "max_tokens": 8, "temperature": 0.0}
+    chat = stream_job(worker.url, body)
+    rendered = tokenizer.apply_chat_template(messages)
+    assert "<|im_start|>assistant" in rendered  # SmolLM2's template, with the generation prompt
+    raw = stream_job(worker.url, execute_body("chat-raw", rendered))
+    assert chat[0]["prompt_tokens"] == raw[0]["prompt_tokens"] == len(tokenizer.encode(rendered))
+    assert _text(chat) == _text(raw) and _text(chat).strip()
 
 
 def test_cancel_ends_the_stream_with_cancelled(client: httpx.Client) -> None:
@@ -376,6 +410,8 @@ def test_openapi_schema_matches_the_real_responses(
             body["prompt"] = body["prompt"][:60]
         if isinstance(body.get("prompt"), str) and body["prompt"] and not tokenizer.encode(body["prompt"]):
             body["prompt"] += "a"  # e.g. only bytes SmolLM2's vocabulary lacks, such as U+0006
+        if isinstance(body.get("messages"), list):  # a rendered chat is never of no tokens
+            body["messages"] = [{**m, "content": m["content"][:60]} for m in body["messages"][:2]]
     case.call_and_validate(timeout=120)
 
 

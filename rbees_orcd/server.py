@@ -1,0 +1,61 @@
+"""Run the orchestrator: bind the socket first (a taken port fails at once), then serve with uvicorn.
+
+uvicorn handles SIGTERM/SIGINT: it stops accepting, the app's lifespan ends the tasks still running (their
+workers see the connection close and cancel them) and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Iterator
+
+import uvicorn
+
+from rbees_orcd.app import create_app
+from rbees_orcd.settings import Settings
+
+log = logging.getLogger("rbees_orcd.server")
+
+
+def bind(settings: Settings) -> socket.socket:
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, but a SIGTERM/SIGINT ends it with exit 0 (uvicorn re-raises a captured signal at the end)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def serve(settings: Settings, sock: socket.socket) -> int:
+    config = uvicorn.Config(
+        create_app(settings),
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    server = _Server(config)
+    log.info(
+        f"listening on {settings.host}:{settings.port}, registry {settings.db}",
+        extra={"fields": {"bind": f"{settings.host}:{settings.port}", "db": str(settings.db)}},
+    )
+    server.run(sockets=[sock])
+    return 0 if server.started else 1
