@@ -51,9 +51,9 @@ test: dev model
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 # The whole flow: orchestrator, a worker spawned by rbees-pool (registered by its callback), an answer streamed
-# through the orchestrator with curl; everything is stopped at the end.
+# through the orchestrator by `rbees infer`; everything is stopped at the end (scripts/demo.sh).
 demo: install model
-	VENV_BIN=$(VENV)/bin MODEL_FILE=$(CURDIR)/$(MODEL) PROMPT="$(PROMPT)" bash bench/demo.sh
+	VENV_BIN=$(VENV)/bin MODEL_FILE=$(CURDIR)/$(MODEL) PROMPT="$(PROMPT)" bash scripts/demo.sh
 
 bench: dev model $(LLAMA_BENCH_DIR)
 	PYTHONPATH=$(LLAMA_BENCH_DIR) $(PY) bench/engine_cpu.py --model $(MODEL) --start-times

@@ -9,7 +9,6 @@ import re
 import select
 import signal
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from orcd_harness import run_orcd
 from sshd_harness import POOL, Client, Sshd, make_client, run_in_terminal, run_sshd
 from test_pool_support import assert_nothing_left_running, serve
 from worker_harness import execute_body, free_port, stream_job
@@ -201,118 +201,85 @@ def _read_until(fd: int, needle: bytes, timeout: float) -> bytes:
     return data
 
 
-class _StandInOrcd:
-    """The part of rbees-orcd's `/v2/tasks` API that `rbees infer` uses (SPEC: rbees-orcd), relaying to one real
-    worker. rbees-orcd is being built beside this CLI; until it lands this stands in for it. Its first events
-    stream is cut after three events, so the client has to resume with Last-Event-ID."""
+class _CuttingProxy:
+    """Passes requests through to the real rbees-orcd, but cuts the first events stream it relays after three
+    events (a dropped connection, which cannot be produced otherwise), so that the client has to resume with
+    Last-Event-ID. It records the Last-Event-ID of each resumed stream."""
 
-    def __init__(self, worker_url: str, token: str) -> None:
-        self.worker_url, self.token = worker_url, token
-        self.events: dict[str, list[dict[str, Any]]] = {}
-        self.changed = threading.Condition()
+    def __init__(self, orcd_url: str) -> None:
+        self.orcd_url = orcd_url
         self.resumed_from: list[str] = []
-        self.cancelled: list[str] = []
+        self.cut = False
 
     def handler(self) -> type[BaseHTTPRequestHandler]:
-        orcd = self
+        proxy = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
             def log_message(self, *args: object) -> None:
                 pass
 
             def do_POST(self) -> None:  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
-                if not self._authorized():
-                    return
-                if self.path == "/v2/tasks":
-                    job_id = orcd.submit(body)
-                    self._json(202, {"job_id": job_id, "status": "queued", "queue_position": 0,
-                                     "events_url": f"/v2/tasks/{job_id}/events"})  # fmt: skip
-                else:
-                    job_id = self.path.split("/")[3]
-                    orcd.cancelled.append(job_id)
-                    httpx.post(f"{orcd.worker_url}/cancel", json={"job_id": job_id}, timeout=10)
-                    self._json(202, {"job_id": job_id, "status": "cancelling"})
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                r = httpx.post(proxy.orcd_url + self.path, content=body, headers=self._forwarded(), timeout=60)
+                self.send_response(r.status_code)
+                self.send_header("Content-Type", r.headers.get("content-type", "application/json"))
+                self.send_header("Content-Length", str(len(r.content)))
+                self.end_headers()
+                self.wfile.write(r.content)
 
             def do_GET(self) -> None:  # noqa: N802
-                if not self._authorized():
-                    return
-                job_id = self.path.split("/")[3]
-                resume = self.headers.get("Last-Event-ID")
-                if resume is not None:
-                    orcd.resumed_from.append(resume)
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Connection", "close")
-                self.end_headers()
-                for sent, (index, event) in enumerate(orcd.follow(job_id, int(resume or 0)), start=1):
-                    self.wfile.write(f"id: {index}\ndata: {json.dumps(event)}\n\n".encode())
-                    self.wfile.flush()
-                    if resume is None and sent == 3:
-                        return  # cut: the client must come back with Last-Event-ID
-                    if event["type"] in ("end", "error"):
-                        return
+                if "Last-Event-ID" in self.headers:
+                    proxy.resumed_from.append(self.headers["Last-Event-ID"])
+                cut_after = None if proxy.cut else 3
+                proxy.cut = True
+                with httpx.stream("GET", proxy.orcd_url + self.path, headers=self._forwarded(), timeout=120) as r:
+                    self.send_response(r.status_code)
+                    self.send_header("Content-Type", r.headers.get("content-type", "text/event-stream"))
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    sent = 0
+                    for line in r.iter_lines():
+                        self.wfile.write(line.encode() + b"\n")
+                        self.wfile.flush()
+                        sent += line == ""
+                        if sent == cut_after:
+                            return  # the connection drops here
 
-            def _authorized(self) -> bool:
-                if self.headers.get("Authorization") == f"Bearer {orcd.token}":
-                    return True
-                self._json(401, {"code": "AUTH_FAILED", "message": "missing or wrong bearer token"})
-                return False
-
-            def _json(self, status: int, doc: dict[str, Any]) -> None:
-                payload = json.dumps(doc).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+            def _forwarded(self) -> dict[str, str]:
+                names = ("Authorization", "Last-Event-ID", "Content-Type")
+                return {name: self.headers[name] for name in names if name in self.headers}
 
         return Handler
 
-    def submit(self, body: dict[str, Any]) -> str:
-        job_id = f"task-{uuid.uuid4().hex[:12]}"
-        self.events[job_id] = [{"type": "queued", "queue_position": 0}]
-        work = {k: v for k, v in body.items() if k not in ("model", "priority")}
-        threading.Thread(target=self._relay, args=(job_id, work), daemon=True).start()
-        return job_id
 
-    def _relay(self, job_id: str, body: dict[str, Any]) -> None:
-        with httpx.stream("POST", f"{self.worker_url}/execute", json={"job_id": job_id, **body}, timeout=120) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    with self.changed:
-                        self.events[job_id].append(json.loads(line[6:]))
-                        self.changed.notify_all()
-
-    def follow(self, job_id: str, after: int) -> Iterator[tuple[int, dict[str, Any]]]:
-        """Events after the `after`-th (ids count from 1), as they come."""
-        events = self.events[job_id]
-        for index in range(after, 1 << 20):
-            with self.changed:
-                assert self.changed.wait_for(lambda i=index: len(events) > i, timeout=120)
-                event = events[index]
-            yield index + 1, event
-            if event["type"] in ("end", "error"):
-                return
-
-
-def test_infer_through_the_orchestrator_tasks_api(fleet: Fleet, tmp_path: Path) -> None:
+def test_infer_through_the_orchestrator(fleet: Fleet, tmp_path: Path) -> None:
     token = "orcd-" + uuid.uuid4().hex
     token_file = tmp_path / "token"
     token_file.write_text(token + "\n")
-    orcd = _StandInOrcd(fleet.url, token)
     expected = _direct_text(fleet.url, PROMPT, 12)
-    with serve(orcd.handler()) as url:
-        args = ["infer", "--orcd", url, "--model", "smol", "--max-tokens", "12", "--temperature", "0", PROMPT]
+    with run_orcd(tmp_path, "--api-token-file", str(token_file)) as orcd:
+        auth = {"Authorization": f"Bearer {token}"}
+        added = httpx.post(f"{orcd.url}/v2/workers", json={"worker_id": fleet.worker["worker_id"], "url": fleet.url},
+                           headers=auth, timeout=30)  # fmt: skip
+        assert added.status_code == 201, added.text
+        args = ["infer", "--orcd", orcd.url, "--model", "smol", "--max-tokens", "12", "--temperature", "0", PROMPT]
         done = fleet.client.run(*args, "--token-file", str(token_file))
         assert done.returncode == 0 and done.stdout == expected + "\n", done.stderr
-        assert orcd.resumed_from == ["3"]  # the cut stream was resumed after the third event
         refused = fleet.client.run(*args, RBEES_API_TOKEN="wrong")
         assert refused.returncode == ExitCode.AUTH_FAILED and "401" in refused.stderr
         in_env = fleet.client.run(*args, "--json", RBEES_API_TOKEN=token)
         assert in_env.returncode == 0 and json.loads(in_env.stdout)["text"] == expected
 
-        job = _interrupted(fleet.client, "--orcd", url, "--model", "smol", RBEES_API_TOKEN=token)
-        assert orcd.cancelled == [job[1]]
+        proxy = _CuttingProxy(orcd.url)
+        with serve(proxy.handler()) as url:
+            cut = fleet.client.run("infer", "--orcd", url, *args[3:], RBEES_API_TOKEN=token)
+        assert cut.returncode == 0 and cut.stdout == expected + "\n", cut.stderr
+        assert proxy.resumed_from == ["2"]  # resumed after its third event (ids count from 0)
+
+        job = _interrupted(fleet.client, "--orcd", orcd.url, "--model", "smol", RBEES_API_TOKEN=token)
+        events = httpx.get(f"{orcd.url}/v2/tasks/{job[1]}/events", headers=auth, timeout=30).text
+        assert '"stop_reason":"CANCELLED"' in events.replace(" ", ""), events[-500:]
     health = _health(fleet.url)
     assert health["slots_free"] == health["slots_total"]
