@@ -3,14 +3,31 @@
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from sim_run import SIM_RUN, TEST_NAME, SimulatorRun
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".numba-cache"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The simulator run of the CUDA kernel tests keeps a core busy for many minutes: when its test is
+    selected, start it now, beside the rest of the suite, and put its test last, where it collects the result."""
+    sim = [item for item in items if item.name == TEST_NAME]
+    if sim and importlib.util.find_spec("numba_cuda") is not None:
+        items[:] = [item for item in items if item.name != TEST_NAME] + sim
+        config.stash[SIM_RUN] = SimulatorRun()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    run = config.stash.get(SIM_RUN, None)
+    if run is not None:
+        run.stop()
 
 
 def _model_path() -> Path:
