@@ -123,7 +123,8 @@ def start_daemon(
     cmd = [
         sys.executable,
         "-m",
-        "rbees_workerd.server",
+        "rbees_workerd.cli",
+        "serve",
         "--worker-id",
         "bench",
         "--model",

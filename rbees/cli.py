@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Annotated
 
 import typer
 from rich.markup import escape
@@ -12,16 +13,27 @@ from rich.markup import escape
 from rbees import cli_hosts, cli_infer, cli_pool
 from rbees.errors import RbeesError
 from rbees_pool.output import err_console
+from rbees_workerd.cli_run import HELP_OPTIONS, version_callback
 
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings=HELP_OPTIONS,
     help="Drive rbees pool hosts over SSH and stream answers from their workers.",
 )
 app.add_typer(cli_pool.app, name="pool")
 app.add_typer(cli_hosts.app, name="hosts")
 app.command("infer")(cli_infer.infer)
+
+
+@app.callback()
+def _root(
+    _version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=version_callback("rbees"), help="Print the version.")
+    ] = False,
+) -> None:
+    """Drive rbees pool hosts over SSH and stream answers from their workers."""
 
 
 def main() -> None:

@@ -42,7 +42,7 @@ def _forwarder(name: str) -> Callable[..., None]:
         env: EnvOpt = None,
     ) -> None:
         words = [name, *(args or [])]
-        if host is None and not all_hosts and "--help" in words:
+        if host is None and not all_hosts and ("--help" in words or "-h" in words):
             typer.echo(ctx.get_help() + "\n\nWith --host H, --help shows rbees-pool's own help for this command.")
             raise typer.Exit()
 

@@ -1,4 +1,4 @@
-"""`rbees-orcd`: the orchestrator daemon. A bad option exits 2 at once with one line."""
+"""`rbees-orcd`: the orchestrator daemon. A bad option exits 2 at once with one line `error: CODE: reason`."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import typer
 
 from rbees_orcd import logs
 from rbees_orcd.settings import Settings, SettingsError, WorkerTokens, read_api_token, read_worker_tokens, split_bind
+from rbees_workerd import cli_run
 
+PROG = "rbees-orcd"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, context_settings=cli_run.HELP_OPTIONS)
 
 
 @app.command()
@@ -41,6 +43,10 @@ def serve(
         float, typer.Option("--resume-window", min=0.1, help="Seconds a task survives without an event reader.")
     ] = 15.0,
     log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+    _version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=cli_run.version_callback(PROG), help="Print the version."),
+    ] = False,
 ) -> None:
     """Route requests to rbees workers, queue them, relay their streams; speak the OpenAI API."""
     from rbees_orcd.server import bind as bind_socket
@@ -59,16 +65,16 @@ def serve(
             queue_timeout_s=queue_timeout, resume_window_s=resume_window, log_level=level,
         )  # fmt: skip
     except SettingsError as e:
-        print(f"rbees-orcd: {e}", file=sys.stderr)
-        raise typer.Exit(2) from None
+        cli_run.print_error("INVALID_ARGUMENT", str(e))
+        raise typer.Exit(cli_run.USAGE_EXIT) from None
     logs.configure(settings.log_level)
     try:
         sock = bind_socket(settings)
     except OSError as e:
-        print(f"rbees-orcd: cannot listen on {bind}: {e.strerror}", file=sys.stderr)
+        cli_run.print_error("PORT_UNAVAILABLE", f"cannot listen on {bind}: {e.strerror}")
         raise typer.Exit(1) from None
     raise typer.Exit(run(settings, sock))
 
 
 def main() -> None:
-    app(prog_name="rbees-orcd")
+    sys.exit(cli_run.run(app, PROG, sys.argv[1:]))

@@ -4,38 +4,16 @@ Prompts, token text and secrets are never logged."""
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
-import time
 
-from rbees_workerd.logs import correlation_id
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, object] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "service": "rbees-orcd",
-        }
-        cid = correlation_id.get()
-        if cid is not None:
-            entry["correlation_id"] = cid
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            entry.update(fields)
-        entry["human"] = record.getMessage()
-        if record.exc_info and record.exc_info[0] is not None:
-            entry["exception"] = record.exc_info[0].__name__
-        return json.dumps(entry, default=str)
+from rbees_workerd.logs import JsonFormatter
 
 
 def configure(level: str) -> None:
     """Route the root logger (and uvicorn's) to stderr as JSON lines."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter())
+    handler.setFormatter(JsonFormatter(service="rbees-orcd"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

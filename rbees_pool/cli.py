@@ -20,6 +20,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Manage this pool host: model catalog and downloads, worker daemons, host status.",
 )
 app.add_typer(cli_models.app, name="models")

@@ -74,10 +74,15 @@ def host_info() -> dict[str, object]:
 
 
 def backends(found: list[Gpu]) -> list[dict[str, object]]:
-    """Each backend, whether this host can run it and on which devices."""
+    """Each backend, whether this host can run it and on which devices. cuda needs more than NVML's GPUs:
+    the worker's own test (numba-cuda imports and a device answers); its `reason` says why it is unavailable."""
+    from rbees_workerd.kernels.cuda.probe import cuda_unavailable_reason
+
+    reason = cuda_unavailable_reason() if found else "NVML finds no NVIDIA GPU on this host"
+    devices = [f"cuda:{g.index} {g.name}" for g in found]
     return [
         {"name": "cpu", "available": True, "devices": ["cpu"]},
-        {"name": "cuda", "available": bool(found), "devices": [f"cuda:{g.index} {g.name}" for g in found]},
+        {"name": "cuda", "available": reason is None, "devices": devices, "reason": reason},
     ]
 
 

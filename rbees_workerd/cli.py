@@ -1,4 +1,7 @@
-"""`rbees-workerd`: the worker daemon, plus one-shot `generate` and `bench` for operators and benchmarks."""
+"""`rbees-workerd`: the worker daemon (`serve`), plus one-shot `generate` and `bench` for operators and benchmarks.
+
+One typer app parses every command; any failure is one line `error: CODE: reason` on stderr (cli_run.py).
+"""
 
 from __future__ import annotations
 
@@ -7,21 +10,36 @@ import sys
 import time
 from typing import Annotated
 
-import click
 import typer
 
+from rbees_workerd import cli_run, cli_serve
 from rbees_workerd.errors import RbeesError
+
+PROG = "rbees-workerd"
 
 app = typer.Typer(
     add_completion=False,
-    no_args_is_help=True,
-    help="Worker daemon: `rbees-workerd --worker-id ID --model PATH --port N` (or `serve ...`) serves "
-    "(see `rbees-workerd serve --help`); `generate` and `bench` run the engine once.",
+    pretty_exceptions_enable=False,
+    context_settings=cli_run.HELP_OPTIONS,
+    help="Worker daemon: `rbees-workerd --worker-id ID --model PATH --port N` (the same as `serve ...`) serves "
+    "one model over HTTP; `generate` and `bench` run the engine once.",
 )
+app.command()(cli_serve.serve)
+
+
+@app.callback()
+def _root(
+    _version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=cli_run.version_callback(PROG), help="Print the version."),
+    ] = False,
+) -> None:
+    """The options of `rbees-workerd` itself (the app's help text says what it does)."""
+
 
 ModelOpt = Annotated[str, typer.Option("--model", help="Path of a GGUF model file.")]
 BackendOpt = Annotated[str, typer.Option("--backend", help="cpu or cuda.")]
-GpuOpt = Annotated[int, typer.Option("--gpu", help="CUDA device index.")]
+GpuOpt = Annotated[int, typer.Option("--gpu", envvar="WORKER_GPU_DEVICE", help="CUDA device index.")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads (default: all cores).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
 
@@ -174,23 +192,20 @@ def bench(
             print(f"{k:>24}: {v}")
 
 
-def main() -> None:
-    """Console entry point: `serve`, or no subcommand at all (the form rbees-pool uses), runs the daemon."""
-    argv = sys.argv[1:]
-    if argv and argv[0] not in ("generate", "bench", "--help", "-h"):
-        from rbees_workerd.server import serve_main
-
-        sys.exit(serve_main(argv[1:] if argv[0] == "serve" else argv))
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point. Without a command, `rbees-workerd --worker-id ...` (the form rbees-pool uses) serves."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        cli_run.run(app, PROG, ["--help"])
+        sys.exit(cli_run.USAGE_EXIT)  # nothing to do: a usage error, as typer itself has it
+    if argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        argv = ["serve", *argv]
     try:
-        app(args=argv, prog_name="rbees-workerd", standalone_mode=False)
+        code = cli_run.run(app, PROG, argv)
     except RbeesError as e:
-        print(str(e), file=sys.stderr)
-        sys.exit(1)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        sys.exit(130)
+        cli_run.print_error(e.code, e.message)
+        code = e.exit_code
+    sys.exit(code)
 
 
 if __name__ == "__main__":

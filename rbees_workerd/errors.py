@@ -1,6 +1,11 @@
-"""One exception hierarchy for the worker: every failure carries a stable code from the SPEC."""
+"""One exception hierarchy for the worker: every failure carries a stable code from the SPEC.
+
+The CLI exits with `exit_code`, numbered as rbees-pool's exit codes (one table for every rbees command).
+"""
 
 from __future__ import annotations
+
+from rbees_pool.exitcodes import ExitCode
 
 
 class RbeesError(Exception):
@@ -8,6 +13,7 @@ class RbeesError(Exception):
 
     code = "INTERNAL"
     retriable = False
+    exit_code = ExitCode.FAILURE
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -49,3 +55,16 @@ class AllSlotsBusy(RbeesError):
 
     code = "ALL_SLOTS_BUSY"
     retriable = True
+
+
+class BackendUnavailable(RbeesError):
+    """The backend asked for cannot run on this host (cuda without numba-cuda or without a device)."""
+
+    code = "BACKEND_UNAVAILABLE"
+    exit_code = ExitCode.BACKEND_UNAVAILABLE
+
+
+class PortUnavailable(RbeesError):
+    """The daemon cannot listen on its address (taken, or not an address of this host)."""
+
+    code = "PORT_UNAVAILABLE"

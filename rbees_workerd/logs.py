@@ -17,18 +17,20 @@ correlation_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("cor
 
 
 class JsonFormatter(logging.Formatter):
-    """Formats a record as one JSON object: time, level, logger, worker_id, correlation_id, fields, human."""
+    """Formats a record as one JSON object: time, level, logger, the process's own fields (its worker_id or
+    service), correlation_id, the record's fields, human; and for an exception its type (`exception`) and
+    formatted traceback (`exc`), so that a failure can be traced from the log alone."""
 
-    def __init__(self, worker_id: str) -> None:
+    def __init__(self, **process_fields: str) -> None:
         super().__init__()
-        self.worker_id = worker_id
+        self.process_fields = process_fields
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
-            "worker_id": self.worker_id,
+            **self.process_fields,
         }
         cid = correlation_id.get()
         if cid is not None:
@@ -39,13 +41,14 @@ class JsonFormatter(logging.Formatter):
         entry["human"] = record.getMessage()
         if record.exc_info and record.exc_info[0] is not None:
             entry["exception"] = record.exc_info[0].__name__
+            entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
 
 
 def configure(worker_id: str, level: str) -> None:
     """Route the root logger (and uvicorn's) to stderr as JSON lines."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter(worker_id))
+    handler.setFormatter(JsonFormatter(worker_id=worker_id))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -1,8 +1,21 @@
-"""Prometheus metrics of one worker, in its own registry (several workers may share a test process)."""
+"""Prometheus metrics of one worker, in its own registry (several workers may share a test process).
+
+Named by Prometheus conventions: counters end in `_total` (prometheus-client adds it), gauges never do, no
+label is named like its metric, sizes are `_bytes`. The process's own CPU, memory and file descriptors
+(`process_*`) and the Python runtime (`python_info`) come with them.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 
 STATES = ("Starting", "Loading", "Ready", "Executing", "Draining", "Stopped")
 
@@ -15,6 +28,8 @@ class WorkerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.jobs_started = Counter("rbees_worker_jobs_started", "Jobs accepted into a slot", registry=r)
         self.jobs_completed = Counter(
             "rbees_worker_jobs_completed", "Jobs that ended normally", ["stop_reason"], registry=r
@@ -40,12 +55,18 @@ class WorkerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.slots_total = Gauge("rbees_worker_slots_total", "Slots of this worker", registry=r)
+        self.slots = Gauge("rbees_worker_slots", "Slots of this worker", registry=r)
         self.slots_in_use = Gauge("rbees_worker_slots_in_use", "Slots generating now", registry=r)
-        self.model_bytes = Gauge("rbees_worker_model_bytes", "Device memory the engine holds", registry=r)
-        self.vram_bytes = Gauge("rbees_worker_vram_bytes", "GPU memory the engine holds", registry=r)
+        self.model_bytes = Gauge("rbees_worker_model_bytes", "Memory the backend holds for the weights", registry=r)
+        self.kv_cache_bytes = Gauge("rbees_worker_kv_cache_bytes", "Memory held for the KV cache", registry=r)
+        self.vram_bytes = Gauge("rbees_worker_vram_bytes", "GPU memory the engine holds (all of it)", registry=r)
         self.load_progress = Gauge("rbees_worker_load_progress", "Model load progress, 0 to 1", registry=r)
-        self.state = Enum("rbees_worker_state", "Lifecycle state", states=list(STATES), registry=r)
+        self._state = Gauge("rbees_worker_state", "1 for the lifecycle state the worker is in", ["state"], registry=r)
+
+    def set_state(self, state: str) -> None:
+        """The state's series 1, every other state's 0 (each state is a series from the start)."""
+        for name in STATES:
+            self._state.labels(name).set(1.0 if name == state else 0.0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

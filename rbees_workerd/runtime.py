@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from rbees_workerd.engine.types import Event, FinishEvent, GenerationParams
+from rbees_workerd.engine.types import Event, FinishEvent, GenerationParams, LoadPhase
 from rbees_workerd.errors import AllSlotsBusy, InvalidParams
 from rbees_workerd.http_errors import Draining, FieldInvalid, JobNotFound, NotReady
 from rbees_workerd.metrics import WorkerMetrics
@@ -26,6 +26,14 @@ from rbees_workerd.schemas import ExecuteRequest
 from rbees_workerd.settings import Settings
 
 log = logging.getLogger("rbees_workerd.runtime")
+
+# Each loading phase's share of load_progress: the weights by bytes, then the warm-up's two passes. 1.0 is
+# reported only once the worker is Ready.
+_PHASE_SPAN: dict[LoadPhase, tuple[float, float]] = {
+    "loading": (0.0, 0.9),
+    "compiling kernels": (0.9, 0.95),
+    "warming up": (0.95, 0.99),
+}
 
 
 @dataclass
@@ -48,8 +56,9 @@ class WorkerRuntime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = WorkerMetrics()
-        self.metrics.slots_total.set(settings.slots)
+        self.metrics.slots.set(settings.slots)
         self.load_progress = 0.0
+        self.load_phase: LoadPhase | None = None  # what loading is doing now; None outside Loading
         self.engine: Any = None
         self.jobs: dict[str, Job] = {}
         self._scheduler: Scheduler | None = None
@@ -65,14 +74,14 @@ class WorkerRuntime:
 
     def _set_state(self, state: str) -> None:
         self._state = state
-        self.metrics.state.state(self.state)
+        self.metrics.set_state(self.state)
 
     def _jobs_changed(self) -> None:
         if self.jobs:
             self._idle.clear()
         else:
             self._idle.set()
-        self.metrics.state.state(self.state)
+        self.metrics.set_state(self.state)
 
     @property
     def slots_free(self) -> int:
@@ -90,17 +99,19 @@ class WorkerRuntime:
             s.model,
             backend=s.backend,
             gpu=s.gpu,
+            threads=s.threads,
             slots=s.slots,
             context_length=s.context_length,
             on_progress=self._progress,
         )
         memory = engine.backend.memory_bytes()
-        self.metrics.model_bytes.set(memory)
+        self.metrics.model_bytes.set(engine.model.weight_bytes)
+        self.metrics.kv_cache_bytes.set(engine.model.kv_cache_bytes)
         self.metrics.vram_bytes.set(self.vram_bytes(engine))
         self._scheduler = Scheduler(engine, self.metrics, on_fatal)
         self._scheduler.start()
         self.engine = engine
-        self.load_progress = 1.0
+        self.load_progress, self.load_phase = 1.0, None
         self.metrics.load_progress.set(1.0)
         self._set_state("Ready")
         log.info(
@@ -115,9 +126,15 @@ class WorkerRuntime:
             },
         )
 
-    def _progress(self, fraction: float) -> None:
-        self.load_progress = max(0.0, min(1.0, float(fraction)))
+    def _progress(self, phase: LoadPhase, fraction: float) -> None:
+        low, high = _PHASE_SPAN[phase]
+        self.load_phase = phase
+        self.load_progress = max(self.load_progress, low + (high - low) * max(0.0, min(1.0, fraction)))
         self.metrics.load_progress.set(self.load_progress)
+
+    def loading_status(self) -> str:
+        """Where loading stands, for a refusal's message: `the model is loading (compiling kernels, 90%)`."""
+        return f"the model is loading ({self.load_phase or 'starting'}, {self.load_progress:.0%})"
 
     @staticmethod
     def vram_bytes(engine: Any) -> int:
@@ -141,7 +158,7 @@ class WorkerRuntime:
         if self._state == "Draining" or self._state == "Stopped":
             raise Draining("the worker is shutting down and takes no new jobs")
         if self.engine is None or self._scheduler is None:
-            raise NotReady(f"the model is loading ({self.load_progress:.0%})")
+            raise NotReady(self.loading_status())
         if req.job_id in self.jobs:
             raise FieldInvalid("job_id", "unique", "a job with this id is already running on this worker")
         if req.max_tokens > self.engine.context_length:

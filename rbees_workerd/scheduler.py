@@ -93,6 +93,7 @@ class Scheduler:
     # ---- the scheduler thread ------------------------------------------------------------
     def _run(self) -> None:
         try:
+            self._engine.backend.enter_thread()
             self._loop()
         except BaseException as e:  # noqa: BLE001 - the engine failed; every job must hear of it
             log.exception("the engine failed; failing every active job", extra={"fields": {"code": "INTERNAL"}})

@@ -1,6 +1,6 @@
 """The worker's HTTP API (FastAPI): /execute, /cancel, /health, /ready, /metrics. HTTP only, no math.
 
-`serve_main` runs it: the socket is bound first, uvicorn starts serving, and the model loads in the
+`run` runs it: the socket is bound first, uvicorn starts serving, and the model loads in the
 background so /health answers during loading; then the ready callback goes out. SIGTERM drains.
 """
 
@@ -13,7 +13,6 @@ import logging
 import re
 import signal
 import socket
-import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -30,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rbees_workerd import logs
 from rbees_workerd.callback import CallbackFailed, send_ready
-from rbees_workerd.errors import AllSlotsBusy, InvalidParams, RbeesError
+from rbees_workerd.errors import AllSlotsBusy, InvalidParams, PortUnavailable, RbeesError
 from rbees_workerd.http_errors import AuthFailed, Draining, FieldInvalid, JobNotFound, NotReady
 from rbees_workerd.runtime import WorkerRuntime, start_loading
 from rbees_workerd.schemas import (
@@ -44,7 +43,7 @@ from rbees_workerd.schemas import (
     Readiness,
     ValidationErrors,
 )
-from rbees_workerd.settings import Settings, SettingsError, parse_settings
+from rbees_workerd.settings import Settings
 from rbees_workerd.stream import JobStream
 
 log = logging.getLogger("rbees_workerd.server")
@@ -252,6 +251,7 @@ def create_app(runtime: WorkerRuntime) -> FastAPI:
             ready=state in ("Ready", "Executing"),
             state=state,
             load_progress=runtime.load_progress,
+            phase=runtime.load_phase,
             model=settings.model_ref,
         )
         return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
@@ -283,7 +283,7 @@ def create_app(runtime: WorkerRuntime) -> FastAPI:
 async def _with_chat_prompt(runtime: WorkerRuntime, body: ExecuteRequest) -> ExecuteRequest:
     """The request with its chat messages rendered into the prompt by the model's own chat template."""
     if runtime.engine is None:
-        raise NotReady(f"the model is loading ({runtime.load_progress:.0%})")
+        raise NotReady(runtime.loading_status())
     messages = [m.model_dump() for m in body.messages]
     try:
         prompt = await asyncio.to_thread(runtime.engine.tokenizer.apply_chat_template, messages)
@@ -345,7 +345,11 @@ async def _bring_up(runtime: WorkerRuntime, outcome: asyncio.Future[int]) -> Non
         _settle(outcome, 1)
         return
     except Exception as e:  # noqa: BLE001 - any load failure is reported the same way
-        log.error(f"loading the model failed: {type(e).__name__}: {e}", extra={"fields": {"code": "MODEL_LOAD_FAILED"}})
+        log.error(
+            f"loading the model failed: {type(e).__name__}: {e}",
+            exc_info=True,  # unexpected: its traceback goes to the log (`exc`)
+            extra={"fields": {"code": "MODEL_LOAD_FAILED"}},
+        )
         _settle(outcome, 1)
         return
     url = runtime.settings.callback_url
@@ -391,22 +395,13 @@ async def _serve(settings: Settings, sock: socket.socket) -> int:
     return code
 
 
-def serve_main(argv: list[str]) -> int:
-    """`rbees-workerd [serve] --worker-id ID --model PATH --port N ...`; returns the exit code."""
-    try:
-        settings = parse_settings(argv)
-    except SettingsError as e:
-        print(f"rbees-workerd: {e}", file=sys.stderr)
-        return 2
-    logs.configure(settings.worker_id, settings.log_level)
+def run(settings: Settings) -> int:
+    """Run the daemon until SIGTERM (exit 0) or a failure to load or to call back (exit 1).
+
+    Raises PortUnavailable before logging starts when the address cannot be bound."""
     try:
         sock = _bind(settings)
     except OSError as e:
-        where = f"{settings.host}:{settings.port}"
-        print(f"rbees-workerd: cannot listen on {where}: {e.strerror}", file=sys.stderr)
-        return 1
+        raise PortUnavailable(f"cannot listen on {settings.host}:{settings.port}: {e.strerror}") from None
+    logs.configure(settings.worker_id, settings.log_level)
     return asyncio.run(_serve(settings, sock))
-
-
-if __name__ == "__main__":
-    sys.exit(serve_main(sys.argv[1:]))

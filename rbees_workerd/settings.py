@@ -1,27 +1,34 @@
-"""Configuration of `rbees-workerd serve`: command line, `WORKER_*` environment, JSON config file.
+"""The validated configuration of `rbees-workerd serve`, and the JSON config file's keys.
 
-Precedence: command line, then environment, then the config file, then defaults. Every value is
-checked here, before anything heavy starts, so a bad configuration fails at once with one line.
+The CLI (cli_serve.py) gathers the values: command line, then `WORKER_*` environment, then the config
+file, then defaults. Every value is checked here, before anything heavy starts, so a bad configuration
+fails at once with one line.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 from urllib.parse import urlsplit
+
+from rbees_pool.exitcodes import ExitCode
+from rbees_workerd.errors import RbeesError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
-class SettingsError(Exception):
+class SettingsError(RbeesError):
     """A configuration value is missing or invalid; the message is the one line the operator sees."""
+
+    code = "INVALID_ARGUMENT"
+    exit_code = ExitCode.USAGE
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,7 @@ class Settings:
     port: int
     backend: str
     gpu: int
+    threads: int | None
     slots: int
     context_length: int | None
     callback_url: str | None
@@ -49,33 +57,8 @@ class Settings:
         return f"http://{host}:{self.port}"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line, like every other configuration error."""
-
-    def error(self, message: str) -> NoReturn:
-        raise SettingsError(message)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="rbees-workerd", description="Serve one model over HTTP.")
-    p.add_argument("--worker-id", help="this worker's id (as the pool knows it)")
-    p.add_argument("--model", help="path of the GGUF model file")
-    p.add_argument("--model-ref", help="the model name this worker reports (default: the file's stem)")
-    p.add_argument("--port", type=int, help="TCP port to listen on")
-    p.add_argument("--bind", help="ADDR or ADDR:PORT (env WORKER_BIND_ADDR; default 127.0.0.1:PORT)")
-    p.add_argument("--backend", help="cpu or cuda (default cpu)")
-    p.add_argument("--gpu", type=int, help="CUDA device index (env WORKER_GPU_DEVICE; default 0)")
-    p.add_argument("--slots", type=int, help="concurrent sequences decoded together (default 4)")
-    p.add_argument("--context-length", type=int, help="tokens per slot (default: the model's)")
-    p.add_argument("--callback-url", help="POST the ready callback here once the model is loaded")
-    p.add_argument("--api-token-file", help="file holding the bearer token (env WORKER_API_TOKEN_FILE)")
-    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (env WORKER_LOG_LEVEL)")
-    p.add_argument("--drain-timeout", type=float, help="seconds SIGTERM lets jobs finish (default 30)")
-    p.add_argument("--config", help="JSON file with any of the options above (snake_case keys)")
-    return p
-
-
-_CONFIG_KEYS = {
+# The keys a config file may hold: the options of `serve`, snake_case, with their JSON types.
+CONFIG_KEYS = {
     "worker_id": str,
     "model": str,
     "model_ref": str,
@@ -83,6 +66,7 @@ _CONFIG_KEYS = {
     "bind": str,
     "backend": str,
     "gpu": int,
+    "threads": int,
     "slots": int,
     "context_length": int,
     "callback_url": str,
@@ -91,15 +75,9 @@ _CONFIG_KEYS = {
     "drain_timeout": (int, float),
 }
 
-_ENV = {
-    "bind": "WORKER_BIND_ADDR",
-    "gpu": "WORKER_GPU_DEVICE",
-    "api_token_file": "WORKER_API_TOKEN_FILE",
-    "log_level": "WORKER_LOG_LEVEL",
-}
 
-
-def _read_config(path: str) -> dict[str, Any]:
+def read_config(path: str) -> dict[str, Any]:
+    """The config file's settings, their keys and JSON types checked."""
     try:
         data = json.loads(Path(path).read_text())
     except OSError as e:
@@ -109,24 +87,12 @@ def _read_config(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SettingsError(f"config file {path} must hold a JSON object")
     for key, value in data.items():
-        expected = _CONFIG_KEYS.get(key)
+        expected = CONFIG_KEYS.get(key)
         if expected is None:
             raise SettingsError(f"config file {path}: unknown key {key!r}")
         if isinstance(value, bool) or not isinstance(value, expected):
             raise SettingsError(f"config file {path}: {key} has the wrong type")
     return data
-
-
-def _env_value(key: str, env: dict[str, str]) -> Any:
-    raw = env.get(_ENV[key], "").strip() if key in _ENV else ""
-    if not raw:
-        return None
-    if key == "gpu":
-        try:
-            return int(raw)
-        except ValueError as e:
-            raise SettingsError(f"{_ENV[key]} must be an integer, got {raw!r}") from e
-    return raw
 
 
 def _split_bind(bind: str) -> tuple[str, int | None]:
@@ -157,22 +123,16 @@ def _check_range(name: str, value: int, low: int, high: int) -> int:
     return value
 
 
-def parse_settings(argv: list[str], env: dict[str, str] | None = None) -> Settings:
-    """Build validated settings; raises SettingsError with a one-line reason."""
-    env = dict(os.environ) if env is None else env
-    args = vars(_parser().parse_args(argv))
-    config = _read_config(args["config"]) if args["config"] else {}
+def build_settings(values: Mapping[str, Any], bind_port_wins: bool) -> Settings:
+    """Validated settings from the options' values (None: unset); raises SettingsError with a one-line reason.
 
-    def sources(key: str) -> tuple[Any, Any, Any]:
-        """A setting's value from the command line, the environment and the config file (None: unset)."""
-        return args.get(key), _env_value(key, env), config.get(key)
-
-    def level(key: str) -> int:
-        """Where a setting comes from: 0 command line, 1 environment, 2 config file, 3 nowhere."""
-        return next((i for i, value in enumerate(sources(key)) if value is not None), 3)
+    `bind_port_wins`: a port in the bind address beats `port`, because it was given at least as specifically
+    (`--bind ADDR:PORT` beats `--port`; `--port` beats a port in WORKER_BIND_ADDR).
+    """
 
     def get(key: str, default: Any = None) -> Any:
-        return next((value for value in sources(key) if value is not None), default)
+        value = values.get(key)
+        return default if value is None else value
 
     worker_id = get("worker_id")
     if not worker_id:
@@ -187,15 +147,15 @@ def parse_settings(argv: list[str], env: dict[str, str] | None = None) -> Settin
         raise SettingsError(f"model file {model} does not exist or is not readable")
 
     port = get("port")
-    host, bind_port = _split_bind(get("bind", "127.0.0.1"))
-    if bind_port is not None and (port is None or level("bind") <= level("port")):
-        port = bind_port  # --port beats a port in WORKER_BIND_ADDR; --bind ADDR:PORT beats --port
+    host, bind_port = _split_bind(str(get("bind", "127.0.0.1")).strip())
+    if bind_port is not None and (port is None or bind_port_wins):
+        port = bind_port
     if port is None:
         raise SettingsError("--port is required")
     backend = get("backend", "cpu")
     if backend not in ("cpu", "cuda"):
         raise SettingsError(f"--backend must be cpu or cuda, got {backend!r}")
-    log_level = str(get("log_level", "INFO")).upper()
+    log_level = str(get("log_level", "INFO")).strip().upper()
     if log_level not in LOG_LEVELS:
         raise SettingsError(f"log level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     callback_url = get("callback_url")
@@ -206,6 +166,9 @@ def parse_settings(argv: list[str], env: dict[str, str] | None = None) -> Settin
     context_length = get("context_length")
     if context_length is not None:
         _check_range("--context-length", context_length, 16, 1 << 20)
+    threads = get("threads")
+    if threads is not None:
+        _check_range("--threads", threads, 1, 4096)
     drain = float(get("drain_timeout", 30.0))
     if not 0 <= drain <= 3600:
         raise SettingsError(f"--drain-timeout must be between 0 and 3600 seconds, got {drain}")
@@ -218,10 +181,11 @@ def parse_settings(argv: list[str], env: dict[str, str] | None = None) -> Settin
         port=_check_range("port", port, 1, 65535),
         backend=backend,
         gpu=_check_range("--gpu", get("gpu", 0), 0, 1023),
+        threads=threads,
         slots=_check_range("--slots", get("slots", 4), 1, 256),
         context_length=context_length,
         callback_url=callback_url,
-        api_token=_read_token(token_file) if token_file else None,
+        api_token=_read_token(str(token_file).strip()) if token_file else None,
         log_level=log_level,
         drain_timeout_s=drain,
     )

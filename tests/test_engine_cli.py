@@ -56,7 +56,8 @@ def test_bad_model_file_is_reported(tmp_path):
     bad.write_bytes(b"NOPE" + b"\0" * 64)
     out = _run("generate", "--model", str(bad), "--prompt", "x", check=False)
     assert out.returncode != 0
-    assert out.stderr.strip().splitlines()[-1].startswith("MODEL_LOAD_FAILED: ")
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()]  # one line, no traceback
+    assert out.stderr.startswith("error: MODEL_LOAD_FAILED: ")
 
 
 def test_missing_model_file_is_reported(tmp_path):

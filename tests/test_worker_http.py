@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import logging
 import re
 import socket
 import threading
@@ -22,11 +24,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from schemathesis import GenerationMode
 from worker_harness import Daemon, execute_body, free_port, read_frames, run_daemon, stream_job
 
+from rbees_workerd.cli_serve import parse_settings
+from rbees_workerd.engine.config import ModelConfig
 from rbees_workerd.engine.gguf import load_gguf
+from rbees_workerd.engine.model import kv_cache_bytes
 from rbees_workerd.engine.tokenizer import Tokenizer
+from rbees_workerd.logs import JsonFormatter
 from rbees_workerd.runtime import WorkerRuntime
 from rbees_workerd.server import create_app
-from rbees_workerd.settings import parse_settings
 
 SLOTS = 2
 CONTEXT = 256
@@ -87,6 +92,7 @@ def test_health_and_ready_describe_the_loaded_model(client: httpx.Client) -> Non
         "ready": True,
         "state": "Ready",
         "load_progress": 1.0,
+        "phase": None,
         "model": "SmolLM2-135M-Instruct.Q4_1",
     }
 
@@ -352,11 +358,34 @@ def test_metrics_count_jobs_tokens_and_latencies(worker: Daemon) -> None:
     assert _metric(worker.url, "rbees_worker_time_to_first_token_seconds_count") == ttft + 1
     assert _metric(worker.url, "rbees_worker_token_latency_seconds_count") >= n - 1
     assert _metric(worker.url, "rbees_worker_jobs_completed_total", {"stop_reason": frames[-1]["stop_reason"]}) >= 1
-    assert _metric(worker.url, "rbees_worker_slots_total") == SLOTS
+    assert _metric(worker.url, "rbees_worker_slots") == SLOTS
     assert _metric(worker.url, "rbees_worker_slots_in_use") == 0
     assert _metric(worker.url, "rbees_worker_model_bytes") > 50_000_000
     assert _metric(worker.url, "rbees_worker_vram_bytes") == 0
-    assert _metric(worker.url, "rbees_worker_state", {"rbees_worker_state": "Ready"}) == 1
+    assert _metric(worker.url, "rbees_worker_state", {"state": "Ready"}) == 1
+    assert _metric(worker.url, "rbees_worker_state", {"state": "Loading"}) == 0
+
+
+def test_metrics_follow_prometheus_conventions(worker: Daemon, model_path: Path) -> None:
+    """Gauges without `_total`, no label named like its metric, the weights apart from the KV cache, and the
+    process's own metrics."""
+    families = list(text_string_to_metric_families(httpx.get(f"{worker.url}/metrics").text))
+    assert families
+    for family in families:
+        assert family.type != "gauge" or not family.name.endswith("_total"), family.name
+        assert all(family.name not in sample.labels for sample in family.samples), family.name
+    f = load_gguf(model_path)
+    try:
+        cache = kv_cache_bytes(ModelConfig.from_gguf(f), SLOTS, CONTEXT)
+        file_weights = sum(t.raw.nbytes for t in f.tensors.values())
+    finally:
+        f.close()
+    assert _metric(worker.url, "rbees_worker_kv_cache_bytes") == cache
+    weights = _metric(worker.url, "rbees_worker_model_bytes")
+    assert file_weights * 0.8 < weights < file_weights * 2.5  # prepared weights, without the cache or scratch
+    assert _metric(worker.url, "process_resident_memory_bytes") > weights
+    assert _metric(worker.url, "process_open_fds") > 0
+    assert _metric(worker.url, "python_info") == 1
 
 
 # ---- schemathesis: every documented operation, generated inputs, against the real daemon -------------
@@ -429,6 +458,10 @@ def test_an_unexpected_error_is_a_500_that_keeps_the_correlation_id(model_path: 
     port = free_port()
     runtime = WorkerRuntime(parse_settings(["--worker-id", "w-fault", "--model", str(model_path), "--port", str(port)]))
     app = create_app(runtime)
+    logged = io.StringIO()
+    handler = logging.StreamHandler(logged)
+    handler.setFormatter(JsonFormatter(worker_id="w-fault"))
+    logging.getLogger("rbees_workerd.server").addHandler(handler)
 
     def fault() -> None:
         raise RuntimeError("a bug")
@@ -456,3 +489,9 @@ def test_an_unexpected_error_is_a_500_that_keeps_the_correlation_id(model_path: 
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+        logging.getLogger("rbees_workerd.server").removeHandler(handler)
+    entry = json.loads(logged.getvalue().splitlines()[0])  # the log line carries the bug's traceback
+    assert entry["correlation_id"] == "req-500.check" and entry["exception"] == "RuntimeError"
+    assert entry["exc"].startswith("Traceback (most recent call last):")
+    assert 'raise RuntimeError("a bug")' in entry["exc"]
+    assert entry["exc"].endswith("RuntimeError: a bug")

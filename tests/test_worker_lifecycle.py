@@ -192,7 +192,7 @@ MODEL_ARGS = ["--worker-id", "w1", "--model", str(MODEL)]
     [
         (["--port", "8000"], "--worker-id is required"),
         ([*MODEL_ARGS, "--port", "8000", "--api-token-file", "/nonexistent/token"], "cannot read API token file"),
-        ([*MODEL_ARGS, "--port", "8000", "--bogus"], "unrecognized arguments: --bogus"),
+        ([*MODEL_ARGS, "--port", "8000", "--bogus"], "No such option: --bogus"),
         (["serve", "--port", "8000"], "--worker-id is required"),
     ],
     ids=["no worker id", "token file missing", "unknown option", "serve subcommand"],
@@ -201,7 +201,7 @@ def test_invalid_configuration_exits_at_once_with_one_line(args: list[str], expe
     done = subprocess.run(daemon_command(*args), capture_output=True, text=True, env=daemon_env(), timeout=60)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("rbees-workerd: ") and expected in lines[0], done.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: INVALID_ARGUMENT: ") and expected in lines[0], done.stderr
 
 
 def test_port_in_use_exits_non_zero_with_one_line() -> None:
@@ -217,4 +217,5 @@ def test_port_in_use_exits_non_zero_with_one_line() -> None:
             timeout=60,
         )
     assert done.returncode == 1
-    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and "cannot listen" in done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert done.stderr.startswith("error: PORT_UNAVAILABLE: cannot listen")

@@ -26,6 +26,7 @@ from rbees_workerd.engine.types import (
     FinishEvent,
     GenerationParams,
     GenerationResult,
+    LoadPhase,
     StopReason,
     TokenEvent,
 )
@@ -42,6 +43,9 @@ def make_backend(name: str, gpu: int = 0, threads: int | None = None) -> Backend
 
         return CpuBackend(threads)
     if name == "cuda":
+        from rbees_workerd.kernels.cuda.probe import require_cuda
+
+        require_cuda()  # BackendUnavailable, not an ImportError, where numba-cuda or a device is missing
         from rbees_workerd.kernels.cuda import CudaBackend
 
         return CudaBackend(gpu)
@@ -114,11 +118,16 @@ class Engine:
         gpu: int = 0,
         slots: int = 1,
         context_length: int | None = None,
-        on_progress: Callable[[float], None] | None = None,
+        on_progress: Callable[[LoadPhase, float], None] | None = None,
         threads: int | None = None,
         max_step_tokens: int = 256,
     ) -> Engine:
-        """Read, validate and prepare a GGUF model; raises ModelLoadError, VramOOM, InvalidParams."""
+        """Read, validate and prepare a GGUF model; raises ModelLoadError, VramOOM, InvalidParams.
+
+        `on_progress(phase, fraction)` follows the load: "loading" with the fraction of the file's weight
+        bytes prepared on the backend, then "compiling kernels" and "warming up" (see warm_up)."""
+        report = on_progress or (lambda phase, fraction: None)
+        report("loading", 0.0)
         if slots < 1:
             raise InvalidParams("slots must be at least 1")
         f = load_gguf(path)
@@ -132,17 +141,23 @@ class Engine:
             be = make_backend(backend, gpu, threads)
             weights = sum(t.raw.nbytes for t in f.tensors.values())
             be.check_fits(weights + kv_cache_bytes(cfg, slots, ctx) + scratch_bytes(cfg, max_step_tokens))
-            model = Transformer(cfg, f, be, slots, ctx, max_step_tokens, on_progress)
+            model = Transformer(cfg, f, be, slots, ctx, max_step_tokens, lambda done: report("loading", done))
         finally:
             f.close()
+        report("loading", 1.0)
         engine = cls(model, tokenizer, Path(path).stem)
-        engine.warm_up()
+        engine.warm_up(report)
         return engine
 
-    def warm_up(self) -> None:
-        """Run one tiny greedy and one sampled step so kernels compile or load from cache before any request."""
-        for temperature in (0.0, 1.0):
+    def warm_up(self, on_progress: Callable[[LoadPhase, float], None] | None = None) -> None:
+        """Generate a little before any request: a greedy pass, whose first call of each kernel compiles it (or
+        loads it from Numba's cache), then a sampled pass, which runs the sampling kernels too."""
+        for phase, temperature in (("compiling kernels", 0.0), ("warming up", 1.0)):
+            if on_progress:
+                on_progress(phase, 0.0)
             list(self.generate([0], GenerationParams(max_tokens=2, temperature=temperature, seed=0)))
+            if on_progress:
+                on_progress(phase, 1.0)
 
     # ---- sequences
     def free_slots(self) -> int:

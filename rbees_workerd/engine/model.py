@@ -79,21 +79,36 @@ class Transformer:
         self.slots, self.context_length, self.max_step_tokens = slots, context_length, max_step_tokens
         t = f.tensors
 
-        self.weight_bytes = 0  # what the backend holds for the matrices (the file holds sum(raw.nbytes))
+        self.weight_bytes = 0  # what the backend holds for the weights (the file holds sum(raw.nbytes))
+        self.kv_cache_bytes = 0
+        file_bytes = sum(tensor.raw.nbytes for tensor in t.values()) or 1
+        read = 0  # file bytes prepared so far, for on_progress
+
+        def held(make: Callable[[], Any], name: str) -> Any:
+            nonlocal read
+            before = be.memory_bytes()
+            out = make()
+            self.weight_bytes += be.memory_bytes() - before
+            read += t[name].raw.nbytes
+            if on_progress:
+                on_progress(min(read / file_bytes, 1.0))
+            return out
 
         def mat(name: str) -> Any:
-            before = be.memory_bytes()
-            w = be.weight(int(t[name].qtype), t[name].shape, t[name].raw)
-            self.weight_bytes += be.memory_bytes() - before
-            return w
+            return held(lambda: be.weight(int(t[name].qtype), t[name].shape, t[name].raw), name)
 
         def vec(name: str) -> Array | None:
-            return be.vector(t[name].as_float32()) if name in t else None
+            return held(lambda: be.vector(t[name].as_float32()), name) if name in t else None
+
+        def cache() -> Array:
+            before = be.memory_bytes()
+            out = be.zeros((slots, context_length, cfg.n_kv_heads, cfg.head_dim))
+            self.kv_cache_bytes += be.memory_bytes() - before
+            return out
 
         self.token_embd = mat("token_embd.weight")
         self.output = self.token_embd if cfg.tied_embeddings else mat("output.weight")
         self.output_norm = vec("output_norm.weight")
-        cache_shape = (slots, context_length, cfg.n_kv_heads, cfg.head_dim)
         self.layers: list[Layer] = []
         for i in range(cfg.n_layers):
             p = f"blk.{i}."
@@ -111,13 +126,11 @@ class Transformer:
                     w_gate=mat(p + "ffn_gate.weight"),
                     w_up=mat(p + "ffn_up.weight"),
                     w_down=mat(p + "ffn_down.weight"),
-                    cache_k=be.zeros(cache_shape),
-                    cache_v=be.zeros(cache_shape),
+                    cache_k=cache(),
+                    cache_v=cache(),
                 )
             )
             f.release_pages()
-            if on_progress:
-                on_progress((i + 1) / cfg.n_layers)
         be.loaded()
         self.scratch = Scratch(cfg, be, max_step_tokens)
         self._logits: dict[int, Array] = {}  # per count of logit rows

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 StopReason = Literal["MAX_TOKENS", "EOS", "STOP_SEQUENCE", "CANCELLED", "ERROR"]
+# What Engine.load is doing: preparing the weights, then its warm-up's two passes (see Engine.warm_up).
+LoadPhase = Literal["loading", "compiling kernels", "warming up"]
 
 
 @dataclass(frozen=True)

@@ -166,6 +166,10 @@ class Backend(ABC):
     def loaded(self) -> None:
         """Called once every weight is in place: free what loading needed (a GPU's staging buffers)."""
 
+    def enter_thread(self) -> None:
+        """Called by a thread before it runs steps on this backend: apply what is per thread (Numba's CPU
+        thread count is, so a worker's scheduler thread must set it again)."""
+
     @abstractmethod
     def memory_bytes(self) -> int:
         """Bytes this backend holds for weights, cache and scratch (VRAM on CUDA)."""

@@ -18,10 +18,14 @@ class CpuBackend(backend.Backend):
     device = "cpu"
 
     def __init__(self, threads: int | None = None) -> None:
-        if threads:
-            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        self._threads = min(threads, numba.config.NUMBA_NUM_THREADS) if threads else None
+        self.enter_thread()  # the loading thread, which also runs the warm-up
         self._bytes = 0
         self._tmp = np.empty(0, np.float32)
+
+    def enter_thread(self) -> None:
+        if self._threads is not None:
+            numba.set_num_threads(self._threads)
 
     # ---- memory
     def weight(self, qtype: int, shape: tuple[int, int], raw: np.ndarray) -> quant.QMatrix:
