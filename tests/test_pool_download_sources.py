@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 import test_pool_support as support
-from test_pool_support import parse_range, run_json, run_pool, serve
+from test_pool_support import gguf_bytes, parse_range, run_json, run_pool, serve
 
 import catalog
 from rbees_pool.exitcodes import ExitCode
 
 pool_root = support.pool_root
 
-CONTENT = os.urandom(3 * 1024 * 1024 + 7)
+CONTENT = gguf_bytes() + os.urandom(3 * 1024 * 1024 + 7)
 SHA = hashlib.sha256(CONTENT).hexdigest()
 CUT_AT = 1024 * 1024 + 5
 

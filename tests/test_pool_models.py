@@ -19,7 +19,7 @@ from rbees_pool.exitcodes import EXIT_CODES, ExitCode
 pool_root = support.pool_root
 
 
-def _model_file(tmp_path: Path, content: bytes = b"GGUF fake model bytes " * 1000) -> tuple[Path, str]:
+def _model_file(tmp_path: Path, content: bytes = support.gguf_bytes() + b"fake weights " * 1000) -> tuple[Path, str]:
     path = tmp_path / "src" / "tiny.gguf"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content)
@@ -48,9 +48,15 @@ def test_register_list_unregister_remove(pool_root: Path, tmp_path: Path) -> Non
     assert "tiny" not in {d["id"] for d in run_json(pool_root, "models", "catalog")}
 
     run_pool(pool_root, "models", "register", "tiny", "--name", "Tiny", "--source", f"file://{src}")
+    assert [d["id"] for d in run_json(pool_root, "models", "list")] == ["tiny"]  # the kept file is found again
     assert run_pool(pool_root, "models", "remove", "tiny").returncode == 0
     assert not stored.exists() and not (pool_root / "models" / "tiny").exists()
-    assert run_pool(pool_root, "models", "remove", "tiny").returncode == ExitCode.NOT_FOUND
+    kept = {d["id"]: d for d in run_json(pool_root, "models", "catalog")}["tiny"]  # remove keeps the entry
+    assert kept["downloaded"] is False and kept["sources"] == [f"file://{src}"]
+    again = run_pool(pool_root, "models", "remove", "tiny")
+    assert again.returncode == ExitCode.NOT_DOWNLOADED and "nothing to remove" in again.stderr, again.stderr
+    assert run_pool(pool_root, "models", "remove", "nope").returncode == ExitCode.NOT_FOUND
+    assert run_json(pool_root, "models", "download", "tiny")["downloaded"] is True  # the entry gets it back
 
 
 def test_repo_and_file_options_register_an_hf_source(pool_root: Path) -> None:
@@ -159,7 +165,7 @@ def test_unwritable_root_is_an_error_not_a_traceback(tmp_path: Path) -> None:
 def test_rbees_home_and_the_default_root(tmp_path: Path) -> None:
     """Without --root the pool lives in $RBEES_HOME, and without that in ~/.rbees."""
     gguf = tmp_path / "m.gguf"
-    gguf.write_bytes(b"GGUF")
+    gguf.write_bytes(support.gguf_bytes())
     register = [str(POOL), "models", "register", "m", "--name", "M", "--source", f"file://{gguf}"]
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if k != "RBEES_HOME"}

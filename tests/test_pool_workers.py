@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from test_pool_support import POOL, assert_nothing_left_running, run_json, run_pool
+from test_pool_support import POOL, assert_nothing_left_running, gguf_bytes, run_json, run_pool
 
 from rbees_pool.exitcodes import ExitCode
 from rbees_pool.host import gpus
@@ -29,7 +29,7 @@ def root(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator
     root = tmp_path_factory.mktemp("workers") / "pool"
     corrupt = root.parent / "corrupt" / "broken.gguf"
     corrupt.parent.mkdir()
-    corrupt.write_bytes(b"GGUF" + os.urandom(4096))
+    corrupt.write_bytes(gguf_bytes("llama") + os.urandom(4096))  # a llama header, then no usable model
     for model_id, path in (("smol", model_path), ("broken", corrupt)):
         assert (
             run_pool(root, "models", "register", model_id, "--name", model_id, "--source", f"file://{path}").returncode
