@@ -41,8 +41,12 @@ def spawn_cmd(
     gpu: Annotated[int | None, typer.Option("--gpu", min=0, help="CUDA device index (cuda only).")] = None,
     port: Annotated[int | None, typer.Option("--port", min=1, max=65535, help="Default: first free from 8001.")] = None,
     bind: Annotated[
-        str, typer.Option("--bind", help="IP address to listen on (0.0.0.0: every interface); the port is --port.")
-    ] = "127.0.0.1",
+        str | None,
+        typer.Option(
+            "--bind", help="IP address to listen on (0.0.0.0: every interface; default 127.0.0.1 or the address in "
+            "WORKER_BIND_ADDR); the port is --port.", show_default=False
+        ),
+    ] = None,
     slots: Annotated[int | None, typer.Option("--slots", min=1, help="Concurrent sequences (default 4).")] = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads (default: all cores).")] = None,
     context_length: Annotated[

@@ -211,6 +211,8 @@ def test_spawn_options_are_refused_before_anything_starts(root: Path, tmp_path: 
     for extra, text in cases:
         done = run_pool(root, "worker", "spawn", "cpu", "--model", "smol", *extra)
         assert (done.returncode, text in done.stderr) == (ExitCode.USAGE, True), (extra, done.stderr)
+    from_env = run_pool(root, "worker", "spawn", "cpu", "--model", "smol", env={"WORKER_BIND_ADDR": "203.0.113.7:9"})
+    assert from_env.returncode == ExitCode.USAGE and "--bind 203.0.113.7" in from_env.stderr, from_env.stderr
     assert not list((root / ".runtime" / "workers").glob("*.json"))
     assert sorted((root / ".runtime" / "workers").glob("*.log")) == logs_before  # no worker was started
     assert_nothing_left_running(str(root))

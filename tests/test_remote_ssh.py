@@ -94,6 +94,11 @@ def test_a_host_with_its_own_rbees_home(client: Client, sshd: Sshd, model_path: 
         not (sshd.default_home / "catalog.json").exists()
         or "only-b" not in (sshd.default_home / "catalog.json").read_text()
     )
+    stray = client.home / "pool-b" / "models" / "stray"  # e.g. the files of an unregistered model
+    stray.mkdir(parents=True)
+    (stray / "old.gguf").write_bytes(b"old")
+    pruned = client.run_json("pool", "models", "prune", "--host", "b")
+    assert [Path(p).resolve() for p in pruned["removed"]] == [stray.resolve()] and not stray.exists(), pruned
 
 
 def test_every_argument_reaches_rbees_pool_literally(client: Client, tmp_path: Path, model_path: Path) -> None:
@@ -181,7 +186,7 @@ def test_several_hosts_run_in_parallel_and_one_unreachable_stops_none(client: Cl
     assert any(line.startswith("a    | ") and "cpu" in line for line in lines), done.stdout
     assert any(line.startswith("b    | ") and "cpu" in line for line in lines), done.stdout
     assert "down | error: UNREACHABLE: down (" in done.stderr
-    summary = done.stdout[done.stdout.index("Summary") :]
+    summary = done.stdout[done.stdout.index("host\tresult\texit\tseconds\n") :]  # piped: tab-separated rows
     assert "ok" in summary and "UNREACHABLE" in summary and str(int(ExitCode.UNREACHABLE)) in summary
 
     scripted = client.run("pool", "models", "list", "--json", "--all")

@@ -5,6 +5,7 @@ not a worker that dies after loading the model."""
 from __future__ import annotations
 
 import ipaddress
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -40,8 +41,12 @@ def workerd_command() -> str:
     return found
 
 
-def listen_address(bind: str) -> str:
-    """--bind as an IP address this host can listen on (the port is --port's, or the one the pool picks)."""
+def listen_address(bind: str | None) -> str:
+    """--bind as an IP address this host can listen on (the port is --port's, or the one the pool picks).
+    Without --bind: the address of WORKER_BIND_ADDR (the worker's own variable; its port, if any, yields to
+    the pool's --port), else 127.0.0.1."""
+    if bind is None:
+        bind = _address_of(os.environ.get("WORKER_BIND_ADDR", "").strip()) or "127.0.0.1"
     try:
         address = ipaddress.ip_address(bind.strip("[]"))
     except ValueError:
@@ -51,6 +56,13 @@ def listen_address(bind: str) -> str:
     if not bindable(0, str(address)):
         raise InvalidArgument(f"--bind {bind}: this host has no such address to listen on")
     return str(address)
+
+
+def _address_of(bind: str) -> str:
+    """`ADDR`, `ADDR:PORT`, `[V6]` or `[V6]:PORT` -> ADDR (a bare IPv6 address is kept whole)."""
+    if bind.startswith("["):
+        return bind[1:].partition("]")[0]
+    return bind.partition(":")[0] if bind.count(":") == 1 else bind
 
 
 def local_url(address: str, port: int) -> str:
