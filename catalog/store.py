@@ -42,6 +42,16 @@ class Catalog:
             raise ModelExists(f"model {entry.id!r} is already registered")
         self._entries[entry.id] = entry
 
+    def restore_builtins(self) -> dict[str, str]:
+        """Put every built-in entry back as shipped; says per id whether it was `restored` (it was gone),
+        `reset` (it had been changed or replaced) or `unchanged`. Other entries are left alone."""
+        outcome = {}
+        for entry in builtin_entries():
+            current = self._entries.get(entry.id)
+            outcome[entry.id] = "unchanged" if current == entry else "reset" if current else "restored"
+            self._entries[entry.id] = entry  # a replaced entry keeps its place in the order
+        return outcome
+
     def remove(self, model_id: str) -> ModelEntry:
         entry = self.get(model_id)
         del self._entries[model_id]

@@ -24,7 +24,7 @@ app.add_typer(git_app, name="git")
 # rbees-pool's own options (and --help, with a host) pass through; ours are taken wherever they appear.
 _FORWARD = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
 _POOL_COMMANDS = {
-    "models": "rbees-pool models catalog|register|download|list|remove|unregister ...",
+    "models": "rbees-pool models catalog|register|download|list|remove|unregister|prune ...",
     "worker": "rbees-pool worker spawn|list|stop|stop-all|logs ...",
     "status": "rbees-pool status: host, CPU, RAM, GPUs, backends, workers, models.",
     "backends": "rbees-pool backends list.",

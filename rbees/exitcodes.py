@@ -25,4 +25,4 @@ class ExitCode(IntEnum):
     REMOTE_LOST = 17  # no exit status came back (connection dropped, command killed); a worker died mid-job
     HOSTS_FAILED = 18  # several hosts ran and at least one failed (the summary says which, with its code)
     JOB_FAILED = 19  # `rbees infer`: the server refused the job or ended it with an error
-    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, the shell's convention); `infer` cancelled the job first
+    INTERRUPTED = PoolExitCode.INTERRUPTED  # Ctrl-C (128 + SIGINT); `infer` cancelled the job first

@@ -49,3 +49,21 @@ class WorkerTimeout(PoolError):
 
 class ModelInUse(PoolError):
     code = "MODEL_IN_USE"
+
+
+class NotGguf(PoolError):
+    """The file is not a GGUF model (wrong magic, unknown version, truncated header)."""
+
+    code = "NOT_GGUF"
+
+
+class UnsupportedArchitecture(PoolError):
+    """The model's architecture is one rbees-workerd's engine does not run."""
+
+    code = "UNSUPPORTED_ARCHITECTURE"
+
+
+class ArchitectureMismatch(PoolError):
+    """--architecture (or the catalog entry) names another architecture than the file's header."""
+
+    code = "ARCHITECTURE_MISMATCH"

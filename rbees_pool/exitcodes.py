@@ -20,12 +20,17 @@ class ExitCode(IntEnum):
     BACKEND_UNAVAILABLE = 9  # e.g. cuda on a host without an NVIDIA GPU
     WORKER_FAILED = 10  # the worker exited while loading
     TIMEOUT = 11  # the worker was not ready in time (it was stopped)
+    # 12-19 are rbees's own (rbees/exitcodes.py): a pool code passes through `rbees pool` unchanged.
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, the shell's convention); `worker spawn` stopped its worker first
 
 
 # Error code (the stable string in messages) -> exit code.
 EXIT_CODES: dict[str, ExitCode] = {
     "INVALID_ENTRY": ExitCode.USAGE,
     "INVALID_ARGUMENT": ExitCode.USAGE,
+    "NOT_GGUF": ExitCode.USAGE,  # a source that is not a model: fix the registration
+    "UNSUPPORTED_ARCHITECTURE": ExitCode.USAGE,
+    "ARCHITECTURE_MISMATCH": ExitCode.USAGE,
     "MODEL_NOT_FOUND": ExitCode.NOT_FOUND,
     "WORKER_NOT_FOUND": ExitCode.NOT_FOUND,
     "MODEL_EXISTS": ExitCode.CONFLICT,

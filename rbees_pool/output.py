@@ -1,4 +1,5 @@
-"""Terminal output: rich tables for people, one JSON document on stdout for scripts, errors on stderr."""
+"""Terminal output: rich tables for people, tab-separated rows for pipes, one JSON document on stdout for
+scripts, errors on stderr."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)  # piped lines are never cut at 80 columns
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -18,7 +19,13 @@ def emit_json(doc: object) -> None:
 
 
 def table(title: str, columns: list[str], rows: list[list[str]]) -> None:
-    """Print a table (an empty one says so)."""
+    """A rich table on a terminal; piped, a header line and one tab-separated line per row, never cut short
+    (`cut -f1`, `awk -F'\\t'` and `while IFS=$'\\t' read` get whole ids and URLs)."""
+    if not sys.stdout.isatty():
+        lines = [columns, *rows]
+        sys.stdout.write("".join("\t".join(_cell(v) for v in line) + "\n" for line in lines))
+        sys.stdout.flush()
+        return
     if not rows:
         console.print(f"{title}: none")
         return
@@ -28,6 +35,11 @@ def table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     for row in rows:
         view.add_row(*row)
     console.print(view)
+
+
+def _cell(value: str) -> str:
+    """A value that cannot break the row: tabs and newlines become spaces."""
+    return " ".join(str(value).split("\t")).replace("\n", " ")
 
 
 def human_size(size: int | None) -> str:

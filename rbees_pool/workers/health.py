@@ -17,6 +17,19 @@ def fetch_health(url: str, timeout_s: float = 2.0) -> dict[str, object] | None:
     return doc if isinstance(doc, dict) else None
 
 
+def fetch_ready(url: str, token: str | None = None, timeout_s: float = 2.0) -> dict[str, object] | None:
+    """The worker's /ready document (state, load_progress and, from newer workers, phase), or None when it
+    does not answer one (not listening yet, or refusing the token)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        doc = httpx.get(f"{url}/ready", headers=headers, timeout=timeout_s).json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and "state" in doc else None
+
+
 def tail(path: str, lines: int = 20) -> str:
     """The last lines of a log file (empty when it does not exist)."""
     try:

@@ -1,17 +1,16 @@
-"""Start detached rbees-workerd processes, wait for them to be Ready, and stop them."""
+"""Start detached rbees-workerd processes, wait for them to be Ready (reporting what they do meanwhile), and
+stop them."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 
 import psutil
 from filelock import FileLock
@@ -20,66 +19,60 @@ from catalog import ModelEntry
 from rbees_pool.errors import WorkerFailed, WorkerTimeout
 from rbees_pool.paths import PoolPaths
 from rbees_pool.workers import records
-from rbees_pool.workers.health import fetch_health, tail
+from rbees_pool.workers.command import SpawnRequest, local_url, worker_argv
+from rbees_pool.workers.health import fetch_health, fetch_ready, tail
 from rbees_pool.workers.ports import choose_port
 from rbees_pool.workers.records import WorkerRecord
 
 _POLL_S = 0.25
-
-
-@dataclass(frozen=True)
-class SpawnRequest:
-    backend: str
-    gpu: int | None
-    port: int | None
-    slots: int | None
-    callback_url: str | None
-
-
-def workerd_command() -> str:
-    """The rbees-workerd beside this interpreter (same venv), else the one on PATH."""
-    beside = Path(sys.executable).parent / "rbees-workerd"
-    found = str(beside) if beside.is_file() else shutil.which("rbees-workerd")
-    if found is None:
-        raise WorkerFailed("rbees-workerd is not installed beside rbees-pool nor on PATH")
-    return found
+OnProgress = Callable[[float, dict], None]  # (seconds since the start, the worker's /ready or /health document)
 
 
 def spawn(paths: PoolPaths, entry: ModelEntry, request: SpawnRequest) -> tuple[WorkerRecord, subprocess.Popen]:
-    """Start the worker in its own session (it outlives this CLI), logging to .runtime/workers/<id>.log."""
+    """Start the worker in its own session (it outlives this CLI), appending to .runtime/workers/<id>.log."""
     paths.workers.mkdir(parents=True, exist_ok=True)
     with FileLock(str(paths.workers / ".spawn.lock")):  # two spawns never pick the same port
         live, _ = records.reconcile(paths)
-        port = choose_port(request.port, {record.port for record in live})
+        port = choose_port(request.port, {record.port for record in live}, request.bind)
         worker_id = f"w-{entry.id}-{port}"
-        url = f"http://127.0.0.1:{port}"
-        cmd = [
-            workerd_command(), "--worker-id", worker_id, "--model", str(paths.model_file(entry)),
-            "--port", str(port), "--backend", request.backend, "--model-ref", entry.id,
-        ]  # fmt: skip
-        if request.backend == "cuda":
-            cmd += ["--gpu", str(request.gpu or 0)]
-        if request.slots is not None:
-            cmd += ["--slots", str(request.slots)]
-        if request.callback_url:
-            cmd += ["--callback-url", request.callback_url]
-        with paths.worker_log(worker_id).open("wb") as log:
+        cmd = worker_argv(paths, entry, request, worker_id, port)  # refused here, before anything starts
+        with paths.worker_log(worker_id).open("ab") as log:  # a respawn keeps the earlier runs' lines
+            log.write(_spawn_line(worker_id, cmd))
+            log.flush()
             process = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         record = WorkerRecord(
             worker_id=worker_id, pid=process.pid, backend=request.backend, model_id=entry.id,
-            gpu=(request.gpu or 0) if request.backend == "cuda" else None, port=port, url=url,
-            started_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            gpu=(request.gpu or 0) if request.backend == "cuda" else None, port=port,
+            url=local_url(request.bind, port), started_at=datetime.now(UTC).isoformat(timespec="seconds"),
             create_time=psutil.Process(process.pid).create_time(),
         )  # fmt: skip
         records.save(paths, record)
     return record, process
 
 
-def wait_ready(paths: PoolPaths, record: WorkerRecord, process: subprocess.Popen, timeout_s: float) -> dict:
-    """Poll /health until Ready; a worker that exits meanwhile, or is too slow (stopped), is an error."""
-    deadline = time.monotonic() + timeout_s
+def _spawn_line(worker_id: str, cmd: list[str]) -> bytes:
+    """A log line in the worker's own JSON shape, marking where this run starts."""
+    now = datetime.now(UTC)
+    entry = {
+        "ts": now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z", "level": "INFO",
+        "logger": "rbees-pool", "worker_id": worker_id, "human": "spawned by rbees-pool: " + " ".join(cmd[1:]),
+    }  # fmt: skip
+    return (json.dumps(entry) + "\n").encode()
+
+
+def wait_ready(
+    paths: PoolPaths,
+    record: WorkerRecord,
+    process: subprocess.Popen,
+    timeout_s: float,
+    token: str | None = None,
+    on_progress: OnProgress | None = None,
+) -> dict:
+    """Poll /ready until Ready, passing each answer to `on_progress`; a worker that exits meanwhile, or is too
+    slow (it is stopped), is an error. Returns the worker's /health document."""
+    start = time.monotonic()
     while True:
         status = process.poll()
         if status is not None:
@@ -89,10 +82,12 @@ def wait_ready(paths: PoolPaths, record: WorkerRecord, process: subprocess.Popen
                 f"worker {record.worker_id} exited with status {status} while loading; last lines of {log}:\n"
                 + tail(str(log))
             )
-        health = fetch_health(record.url, timeout_s=1.0)
-        if health is not None and health.get("state") == "Ready":
-            return health
-        if time.monotonic() > deadline:
+        doc = fetch_ready(record.url, token, timeout_s=1.0) or fetch_health(record.url, timeout_s=1.0)
+        if doc is not None and on_progress is not None:
+            on_progress(time.monotonic() - start, doc)
+        if doc is not None and doc.get("state") == "Ready":
+            return fetch_health(record.url, timeout_s=5.0) or doc
+        if time.monotonic() - start > timeout_s:
             stop(paths, record, grace_s=10.0)
             raise WorkerTimeout(f"worker {record.worker_id} was not ready after {timeout_s:g}s; it was stopped")
         time.sleep(_POLL_S)
