@@ -311,11 +311,6 @@ def test_spawn_on_a_terminal_shows_a_live_line(root: Path) -> None:
     assert "\x1b[" in text and re.search(r"Ready after \d+\.\ds", text), text
 
 
-@pytest.mark.skipif(
-    "--threads" not in subprocess.run([str(POOL.parent / "rbees-workerd"), "serve", "--help"], capture_output=True,
-                                      text=True).stdout,
-    reason="this rbees-workerd's serve takes no --threads yet",
-)  # fmt: skip
 def test_threads_reach_the_worker(root: Path) -> None:
     spawned = run_json(root, "worker", "spawn", "cpu", "--model", "smol", "--threads", "1")
     try:

@@ -97,7 +97,8 @@ def worker_argv(paths: PoolPaths, entry: ModelEntry, request: SpawnRequest, work
 
 def _check(args: list[str]) -> None:
     """Run the worker's settings parser (same code, same environment) on the arguments."""
-    from rbees_workerd.settings import SettingsError, parse_settings
+    from rbees_workerd.cli_serve import parse_settings
+    from rbees_workerd.settings import SettingsError
 
     try:
         parse_settings(args)
