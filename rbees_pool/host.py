@@ -95,8 +95,9 @@ def require_backend(backend: str, gpu: int | None) -> None:
             raise InvalidArgument("--gpu applies to the cuda backend only")
         return
     found = gpus()
-    if not found:
-        raise BackendUnavailable("backend cuda needs an NVIDIA GPU, and NVML finds none on this host")
+    cuda = {b["name"]: b for b in backends(found)}["cuda"]
+    if not cuda["available"]:
+        raise BackendUnavailable(f"backend cuda is unavailable on this host: {cuda['reason']}")
     if gpu is not None and gpu not in (indices := [g.index for g in found]):
         raise BackendUnavailable(f"no usable GPU {gpu} (GPUs NVML sees here: {', '.join(map(str, indices))})")
 

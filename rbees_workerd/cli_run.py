@@ -39,6 +39,8 @@ def run(app: typer.Typer, prog: str, argv: list[str]) -> int:
     try:
         result = app(args=argv, prog_name=prog, standalone_mode=False)
     except typer.TyperException as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # a group without its command: typer printed its help
+            return USAGE_EXIT
         ctx = getattr(e, "ctx", None)
         hint = f"; see '{ctx.command_path} -h'" if ctx is not None else ""
         print_error("INVALID_ARGUMENT", e.format_message().rstrip(".") + hint)

@@ -18,6 +18,7 @@ from test_pool_support import POOL, assert_nothing_left_running
 import catalog
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "pool.md"
+README = DOC.parent.parent / "README.md"
 _FENCE = re.compile(r"(?P<before>[^\n]*)\n```sh\n(?P<body>.*?)\n```", re.DOTALL)
 
 
@@ -78,3 +79,15 @@ def test_the_ci_example_stops_at_a_failed_spawn(pool_env: dict[str, str]) -> Non
     done = _bash(ci, {**pool_env, "WORKER_LOG_LEVEL": "chatty"})
     assert done.returncode == 2 and "INVALID_ARGUMENT" in done.stderr, done.stderr
     assert "curl" not in done.stderr and done.stdout == "", done.stdout
+
+
+def test_the_readme_quickstart_streams_an_answer(pool_env: dict[str, str]) -> None:
+    """README's quickstart as a reader runs it, less its first two lines (the venv this suite runs in)."""
+    text = README.read_text().split("## Quickstart", 1)[1]
+    block = _FENCE.search(text)["body"].splitlines()  # type: ignore[index]
+    assert block[0].startswith("make install") and block[1].startswith(". .venv/bin/activate"), block
+    done = _bash("\n".join(block[2:]), pool_env)
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    events = [line for line in done.stdout.splitlines() if line.startswith("data: ")]
+    assert '"type":"started"' in events[0].replace(" ", "") and '"type":"end"' in events[-1].replace(" ", "")
+    assert sum('"type":"token"' in e.replace(" ", "") for e in events) == 32, events

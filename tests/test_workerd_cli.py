@@ -5,6 +5,7 @@ Every CLI is run as the user runs it, its console script in a subprocess.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from importlib.metadata import version
@@ -16,6 +17,7 @@ import pytest
 from worker_harness import MODEL, daemon_env, free_port
 
 from rbees_pool import host
+from rbees_pool.errors import BackendUnavailable
 from rbees_workerd.kernels.cuda.probe import cuda_unavailable_reason
 
 BIN = Path(sys.executable).parent
@@ -79,9 +81,28 @@ def test_no_arguments_shows_the_help_and_exits_2() -> None:
     assert done.returncode == 2 and "serve" in done.stdout and "generate" in done.stdout and not done.stderr
 
 
-def test_orcd_usage_errors_are_one_line_and_exit_2() -> None:
-    done = _run("rbees-orcd", "--bogus")
-    assert done.returncode == 2 and "--bogus" in _one_error_line(done, "INVALID_ARGUMENT")
+@pytest.mark.parametrize(
+    ("cli", "args", "named"),
+    [
+        ("rbees-orcd", ["--bogus"], "--bogus"),
+        ("rbees-pool", ["--bogus"], "--bogus"),
+        ("rbees-pool", ["models", "download"], "model_id"),
+        ("rbees-pool", ["worker", "spawn", "cpu", "--model", "m", "--slots", "x"], "'--slots'"),
+        ("rbees", ["infer", "--worker", "http://127.0.0.1:1", "--max-tokens", "-3", "hi"], "'--max-tokens'"),
+        ("rbees", ["hosts", "list", "--bogus"], "--bogus"),
+    ],
+    ids=["orcd unknown option", "pool unknown option", "pool missing argument", "pool not a number",
+         "rbees out of range", "rbees unknown option"],
+)  # fmt: skip
+def test_the_other_clis_usage_errors_are_one_line_and_exit_2(cli: str, args: list[str], named: str) -> None:
+    done = _run(cli, *args)
+    assert done.returncode == 2 and named in _one_error_line(done, "INVALID_ARGUMENT")
+
+
+@pytest.mark.parametrize("args", [["rbees-pool"], ["rbees-pool", "models"], ["rbees"], ["rbees", "hosts"]])
+def test_a_group_without_its_command_shows_its_help_and_exits_2(args: list[str]) -> None:
+    done = _run(*args)
+    assert done.returncode == 2 and "Usage:" in done.stdout and "Commands" in done.stdout and not done.stderr
 
 
 # ---- the cuda backend on a host that cannot run it ---------------------------------------------------
@@ -125,3 +146,18 @@ def test_pool_backends_need_a_device_numba_cuda_answers_not_just_nvml(monkeypatc
     monkeypatch.setattr(pynvml, "nvmlDeviceGetMemoryInfo", lambda handle: SimpleNamespace(total=8 << 30, free=8 << 30))
     cuda = {b["name"]: b for b in host.backends(host.gpus())}["cuda"]
     assert cuda == {"name": "cuda", "available": False, "devices": ["cuda:0 Test GPU"], "reason": NO_CUDA}
+    with pytest.raises(BackendUnavailable, match=f"backend cuda is unavailable on this host: {re.escape(NO_CUDA)}"):
+        host.require_backend("cuda", None)  # spawn refuses it before starting a worker, by the same test
+
+
+def test_numba_caches_in_the_users_cache_folder_by_default(tmp_path: Path) -> None:
+    """Outside `make` (no NUMBA_CACHE_DIR), compiled kernels go to the user's cache folder, not into the
+    installed package; a NUMBA_CACHE_DIR that is set wins."""
+    code = "import rbees_workerd.kernels.cpu.backend; from numba.core import config; print(config.CACHE_DIR)"
+    env = {k: v for k, v in daemon_env().items() if k != "NUMBA_CACHE_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert shown.stdout.strip() == str(tmp_path / "cache" / "rbees" / "numba"), shown.stderr
+    env["NUMBA_CACHE_DIR"] = str(tmp_path / "mine")
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert shown.stdout.strip() == str(tmp_path / "mine"), shown.stderr
