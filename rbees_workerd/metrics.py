@@ -17,7 +17,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-STATES = ("Starting", "Loading", "Ready", "Executing", "Draining", "Stopped")
+from rbees_workerd.schemas import WorkerState
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -63,10 +63,10 @@ class WorkerMetrics:
         self.load_progress = Gauge("rbees_worker_load_progress", "Model load progress, 0 to 1", registry=r)
         self._state = Gauge("rbees_worker_state", "1 for the lifecycle state the worker is in", ["state"], registry=r)
 
-    def set_state(self, state: str) -> None:
+    def set_state(self, state: WorkerState) -> None:
         """The state's series 1, every other state's 0 (each state is a series from the start)."""
-        for name in STATES:
-            self._state.labels(name).set(1.0 if name == state else 0.0)
+        for name in WorkerState:
+            self._state.labels(name.value).set(1.0 if name is state else 0.0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

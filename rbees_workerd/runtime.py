@@ -2,6 +2,10 @@
 
 Starting -> Loading -> Ready (Executing while jobs run) -> Draining -> Stopped. No HTTP here:
 the routes call `start_job`/`cancel_job` and turn the errors raised into responses.
+
+A job is known by its job_id everywhere: this table, the scheduler, the engine. The scheduler thread
+hands each engine step to the event loop in one `call_soon_threadsafe` (`_on_step`); the output processor
+(output.py) turns it into frames in each job's outbox, which the job's stream (stream.py) writes out.
 """
 
 from __future__ import annotations
@@ -11,18 +15,19 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from rbees_workerd.engine.types import Event, FinishEvent, GenerationParams, LoadPhase
-from rbees_workerd.errors import AllSlotsBusy, InvalidParams
-from rbees_workerd.http_errors import Draining, FieldInvalid, JobNotFound, NotReady
+from rbees_workerd import logs
+from rbees_workerd.engine.types import GenerationParams, LoadPhase
+from rbees_workerd.errors import AllSlotsBusy, Draining, FieldInvalid, InvalidParams, JobNotFound, NotReady
 from rbees_workerd.metrics import WorkerMetrics
-from rbees_workerd.scheduler import Scheduler
-from rbees_workerd.schemas import ExecuteRequest
+from rbees_workerd.output import OutputProcessor, TextStream, frame
+from rbees_workerd.scheduler import Admitted, Scheduler, StepOutput
+from rbees_workerd.schemas import ExecuteRequest, WorkerState
 from rbees_workerd.settings import Settings
 
 log = logging.getLogger("rbees_workerd.runtime")
@@ -36,18 +41,60 @@ _PHASE_SPAN: dict[LoadPhase, tuple[float, float]] = {
 }
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
-    """One /execute request from acceptance to its last frame."""
+    """One /execute request from acceptance to its last frame. Lives on the event loop only.
+
+    Its clocks (perf_counter): accepted (the request admitted by the runtime), admitted (the sequence
+    entered the engine), first token (the step that sampled it returned): the one first-token clock of
+    the TTFT histogram and of the metrics frame."""
 
     job_id: str
-    events: asyncio.Queue[Event]
+    text: TextStream
     accepted_at: float = field(default_factory=time.perf_counter)
     started_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="milliseconds"))
-    seq_id: int | None = None
+    # the request's, for the job's log lines: they are written by the output processor, outside the request
+    correlation_id: str | None = field(default_factory=logs.correlation_id.get)
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float = 0.0
     prompt_tokens: int = 0
+    tokens_out: int = 0
+    deferred: list[tuple[int, str]] = field(default_factory=list)  # token frames kept back: (i, decided text)
+    in_engine: bool = False
     cancel_requested: bool = False
     ended: bool = False  # its end (or error) frame was produced
+    closed: bool = False  # nothing more goes into its outbox
+    _outbox: list[bytes] = field(default_factory=list)
+    _wake: asyncio.Future[None] | None = None
+
+    def log_fields(self) -> dict[str, object]:
+        fields: dict[str, object] = {"job_id": self.job_id}
+        if self.correlation_id is not None:
+            fields["correlation_id"] = self.correlation_id
+        return fields
+
+    def send(self, data: bytes) -> None:
+        """Queue bytes for the client and wake the stream (once, however many steps come before it runs)."""
+        self._outbox.append(data)
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Everything sent so far, in one piece per wake-up, until the job's last frame."""
+        while True:
+            if self._outbox:
+                data = self._outbox[0] if len(self._outbox) == 1 else b"".join(self._outbox)
+                self._outbox.clear()
+                yield data
+            elif self.closed:
+                return
+            else:
+                self._wake = asyncio.get_running_loop().create_future()
+                try:
+                    await self._wake
+                finally:
+                    self._wake = None
 
 
 class WorkerRuntime:
@@ -61,18 +108,20 @@ class WorkerRuntime:
         self.load_phase: LoadPhase | None = None  # what loading is doing now; None outside Loading
         self.engine: Any = None
         self.jobs: dict[str, Job] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None  # the event loop the jobs live on (see start_loading)
         self._scheduler: Scheduler | None = None
-        self._state = "Starting"
+        self.output = OutputProcessor(self, self.metrics)
+        self._state = WorkerState.STARTING
         self._idle = asyncio.Event()
         self._idle.set()
-        self._set_state("Starting")
+        self._set_state(WorkerState.STARTING)
 
     # ---- state
     @property
-    def state(self) -> str:
-        return "Executing" if self._state == "Ready" and self.jobs else self._state
+    def state(self) -> WorkerState:
+        return WorkerState.EXECUTING if self._state is WorkerState.READY and self.jobs else self._state
 
-    def _set_state(self, state: str) -> None:
+    def _set_state(self, state: WorkerState) -> None:
         self._state = state
         self.metrics.set_state(self.state)
 
@@ -92,7 +141,7 @@ class WorkerRuntime:
         """Load the model and start the scheduler (blocking: run it off the event loop)."""
         from rbees_workerd.engine.engine import Engine
 
-        self._set_state("Loading")
+        self._set_state(WorkerState.LOADING)
         s = self.settings
         t0 = time.perf_counter()
         engine = Engine.load(
@@ -108,12 +157,12 @@ class WorkerRuntime:
         self.metrics.model_bytes.set(engine.model.weight_bytes)
         self.metrics.kv_cache_bytes.set(engine.model.kv_cache_bytes)
         self.metrics.vram_bytes.set(self.vram_bytes(engine))
-        self._scheduler = Scheduler(engine, self.metrics, on_fatal)
+        self._scheduler = Scheduler(engine, self._on_step, on_fatal)
         self._scheduler.start()
         self.engine = engine
         self.load_progress, self.load_phase = 1.0, None
         self.metrics.load_progress.set(1.0)
-        self._set_state("Ready")
+        self._set_state(WorkerState.READY)
         log.info(
             f"model {s.model_ref} loaded on {engine.backend.device} in {time.perf_counter() - t0:.1f}s",
             extra={
@@ -155,7 +204,7 @@ class WorkerRuntime:
     # ---- jobs
     async def start_job(self, req: ExecuteRequest) -> Job:
         """Admit a job into a slot; raises NotReady, Draining, FieldInvalid, AllSlotsBusy."""
-        if self._state == "Draining" or self._state == "Stopped":
+        if self._state in (WorkerState.DRAINING, WorkerState.STOPPED):
             raise Draining("the worker is shutting down and takes no new jobs")
         if self.engine is None or self._scheduler is None:
             raise NotReady(self.loading_status())
@@ -164,10 +213,11 @@ class WorkerRuntime:
         if req.max_tokens > self.engine.context_length:
             raise FieldInvalid("max_tokens", f"le={self.engine.context_length}", "max_tokens exceeds the model context")
         loop = asyncio.get_running_loop()
-        job = Job(req.job_id, asyncio.Queue())
+        job = Job(req.job_id, TextStream(self.engine.tokenizer.stream_decoder(continuation=True), tuple(req.stop)))
         self.jobs[job.job_id] = job  # reserve the id while the prompt is tokenized and submitted
         self._jobs_changed()
-        future: Future[Any] | None = None
+        future: Future[Admitted] | None = None
+        admission: asyncio.Future[Admitted] = loop.create_future()
         try:
             ids = await asyncio.to_thread(self.engine.tokenizer.encode, req.prompt)
             if len(ids) >= self.engine.context_length:
@@ -176,36 +226,54 @@ class WorkerRuntime:
                     f"tokens<{self.engine.context_length}",
                     f"the prompt has {len(ids)} tokens; the context holds {self.engine.context_length}",
                 )
-            future = self._scheduler.submit(ids, _params(req), self._sink(loop, job))
-            seq = await asyncio.wrap_future(future)
+            future = self._scheduler.submit(job.job_id, ids, _params(req))
+            # called on the scheduler thread as it admits the job: queued on the loop before that step's
+            # output, so the job is set up (and its started frame first in its outbox) before any token
+            future.add_done_callback(lambda f: _call_soon(loop, self._admitted, job, f, admission))
+            await admission
         except BaseException as e:
-            self._forget(job)
+            self.forget(job)
             if future is not None and future.done() and not future.cancelled() and future.exception() is None:
-                self._scheduler.cancel(future.result().id)  # admitted just as the client went away
+                self._scheduler.cancel(job.job_id)  # admitted just as the client went away
             if isinstance(e, AllSlotsBusy | FieldInvalid):
                 self.metrics.jobs_rejected.labels(e.code).inc()
             if isinstance(e, InvalidParams) and not isinstance(e, FieldInvalid):
                 raise FieldInvalid("prompt", "engine", e.message) from e
             raise
-        job.seq_id, job.prompt_tokens = seq.id, seq.prompt_tokens
         if job.cancel_requested:
-            self._scheduler.cancel(seq.id)
+            self._scheduler.cancel(job.job_id)
         return job
 
-    def _sink(self, loop: asyncio.AbstractEventLoop, job: Job) -> Callable[[Event], None]:
-        """Deliver events from the scheduler thread to the job's queue on the event loop. The job leaves
-        the table when its sequence ends, even if its stream is never read (client gone before it began)."""
+    def _admitted(self, job: Job, future: Future[Admitted], admission: asyncio.Future[Admitted]) -> None:
+        """On the loop: the scheduler took the job (or refused it)."""
+        error = future.exception()
+        if error is not None:
+            if not admission.done():
+                admission.set_exception(error)
+            return
+        admitted = future.result()
+        job.admitted_at, job.prompt_tokens, job.in_engine = admitted.at, admitted.prompt_tokens, True
+        self.metrics.jobs_started.inc()
+        self.metrics.prompt_tokens.inc(admitted.prompt_tokens)
+        started = {
+            "type": "started",
+            "job_id": job.job_id,
+            "model": self.settings.model_ref,
+            "started_at": job.started_at,
+            "prompt_tokens": job.prompt_tokens,
+        }
+        job.send(frame(started))
+        log.info(
+            f"job {job.job_id} started with {job.prompt_tokens} prompt tokens",
+            extra={"fields": {**job.log_fields(), "tokens_in": job.prompt_tokens}},
+        )
+        if not admission.done():
+            admission.set_result(admitted)
 
-        def on_loop(event: Event) -> None:
-            job.events.put_nowait(event)
-            if isinstance(event, FinishEvent):
-                self._forget(job)
-
-        def deliver(event: Event) -> None:
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
-                loop.call_soon_threadsafe(on_loop, event)
-
-        return deliver
+    def _on_step(self, step: StepOutput) -> None:
+        """On the scheduler thread: the step goes to the loop in one wake-up, its frames built there."""
+        if self.loop is not None:
+            _call_soon(self.loop, self.output.process, step)
 
     def cancel_job(self, job_id: str) -> None:
         """Cancel a running job; its stream ends with CANCELLED within one step."""
@@ -213,16 +281,19 @@ class WorkerRuntime:
         if job is None:
             raise JobNotFound(f"no active job with id {job_id}")
         job.cancel_requested = True
-        if job.seq_id is not None and self._scheduler is not None:
-            self._scheduler.cancel(job.seq_id)
+        self.cancel_in_engine(job)
+
+    def cancel_in_engine(self, job: Job) -> None:
+        """End the job's sequence at the engine's next step (a stop string matched, or nobody listens)."""
+        if job.in_engine and self._scheduler is not None:
+            self._scheduler.cancel(job.job_id)
 
     def abandon_job(self, job: Job) -> None:
         """The client went away mid-stream: cancel the sequence so its slot frees at the next step. The job
         stays in the table (its slot still counted as busy) until the engine reports the sequence ended."""
-        if job.seq_id is not None and self._scheduler is not None:
-            self._scheduler.cancel(job.seq_id)
+        self.cancel_in_engine(job)
 
-    def _forget(self, job: Job) -> None:
+    def forget(self, job: Job) -> None:
         if self.jobs.get(job.job_id) is job:
             del self.jobs[job.job_id]
             self._jobs_changed()
@@ -230,9 +301,9 @@ class WorkerRuntime:
     # ---- shutdown
     async def drain(self, timeout_s: float) -> None:
         """Refuse new jobs, let running ones finish for up to `timeout_s`, then cancel the rest."""
-        if self._state in ("Draining", "Stopped"):
+        if self._state in (WorkerState.DRAINING, WorkerState.STOPPED):
             return
-        self._set_state("Draining")
+        self._set_state(WorkerState.DRAINING)
         log.info(
             f"draining {len(self.jobs)} job(s), waiting up to {timeout_s:.0f}s",
             extra={"fields": {"active_jobs": len(self.jobs)}},
@@ -253,7 +324,7 @@ class WorkerRuntime:
     def stop(self) -> None:
         if self._scheduler is not None:
             self._scheduler.stop(timeout=10.0)
-        self._set_state("Stopped")
+        self._set_state(WorkerState.STOPPED)
 
 
 def _params(req: ExecuteRequest) -> GenerationParams:
@@ -269,9 +340,15 @@ def _params(req: ExecuteRequest) -> GenerationParams:
     )
 
 
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
+    with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
+        loop.call_soon_threadsafe(callback, *args)
+
+
 def start_loading(runtime: WorkerRuntime, on_fatal: Callable[[BaseException], None]) -> asyncio.Future[None]:
     """Load in a daemon thread (not the default executor) so that a SIGTERM mid-load can exit at once."""
     loop = asyncio.get_running_loop()
+    runtime.loop = loop
     done: asyncio.Future[None] = loop.create_future()
 
     def settle(error: BaseException | None) -> None:

@@ -1,9 +1,13 @@
 """The one thread that owns the engine.
 
-The engine is not thread-safe, so the HTTP side never touches it: it sends submissions and
-cancels through a queue, and this thread runs `engine.step()` (one batched forward over every
-active sequence) for as long as there is work, handing each event to the job's sink. A request
+The engine is not thread-safe, so the HTTP side never touches it: it sends submissions and cancels
+through a queue, and this thread runs `engine.step()` (one batched forward over every active sequence)
+for as long as there is work. It deals in token ids only: each step's tokens and ends, for every job
+at once, go out as one `StepOutput` to one callback (the worker hands it to its event loop in one
+wake-up; detokenizing, stop strings, metrics and SSE frames happen there, see output.py). A request
 that arrives mid-generation is submitted between two steps and joins the next one.
+
+Sequences are named by the caller's id (the worker's job_id) all the way into the engine.
 """
 
 from __future__ import annotations
@@ -17,73 +21,92 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from rbees_workerd.engine.types import Event, FinishEvent, GenerationParams, TokenEvent
+from rbees_workerd.engine.types import FinishEvent, GenerationParams, TokenEvent
 from rbees_workerd.errors import RbeesError
-from rbees_workerd.metrics import WorkerMetrics
 
 log = logging.getLogger("rbees_workerd.scheduler")
 
-Sink = Callable[[Event], None]
+
+@dataclass
+class JobOutput:
+    """One job's part of one step: the token ids it sampled (in order) and its end, if it ended."""
+
+    job_id: str
+    token_ids: list[int] = field(default_factory=list)
+    finish: FinishEvent | None = None
+
+
+@dataclass
+class StepOutput:
+    """Everything one engine step produced, stamped when the step returned (perf_counter)."""
+
+    at: float
+    jobs: list[JobOutput]
+    step_s: float = 0.0  # the engine's own time for the step
+    slots_in_use: int = 0
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A submission the engine took: its prompt length and when it entered the engine (perf_counter)."""
+
+    prompt_tokens: int
+    at: float
+
+
+OnStep = Callable[[StepOutput], None]
 
 
 @dataclass
 class _Submit:
+    job_id: str
     prompt_ids: list[int]
     params: GenerationParams
-    sink: Sink
-    future: Future[Any] = field(default_factory=Future)
+    future: Future[Admitted] = field(default_factory=Future)
 
 
 @dataclass
 class _Cancel:
-    seq_id: int
+    job_id: str
 
 
 class _Stop:
     pass
 
 
-@dataclass
-class _Active:
-    sink: Sink
-    prompt_tokens: int
-    submitted: float
-    last_token: float | None = None
-    tokens_out: int = 0
-
-
 class Scheduler:
-    """Runs the engine in a dedicated thread; `submit` and `cancel` may be called from any thread."""
+    """Runs the engine in a dedicated thread; `submit` and `cancel` may be called from any thread.
+    `on_step` is called on the scheduler thread once per step that produced tokens or ends."""
 
-    def __init__(self, engine: Any, metrics: WorkerMetrics, on_fatal: Callable[[BaseException], None]) -> None:
+    def __init__(self, engine: Any, on_step: OnStep, on_fatal: Callable[[BaseException], None]) -> None:
         self._engine = engine
-        self._metrics = metrics
+        self._on_step = on_step
         self._on_fatal = on_fatal
         self._commands: queue.SimpleQueue[_Submit | _Cancel | _Stop] = queue.SimpleQueue()
-        self._active: dict[int, _Active] = {}
+        self._running: set[str] = set()  # job ids in the engine (no state: the engine and the runtime keep it)
         self._thread = threading.Thread(target=self._run, name="rbees-scheduler", daemon=True)
         self._stopped = threading.Event()
 
     @property
     def active_jobs(self) -> int:
-        return len(self._active)
+        return len(self._running)
 
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, prompt_ids: list[int], params: GenerationParams, sink: Sink) -> Future[Any]:
-        """Queue a sequence; the future resolves to the engine's Sequence or to its refusal
-        (AllSlotsBusy, InvalidParams) once the scheduler thread has tried it, before the next step."""
-        command = _Submit(prompt_ids, params, sink)
+    def submit(self, job_id: str, prompt_ids: list[int], params: GenerationParams) -> Future[Admitted]:
+        """Queue a sequence; the future resolves to Admitted or to its refusal (AllSlotsBusy,
+        InvalidParams) once the scheduler thread has tried it, before the next step."""
+        command = _Submit(job_id, prompt_ids, params)
         if self._stopped.is_set():
             command.future.set_exception(RbeesError("the scheduler has stopped"))
         else:
             self._commands.put(command)
         return command.future
 
-    def cancel(self, seq_id: int) -> None:
-        """Ask the engine to end a sequence; its sink then gets FinishEvent(CANCELLED) within one step."""
-        self._commands.put(_Cancel(seq_id))
+    def cancel(self, job_id: str) -> None:
+        """Ask the engine to end a sequence; its FinishEvent(CANCELLED) comes within one step."""
+        self._commands.put(_Cancel(job_id))
 
     def stop(self, timeout: float | None = None) -> None:
         self._commands.put(_Stop())
@@ -121,74 +144,57 @@ class Scheduler:
         if isinstance(command, _Stop):
             return False
         if isinstance(command, _Cancel):
-            if command.seq_id in self._active:
-                self._engine.cancel(command.seq_id)
+            if command.job_id in self._running:
+                self._engine.cancel(command.job_id)
             return True
         if not command.future.set_running_or_notify_cancel():
             return True
         try:
-            seq = self._engine.submit(command.prompt_ids, command.params)
+            seq = self._engine.submit(command.prompt_ids, command.params, seq_id=command.job_id, detokenize=False)
         except Exception as e:  # noqa: BLE001 - refusals go back to the caller, who maps them to HTTP
             command.future.set_exception(e)
             return True
-        self._active[seq.id] = _Active(command.sink, seq.prompt_tokens, time.perf_counter())
-        self._metrics.jobs_started.inc()
-        self._metrics.prompt_tokens.inc(seq.prompt_tokens)
-        self._metrics.slots_in_use.set(len(self._active))
-        command.future.set_result(seq)
+        self._running.add(command.job_id)
+        command.future.set_result(Admitted(seq.prompt_tokens, seq.t_start))
         return True
 
     def _step(self) -> None:
+        t0 = time.perf_counter()
         events = self._engine.step()
         now = time.perf_counter()
+        if not events:
+            return  # a step of prompt chunks only
+        outputs: dict[str, JobOutput] = {}
         for event in events:
-            job = self._active.get(event.seq_id)
-            if job is None:
-                continue
+            out = outputs.get(event.seq_id)
+            if out is None:
+                out = outputs[event.seq_id] = JobOutput(event.seq_id)
             if isinstance(event, TokenEvent):
-                if event.index >= job.tokens_out:  # not the text flushed at the end for the last token
-                    self._record_token(job, now)
+                out.token_ids.append(event.token_id)
             else:
-                self._record_finish(event)
-                del self._active[event.seq_id]
-            job.sink(event)
-        self._metrics.slots_in_use.set(len(self._active))
-
-    def _record_token(self, job: _Active, now: float) -> None:
-        m = self._metrics
-        m.tokens_generated.inc()
-        if job.last_token is None:
-            m.time_to_first_token.observe(now - job.submitted)
-        else:
-            m.token_latency.observe(now - job.last_token)
-        job.last_token = now
-        job.tokens_out += 1
-
-    def _record_finish(self, event: FinishEvent) -> None:
-        m = self._metrics
-        if event.stop_reason == "CANCELLED":
-            m.jobs_cancelled.inc()
-        elif event.stop_reason == "ERROR":
-            m.jobs_failed.inc()
-        else:
-            m.jobs_completed.labels(event.stop_reason).inc()
+                out.finish = event
+                self._running.discard(event.seq_id)
+        self._on_step(StepOutput(now, list(outputs.values()), now - t0, len(self._running)))
 
     def _fail_all(self, error: BaseException) -> None:
-        for seq_id, job in list(self._active.items()):
-            self._metrics.jobs_failed.inc()
-            job.sink(
-                FinishEvent(
-                    seq_id=seq_id,
+        ends = [
+            JobOutput(
+                job_id,
+                finish=FinishEvent(
+                    seq_id=job_id,
                     stop_reason="ERROR",
-                    tokens_out=job.tokens_out,
-                    prompt_tokens=job.prompt_tokens,
+                    tokens_out=0,
+                    prompt_tokens=0,
                     prefill_time_ms=0.0,
                     decode_time_ms=0.0,
                     error=f"the engine failed ({type(error).__name__})",
-                )
+                ),
             )
-        self._active.clear()
-        self._metrics.slots_in_use.set(0)
+            for job_id in self._running
+        ]
+        self._running.clear()
+        if ends:
+            self._on_step(StepOutput(time.perf_counter(), ends))
 
     def _fail_queued(self) -> None:
         while True:

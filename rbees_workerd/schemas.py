@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -118,12 +119,37 @@ class ValidationErrors(BaseModel):
     errors: list[FieldError]
 
 
-State = Literal["Starting", "Loading", "Ready", "Executing", "Draining", "Stopped"]
+class WorkerState(StrEnum):
+    """The worker's lifecycle state: the runtime's, /health's and /ready's `state`, and the `state` label of
+    the rbees_worker_state metric. Starting -> Loading -> Ready (Executing while jobs run) -> Draining -> Stopped.
+    """
+
+    STARTING = "Starting"
+    LOADING = "Loading"
+    READY = "Ready"
+    EXECUTING = "Executing"
+    DRAINING = "Draining"
+    STOPPED = "Stopped"
+
+    @property
+    def accepts_jobs(self) -> bool:
+        return self in (WorkerState.READY, WorkerState.EXECUTING)
+
+    @property
+    def health_status(self) -> Literal["ok", "loading", "draining", "stopped"]:
+        """/health's coarse `status` for this state."""
+        if self in (WorkerState.STARTING, WorkerState.LOADING):
+            return "loading"
+        if self is WorkerState.DRAINING:
+            return "draining"
+        if self is WorkerState.STOPPED:
+            return "stopped"
+        return "ok"
 
 
 class Health(BaseModel):
     status: Literal["ok", "loading", "draining", "stopped"]
-    state: State
+    state: WorkerState
     model: str
     backend: str
     device: str | None
@@ -136,7 +162,7 @@ class Readiness(BaseModel):
     """GET /ready: 200 once jobs are accepted, 503 (same body) while starting, loading or draining."""
 
     ready: bool
-    state: State
+    state: WorkerState
     load_progress: float = Field(
         ge=0.0,
         le=1.0,
@@ -151,7 +177,7 @@ class Readiness(BaseModel):
     model: str
 
 
-# ---- the SSE frames of /execute (documented in the OpenAPI schema, built in stream.py)
+# ---- the SSE frames of /execute (documented in the OpenAPI schema, built in output.py)
 class StartedFrame(BaseModel):
     type: Literal["started"]
     job_id: str

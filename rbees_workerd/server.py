@@ -14,7 +14,7 @@ import re
 import signal
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import uvicorn
@@ -29,8 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rbees_workerd import logs
 from rbees_workerd.callback import CallbackFailed, send_ready
-from rbees_workerd.errors import AllSlotsBusy, InvalidParams, PortUnavailable, RbeesError
-from rbees_workerd.http_errors import AuthFailed, Draining, FieldInvalid, JobNotFound, NotReady
+from rbees_workerd.errors import AuthFailed, FieldInvalid, InvalidParams, NotReady, PortUnavailable, RbeesError, lookup
 from rbees_workerd.runtime import WorkerRuntime, start_loading
 from rbees_workerd.schemas import (
     CancelAccepted,
@@ -48,8 +47,6 @@ from rbees_workerd.stream import JobStream
 
 log = logging.getLogger("rbees_workerd.server")
 
-_STATUS = {AuthFailed: 401, JobNotFound: 404, AllSlotsBusy: 503, NotReady: 503, Draining: 503}
-_RETRY_AFTER_S = {AllSlotsBusy: 1, NotReady: 2, Draining: 5}
 # One SSE event of /execute: its `data` is one JSON Frame (started, token, metrics, end or error).
 _SSE_EVENT = {
     "type": "object",
@@ -71,13 +68,9 @@ _SCOPE_KEY = "rbees.correlation_id"
 def _error_response(error: RbeesError) -> JSONResponse:
     if isinstance(error, FieldInvalid):
         return _validation_response([FieldError(field=error.field, constraint=error.constraint, message=error.message)])
-    body = error.to_dict()
-    headers = {}
-    retry = _RETRY_AFTER_S.get(type(error))
-    if retry is not None:
-        body["retry_after_ms"] = retry * 1000
-        headers["Retry-After"] = str(retry)
-    return JSONResponse(body, status_code=_STATUS.get(type(error), 500), headers=headers)
+    retry = lookup(error, "retry_after_s")
+    headers = {"Retry-After": str(retry)} if retry is not None else {}
+    return JSONResponse(error.to_dict(), status_code=lookup(error, "status", 500), headers=headers)
 
 
 def _validation_response(errors: list[FieldError]) -> JSONResponse:
@@ -214,7 +207,7 @@ def create_app(runtime: WorkerRuntime) -> FastAPI:
         """Generate; the response streams each token as it is sampled."""
         if body.messages is not None:
             body = await _with_chat_prompt(runtime, body)
-        return JobStream(runtime, await runtime.start_job(body), settings.model_ref)
+        return JobStream(runtime, await runtime.start_job(body))
 
     @app.post("/cancel", status_code=202, dependencies=secured, responses=_errors_doc(400, *auth_doc, 404))
     async def cancel(body: CancelRequest) -> CancelAccepted:
@@ -227,9 +220,8 @@ def create_app(runtime: WorkerRuntime) -> FastAPI:
         """Liveness and capacity; always answers while the process runs (unauthenticated)."""
         engine = runtime.engine
         state = runtime.state
-        status = {"Starting": "loading", "Loading": "loading", "Draining": "draining", "Stopped": "stopped"}
         return Health(
-            status=status.get(state, "ok"),
+            status=state.health_status,
             state=state,
             model=settings.model_ref,
             backend=settings.backend,
@@ -248,13 +240,13 @@ def create_app(runtime: WorkerRuntime) -> FastAPI:
         """200 once the model is loaded and jobs are accepted; 503 while loading or draining."""
         state = runtime.state
         body = Readiness(
-            ready=state in ("Ready", "Executing"),
+            ready=state.accepts_jobs,
             state=state,
             load_progress=runtime.load_progress,
             phase=runtime.load_phase,
             model=settings.model_ref,
         )
-        return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
+        return JSONResponse(body.model_dump(mode="json"), status_code=200 if body.ready else 503)
 
     @app.get(
         "/metrics",
@@ -404,4 +396,14 @@ def run(settings: Settings) -> int:
     except OSError as e:
         raise PortUnavailable(f"cannot listen on {settings.host}:{settings.port}: {e.strerror}") from None
     logs.configure(settings.worker_id, settings.log_level)
-    return asyncio.run(_serve(settings, sock))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(_serve(settings, sock))
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop where it is installed (uvicorn[standard]): cheaper wake-ups and socket writes."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop

@@ -131,6 +131,62 @@ def test_stop_sequence_ends_the_stream_before_the_match(worker: Daemon) -> None:
     assert _text(frames) == full[: full.index(stop)]
 
 
+def _boundary_stop(tokens: list[dict[str, Any]]) -> tuple[str, int]:
+    """A stop string that spans the boundary between two tokens of `tokens` (the last character of one, the
+    first ones of the next) and occurs nowhere before; and the index of the token that completes it."""
+    full = "".join(f["t"] for f in tokens)
+    prefix = ""
+    for k in range(len(tokens) - 1):
+        prefix += tokens[k]["t"]
+        after = tokens[k + 1]["t"]
+        if prefix and after:
+            stop = prefix[-1] + after[:2]
+            if full.find(stop) == len(prefix) - 1:
+                return stop, k + 1
+    raise AssertionError(f"no token boundary to stop at in {tokens!r}")
+
+
+def test_a_stop_string_across_token_boundaries_stops_and_frees_the_slot(worker: Daemon, client: httpx.Client) -> None:
+    """The stop string is matched on the serving side, after the step that sampled its last token: the stream
+    ends at once without the matched text; the engine ends the sequence one step later (the slot frees then),
+    and that is not counted as a cancellation."""
+    reference = stream_job(worker.url, execute_body("stop-span-ref", max_tokens=16))
+    tokens = [f for f in reference if f["type"] == "token"]
+    full = _text(reference)
+    stop, completing = _boundary_stop(tokens)
+    cancelled = _metric(worker.url, "rbees_worker_jobs_cancelled_total")
+    frames = stream_job(worker.url, execute_body("stop-span", max_tokens=16, stop=["never-there", stop]))
+    *_, metrics, end = frames
+    assert end == {
+        "type": "end",
+        "tokens_out": completing + 1,
+        "decode_time_ms": end["decode_time_ms"],
+        "stop_reason": "STOP_SEQUENCE",
+        "stop_sequence_matched": stop,
+    }
+    assert metrics["tokens_out"] == completing + 1
+    assert _text(frames) == full[: full.index(stop)]
+    assert [f["i"] for f in frames if f["type"] == "token"] == list(range(completing + 1))
+    _wait_slots_free(client, SLOTS)
+    assert _metric(worker.url, "rbees_worker_jobs_cancelled_total") == cancelled
+    assert _metric(worker.url, "rbees_worker_jobs_completed_total", {"stop_reason": "STOP_SEQUENCE"}) >= 1
+
+
+def test_one_token_event_per_token_and_the_flushed_tail_in_the_last_one(worker: Daemon) -> None:
+    """A stop string that could begin at the last token's end holds that text back; at MAX_TOKENS it is
+    flushed into the last token's own frame: one event per token, indices 0..n-1, none repeated, no text lost."""
+    reference = stream_job(worker.url, execute_body("tail-ref", max_tokens=6))
+    full = _text(reference)
+    last = [f["t"] for f in reference if f["type"] == "token" and f["t"]][-1]
+    stop = last[-1] + "\u2603never"  # its first character ends the text; the rest never comes
+    frames = stream_job(worker.url, execute_body("tail", max_tokens=6, stop=[stop]))
+    indices = [f["i"] for f in frames if f["type"] == "token"]
+    assert frames[-1]["stop_reason"] == "MAX_TOKENS" and frames[-1]["tokens_out"] == 6
+    assert indices == list(range(6))
+    assert _text(frames) == full
+    assert [f["type"] for f in frames] == ["started", *["token"] * 6, "metrics", "end"]
+
+
 INVALID_BODIES: list[tuple[str, str, str]] = [
     ("malformed json", '{"job_id": "x", "prompt": ', "body"),
     ("not an object", "[1, 2]", "body"),

@@ -14,9 +14,8 @@ import pytest
 from worker_harness import run_daemon
 
 from rbees_workerd.engine.engine import Engine
-from rbees_workerd.engine.types import Event, FinishEvent, GenerationParams
-from rbees_workerd.metrics import WorkerMetrics
-from rbees_workerd.scheduler import Scheduler
+from rbees_workerd.engine.types import GenerationParams
+from rbees_workerd.scheduler import Scheduler, StepOutput
 
 PHASES = ("loading", "compiling kernels", "warming up")
 
@@ -70,15 +69,15 @@ def _threads_while_generating(engine: Engine) -> set[int]:
     seen: set[int] = set()
     done = threading.Event()
 
-    def sink(event: Event) -> None:
+    def on_step(step: StepOutput) -> None:  # called on the scheduler thread, once per step
         seen.add(numba.get_num_threads())
-        if isinstance(event, FinishEvent):
+        if any(job.finish is not None for job in step.jobs):
             done.set()
 
-    scheduler = Scheduler(engine, WorkerMetrics(), on_fatal=lambda e: done.set())
+    scheduler = Scheduler(engine, on_step, on_fatal=lambda e: done.set())
     scheduler.start()
     try:
-        scheduler.submit([1, 2, 3], GenerationParams(max_tokens=3, temperature=0.0), sink).result(60)
+        scheduler.submit("threads", [1, 2, 3], GenerationParams(max_tokens=3, temperature=0.0)).result(60)
         assert done.wait(120)
     finally:
         scheduler.stop(timeout=30)

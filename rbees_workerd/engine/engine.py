@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,11 +54,11 @@ def make_backend(name: str, gpu: int = 0, threads: int | None = None) -> Backend
 
 @dataclass
 class Sequence:
-    id: int
+    id: Hashable  # the engine's own number, or the caller's id (the worker's job_id)
     slot: int
     prompt: list[int]
     params: GenerationParams
-    decoder: StreamDecoder
+    decoder: StreamDecoder | None  # None: token ids only, the caller detokenizes and checks stop strings
     uniforms: SeededUniforms
     generated: list[int] = field(default_factory=list)
     cached: int = 0  # tokens already in the KV cache
@@ -166,8 +166,14 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self._active)
 
-    def submit(self, prompt_ids: list[int], params: GenerationParams) -> Sequence:
-        """Queue a sequence for the next step; raises AllSlotsBusy or InvalidParams."""
+    def submit(
+        self, prompt_ids: list[int], params: GenerationParams, seq_id: Hashable = None, detokenize: bool = True
+    ) -> Sequence:
+        """Queue a sequence for the next step; raises AllSlotsBusy or InvalidParams.
+
+        `seq_id` names it in its events (default: the engine's next number). With `detokenize=False` its
+        TokenEvents carry the token id and no text, and params.stop is left to the caller: the worker
+        detokenizes and matches stop strings off the thread that owns the engine."""
         if not prompt_ids:
             raise InvalidParams("the prompt encodes to no tokens")
         if len(prompt_ids) >= self.context_length:
@@ -178,18 +184,20 @@ class Engine:
             raise InvalidParams("max_tokens must be at least 1")
         if not self._free:
             raise AllSlotsBusy(f"all {self.slots} slots are generating")
+        if seq_id in self._active:
+            raise InvalidParams(f"a sequence with id {seq_id!r} is active")
         seq = Sequence(
-            id=next(self._ids),
+            id=next(self._ids) if seq_id is None else seq_id,
             slot=self._free.pop(),
             prompt=list(prompt_ids),
             params=params,
-            decoder=self.tokenizer.stream_decoder(continuation=True),
+            decoder=self.tokenizer.stream_decoder(continuation=True) if detokenize else None,
             uniforms=SeededUniforms(params.seed),
         )
         self._active[seq.id] = seq
         return seq
 
-    def cancel(self, seq_id: int) -> None:
+    def cancel(self, seq_id: Hashable) -> None:
         """The sequence ends with CANCELLED at the next step (unknown ids are ignored)."""
         seq = self._active.get(seq_id)
         if seq is not None:
@@ -291,8 +299,13 @@ class Engine:
         if token in self.tokenizer.eos_ids:
             return self._flush_and_finish(seq, "EOS")
         seq.generated.append(token)
+        if seq.decoder is None:  # token ids only
+            events: list[Event] = [TokenEvent(seq.id, token, "", len(seq.generated) - 1)]
+            if len(seq.generated) >= seq.params.max_tokens or seq.cached >= self.context_length:
+                events.append(self._finish(seq, "MAX_TOKENS"))
+            return events
         text, stop = self._stop_scan(seq, seq.decoder.push(token))
-        events: list[Event] = [TokenEvent(seq.id, token, text, len(seq.generated) - 1)]
+        events = [TokenEvent(seq.id, token, text, len(seq.generated) - 1)]
         if stop is not None:
             events.append(self._finish(seq, "STOP_SEQUENCE", stop))
         elif len(seq.generated) >= seq.params.max_tokens or seq.cached >= self.context_length:
@@ -325,7 +338,7 @@ class Engine:
 
     def _flush_and_finish(self, seq: Sequence, reason: StopReason) -> list[Event]:
         events: list[Event] = []
-        tail = seq.held + seq.decoder.flush()
+        tail = seq.held + (seq.decoder.flush() if seq.decoder is not None else "")
         seq.held = ""
         if tail and seq.generated:
             events.append(TokenEvent(seq.id, seq.generated[-1], tail, len(seq.generated) - 1))

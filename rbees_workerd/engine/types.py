@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -28,7 +29,7 @@ class GenerationParams:
 class TokenEvent:
     """A sampled token. `text` is the newly completed UTF-8 text (may be empty mid-character)."""
 
-    seq_id: int
+    seq_id: Hashable  # the engine's number for the sequence, or the id its caller gave (the worker's job_id)
     token_id: int
     text: str
     index: int
@@ -38,7 +39,7 @@ class TokenEvent:
 class FinishEvent:
     """A sequence ended; its slot is free again."""
 
-    seq_id: int
+    seq_id: Hashable
     stop_reason: StopReason
     tokens_out: int
     prompt_tokens: int
