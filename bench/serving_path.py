@@ -1,0 +1,176 @@
+"""The worker's serving path alone: the real daemon (HTTP, scheduler thread, frames, SSE) over an engine whose
+step costs a fixed time (`--step-ms`, slept with the GIL released as a GPU wait is) and samples at once.
+
+What a GPU worker's users get is bounded by what this path delivers per step: with `--step-ms 3.9` and 64
+streams the engine gives 64 / 3.9 ms = 16,400 tokens/s (bench/cuda_bench.py's H100 figure at batch 64).
+
+    python bench/serving_path.py --step-ms 3.9 --levels 1,16,64 --max-tokens 128
+
+The same file runs against an older tree (PYTHONPATH=that tree) for before/after figures: the engine here
+answers both the id-only (`detokenize=False`) and the text-producing submit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+
+class _Backend:
+    name = "cpu"
+    device = "timed"
+
+    def enter_thread(self) -> None:
+        pass
+
+    def memory_bytes(self) -> int:
+        return 0
+
+
+class TimedEngine:
+    """Engine's surface as the worker uses it; each step sleeps `step_s` and gives every sequence its next
+    token (a fixed cycle of real token ids of the model, so that the text path decodes real pieces)."""
+
+    def __init__(self, tokenizer: Any, slots: int, step_s: float) -> None:
+        from rbees_workerd.engine.types import FinishEvent, TokenEvent
+
+        self._finish, self._token = FinishEvent, TokenEvent
+        self.tokenizer = tokenizer
+        self.backend = _Backend()
+        self.slots = slots
+        self.context_length = 4096
+        self.model = SimpleNamespace(weight_bytes=0, kv_cache_bytes=0)
+        self._step_s = step_s
+        self._cycle = tokenizer.encode(" the keeper climbed the stairs of the lighthouse", add_special=False)
+        self._active: dict[Any, Any] = {}
+        self._ids = itertools.count(1)
+
+    def free_slots(self) -> int:
+        return self.slots - len(self._active)
+
+    def has_work(self) -> bool:
+        return bool(self._active)
+
+    def submit(self, prompt_ids: list[int], params: Any, seq_id: Any = None, detokenize: bool = True) -> Any:
+        from rbees_workerd.errors import AllSlotsBusy
+
+        if len(self._active) >= self.slots:
+            raise AllSlotsBusy(f"all {self.slots} slots are generating")
+        seq = SimpleNamespace(
+            id=next(self._ids) if seq_id is None else seq_id,
+            prompt_tokens=len(prompt_ids),
+            params=params,
+            n=0,
+            cancelled=False,
+            t_start=time.perf_counter(),
+            decoder=self.tokenizer.stream_decoder(continuation=True) if detokenize else None,
+        )
+        self._active[seq.id] = seq
+        return seq
+
+    def cancel(self, seq_id: Any) -> None:
+        if seq_id in self._active:
+            self._active[seq_id].cancelled = True
+
+    def step(self) -> list[Any]:
+        time.sleep(self._step_s)
+        events: list[Any] = []
+        for seq in list(self._active.values()):
+            if seq.cancelled:
+                events.append(self._end(seq, "CANCELLED"))
+                continue
+            token = self._cycle[seq.n % len(self._cycle)]
+            text = seq.decoder.push(token) if seq.decoder is not None else ""
+            events.append(self._token(seq.id, token, text, seq.n))
+            seq.n += 1
+            if seq.n >= seq.params.max_tokens:
+                events.append(self._end(seq, "MAX_TOKENS"))
+        return events
+
+    def _end(self, seq: Any, reason: str) -> Any:
+        del self._active[seq.id]
+        return self._finish(seq.id, reason, seq.n, seq.prompt_tokens, 1.0, 1.0)
+
+
+def serve(model: str, port: int, slots: int, step_ms: float) -> None:
+    """Run the real daemon with the timed engine in place of Engine.load."""
+    import rbees_workerd.engine.engine as engine_module
+    from rbees_workerd.cli_serve import parse_settings
+    from rbees_workerd.engine.gguf import load_gguf
+    from rbees_workerd.engine.tokenizer import Tokenizer
+    from rbees_workerd.server import run
+
+    f = load_gguf(model)
+    tokenizer = Tokenizer.from_gguf(f.metadata)
+    f.close()
+    engine_module.Engine.load = classmethod(lambda cls, *a, **k: TimedEngine(tokenizer, slots, step_ms / 1000))
+    argv = ["--worker-id", "serving-bench", "--model", model, "--port", str(port), "--slots", str(slots)]
+    sys.exit(run(parse_settings([*argv, "--log-level", "WARNING"])))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(REPO / "models-cache" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    p.add_argument("--step-ms", type=float, default=3.9)
+    p.add_argument("--levels", default="1,16,64")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # the daemon process itself
+    p.add_argument("--slots", type=int)
+    args = p.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+    slots = args.slots or max(levels)
+    if args.serve:
+        serve(args.model, args.serve, slots, args.step_ms)
+        return
+    import subprocess
+
+    import httpx
+    from worker_http import run_level
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, __file__, "--serve", str(port), "--model", args.model, "--slots", str(slots),
+           "--step-ms", str(args.step_ms)]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/health", timeout=5).json()["state"] == "Ready":
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        asyncio.run(run_level(url, max(levels), 8))  # warm-up
+        rounds = [[asyncio.run(run_level(url, c, args.max_tokens)) for c in levels] for _ in range(args.rounds)]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    engine_ceiling = 1000 / args.step_ms
+    for i, level in enumerate(levels):
+        runs = sorted((r[i] for r in rounds), key=lambda r: r["decode_aggregate_tokens_per_sec"])
+        med = runs[len(runs) // 2]
+        row = {k: med[k] for k in ("concurrency", "aggregate_tokens_per_sec", "decode_aggregate_tokens_per_sec",
+                                   "ttft_ms_mean", "ttft_ms_max")}  # fmt: skip
+        row["engine_tokens_per_sec"] = round(engine_ceiling * level, 1)
+        row["decode_share_of_engine"] = round(med["decode_aggregate_tokens_per_sec"] / (engine_ceiling * level), 3)
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
