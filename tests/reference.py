@@ -1,8 +1,11 @@
-"""A float64 NumPy forward pass of llama / qwen2 GGUF models: the yardstick for the engine's logits.
+"""A float64 NumPy forward pass of llama / qwen2 / qwen3 / phi3 GGUF models: the yardstick for the engine's logits.
 
 It shares no code with the engine: it reads the file with `gguf.GGUFReader`,
 dequantizes every tensor with `gguf.quants.dequantize`, and spells the math
-out once, plainly, for a whole prompt at positions 0..T-1.
+out once, plainly, for a whole prompt at positions 0..T-1. The architectures' features are
+read from the file as llama.cpp reads them: RoPE frequency factors (rope_freqs, or phi3's
+LongRoPE long/short pair chosen by the context length), linear RoPE scaling and the
+attention factor, qwen3's per-head q/k RMSNorm, phi3's fused attn_qkv and gate/up ffn_up.
 
 With `llama_rounding` (the default) it also rounds where llama.cpp's CPU path
 rounds, as the engine does: each matrix product's input to int8 blocks of 32
@@ -21,7 +24,7 @@ from gguf import GGML_QUANT_SIZES, GGUFReader
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize
 
-ARCHITECTURES = ("llama", "qwen2")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3")
 _Q8_0_INPUT = (Q.Q4_0, Q.Q5_0, Q.Q8_0)
 _Q8_1_INPUT = (Q.Q4_1, Q.Q5_1)  # their blocks start with fp16 d, fp16 m
 _Q8_K_INPUT = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
@@ -40,10 +43,28 @@ class ReferenceModel:
         self.n_heads = int(self._meta(f"{self.arch}.attention.head_count"))
         self.n_kv_heads = int(self._meta(f"{self.arch}.attention.head_count_kv", self.n_heads))
         self.dim = int(self._meta(f"{self.arch}.embedding_length"))
-        self.head_dim = self.dim // self.n_heads
+        self.head_dim = int(self._meta(f"{self.arch}.attention.key_length", self.dim // self.n_heads))
+        self.ffn_dim = int(self._meta(f"{self.arch}.feed_forward_length"))
         self.eps = float(self._meta(f"{self.arch}.attention.layer_norm_rms_epsilon"))
         self.rope_base = float(self._meta(f"{self.arch}.rope.freq_base", 10000.0))
-        self.neox = self.arch == "qwen2"  # llama.cpp's converter permutes llama q/k to adjacent pairs
+        self.neox = self.arch != "llama"  # llama.cpp's converter permutes llama q/k to adjacent pairs
+        self.context_length = int(self._meta(f"{self.arch}.context_length"))
+        self.original_context = int(self._meta(f"{self.arch}.rope.scaling.original_context_length",
+                                               self.context_length))  # fmt: skip
+        scaling = str(self._meta(f"{self.arch}.rope.scaling.type", "linear"))
+        factor = float(self._meta(f"{self.arch}.rope.scaling.factor", 0.0))
+        self.freq_scale = 1.0 / factor if scaling == "linear" and factor else 1.0
+        self.attn_factor = float(self._meta(f"{self.arch}.rope.scaling.attn_factor", 1.0))
+
+    def rope_factors(self, context_length: int) -> np.ndarray | None:
+        """llama.cpp's get_rope_factors: rope_freqs, else LongRoPE's long factors when the context
+        exceeds the original one, else its short ones; None without any."""
+        if self.has("rope_freqs.weight"):
+            return self.weight("rope_freqs.weight")
+        if self.has("rope_factors_long.weight"):
+            long = context_length > self.original_context
+            return self.weight("rope_factors_long.weight" if long else "rope_factors_short.weight")
+        return None
 
     def _meta(self, key: str, default: object = None) -> object:
         field = self._reader.fields.get(key)
@@ -105,12 +126,24 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
 
-def rope(x: np.ndarray, positions: np.ndarray, base: float, neox: bool) -> np.ndarray:
-    """Rotate x[T, heads, E]: pairs (i, i + E/2) if `neox`, else (2i, 2i + 1); theta_i = base^(-2i/E)."""
+def rope(
+    x: np.ndarray,
+    positions: np.ndarray,
+    base: float,
+    neox: bool,
+    factors: np.ndarray | None = None,
+    freq_scale: float = 1.0,
+    attn_factor: float = 1.0,
+) -> np.ndarray:
+    """Rotate x[T, heads, E]: pairs (i, i + E/2) if `neox`, else (2i, 2i + 1), by the angles
+    position * freq_scale * theta_i / factors[i], theta_i = base^(-2i/E), and scale by attn_factor
+    (ggml's rope_ext without YaRN: cos and sin times its mscale)."""
     e = x.shape[-1]
-    theta = base ** (-np.arange(0, e, 2, dtype=np.float64) / e)  # [E/2]
+    theta = freq_scale * base ** (-np.arange(0, e, 2, dtype=np.float64) / e)  # [E/2]
+    if factors is not None:
+        theta = theta / factors
     angle = positions[:, None, None].astype(np.float64) * theta  # [T, 1, E/2]
-    cos, sin = np.cos(angle), np.sin(angle)
+    cos, sin = attn_factor * np.cos(angle), attn_factor * np.sin(angle)
     if neox:
         a, b = x[..., : e // 2], x[..., e // 2 :]
     else:
@@ -124,15 +157,18 @@ def rope(x: np.ndarray, positions: np.ndarray, base: float, neox: bool) -> np.nd
     return out
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, rounding: bool) -> np.ndarray:
-    """Causal attention of q[T, H, E] over k/v[T, G, E]; query head h reads kv head h // (H // G)."""
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, rounding: bool, prescale: bool = False) -> np.ndarray:
+    """Causal attention of q[T, H, E] over k/v[T, G, E]; query head h reads kv head h // (H // G).
+    With `prescale` (phi3's graph), q is scaled by 1/sqrt(E) in float32 before its rounding."""
+    t, h, e = q.shape
+    if prescale:
+        q = np.asarray(q, np.float32) * (np.float32(1) / np.sqrt(np.float32(e)))
     if rounding:
         q, k, v = fp16(q), fp16(k), fp16(v)
-    t, h, e = q.shape
     group = h // k.shape[1]
     k = np.repeat(k, group, axis=1)  # [T, H, E], kv head h // group for query head h
     v = np.repeat(v, group, axis=1)
-    scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(e)
+    scores = np.einsum("thd,shd->hts", q, k) / (1.0 if prescale else np.sqrt(e))
     scores[:, np.triu(np.ones((t, t), bool), k=1)] = -np.inf
     scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
     scores /= scores.sum(axis=-1, keepdims=True)
@@ -146,19 +182,31 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 
 def reference_logits(
-    path: str | Path, tokens: list[int], neox: bool | None = None, llama_rounding: bool = True
+    path: str | Path,
+    tokens: list[int],
+    neox: bool | None = None,
+    llama_rounding: bool = True,
+    context_length: int | None = None,
 ) -> np.ndarray:
     """Logits float64 [T, V] of `tokens` at positions 0..T-1.
 
     `neox` overrides the architecture's RoPE pairing; tests use it to show
     that a wrong pairing is caught. `llama_rounding`: see the module docstring.
+    `context_length` (default: the model's) picks LongRoPE's factors as llama.cpp's n_ctx does.
     """
     m = ReferenceModel(path)
     neox = m.neox if neox is None else neox
+    factors = m.rope_factors(context_length or m.context_length)
     t = len(tokens)
     positions = np.arange(t)
     h, g, e = m.n_heads, m.n_kv_heads, m.head_dim
     x = m.weight("token_embd.weight")[np.asarray(tokens)]
+
+    def head_norm(x: np.ndarray, name: str) -> np.ndarray:
+        return rmsnorm(x, m.weight(name), m.eps) if m.has(name) else x
+
+    def rotate(x: np.ndarray) -> np.ndarray:
+        return rope(x, positions, m.rope_base, neox, factors, m.freq_scale, m.attn_factor)
 
     def linear(a: np.ndarray, name: str) -> np.ndarray:
         qtype = m.qtype(name + ".weight")
@@ -179,11 +227,19 @@ def reference_logits(
     for i in range(m.n_layers):
         p = f"blk.{i}."
         a = rmsnorm(x, m.weight(p + "attn_norm.weight"), m.eps)
-        q = rope(linear(a, p + "attn_q").reshape(t, h, e), positions, m.rope_base, neox)
-        k = rope(linear(a, p + "attn_k").reshape(t, g, e), positions, m.rope_base, neox)
-        v = linear(a, p + "attn_v").reshape(t, g, e)
-        x = x + linear(attention(q, k, v, llama_rounding).reshape(t, h * e), p + "attn_output")
+        if m.has(p + "attn_qkv.weight"):  # phi3: q, k and v rows in one matrix
+            q, k, v = np.split(linear(a, p + "attn_qkv"), [h * e, (h + g) * e], axis=1)
+        else:
+            q, k, v = (linear(a, p + f"attn_{n}") for n in "qkv")
+        q = rotate(head_norm(q.reshape(t, h, e), p + "attn_q_norm.weight"))
+        k = rotate(head_norm(k.reshape(t, g, e), p + "attn_k_norm.weight"))
+        v = v.reshape(t, g, e)
+        x = x + linear(attention(q, k, v, llama_rounding, m.arch == "phi3").reshape(t, h * e), p + "attn_output")
         a = rmsnorm(x, m.weight(p + "ffn_norm.weight"), m.eps)
-        x = x + linear(silu(linear(a, p + "ffn_gate")) * linear(a, p + "ffn_up"), p + "ffn_down")
+        if m.has(p + "ffn_gate.weight"):
+            gate, up = linear(a, p + "ffn_gate"), linear(a, p + "ffn_up")
+        else:  # phi3: gate and up in one matrix, gate first (llama.cpp's swiglu of the halves)
+            gate, up = np.split(linear(a, p + "ffn_up"), 2, axis=1)
+        x = x + linear(silu(gate) * up, p + "ffn_down")
     x = rmsnorm(x, m.weight("output_norm.weight"), m.eps)
     return linear(x, "output" if m.has("output.weight") else "token_embd")

@@ -336,6 +336,62 @@ def test_products_equal_the_cpu_backend(be, t):
         _close(got, ref, 2e-4)
 
 
+# (tokens, qwen3's q/k head norms): one token with the norms takes vec_kernel's plain products and the
+# rope-and-store kernel; without them vec_kernel rotates with the table itself; three tokens the rows kernel
+ROPE_FEATURES = [(1, True), (1, False), (3, True)]
+
+
+@pytest.mark.parametrize(("t", "head_norm"), ROPE_FEATURES, ids=["1-qk-norm", "1-vec-rope", "3-qk-norm"])
+def test_rope_features_equal_the_cpu_backend(be, t, head_norm):
+    """The architectures' RoPE features on both backends: per-pair frequency factors (Llama 3's
+    rope_freqs, LongRoPE's), linear frequency scaling, LongRoPE's attention factor on cos and sin,
+    qwen3's RMSNorm of each q and k head before the rotation (neox pairs, as qwen3 and phi3), and
+    phi3's q scaled after it, then attended with scale 1."""
+    cpu = CpuBackend(threads=1)
+    rng = np.random.default_rng(11)
+    d, h, g, e, ctx = 64, 4, 2, 16, 8
+    shapes = {"q": (h * e, d), "k": (g * e, d), "v": (g * e, d)}
+    raws = {nm: random_matrix(Q.Q8_0, *shapes[nm], rng)[0] for nm in "qkv"}
+    x0 = rng.standard_normal((t, d)).astype(np.float32)
+    nw0 = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
+    qn0, kn0 = ((1 + 0.3 * rng.standard_normal(e)).astype(np.float32) for _ in "qk")
+    factors = tuple(float(f) for f in np.linspace(1.0, 8.0, e // 2))
+    cache0 = fp16(rng.standard_normal((2, 2, ctx, g, e))).astype(np.float32)
+    slots, pos = np.array([1, 0, 1][:t], np.int32), np.array([5, 3, 7][:t], np.int32)
+
+    def run(b) -> list[np.ndarray]:  # noqa: ANN001
+        ws = {nm: b.weight(int(Q.Q8_0), shapes[nm], raws[nm]) for nm in "qkv"}
+        up = (lambda a: _dev(be, a)) if b is be else (lambda a: a.copy())  # noqa: E731
+        x, hh = up(x0), up(np.zeros_like(x0))
+        q, k, v, att = (up(np.zeros((t, n, e), np.float32)) for n in (h, g, g, h))
+        ck, cv, sd, pd = up(cache0[0]), up(cache0[1]), up(slots), up(pos)
+        norms = (b.vector(qn0), b.vector(kn0), 1e-6) if head_norm else ()
+        norms = norms or (None, None, 0.0)
+        rope = RopeStore(q, k, v, ck, cv, sd, pd, 500.0, True, factors, 0.5, 1.2, *norms, 0.7)
+        prods = [Product(ws["q"], q.reshape(t, -1)), Product(ws["k"], k.reshape(t, -1)),
+                 Product(ws["v"], v.reshape(t, -1))]  # fmt: skip
+        def step() -> None:
+            b.products(x, prods, Norm(b.vector(nw0), 1e-5, hh), rope)
+            b.attention(q, ck, cv, sd, pd, att, False, 1.0)
+
+        b.run_step(("rope-features", t, head_norm), step)
+        return [a if b is cpu else be.download(a) for a in (q, k, v, ck, cv, att)]
+
+    got, ref = run(be), run(cpu)
+    for a, r in zip(got, ref, strict=True):
+        _close(a, r, 2e-4)
+    # the features took effect: the CPU's q is the reference's normalized, scaled and rotated one
+    n = _norm_ref(x0, nw0, 1e-5)
+    rq = ref_product(Q.Q8_0, raws["q"], n).reshape(t, h, e)
+    if head_norm:
+        rq = rq / np.sqrt(np.mean(rq**2, axis=-1, keepdims=True) + 1e-6) * qn0
+    angle = pos[:, None, None] * 0.5 * 500.0 ** (-np.arange(0, e, 2) / e) / np.asarray(factors)
+    a, b2 = rq[..., : e // 2], rq[..., e // 2 :]
+    cos, sin = 1.2 * np.cos(angle), 1.2 * np.sin(angle)  # the attention factor
+    want = 0.7 * np.concatenate([a * cos - b2 * sin, a * sin + b2 * cos], -1)  # then q_scale
+    _close(ref[0], want, 2e-4)
+
+
 def _attend_both(be, q, cache, slots, pos):  # noqa: ANN001, ANN202
     """Attend over caches that hold the step's k/v already, on the device and on the CPU."""
     ck, cv = _dev(be, cache[0]), _dev(be, cache[1])

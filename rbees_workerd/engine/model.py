@@ -1,4 +1,4 @@
-"""The transformer forward pass (llama, qwen2), written once against the Backend interface.
+"""The transformer forward pass (llama, qwen2, qwen3, phi3), written once against the Backend interface.
 
 One `run` call is one step over a flat batch of tokens: the prompt tokens of a
 sequence being prefilled, one token for each sequence being decoded, or both.
@@ -29,6 +29,8 @@ class Layer:
     bq: Array | None
     bk: Array | None
     bv: Array | None
+    q_norm: Array | None  # per-head RMSNorm weights [E] of q and k (qwen3)
+    k_norm: Array | None
     ffn_norm: Array
     w_gate: Any
     w_up: Any
@@ -84,18 +86,28 @@ class Transformer:
         file_bytes = sum(tensor.raw.nbytes for tensor in t.values()) or 1
         read = 0  # file bytes prepared so far, for on_progress
 
-        def held(make: Callable[[], Any], name: str) -> Any:
+        def held(make: Callable[[], Any], name: str, part: float = 1.0) -> Any:
             nonlocal read
             before = be.memory_bytes()
             out = make()
             self.weight_bytes += be.memory_bytes() - before
-            read += t[name].raw.nbytes
+            read += t[name].raw.nbytes * part
             if on_progress:
                 on_progress(min(read / file_bytes, 1.0))
             return out
 
         def mat(name: str) -> Any:
             return held(lambda: be.weight(int(t[name].qtype), t[name].shape, t[name].raw), name)
+
+        def mats(name: str, rows: list[int]) -> list[Any]:
+            """A fused matrix split by rows into matrices of `rows` rows each (phi3's attn_qkv and
+            ffn_up): each row of a quantized matrix is blocks of its own, so the parts are slices."""
+            w, n = t[name], sum(rows)
+            if w.shape[0] != n:
+                raise ValueError(f"{name} has {w.shape[0]} rows, not {n}")
+            bounds = np.cumsum([0, *rows])
+            return [held(lambda a=a, b=b: be.weight(int(w.qtype), (b - a, w.shape[1]), w.raw[a:b]), name, (b - a) / n)
+                    for a, b in zip(bounds[:-1], bounds[1:], strict=True)]  # fmt: skip
 
         def vec(name: str) -> Array | None:
             return held(lambda: be.vector(t[name].as_float32()), name) if name in t else None
@@ -109,22 +121,34 @@ class Transformer:
         self.token_embd = mat("token_embd.weight")
         self.output = self.token_embd if cfg.tied_embeddings else mat("output.weight")
         self.output_norm = vec("output_norm.weight")
+        self.rope_freq_factors = cfg.rope_freq_factors(f, context_length)
+        qd, kvd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.layers: list[Layer] = []
         for i in range(cfg.n_layers):
             p = f"blk.{i}."
+            if cfg.fused_qkv:
+                wq, wk, wv = mats(p + "attn_qkv.weight", [qd, kvd, kvd])
+            else:
+                wq, wk, wv = (mat(p + f"attn_{x}.weight") for x in "qkv")
+            if cfg.fused_gate_up:
+                w_gate, w_up = mats(p + "ffn_up.weight", [cfg.ffn_dim, cfg.ffn_dim])  # llama.cpp's swiglu: gate first
+            else:
+                w_gate, w_up = mat(p + "ffn_gate.weight"), mat(p + "ffn_up.weight")
             self.layers.append(
                 Layer(
                     attn_norm=vec(p + "attn_norm.weight"),
-                    wq=mat(p + "attn_q.weight"),
-                    wk=mat(p + "attn_k.weight"),
-                    wv=mat(p + "attn_v.weight"),
+                    wq=wq,
+                    wk=wk,
+                    wv=wv,
                     wo=mat(p + "attn_output.weight"),
                     bq=vec(p + "attn_q.bias"),
                     bk=vec(p + "attn_k.bias"),
                     bv=vec(p + "attn_v.bias"),
+                    q_norm=vec(p + "attn_q_norm.weight") if cfg.qk_norm else None,
+                    k_norm=vec(p + "attn_k_norm.weight") if cfg.qk_norm else None,
                     ffn_norm=vec(p + "ffn_norm.weight"),
-                    w_gate=mat(p + "ffn_gate.weight"),
-                    w_up=mat(p + "ffn_up.weight"),
+                    w_gate=w_gate,
+                    w_up=w_up,
                     w_down=mat(p + "ffn_down.weight"),
                     cache_k=cache(),
                     cache_v=cache(),
@@ -147,10 +171,14 @@ class Transformer:
         """One step; returns the backend's logits [len(logit_rows), V] for the requested token rows.
 
         With `feed`, the step's first len(feed) tokens are those picks (the values in `tokens`
-        there are ignored): a GPU passes them on the device, before the host has read them."""
+        there are ignored): a GPU passes them on the device, before the host has read them.
+        A step that asks no rows (a chunk of a prompt longer than a step, before its last) gets
+        the last token's: one row of the output product keeps every step's shapes non-empty."""
+        if len(logit_rows) == 0:
+            logit_rows = np.array([len(tokens) - 1], np.int32)
         n, r = len(tokens), len(logit_rows)
         if not 0 < n <= self.max_step_tokens or not 0 < r <= n:
-            raise ValueError(f"a step takes 1..{self.max_step_tokens} tokens and 1..T logit rows")
+            raise ValueError(f"a step takes 1..{self.max_step_tokens} tokens and up to T logit rows")
         slots, positions = np.asarray(slots, np.int32), np.asarray(positions, np.int32)
         views = self._views.get((n, r))
         if views is None:  # slicing device arrays costs tens of microseconds: once per step shape
@@ -182,12 +210,17 @@ class Transformer:
         q, k, v, att = s.q[:n], s.k[:n], s.v[:n], s.att[:n]
         q2, k2, v2, att2 = (a.reshape(n, -1) for a in (q, k, v, att))
 
+        # phi3's graph scales q before attention (llama.cpp rounds q to fp16 after that scaling)
+        q_scale, att_scale = (float(np.float32(1) / np.sqrt(np.float32(cfg.head_dim))), 1.0) if cfg.q_prescaled \
+            else (1.0, None)  # fmt: skip
         be.embed(self.token_embd, tokens, x)
         for layer in self.layers:
-            rope = RopeStore(q, k, v, layer.cache_k, layer.cache_v, slots, positions, cfg.rope_theta, cfg.rope_neox)
+            rope = RopeStore(q, k, v, layer.cache_k, layer.cache_v, slots, positions, cfg.rope_theta, cfg.rope_neox,
+                             self.rope_freq_factors, cfg.rope_freq_scale, cfg.rope_attn_factor, layer.q_norm,
+                             layer.k_norm, cfg.norm_eps, q_scale)  # fmt: skip
             qkv = [Product(layer.wq, q2, layer.bq), Product(layer.wk, k2, layer.bk), Product(layer.wv, v2, layer.bv)]
             be.products(x, qkv, Norm(layer.attn_norm, cfg.norm_eps, h), rope)
-            be.attention(q, layer.cache_k, layer.cache_v, slots, positions, att, one_seq)
+            be.attention(q, layer.cache_k, layer.cache_v, slots, positions, att, one_seq, att_scale)
             be.products(att2, [Product(layer.wo, x, accumulate=True)])
             ffn = Norm(layer.ffn_norm, cfg.norm_eps, h)
             be.gated_ffn(x, GatedFFN(ffn, layer.w_gate, layer.w_up, layer.w_down, s.gate[:n], s.up[:n], x))

@@ -57,7 +57,14 @@ class RopeStore:
     """What follows the q/k/v products: q[T, H, E] and k[T, G, E] (views of the first two products'
     outputs) rotated by position, then k and v stored at (slots[t], positions[t]) of the caches
     cache_k/v[S, C, G, E]. `neox=False` rotates adjacent pairs (2i, 2i+1) (llama GGUF files);
-    `neox=True` rotates (i, i + E/2) (qwen2)."""
+    `neox=True` rotates (i, i + E/2) (qwen2, qwen3, phi3).
+
+    Pair i turns by the angle position * freq_scale * theta^(-2i/E) / freq_factors[i] (the factors:
+    Llama 3's rope_freqs, phi3's LongRoPE long or short factors; none: 1), its cos and sin scaled by
+    `attn_factor` (LongRoPE's attention scaling): see `rope_table`. With `q_norm` and `k_norm`
+    (qwen3), each head of q and k is first RMS-normalized with those [E] weights and `norm_eps`.
+    q is multiplied by `q_scale` after its rotation (phi3's graph scales q by 1/sqrt(E) there, in
+    float32 before attention rounds it to fp16, and then attends with scale 1)."""
 
     q: Array
     k: Array
@@ -68,6 +75,34 @@ class RopeStore:
     positions: Array
     theta: float
     neox: bool
+    freq_factors: tuple[float, ...] | None = None
+    freq_scale: float = 1.0
+    attn_factor: float = 1.0
+    q_norm: Array | None = None
+    k_norm: Array | None = None
+    norm_eps: float = 0.0
+    q_scale: float = 1.0
+
+    @property
+    def angles_key(self) -> tuple[Any, ...]:
+        """What the rotation angles depend on besides the positions and the head size."""
+        return (float(self.theta), self.freq_factors, float(self.freq_scale), float(self.attn_factor))
+
+
+def rope_table(positions: np.ndarray, e: int, theta: float, freq_factors: Sequence[float] | None = None,
+               freq_scale: float = 1.0, attn_factor: float = 1.0) -> np.ndarray:  # fmt: skip
+    """cos and sin [2, T, E/2] of the RoPE angles of `positions` (see RopeStore), computed in float64
+    and rounded to float32; both backends rotate with these values."""
+    inv = float(theta) ** (-2.0 * np.arange(e // 2) / e)
+    if freq_scale != 1.0:
+        inv = inv * freq_scale
+    if freq_factors is not None:
+        inv = inv / np.asarray(freq_factors, np.float64)
+    angle = np.asarray(positions, np.float64)[:, None] * inv
+    table = np.stack([np.cos(angle), np.sin(angle)])
+    if attn_factor != 1.0:
+        table *= attn_factor
+    return table.astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -204,13 +239,15 @@ class Backend(ABC):
         positions: Array,
         out: Array,
         one_sequence: bool = False,
+        scale: float | None = None,
     ) -> None:
         """out[T, H, E] = causal attention of q[T, H, E] over the cached k/v[S, C, G, E] of each token's slot.
 
         Token t attends to positions 0..positions[t] of slot slots[t] (the step's own k/v are stored
         already, by `products` with a RopeStore), query head h using key/value head h // (H // G);
-        scale 1/sqrt(E). `one_sequence` promises that the T tokens are consecutive positions of one
-        slot (a prompt chunk), which lets a backend attend a tile of them at a time.
+        scores q.k times `scale` (None: 1/sqrt(E); 1 where q was scaled already, RopeStore.q_scale).
+        `one_sequence` promises that the T tokens are consecutive positions of one slot (a prompt
+        chunk), which lets a backend attend a tile of them at a time.
         """
 
     @abstractmethod

@@ -75,8 +75,13 @@ class CpuBackend(backend.Backend):
             if p.accumulate:
                 ops.add(p.out, out)
         if rope is not None:
-            ops.rope(rope.q, rope.positions, rope.theta, rope.neox)
-            ops.rope(rope.k, rope.positions, rope.theta, rope.neox)
+            if rope.q_norm is not None:
+                ops.head_rmsnorm(rope.q, rope.q_norm, rope.norm_eps)
+                ops.head_rmsnorm(rope.k, rope.k_norm, rope.norm_eps)
+            for x in (rope.q, rope.k):
+                ops.rope(x, rope.positions, rope.theta, rope.neox, *rope.angles_key[1:])
+            if rope.q_scale != 1.0:
+                np.multiply(rope.q, np.float32(rope.q_scale), out=rope.q)
             ops.kv_store(rope.k, rope.v, rope.cache_k, rope.cache_v, rope.slots, rope.positions)
 
     def gated_ffn(self, x: np.ndarray, ffn: backend.GatedFFN) -> None:
@@ -86,8 +91,8 @@ class CpuBackend(backend.Backend):
         ops.swiglu(ffn.act, ffn.up_out, ffn.act)
         self.products(ffn.act, [backend.Product(ffn.down, ffn.out, accumulate=ffn.accumulate)])
 
-    def attention(self, q, cache_k, cache_v, slots, positions, out, one_sequence=False) -> None:  # noqa: ANN001
-        ops.attention(q, cache_k, cache_v, slots, positions, out)
+    def attention(self, q, cache_k, cache_v, slots, positions, out, one_sequence=False, scale=None) -> None:  # noqa: ANN001
+        ops.attention(q, cache_k, cache_v, slots, positions, out, 0.0 if scale is None else float(scale))
 
     def _scratch(self, shape: tuple[int, ...]) -> np.ndarray:
         """A float32 buffer for a product that is added to its output (grown on demand, never shared

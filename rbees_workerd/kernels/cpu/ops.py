@@ -15,6 +15,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from rbees_workerd.kernels.backend import rope_table
 from rbees_workerd.kernels.cpu.quant_act import fp16_round_inplace
 
 _OPTS = {"cache": True, "fastmath": True, "nogil": True, "error_model": "numpy"}  # numpy: no zero-division branches
@@ -43,18 +44,6 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray) -> N
             _rmsnorm_row(x[t], weight, eps, out[t])
 
 
-@njit(cache=True, nogil=True)
-def _rope_table(positions: np.ndarray, theta: float, e: int) -> np.ndarray:
-    """cos and sin [2, T, E/2] of each token's angles pos * theta^(-2i/E), in float64, rounded to float32."""
-    table = np.empty((2, positions.shape[0], e // 2), np.float32)
-    for t in range(positions.shape[0]):
-        for i in range(e // 2):
-            freq = positions[t] * theta ** (-2.0 * i / e)
-            table[0, t, i] = math.cos(freq)
-            table[1, t, i] = math.sin(freq)
-    return table
-
-
 @njit(inline="always", **_OPTS)
 def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox: bool) -> None:
     """Rotate one token's x[heads, E] in place by its angles' cos and sin [E/2]."""
@@ -79,18 +68,33 @@ def _rope_apply(x: np.ndarray, table: np.ndarray, neox: bool) -> None:
             _rotate(x[t], table[0, t], table[1, t], neox)
 
 
-_rope_last: list = [None, None]  # the last (positions, theta, E) and its table: a step's q and k of every layer
+_rope_last: list = [None, None]  # the last table's key and the table: a step's q and k of every layer
 
 
-def rope(x: np.ndarray, positions: np.ndarray, theta: float, neox: bool) -> None:
-    """Rotate x[T, heads, E] in place; see Backend.rope for the two pair orderings.
+def rope(
+    x: np.ndarray,
+    positions: np.ndarray,
+    theta: float,
+    neox: bool,
+    freq_factors: tuple[float, ...] | None = None,
+    freq_scale: float = 1.0,
+    attn_factor: float = 1.0,
+) -> None:
+    """Rotate x[T, heads, E] in place; see backend.RopeStore for the pairings and the angles.
 
-    The angles' cos and sin are computed once for a step's positions (every layer rotates q and k
-    at the same ones) and kept until positions, theta or E change."""
-    key = (positions.tobytes(), float(theta), x.shape[2])
+    The angles' cos and sin (backend.rope_table) are computed once for a step's positions (every
+    layer rotates q and k at the same ones) and kept until the positions or the angles change."""
+    angles = (float(theta), freq_factors, float(freq_scale), float(attn_factor))
+    key = (positions.tobytes(), x.shape[2], angles)
     if _rope_last[0] != key:
-        _rope_last[:] = [key, _rope_table(positions, float(theta), x.shape[2])]
+        _rope_last[:] = [key, rope_table(positions, x.shape[2], *angles)]
     _rope_apply(x, _rope_last[1], neox)
+
+
+def head_rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> None:
+    """RMSNorm of each head x[t, h, :] in place, with weight [E] (qwen3's q and k norms)."""
+    flat = x.reshape(-1, x.shape[2])
+    rmsnorm(flat, weight, eps, flat)
 
 
 # ggml's vectorized expf (ggml_v_expf, vec.h), which llama.cpp's SwiGLU and softmax use:
@@ -141,7 +145,7 @@ def kv_store(
 
 
 @njit(inline="always", **_OPTS)
-def _attend(q, cache_k, cache_v, s, g, n, scratch, out) -> None:  # noqa: ANN001
+def _attend(q, cache_k, cache_v, s, g, n, scale, scratch, out) -> None:  # noqa: ANN001
     """out[E] = softmax(fp16(q) . k[:n] / sqrt(E)) @ v[:n] for one head over rows k, v = cache[s, :, g]
     of its slot and kv head, with the weights rounded to fp16 (scratch: float32[4, >= max(n, E)]).
     The caches are indexed whole: a slice of them would be a strided array, whose loops stay scalar."""
@@ -150,7 +154,6 @@ def _attend(q, cache_k, cache_v, s, g, n, scratch, out) -> None:  # noqa: ANN001
     for i in range(e):
         q16[i] = q[i]
     fp16_round_inplace(q16[:e])
-    scale = np.float32(1.0 / math.sqrt(e))
     best = np.float32(-np.inf)
     for p in range(n):
         acc = np.float32(0.0)
@@ -184,8 +187,10 @@ def attention(
     slots: np.ndarray,
     positions: np.ndarray,
     out: np.ndarray,
+    scale: float = 0.0,
 ) -> None:
-    """Causal GQA attention of q[T, H, E] over each token's own slot of the cache [S, C, G, E].
+    """Causal GQA attention of q[T, H, E] over each token's own slot of the cache [S, C, G, E], scores
+    times `scale` (0: 1/sqrt(E)).
 
     The (token, head) pairs go in ranges, one per task, each with its scratch rows allocated once."""
     t_count, n_heads, e = q.shape
@@ -193,12 +198,13 @@ def attention(
     jobs = t_count * n_heads
     ntask = min(jobs, 16)
     width = max(e, np.int64(positions.max()) + 1)
+    scale32 = np.float32(1.0 / math.sqrt(e)) if scale == 0.0 else np.float32(scale)
     for task in prange(ntask):
         scratch = np.empty((4, width), np.float32)
         for job in range(task * jobs // ntask, (task + 1) * jobs // ntask):
             t = job // n_heads
             h = job % n_heads
-            _attend(q[t, h], cache_k, cache_v, slots[t], h // group, positions[t] + 1, scratch, out[t, h])
+            _attend(q[t, h], cache_k, cache_v, slots[t], h // group, positions[t] + 1, scale32, scratch, out[t, h])
 
 
 @njit(inline="always", **_OPTS)

@@ -186,8 +186,9 @@ class CudaBackend(backend.Backend):
         self._dummy_part = self._to_device(np.zeros((1, 1, 1), np.float32))
         self._dummy_count = self._to_device(np.zeros(1, np.int32))
         dummy_c = self._to_device(np.zeros((1, 1, 1, 1), np.float32))
-        self._no_rope = (dummy_c, dummy_c, self._dummy_count, self._dummy_count, self._dummy_f, self._dummy_f)
-        self._rope_tables: dict[tuple[float, int, int], tuple[Any, Any]] = {}
+        self._no_rope = (dummy_c, dummy_c, self._dummy_count, self._dummy_count, self._dummy_f, self._dummy_f,
+                         np.float32(1.0))  # fmt: skip
+        self._rope_tables: dict[tuple[Any, ...], tuple[Any, Any]] = {}
 
     # ---- memory
     def check_fits(self, needed_bytes: int) -> None:
@@ -286,12 +287,13 @@ class CudaBackend(backend.Backend):
             self._dummy_mats[qt] = (words, gs, sb, self._dummy_f, self._dummy_v)
         return self._dummy_mats[qt]
 
-    def _rope_table(self, theta: float, head: int, context: int) -> tuple[Any, Any]:
-        """cos/sin[position, pair] of RoPE's angles, float32 of the float64 values the CPU computes."""
-        key = (theta, head, context)
+    def _rope_table(self, rope: backend.RopeStore, head: int, context: int) -> tuple[Any, Any]:
+        """cos/sin[position, pair] of RoPE's angles at every position of the context (backend.rope_table:
+        the values the CPU rotates with too)."""
+        key = (rope.angles_key, head, context)
         if key not in self._rope_tables:
-            freq = np.arange(context)[:, None] * theta ** (-2.0 * np.arange(head // 2) / head)
-            self._rope_tables[key] = (self.vector(np.cos(freq)), self.vector(np.sin(freq)))
+            table = backend.rope_table(np.arange(context), head, *rope.angles_key)
+            self._rope_tables[key] = (self.vector(table[0]), self.vector(table[1]))
         return self._rope_tables[key]
 
     def _split_buffers(self, split: int, tokens: int, rows: int, tiles: int) -> tuple[Any, Any]:
@@ -342,13 +344,20 @@ class CudaBackend(backend.Backend):
         if rope is not None and len(prods) != 3:
             raise InvalidParams(f"RoPE and the KV store follow the q, k and v products, got {len(prods)} products")
         t_count = x.shape[0]
-        vec_rope = rope if rope is not None and t_count <= gemv.VEC_MAX_TOKENS else None
+        # vec_kernel rotates the pairs of a few tokens as it computes them; a head norm needs whole heads first
+        vec_rope = rope if rope is not None and rope.q_norm is None and t_count <= gemv.VEC_MAX_TOKENS else None
         launches = []
         for group in _groups(prods, rope is not None):
             launches += _product_launches(self, x, group, norm, MODE_QKV if vec_rope else MODE_ROWS, vec_rope)
         if rope is not None and vec_rope is None:
-            args = (rope.q, rope.k, rope.v, rope.cache_k, rope.cache_v, rope.slots, rope.positions,
-                    float(rope.theta), bool(rope.neox))  # fmt: skip
+            heads, e = rope.q.shape[1] + rope.k.shape[1], rope.q.shape[2]
+            if heads > ops.ROPE_MAX_HEADS:
+                raise InvalidParams(f"{heads} q and k heads exceed the CUDA RoPE kernel's {ops.ROPE_MAX_HEADS}")
+            cos_t, sin_t = self._rope_table(rope, e, rope.cache_k.shape[1])
+            norm = rope.q_norm is not None
+            qn, kn = (rope.q_norm, rope.k_norm) if norm else (self._dummy_v, self._dummy_v)
+            args = (rope.q, rope.k, rope.v, rope.cache_k, rope.cache_v, rope.slots, rope.positions, cos_t, sin_t,
+                    bool(rope.neox), qn, kn, np.float32(rope.norm_eps), norm, np.float32(rope.q_scale))  # fmt: skip
             launches.append(_Launch(ops.rope_store_kernel, (t_count,), (512,), args))
         self._submit(launches)
 
@@ -367,7 +376,7 @@ class CudaBackend(backend.Backend):
         self._submit(launches)
         self.products(ffn.act, [backend.Product(ffn.down, ffn.out, accumulate=ffn.accumulate)])
 
-    def attention(self, q, cache_k, cache_v, slots, positions, out, one_sequence=False) -> None:  # noqa: ANN001
+    def attention(self, q, cache_k, cache_v, slots, positions, out, one_sequence=False, scale=None) -> None:  # noqa: ANN001
         t_count, heads, e = q.shape
         tiled = one_sequence and t_count >= ops.SEQ_MIN_TOKENS  # a prompt chunk: a tile of queries per block
         if tiled and (e > ops.SEQ_MAX_E or e % 8):
@@ -376,11 +385,11 @@ class CudaBackend(backend.Backend):
             raise InvalidParams(f"head size {e} exceeds the CUDA kernel's {ops.ATT_MAX_E}")
         args = (q, cache_k, cache_v, slots, positions, out)
         if tiled:
-            kernel = ops.attention_seq_kernel(e)
+            kernel = ops.attention_seq_kernel(e, scale)
             self._submit([_Launch(kernel, (math.ceil(t_count / ops.SEQ_QT), heads), (ops.SEQ_THREADS,), args)])
         else:
             r = ops.attention_heads_per_block(t_count, heads, cache_k.shape[2], e)
-            self._submit([_Launch(ops.attention_kernel(e, r), (t_count, heads // r), (ops.ATT_THREADS,), args)])
+            self._submit([_Launch(ops.attention_kernel(e, r, scale), (t_count, heads // r), (ops.ATT_THREADS,), args)])
 
     def gather_rows(self, x: Any, rows: Any, out: Any) -> None:
         grid, block = _grid2(*out.shape)
@@ -603,8 +612,9 @@ def _product_launches(
         units = sum(ns)
         if mode == MODE_QKV:
             hd, neox = rope.q.shape[2], bool(rope.neox)
-            cos_t, sin_t = be._rope_table(rope.theta, hd, rope.cache_k.shape[1])
-            rope_args, units = (rope.cache_k, rope.cache_v, rope.slots, rope.positions, cos_t, sin_t), units // 2
+            cos_t, sin_t = be._rope_table(rope, hd, rope.cache_k.shape[1])
+            rope_args = (rope.cache_k, rope.cache_v, rope.slots, rope.positions, cos_t, sin_t, np.float32(rope.q_scale))
+            units //= 2
         elif mode == MODE_SWIGLU:
             units = ns[0]
         warps = gemv.block_warps(k)

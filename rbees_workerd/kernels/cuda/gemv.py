@@ -320,6 +320,8 @@ def _store_pair(which, flags, t, pos, slot, ra, rb, a, b, c, s, o0, b0, o1, b1, 
         b += bias[uint32(rb)]
     if which < 2:
         a, b = a * c - b * s, a * s + b * c
+    if which == 0:  # RopeStore.q_scale
+        a, b = a * rope[6], b * rope[6]
     o[uint32(t), uint32(ra)] = a
     o[uint32(t), uint32(rb)] = b
     if which > 0:

@@ -1,4 +1,4 @@
-"""Device kernels for everything but the matrix products: embedding, RoPE + KV store, attention, SwiGLU."""
+"""Device kernels for everything but the matrix products: embedding, q/k norms + RoPE + KV store, attention, SwiGLU."""
 
 from __future__ import annotations
 
@@ -33,44 +33,67 @@ SEQ_MIN_TOKENS = 2 if SIM else 16  # one sequence's tokens from which attention 
 SEQ_MAX_E = 128  # the head sizes whose tiles fit in 48 KB of shared memory
 
 
+ROPE_MAX_HEADS = 256  # q and k heads of a token in rope_store_kernel (its shared row of q/k norm scales)
+
+
 @cuda.jit(**DEVICE)
-def _rotate(x, t, h, p, pos, theta, neox):
-    """Rotate pair p of x[t, h] by position pos; angles in float64 like the CPU."""
-    e = x.shape[2]
-    half = e // 2
-    freq = float64(pos) * theta ** (-2.0 * p / e)
-    c = float32(math.cos(freq))
-    s = float32(math.sin(freq))
-    a = p if neox else 2 * p
-    b = p + half if neox else 2 * p + 1
+def _rotate(x, t, h, a, b, c, s, inv, w, head_norm, after):
+    """Rotate the pair (a, b) of x[t, h] by cos c and sin s, first normalizing it (head_norm: times
+    the head's inverse RMS inv and the norm weights w[a], w[b]), then scale it by `after`."""
     x0 = x[t, h, a]
     x1 = x[t, h, b]
-    x[t, h, a] = x0 * c - x1 * s
-    x[t, h, b] = x0 * s + x1 * c
+    if head_norm:
+        x0 = x0 * inv * w[a]
+        x1 = x1 * inv * w[b]
+    x[t, h, a] = (x0 * c - x1 * s) * after
+    x[t, h, b] = (x0 * s + x1 * c) * after
+
+
+@cuda.jit(**DEVICE)
+def _head_scale(x, t, h, e, eps):
+    """1 / RMS of x[t, h, :e] (+ eps), like the CPU's rmsnorm."""
+    ss = float32(0.0)
+    for i in range(e):
+        ss += x[t, h, i] * x[t, h, i]
+    return float32(1.0 / math.sqrt(ss / e + eps))
 
 
 @cuda.jit(**JIT)
-def rope_store_kernel(q, k, v, cache_k, cache_v, slots, positions, theta, neox):
-    """rope(q), rope(k) and the KV store of the step in one launch: one block per token."""
+def rope_store_kernel(q, k, v, cache_k, cache_v, slots, positions, cos_t, sin_t, neox, qn, kn, eps, head_norm,
+                      q_scale):  # fmt: skip
+    """The q/k head norms (head_norm: qwen3's, weights qn and kn [E]), rope(q) (times q_scale), rope(k)
+    and the KV store of the step in one launch: one block per token. cos_t/sin_t[position, pair]: the
+    angles (backend.rope_table)."""
     grid_ready()
+    inv = cuda.shared.array(ROPE_MAX_HEADS, float32)  # per q head then k head: 1 / RMS
     t = cuda.blockIdx.x
     hq = q.shape[1]
     g_count, e = k.shape[1], k.shape[2]
     half = e // 2
     s = slots[t]
     pos = positions[t]
+    if head_norm:
+        for h in range(cuda.threadIdx.x, hq + g_count, cuda.blockDim.x):
+            if h < hq:
+                inv[h] = _head_scale(q, t, h, e, eps)
+            else:
+                inv[h] = _head_scale(k, t, h - hq, e, eps)
+        cuda.syncthreads()
     n_rot = (hq + g_count) * half
     for i in range(cuda.threadIdx.x, n_rot + g_count * e, cuda.blockDim.x):
         if i < n_rot:
             h = i // half
             p = i % half
+            a = p if neox else 2 * p
+            b = p + half if neox else 2 * p + 1
+            c = cos_t[pos, p]
+            sn = sin_t[pos, p]
+            scale = inv[h] if head_norm else float32(1.0)
             if h < hq:
-                _rotate(q, t, h, p, pos, theta, neox)
+                _rotate(q, t, h, a, b, c, sn, scale, qn, head_norm, q_scale)
             else:
                 h -= hq
-                _rotate(k, t, h, p, pos, theta, neox)
-                a = p if neox else 2 * p
-                b = p + half if neox else 2 * p + 1
+                _rotate(k, t, h, a, b, c, sn, scale, kn, head_norm, float32(1.0))
                 cache_k[s, pos, h, a] = fp16_round(k[t, h, a])  # llama.cpp's cache is fp16
                 cache_k[s, pos, h, b] = fp16_round(k[t, h, b])
         else:
@@ -130,7 +153,7 @@ def _dot_row(e: int, r: int):  # noqa: ANN202
 
 
 @functools.cache
-def attention_kernel(e: int, r: int = 1):  # noqa: ANN201, C901
+def attention_kernel(e: int, r: int = 1, scale: float | None = None):  # noqa: ANN201, C901
     """Per-token attention (decode, or the tokens of several sequences), head size e fixed when compiled.
 
     One block of ATT_THREADS per token and r query heads of one KV head (r = 1, or all the heads
@@ -145,7 +168,7 @@ def attention_kernel(e: int, r: int = 1):  # noqa: ANN201, C901
     flight; the first batch of V rows loads with the first K tile, the second once the scores are
     done. The warps' parts are summed in order at the end. A context longer than ATT_CHUNK
     positions takes three sweeps over its chunks (max, sum, weighted sum), recomputing the scores.
-    Grid (T, H // r), r dividing H // G.
+    Grid (T, H // r), r dividing H // G. The scores are scaled by `scale` (None: 1 / sqrt(e)).
     """
     shape = _att_shape(e, r)
     if shape is None:
@@ -158,10 +181,10 @@ def attention_kernel(e: int, r: int = 1):  # noqa: ANN201, C901
     qper = -(-r * e // nt)
     step = warps * vrows  # positions of one batch of the weighted sum
     vrows2 = 2 * vrows
-    scale = float32(1.0 / math.sqrt(e))
     full = e % 32 == 0
     scratch_n = nt if SIM else 1  # the simulator's warp reductions go through shared memory
     dot_row = _dot_row(e, r)
+    scale = float32(1.0 / math.sqrt(e) if scale is None else scale)
 
     @cuda.jit(**DEVICE)
     def load_rows(cache, sg, p0, stride, last, rows, regs, u0):
@@ -308,7 +331,7 @@ def attention_kernel(e: int, r: int = 1):  # noqa: ANN201, C901
 
 
 @functools.cache
-def attention_seq_kernel(e: int):  # noqa: ANN201
+def attention_seq_kernel(e: int, scale: float | None = None):  # noqa: ANN201
     """attention_kernel for T consecutive positions of one slot (a prompt chunk), head size e fixed when compiled.
 
     attention_kernel's one block per (token, head) reads each cached row once per query, a thread
@@ -318,7 +341,7 @@ def attention_seq_kernel(e: int):  # noqa: ANN201
     the next tile's loads are in flight while the scores of this one are computed. The rounding
     per query is attention_kernel's (and the CPU's); the three passes (max, float64 sum, weighted
     values) recompute the scores from the tiles rather than keeping a long context's scores.
-    Grid (ceil(T / SEQ_QT), H); e a multiple of 8 up to SEQ_MAX_E.
+    Grid (ceil(T / SEQ_QT), H); e a multiple of 8 up to SEQ_MAX_E. Scores scaled by `scale` (None: 1 / sqrt(e)).
     """
     kt = SEQ_KT if e <= 64 else SEQ_KT // 2  # a tile of SEQ_KT rows of 128 does not fit beside the rest
     kr = kt // SEQ_KG  # positions per thread in the scores
@@ -328,7 +351,7 @@ def attention_seq_kernel(e: int):  # noqa: ANN201
     pq = SEQ_QT // warps  # queries per warp in the weighted sum; its lanes take the dimensions
     dr = -(-e // 32)  # dimensions per lane
     per = kt * e // threads  # tile elements per thread
-    scale = float32(1.0 / math.sqrt(e))
+    scale = float32(1.0 / math.sqrt(e) if scale is None else scale)
     row, wrow = e + 1, kt + 1  # shared rows padded by one: a warp's strided reads hit distinct banks
 
     @cuda.jit(**DEVICE)
