@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,25 @@ def test_entries_written_before_quant_and_size_still_load(tmp_path: Path) -> Non
     (tmp_path / "catalog.json").write_text(json.dumps({"version": 1, "models": [old]}))
     entry = catalog.load(tmp_path).get("m")
     assert (entry.quant, entry.file_size, entry.extra) == (None, None, {})
+
+
+def test_the_models_guide_follows_the_engine() -> None:
+    """docs/models.md: a row per architecture, "runs" exactly for those in ARCHITECTURES; every fast tensor
+    type on both backends; the file types that run, as catalog/quants.py has them."""
+    from rbees_workerd.engine.config import ARCHITECTURES
+    from rbees_workerd.engine.gguf import SUPPORTED_QTYPES
+
+    root = Path(__file__).resolve().parent.parent
+    doc = (root / "docs" / "models.md").read_text()
+    section = doc.split("## Architectures", 1)[1].split("## ", 1)[0]
+    rows = dict(re.findall(r"^\| `([a-z0-9]+)` \| ([^|]+?) \|", section, re.MULTILINE))
+    assert set(ARCHITECTURES) <= set(rows), sorted(set(ARCHITECTURES) - set(rows))
+    for arch, status in rows.items():
+        assert (status == "runs") == (arch in ARCHITECTURES), (arch, status, ARCHITECTURES)
+    for qtype in SUPPORTED_QTYPES:
+        assert f"| {qtype.name} | yes | yes |" in doc, qtype.name
+    fast = {t.name for t in SUPPORTED_QTYPES}
+    runs = doc.split("So the file types that run are", 1)[1].split(".", 1)[0]
+    listed = set(re.findall(r"[A-Z0-9_]+", runs))
+    assert listed == {quant for quant in TENSOR_TYPES if tensor_types(quant) <= fast}
+    assert "models.md" in (root / "README.md").read_text() and "models.md" in (root / "docs" / "pool.md").read_text()
