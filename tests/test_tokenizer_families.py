@@ -351,7 +351,7 @@ PIECES = st.sampled_from(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.one_of(st.lists(PIECES).map("".join), st.sampled_from(CORPUS), st.text(max_size=40)))
 def test_same_ids_as_llama_cpp_on_mixed_text(pair: Pair, text: str) -> None:
     _check(pair, [text])
