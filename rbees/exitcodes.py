@@ -1,7 +1,7 @@
 """Stable exit codes of `rbees` (documented in docs/fleet.md beside rbees-pool's).
 
-A remote rbees-pool's exit code passes through unchanged (0-11, see rbees_pool/exitcodes.py), so the codes
-that only `rbees` produces start after rbees-pool's last one. Never renumber, only append.
+A remote rbees-pool's exit code passes through unchanged (0-11 and 20 on, see rbees_pool/exitcodes.py), so the
+codes that only `rbees` produces, 12-19, are numbers rbees-pool never uses. Never renumber, only append.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from rbees_pool.exitcodes import ExitCode as PoolExitCode
 
 
 class ExitCode(IntEnum):
-    """Process exit status of `rbees`; 0-11 are rbees-pool's (passed through from the host)."""
+    """Process exit status of `rbees`; 0-11 and 20 on are rbees-pool's (passed through from the host)."""
 
     OK = PoolExitCode.OK
     FAILURE = PoolExitCode.FAILURE

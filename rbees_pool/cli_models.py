@@ -135,8 +135,18 @@ def catalog_cmd(
     if as_json:
         emit_json(docs)
         return
-    rows = [[d["id"], d["name"], "yes" if d["downloaded"] else "no", human_size(d["size_bytes"])] for d in docs]
-    table("Catalog", ["id", "name", "downloaded", "size"], rows)
+    rows = [
+        [d["id"], d["name"], "yes" if d["downloaded"] else "no", _size(d), d["architecture"] or "-", d["quant"] or "-"]
+        for d in docs
+    ]  # columns only appended: scripts cut the first ones by position
+    table("Catalog", ["id", "name", "downloaded", "size", "architecture", "quant"], rows)
+
+
+def _size(doc: dict) -> str:
+    """The downloaded file's size, else the size its source publishes (marked ~), else -."""
+    if doc["downloaded"]:
+        return human_size(doc["size_bytes"])
+    return "~" + human_size(doc["file_size"]) if doc["file_size"] else "-"
 
 
 @app.command("list")

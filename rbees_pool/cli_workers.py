@@ -16,6 +16,7 @@ from rbees_pool.context import JsonOpt, pool_paths
 from rbees_pool.errors import ModelNotDownloaded, WorkerNotFound
 from rbees_pool.exitcodes import ExitCode
 from rbees_pool.host import require_backend
+from rbees_pool.modelfile import check_model_file
 from rbees_pool.output import console, emit_json, err_console, table
 from rbees_pool.paths import PoolPaths
 from rbees_pool.workers import records
@@ -67,6 +68,7 @@ def spawn_cmd(
     entry = catalog.load(paths.root).get(model)
     if not paths.model_file(entry).is_file():
         raise ModelNotDownloaded(f"model {model!r} is not downloaded; run `rbees-pool models download {model}`")
+    check_model_file(paths.model_file(entry), None)  # an architecture the engine lacks: refused before a worker starts
     request = SpawnRequest(
         backend, gpu, port, slots, callback_url, listen_address(bind), api_token_file, threads, context_length
     )

@@ -21,6 +21,7 @@ class ExitCode(IntEnum):
     WORKER_FAILED = 10  # the worker exited while loading
     TIMEOUT = 11  # the worker was not ready in time (it was stopped)
     # 12-19 are rbees's own (rbees/exitcodes.py): a pool code passes through `rbees pool` unchanged.
+    UNSUPPORTED_ARCHITECTURE = 20  # the model's architecture is not one rbees-workerd runs (register, download, spawn)
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, the shell's convention); `worker spawn` stopped its worker first
 
 
@@ -29,7 +30,7 @@ EXIT_CODES: dict[str, ExitCode] = {
     "INVALID_ENTRY": ExitCode.USAGE,
     "INVALID_ARGUMENT": ExitCode.USAGE,
     "NOT_GGUF": ExitCode.USAGE,  # a source that is not a model: fix the registration
-    "UNSUPPORTED_ARCHITECTURE": ExitCode.USAGE,
+    "UNSUPPORTED_ARCHITECTURE": ExitCode.UNSUPPORTED_ARCHITECTURE,
     "ARCHITECTURE_MISMATCH": ExitCode.USAGE,
     "MODEL_NOT_FOUND": ExitCode.NOT_FOUND,
     "WORKER_NOT_FOUND": ExitCode.NOT_FOUND,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 import catalog
 from catalog import FileSource, HfSource, HttpSource, PypiSource, parse_source
 from catalog.builtin import SMOLLM2_SHA256
+from catalog.quants import TENSOR_TYPES, tensor_types
 
 
 @pytest.mark.parametrize(
@@ -125,3 +127,84 @@ def test_unknown_fields_survive_a_rewrite(tmp_path: Path) -> None:
         models.add(catalog.new_entry("n", "N", ["file:///n.gguf"]))
     saved = json.loads((tmp_path / "catalog.json").read_text())
     assert saved["models"][0]["future"] == 7 and [m["id"] for m in saved["models"]] == ["m", "n"]
+
+
+# --- built-in entries: what the engine runs -----------------------------------------------------
+
+
+@pytest.mark.parametrize("entry", catalog.builtin_entries(), ids=lambda e: e.id)
+def test_builtin_entry_is_an_architecture_the_engine_runs(entry: catalog.ModelEntry) -> None:
+    """Read from the engine's one list, not a copy: a built-in whose architecture it lacks fails here."""
+    from rbees_workerd.engine.config import ARCHITECTURES
+
+    assert entry.architecture in ARCHITECTURES, f"{entry.id}: {entry.architecture!r} not in {ARCHITECTURES}"
+
+
+@pytest.mark.parametrize("entry", catalog.builtin_entries(), ids=lambda e: e.id)
+def test_builtin_entry_is_a_file_type_with_fast_kernels(entry: catalog.ModelEntry) -> None:
+    from rbees_workerd.engine.gguf import SUPPORTED_QTYPES
+
+    fast = {t.name for t in SUPPORTED_QTYPES}
+    assert entry.quant is not None
+    assert tensor_types(entry.quant) <= fast, (entry.id, sorted(tensor_types(entry.quant) - fast))
+    assert entry.file_size is not None and entry.file_size > 10**7
+
+
+def test_file_types_with_slow_tensor_types_are_told_apart() -> None:
+    from rbees_workerd.engine.gguf import SUPPORTED_QTYPES
+
+    fast = {t.name for t in SUPPORTED_QTYPES}
+    assert {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"} == fast
+    for quant in TENSOR_TYPES:
+        assert (tensor_types(quant) <= fast) == (quant not in {"Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_XS"})
+
+
+def test_the_default_models_file_is_what_its_entry_says(model_path: Path) -> None:
+    """The real SmolLM2 file: its size, and tensor types that its file type's list holds."""
+    from gguf import GGUFReader
+
+    default = catalog.builtin_entries()[0]
+    assert model_path.name == default.filename and model_path.stat().st_size == default.file_size
+    found = {t.tensor_type.name for t in GGUFReader(model_path).tensors}
+    assert found == {"Q4_1", "Q8_0", "F32"} and found <= tensor_types(default.quant or "")
+
+
+def test_quant_and_file_size_are_validated_and_round_trip(tmp_path: Path) -> None:
+    entry = catalog.new_entry("m", "M", ["file:///m.gguf"], "qwen2", quant="Q5_K_M", file_size=1234)
+    assert entry.to_json()["quant"] == "Q5_K_M" and entry.to_json()["file_size"] == 1234
+    with catalog.update(tmp_path) as models:
+        models.add(entry)
+    assert catalog.load(tmp_path).get("m") == entry
+    for bad in ({"quant": "q4 k"}, {"quant": ""}, {"file_size": 0}, {"file_size": -5}):
+        with pytest.raises(catalog.InvalidEntry):
+            catalog.new_entry("m", "M", ["file:///m.gguf"], **bad)  # type: ignore[arg-type]
+
+
+def test_entries_written_before_quant_and_size_still_load(tmp_path: Path) -> None:
+    old = {"id": "m", "name": "M", "sources": ["file:///m.gguf"], "filename": "m.gguf", "architecture": "llama",
+           "sha256": None, "builtin": False}  # fmt: skip
+    (tmp_path / "catalog.json").write_text(json.dumps({"version": 1, "models": [old]}))
+    entry = catalog.load(tmp_path).get("m")
+    assert (entry.quant, entry.file_size, entry.extra) == (None, None, {})
+
+
+def test_the_models_guide_follows_the_engine() -> None:
+    """docs/models.md: a row per architecture, "runs" exactly for those in ARCHITECTURES; every fast tensor
+    type on both backends; the file types that run, as catalog/quants.py has them."""
+    from rbees_workerd.engine.config import ARCHITECTURES
+    from rbees_workerd.engine.gguf import SUPPORTED_QTYPES
+
+    root = Path(__file__).resolve().parent.parent
+    doc = (root / "docs" / "models.md").read_text()
+    section = doc.split("## Architectures", 1)[1].split("## ", 1)[0]
+    rows = dict(re.findall(r"^\| `([a-z0-9]+)` \| ([^|]+?) \|", section, re.MULTILINE))
+    assert set(ARCHITECTURES) <= set(rows), sorted(set(ARCHITECTURES) - set(rows))
+    for arch, status in rows.items():
+        assert (status == "runs") == (arch in ARCHITECTURES), (arch, status, ARCHITECTURES)
+    for qtype in SUPPORTED_QTYPES:
+        assert f"| {qtype.name} | yes | yes |" in doc, qtype.name
+    fast = {t.name for t in SUPPORTED_QTYPES}
+    runs = doc.split("So the file types that run are", 1)[1].split(".", 1)[0]
+    listed = set(re.findall(r"[A-Z0-9_]+", runs))
+    assert listed == {quant for quant in TENSOR_TYPES if tensor_types(quant) <= fast}
+    assert "models.md" in (root / "README.md").read_text() and "models.md" in (root / "docs" / "pool.md").read_text()

@@ -187,16 +187,17 @@ def test_register_reads_the_gguf_header(pool_root: Path, tmp_path: Path) -> None
     gemma = _gguf_file(tmp_path, "gemma.gguf", "gemma3")
     truncated = tmp_path / "src" / "cut.gguf"
     truncated.write_bytes(support.gguf_bytes()[:30])
+    unsupported = ExitCode.UNSUPPORTED_ARCHITECTURE
     cases = [
-        (["--source", "file:///etc/passwd"], "NOT_GGUF"),
-        (["--source", f"file://{truncated}"], "NOT_GGUF"),
-        (["--source", f"file://{gemma}"], "UNSUPPORTED_ARCHITECTURE"),
-        (["--source", f"file://{gemma}", "--architecture", "llama"], "ARCHITECTURE_MISMATCH"),
-        (["--source", "hf://org/repo/m.gguf", "--architecture", "gemma3"], "UNSUPPORTED_ARCHITECTURE"),
+        (["--source", "file:///etc/passwd"], ExitCode.USAGE, "NOT_GGUF"),
+        (["--source", f"file://{truncated}"], ExitCode.USAGE, "NOT_GGUF"),
+        (["--source", f"file://{gemma}"], unsupported, "UNSUPPORTED_ARCHITECTURE"),
+        (["--source", f"file://{gemma}", "--architecture", "llama"], ExitCode.USAGE, "ARCHITECTURE_MISMATCH"),
+        (["--source", "hf://org/repo/m.gguf", "--architecture", "gemma3"], unsupported, "UNSUPPORTED_ARCHITECTURE"),
     ]
-    for extra, code in cases:
+    for extra, exit_code, code in cases:
         done = run_pool(pool_root, "models", "register", "bad", "--name", "Bad", *extra)
-        assert (done.returncode, code in done.stderr) == (ExitCode.USAGE, True), (extra, done.stderr)
+        assert (done.returncode, code in done.stderr) == (exit_code, True), (extra, done.stderr)
         assert "Traceback" not in done.stderr
     assert "bad" not in {d["id"] for d in run_json(pool_root, "models", "catalog")}
 
@@ -323,7 +324,47 @@ def test_tables_are_tab_separated_when_piped(pool_root: Path, tmp_path: Path) ->
     size = human_size(src.stat().st_size)
     assert lines[1].split("\t") == [long_id, "Long", size, str(pool_root / "models" / long_id / src.name)]
     rows = [line.split("\t") for line in run_pool(pool_root, "models", "catalog").stdout.splitlines()]
-    assert rows[0] == ["id", "name", "downloaded", "size"] and all(len(row) == 4 for row in rows)
-    assert [long_id, "Long", "yes", size] in rows
+    assert rows[0] == ["id", "name", "downloaded", "size", "architecture", "quant"] and all(len(r) == 6 for r in rows)
+    assert [long_id, "Long", "yes", size, "llama", "-"] in rows
     empty = run_pool(pool_root, "worker", "list")
     assert empty.stdout == "id\tpid\tbackend\tmodel\turl\tstate\tslots free\n"  # no rows: the header alone
+
+
+def test_spawn_refuses_an_architecture_the_engine_lacks_before_a_worker_starts(pool_root: Path) -> None:
+    """A downloaded file whose header names an architecture rbees-workerd does not run (one kept from before,
+    or put in place by hand): `worker spawn` reads the header and refuses at once, with its own exit code."""
+    assert ExitCode.UNSUPPORTED_ARCHITECTURE == 20 and EXIT_CODES["UNSUPPORTED_ARCHITECTURE"] == 20
+    run_pool(pool_root, "models", "register", "g", "--name", "G", "--source", "hf://o/r/g.gguf",
+             "--architecture", "llama")  # fmt: skip
+    stored = pool_root / "models" / "g" / "g.gguf"
+    stored.parent.mkdir(parents=True)
+    stored.write_bytes(support.gguf_bytes("gemma3") + b"weights " * 100)
+    done = run_pool(pool_root, "worker", "spawn", "cpu", "--model", "g", "--timeout", "5")
+    assert done.returncode == ExitCode.UNSUPPORTED_ARCHITECTURE, done.stderr
+    assert "UNSUPPORTED_ARCHITECTURE" in done.stderr and "'gemma3'" in done.stderr and "Traceback" not in done.stderr
+    workers = pool_root / ".runtime" / "workers"
+    assert not workers.exists() or not list(workers.iterdir())  # no record, no log: nothing was started
+
+    stored.write_bytes(b"not a model at all")
+    done = run_pool(pool_root, "worker", "spawn", "cpu", "--model", "g", "--timeout", "5")
+    assert done.returncode == ExitCode.USAGE and "NOT_GGUF" in done.stderr, done.stderr
+
+
+def test_catalog_shows_architecture_quant_and_size(pool_root: Path, tmp_path: Path) -> None:
+    src = _gguf_file(tmp_path, "q.gguf", "qwen2")
+    run_pool(pool_root, "models", "register", "q", "--name", "Q", "--source", f"file://{src}")
+    assert run_pool(pool_root, "models", "download", "q", "--quiet").returncode == 0
+    docs = {d["id"]: d for d in run_json(pool_root, "models", "catalog")}
+    for entry in catalog.builtin_entries():
+        doc = docs[entry.id]
+        assert (doc["architecture"], doc["quant"], doc["file_size"]) == (entry.architecture, entry.quant,
+                                                                          entry.file_size)  # fmt: skip
+    assert (docs["q"]["architecture"], docs["q"]["quant"], docs["q"]["size_bytes"]) == ("qwen2", None,
+                                                                                       src.stat().st_size)  # fmt: skip
+    piped = run_pool(pool_root, "models", "catalog")  # a pipe: a header line, then tab-separated rows
+    lines = [line.split("\t") for line in piped.stdout.splitlines()]
+    assert lines[0] == ["id", "name", "downloaded", "size", "architecture", "quant"], lines[0]
+    rows = {row[0]: row for row in lines[1:]}
+    assert rows["smollm2-135m"][2:] == ["no", "~" + human_size(98_362_432), "llama", "Q4_1"]
+    assert rows["phi3"][4:] == ["phi3", "Q4_K_M"]
+    assert rows["q"][2:] == ["yes", human_size(src.stat().st_size), "qwen2", "-"]

@@ -182,8 +182,10 @@ def test_exit_codes_follow_rbees_pools_and_are_documented() -> None:
     assert {code.name for code in shared} == {"OK", "FAILURE", "USAGE", "INTERRUPTED"}
     assert all(PoolExitCode(int(code)).name == code.name for code in shared)
     ours = [code for code in ExitCode if int(code) not in pool_codes]
-    below_signals = [code for code in pool_codes if code < 128]
-    assert min(int(code) for code in ours) == max(below_signals) + 1  # appended right after rbees-pool's
+    block = sorted(int(code) for code in ours)
+    assert block == list(range(block[0], block[-1] + 1))  # one block, 12-19
+    assert block[0] - 1 in pool_codes  # right after rbees-pool's first codes (0-11)...
+    assert not any(block[0] <= code <= block[-1] for code in pool_codes)  # ...whose later ones (20...) skip it
     guide = (REPO / "docs" / "fleet.md").read_text()
     for code in [*ours, ExitCode.INTERRUPTED]:
         assert re.search(rf"^\| {int(code)} \| `{code.name}` \|", guide, re.MULTILINE), code.name

@@ -7,7 +7,8 @@ Two vocabulary kinds (`tokenizer.ggml.model`):
   byte fallback, spaces written as U+2581 and, with add_space_prefix, one space prepended
   to each run of text (at the start and after every special token, as llama.cpp does).
 
-Control, unknown and user-defined tokens written in the text map to their ids. Decoding
+Control, unknown and user-defined tokens written in the text map to their ids (for a model
+named Phi-3, llama.cpp, and so we, drop the blanks that follow most of them). Decoding
 maps each id to its bytes: control tokens contribute no text (llama.cpp's detokenize with
 special=false); user-defined tokens their text verbatim; byte tokens their byte. The result
 is the exact inverse of `encode` (no space clean-up), and `StreamDecoder` yields the same text
@@ -17,6 +18,7 @@ piece by piece without ever splitting a UTF-8 character.
 from __future__ import annotations
 
 import codecs
+import re
 from collections.abc import Sequence
 from enum import IntEnum
 from functools import cache
@@ -132,6 +134,7 @@ class Tokenizer:
         add_eos: bool,
         strip_space_prefix: bool,
         chat_template: str,
+        rstrip: re.Pattern[str] | None = None,
     ) -> None:
         self._hf = hf
         self._pieces = pieces
@@ -142,6 +145,7 @@ class Tokenizer:
         self._add_bos = add_bos and bos_id is not None
         self._add_eos = add_eos and eos_id is not None
         self._strip_space_prefix = strip_space_prefix
+        self._rstrip = rstrip
         try:
             self._template = _jinja_env().from_string(chat_template)
         except jinja2.TemplateError as e:
@@ -159,6 +163,8 @@ class Tokenizer:
     def encode(self, text: str, add_special: bool = True) -> list[int]:
         """Token ids of `text`; special tokens written in it map to their ids. With
         `add_special`, BOS/EOS are added as the file's add_bos_token/add_eos_token say."""
+        if self._rstrip is not None:
+            text = self._rstrip.sub(r"\1", text)
         ids = self._hf.encode(text, add_special_tokens=False).ids
         if add_special and self._add_bos:
             ids.insert(0, self.bos_id)  # type: ignore[arg-type]
@@ -255,7 +261,24 @@ def _build(md: dict[str, Any]) -> Tokenizer:
         add_eos=bool(md.get("tokenizer.ggml.add_eos_token", False)),
         strip_space_prefix=kind == "llama" and _add_space_prefix(md),
         chat_template=str(md.get("tokenizer.chat_template") or CHATML_TEMPLATE),
+        rstrip=_rstrip_pattern(md, tokens, types),
     )
+
+
+def _rstrip_pattern(md: dict[str, Any], tokens: list[str], types: list[int]) -> re.Pattern[str] | None:
+    """llama.cpp strips the blanks (C isspace) after the special tokens of a model whose general.name
+    says Phi-3 (but not after <unk>, <s>, <|endoftext|>): the pattern of those tokens and their blanks."""
+    name = str(md.get("general.name") or "").lower()
+    if "phi-3" not in name and "phi3" not in name:
+        return None
+    special = (TokenType.CONTROL, TokenType.USER_DEFINED, TokenType.UNKNOWN)
+    texts = {t for t, ty in zip(tokens, types, strict=True) if ty in special} - {"<unk>", "<s>", "<|endoftext|>"}
+    if "</s>" in tokens:
+        texts.add("</s>")
+    if not texts:
+        return None
+    alternatives = "|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True))
+    return re.compile(f"({alternatives})[ \\t\\n\\v\\f\\r]+")
 
 
 def _pre_name(md: dict[str, Any]) -> str:
