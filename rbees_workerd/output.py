@@ -57,7 +57,7 @@ class TextStream:
         string matched (its text and everything after it are dropped)."""
         pending = self._held + self._decoder.push(token_id)
         if not self._stops:
-            return pending, self._partial(), None
+            return pending, self._decoder.pending, None
         hits = [(pending.find(s), s) for s in self._stops if s in pending]
         if hits:
             at, stop = min(hits)
@@ -70,19 +70,13 @@ class TextStream:
                     keep = max(keep, n)
                     break
         self._held = pending[len(pending) - keep :]
-        return pending[: len(pending) - keep], bool(keep) or self._partial(), None
+        return pending[: len(pending) - keep], bool(keep) or self._decoder.pending, None
 
     def flush(self) -> str:
         """What is left once no token follows (an incomplete character becomes U+FFFD)."""
         tail = self._held + self._decoder.flush()
         self._held = ""
         return tail
-
-    def _partial(self) -> bool:
-        """Whether the decoder holds the first bytes of a character (tokenizer.StreamDecoder's UTF-8 state)."""
-        utf8 = getattr(self._decoder, "_utf8", None)
-        return bool(utf8 is not None and utf8.getstate()[0])
-
 
 class OutputProcessor:
     """Turns each StepOutput into frames in the jobs' outboxes; runs on the event loop, once per step."""

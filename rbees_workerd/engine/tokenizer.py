@@ -118,6 +118,11 @@ class StreamDecoder:
         """What is left at the end (an incomplete character becomes U+FFFD)."""
         return self._utf8.decode(b"", final=True)
 
+    @property
+    def pending(self) -> bool:
+        """Whether it holds the first bytes of a character that later tokens complete."""
+        return bool(self._utf8.getstate()[0])
+
 
 class Tokenizer:
     """Text <-> token ids for one model, with its special tokens and chat template."""
