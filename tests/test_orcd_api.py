@@ -184,7 +184,7 @@ def test_a_task_without_a_reader_is_cancelled_after_the_resume_window(
     orcd: Orcd, client: httpx.Client, worker: dict[str, Any]
 ) -> None:
     before = _cancelled_on_worker(worker)
-    job_id = submit(client, task_body(max_tokens=400))
+    job_id = submit(client, task_body(max_tokens=2000))  # a job that outlives the window (5 s)
     with client.stream("GET", f"/v2/tasks/{job_id}/events") as r:
         events = read_events(r)
         while next(events)[1]["type"] != "token":

@@ -93,7 +93,7 @@ def test_a_busy_worker_passes_the_task_on_before_its_first_token(orcd: Orcd, cli
     """A direct client holds the preferred worker's only slot: it answers 503 and the task runs on the other."""
     first, second = pair
     retries = metric(orcd.url, "rbees_orcd_retries_total")
-    body = {"job_id": "direct-hold", "prompt": "Once upon a time", "max_tokens": 400}
+    body = {"job_id": "direct-hold", "prompt": "Once upon a time", "max_tokens": 2000}
     with httpx.stream("POST", f"{first['url']}/execute", json=body, timeout=120) as held:
         assert held.status_code == 200
         events = run_task(client, task_body(max_tokens=4))
@@ -145,7 +145,7 @@ def test_a_restarted_orchestrator_keeps_its_registry(root: Path, pair) -> None:
 def test_a_frozen_worker_is_given_up_then_used_again_when_it_answers(orcd: Orcd, client: httpx.Client, pair):
     """SIGSTOP mid-stream: the stream goes quiet, the worker's /health does not answer: an error event
     within seconds and the worker unhealthy. SIGCONT: the next poll finds it healthy, and it is used again."""
-    job_id = submit(client, task_body(max_tokens=400))
+    job_id = submit(client, task_body(max_tokens=2000))
     with client.stream("GET", f"/v2/tasks/{job_id}/events") as r:
         events = read_events(r)
         started = next(e for _, e in events if e["type"] == "started")
@@ -162,7 +162,7 @@ def test_a_frozen_worker_is_given_up_then_used_again_when_it_answers(orcd: Orcd,
             os.kill(target["pid"], signal.SIGCONT)
     wait_worker_state(orcd.url, target["worker_id"], "healthy", timeout=30)
     other = next(w for w in pair if w is not target)
-    with httpx.stream("POST", f"{other['url']}/execute", json={"job_id": "hold-2", "prompt": "Hi", "max_tokens": 400},
+    with httpx.stream("POST", f"{other['url']}/execute", json={"job_id": "hold-2", "prompt": "Hi", "max_tokens": 2000},
                       timeout=120) as held:  # fmt: skip
         assert held.status_code == 200
         assert run_task(client, task_body(max_tokens=3))[1][1]["worker_id"] == target["worker_id"]
@@ -170,7 +170,7 @@ def test_a_frozen_worker_is_given_up_then_used_again_when_it_answers(orcd: Orcd,
 
 def test_a_worker_killed_mid_stream_is_an_error_event_within_5s(root: Path, orcd: Orcd, client: httpx.Client, pair):
     wait_for(lambda: _idle(orcd.url), "both workers idle")
-    job_id = submit(client, task_body(max_tokens=400))
+    job_id = submit(client, task_body(max_tokens=2000))
     with client.stream("GET", f"/v2/tasks/{job_id}/events") as r:
         events = read_events(r)
         while (event := next(events)[1])["type"] != "token":
