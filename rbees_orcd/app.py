@@ -15,7 +15,6 @@ import hmac
 import logging
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -59,13 +58,11 @@ from rbees_orcd.schemas import (
 from rbees_orcd.settings import Settings
 from rbees_orcd.sse import SseStream
 from rbees_orcd.tasks import Task, sse_frames
-from rbees_workerd import logs as worker_logs
 from rbees_workerd.schemas import ErrorBody, ValidationErrors
-from rbees_workerd.server import CorrelationMiddleware
+from rbees_workerd.server import CorrelationMiddleware, internal_error
 
 log = logging.getLogger("rbees_orcd.app")
 
-_SCOPE_KEY = "rbees.correlation_id"  # where CorrelationMiddleware leaves the request's id
 _SSE_DOC = {"description": "SSE: queued, started, token*, metrics, end | error; each with its `id:`"}
 
 
@@ -211,14 +208,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        cid = request.scope.get(_SCOPE_KEY) or uuid.uuid4().hex
-        token = worker_logs.correlation_id.set(cid)
-        try:
-            log.exception("unexpected error in a request")
-        finally:
-            worker_logs.correlation_id.reset(token)
-        body = {"code": "INTERNAL", "message": "internal error", "retriable": True}
-        return JSONResponse(body, status_code=500, headers={"X-Correlation-Id": cid, "Connection": "close"})
+        return internal_error(request, log)
 
     # ---- workers
     def register(worker: Worker) -> WorkerView:

@@ -49,8 +49,8 @@ def serve(
     ] = False,
 ) -> None:
     """Route requests to rbees workers, queue them, relay their streams; speak the OpenAI API."""
-    from rbees_orcd.server import bind as bind_socket
     from rbees_orcd.server import serve as run
+    from rbees_workerd.server import bind_socket
 
     try:
         host, port = split_bind(bind)
@@ -69,7 +69,7 @@ def serve(
         raise typer.Exit(cli_run.USAGE_EXIT) from None
     logs.configure(settings.log_level)
     try:
-        sock = bind_socket(settings)
+        sock = bind_socket(settings.host, settings.port)
     except OSError as e:
         cli_run.print_error("PORT_UNAVAILABLE", f"cannot listen on {bind}: {e.strerror}")
         raise typer.Exit(1) from None

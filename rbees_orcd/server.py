@@ -20,18 +20,6 @@ from rbees_orcd.settings import Settings
 log = logging.getLogger("rbees_orcd.server")
 
 
-def bind(settings: Settings) -> socket.socket:
-    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((settings.host, settings.port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 class _Server(uvicorn.Server):
     """uvicorn, but a SIGTERM/SIGINT ends it with exit 0 (uvicorn re-raises a captured signal at the end)."""
 

@@ -178,16 +178,7 @@ def create_app(runtime: WorkerRuntime) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        cid = request.scope.get(_SCOPE_KEY) or uuid.uuid4().hex
-        token = logs.correlation_id.set(cid)
-        try:
-            log.exception("unexpected error in a request")
-        finally:
-            logs.correlation_id.reset(token)
-        body = {"code": "INTERNAL", "message": "internal error", "retriable": True}
-        # Starlette re-raises after this response and uvicorn then closes the connection: say so,
-        # or a keep-alive client sends its next request into the closing socket
-        return JSONResponse(body, status_code=500, headers={"X-Correlation-Id": cid, "Connection": "close"})
+        return internal_error(request, log)
 
     @app.post(
         "/execute",
@@ -310,17 +301,31 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _bind(settings: Settings) -> socket.socket:
-    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The daemon's listening socket, bound before anything else starts, so that a taken port fails at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((settings.host, settings.port))
+        sock.bind((host, port))
     except OSError:
         sock.close()
         raise
-    sock.set_inheritable(True)
     return sock
+
+
+def internal_error(request: Request, log: logging.Logger) -> JSONResponse:
+    """The 500 of an exception no handler expected, logged with its traceback and the request's id."""
+    cid = request.scope.get(_SCOPE_KEY) or uuid.uuid4().hex
+    token = logs.correlation_id.set(cid)
+    try:
+        log.exception("unexpected error in a request")
+    finally:
+        logs.correlation_id.reset(token)
+    body = {"code": "INTERNAL", "message": "internal error", "retriable": True}
+    # Starlette re-raises after this response and uvicorn then closes the connection: say so,
+    # or a keep-alive client sends its next request into the closing socket
+    return JSONResponse(body, status_code=500, headers={"X-Correlation-Id": cid, "Connection": "close"})
 
 
 async def _bring_up(runtime: WorkerRuntime, outcome: asyncio.Future[int]) -> None:
@@ -392,7 +397,8 @@ def run(settings: Settings) -> int:
 
     Raises PortUnavailable before logging starts when the address cannot be bound."""
     try:
-        sock = _bind(settings)
+        sock = bind_socket(settings.host, settings.port)
+        sock.set_inheritable(True)
     except OSError as e:
         raise PortUnavailable(f"cannot listen on {settings.host}:{settings.port}: {e.strerror}") from None
     logs.configure(settings.worker_id, settings.log_level)
