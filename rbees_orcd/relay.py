@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import orjson
 
+from rbees_orcd import wire
 from rbees_orcd.metrics import OrcdMetrics
 from rbees_orcd.registry import State, Worker
 from rbees_orcd.settings import WorkerTokens
@@ -28,6 +29,7 @@ log = logging.getLogger("rbees_orcd.relay")
 
 IDLE_PROBE_S = 2.0  # a stream quiet this long makes the relay ask the worker's /health
 PROBE_TIMEOUT_S = 2.0
+CONNECT_TIMEOUT_S = 3.0
 _BUSY_STATES: dict[str, State | None] = {
     "ALL_SLOTS_BUSY": None,
     "WORKER_NOT_READY": "loading",
@@ -58,13 +60,14 @@ class _Lost(Exception):
 
 
 class Relay:
-    """Talks to workers; shares one HTTP connection pool among all tasks."""
+    """Talks to workers: their streams on a connection each (wire.py), the short calls (health, cancel) on
+    one shared httpx pool."""
 
     def __init__(self, tokens: WorkerTokens, metrics: OrcdMetrics) -> None:
         self._tokens = tokens
         self._metrics = metrics
         self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(connect=3.0, read=None, write=10.0, pool=10.0),
+            timeout=httpx.Timeout(connect=CONNECT_TIMEOUT_S, read=None, write=10.0, pool=10.0),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
         )
 
@@ -96,21 +99,23 @@ class Relay:
     async def run(self, task: Task, worker: Worker, attempt: int) -> Finished | Retry:
         """Run the task on the worker; returns how it ended or why it should be placed again."""
         task.worker_job_id = task.job_id if attempt == 1 else f"{task.job_id}.{attempt}"
-        body = {**task.request, "job_id": task.worker_job_id}
+        body = orjson.dumps({**task.request, "job_id": task.worker_job_id})
         stream = _Stream(self, task, worker)
         try:
-            async with self.client.stream(
-                "POST", f"{worker.url}/execute", json=body, headers=self._tokens.headers(worker.worker_id)
-            ) as response:
-                if response.status_code != 200:
-                    return _refusal(response.status_code, await _error_body(response))
+            response = await wire.post(f"{worker.url}/execute", body, self._tokens.headers(worker.worker_id),
+                                       CONNECT_TIMEOUT_S)  # fmt: skip
+            try:
+                if response.status != 200:
+                    return _refusal(response.status, await _error_body(response))
                 self._metrics.dispatch_latency.observe(time.perf_counter() - task.admitted_at)
                 task.worker_id = worker.worker_id
                 task.status = "running"
                 if task.cancel_requested:
                     asyncio.get_running_loop().create_task(self.cancel(worker, task.worker_job_id))
                 return await stream.read(response)
-        except (httpx.HTTPError, _Lost) as e:
+            finally:
+                response.close()
+        except (wire.WireError, _Lost) as e:
             reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             if not stream.committed:
                 return Retry(reason)
@@ -132,7 +137,7 @@ class _Stream:
         self.committed = False  # the task's events show this worker's stream: no retry elsewhere now
         self._last_read = time.monotonic()
 
-    async def read(self, response: httpx.Response) -> Finished:
+    async def read(self, response: wire.StreamResponse) -> Finished:
         reader = asyncio.current_task()
         assert reader is not None
         lost = asyncio.Event()
@@ -157,11 +162,11 @@ class _Stream:
                 reader.cancel()
                 return
 
-    async def _frames(self, response: httpx.Response) -> Finished:
+    async def _frames(self, response: wire.StreamResponse) -> Finished:
         task = self._task
         tokens = self._relay._metrics.tokens_relayed.labels(task.model)
         pending = b""
-        async for chunk in response.aiter_raw():
+        async for chunk in response.chunks():
             self._last_read = time.monotonic()
             pending += chunk
             *blocks, pending = pending.split(b"\n\n")
@@ -230,9 +235,9 @@ def _ending(frame: dict[str, Any], raw: bytes) -> Finished:
     return Finished("cancelled" if frame.get("stop_reason") == "CANCELLED" else "completed", Event("end", raw, frame))
 
 
-async def _error_body(response: httpx.Response) -> dict[str, Any]:
-    with contextlib.suppress(ValueError, httpx.HTTPError):
-        doc = orjson.loads(await response.aread())
+async def _error_body(response: wire.StreamResponse) -> dict[str, Any]:
+    with contextlib.suppress(ValueError, wire.WireError):
+        doc = orjson.loads(await response.read())
         if isinstance(doc, dict):
             return doc
     return {}

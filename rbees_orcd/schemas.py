@@ -55,7 +55,7 @@ class WorkerReady(BaseModel):
     model_ref: ModelRef
     backend: Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9._-]+$")]
     device: Annotated[str, Field(max_length=256), AfterValidator(_utf8)] | None = None
-    vram_bytes: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
+    vram_bytes: Annotated[int, Field(ge=0, le=2**53)] = 0  # exact as a JSON number (a double) too
     slots_total: Annotated[int, Field(ge=1, le=4096)]
 
 
