@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-import sniffio
 from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -150,9 +149,6 @@ def create_app(settings: Settings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        # httpx (through anyio) asks sniffio which async library runs at every read of a worker's stream,
-        # and sniffing costs more than the read: this thread runs asyncio's loop, so say it once
-        sniffio.thread_local.name = "asyncio"
         polling = asyncio.create_task(orcd.poller.run())
         try:
             yield
@@ -161,7 +157,6 @@ def create_app(settings: Settings) -> FastAPI:
             await scheduler.shutdown()
             await orcd.relay.close()
             registry.close()
-            sniffio.thread_local.name = None
 
     app = FastAPI(
         title="rbees-orcd",
