@@ -21,7 +21,6 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -58,7 +57,7 @@ from rbees_orcd.settings import Settings
 from rbees_orcd.sse import SseStream
 from rbees_orcd.tasks import Task, sse_frames
 from rbees_workerd.schemas import ErrorBody, ValidationErrors
-from rbees_workerd.server import CorrelationMiddleware, internal_error
+from rbees_workerd.server import CorrelationMiddleware, internal_error, openapi_without_422
 
 log = logging.getLogger("rbees_orcd.app")
 
@@ -364,7 +363,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def openapi() -> JSONResponse:
         """This API's OpenAPI schema (behind the token like every route but /health and /metrics)."""
         if app.openapi_schema is None:
-            app.openapi_schema = _openapi(app)
+            app.openapi_schema = openapi_without_422(app)
         return JSONResponse(app.openapi_schema)
 
     return app
@@ -405,13 +404,3 @@ async def _event_chunks(task: Task, start: int) -> AsyncIterator[bytes]:
             await task.wait_beyond(position)
 
 
-def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema with its 422 answers replaced: this API answers 400."""
-    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-    for path in schema["paths"].values():
-        for operation in path.values():
-            operation["responses"].pop("422", None)
-    schemas = schema.get("components", {}).get("schemas", {})
-    for name in ("HTTPValidationError", "ValidationError"):
-        schemas.pop(name, None)
-    return schema

@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
+from rbees_orcd.registry import State
+from rbees_orcd.tasks import Status
 from rbees_workerd.schemas import MAX_PROMPT_CHARS, MAX_STOP_STRINGS, MAX_TOKENS, Generation, StopString
 
 WorkerId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
@@ -75,7 +77,7 @@ class WorkerView(BaseModel):
     device: str | None
     vram_bytes: int
     slots_total: int
-    state: Literal["healthy", "unhealthy", "loading", "draining"]
+    state: State
     registered_at: float
     last_seen: float | None
     failing_since: float | None
@@ -96,7 +98,7 @@ class TaskRequest(Generation):
 
 class TaskAccepted(BaseModel):
     job_id: str
-    status: Literal["queued", "running", "completed", "failed", "cancelled"]
+    status: Status
     queue_position: int
     events_url: str
 
@@ -104,7 +106,7 @@ class TaskAccepted(BaseModel):
 class TaskView(BaseModel):
     job_id: str
     model: str
-    status: Literal["queued", "running", "completed", "failed", "cancelled"]
+    status: Status
     priority: Literal["interactive", "batch"]
     worker_id: str | None
     tokens_out: int

@@ -275,8 +275,8 @@ async def _with_chat_prompt(runtime: WorkerRuntime, body: ExecuteRequest) -> Exe
     return body.model_copy(update={"prompt": prompt, "messages": None})
 
 
-def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema with its 422 answers removed: this API answers 400 with ValidationErrors."""
+def openapi_without_422(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema with its 422 answers removed: the daemons answer a bad request with 400."""
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     for path in schema["paths"].values():
         for operation in path.values():
@@ -284,6 +284,13 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     schemas = schema.get("components", {}).get("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
+    return schema
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The worker's schema: 400 for bad requests, and the SSE frames and /ready's body described."""
+    schema = openapi_without_422(app)
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
     frame = TypeAdapter(Frame).json_schema(ref_template="#/components/schemas/{model}")
     schemas.update(frame.pop("$defs"))
     schemas["Frame"] = frame
