@@ -7,9 +7,14 @@ import importlib.util
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from sim_run import SIM_RUN, TEST_NAME, SimulatorRun
+
+if TYPE_CHECKING:
+    from rbees_workerd.engine.tokenizer import Tokenizer
+
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".numba-cache"))
@@ -61,3 +66,16 @@ def requantized(model_path, tmp_path_factory) -> Callable[[str], Path]:
         return files[mix]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_path: Path) -> Tokenizer:
+    """The real model's tokenizer."""
+    from rbees_workerd.engine.gguf import load_gguf  # (after NUMBA_CACHE_DIR above: the package reads it)
+    from rbees_workerd.engine.tokenizer import Tokenizer
+
+    f = load_gguf(model_path)
+    try:
+        return Tokenizer.from_gguf(f.metadata)
+    finally:
+        f.close()

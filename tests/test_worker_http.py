@@ -457,15 +457,6 @@ OPERATIONS = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer(model_path: Path) -> Tokenizer:
-    f = load_gguf(model_path)
-    try:
-        return Tokenizer.from_gguf(f.metadata)
-    finally:
-        f.close()
-
-
-@pytest.fixture(scope="module")
 def api_schema(worker: Daemon) -> Any:
     return schemathesis.openapi.from_url(f"{worker.url}/openapi.json")
 

@@ -14,7 +14,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from rbees_workerd.cli_serve import parse_settings
-from rbees_workerd.engine.gguf import load_gguf
 from rbees_workerd.engine.tokenizer import Tokenizer
 from rbees_workerd.engine.types import FinishEvent, StopReason
 from rbees_workerd.errors import (
@@ -35,15 +34,6 @@ from rbees_workerd.runtime import Job, WorkerRuntime
 from rbees_workerd.scheduler import JobOutput, StepOutput
 from rbees_workerd.schemas import Health, WorkerState
 from rbees_workerd.server import create_app
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_path: Path) -> Tokenizer:
-    f = load_gguf(model_path)
-    try:
-        return Tokenizer.from_gguf(f.metadata)
-    finally:
-        f.close()
 
 
 @pytest.fixture
