@@ -18,6 +18,7 @@ from rbees_workerd.errors import RbeesError
 PROG = "rbees-workerd"
 
 app = typer.Typer(
+    no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings=cli_run.HELP_OPTIONS,
@@ -195,10 +196,7 @@ def bench(
 def main(argv: list[str] | None = None) -> None:
     """Console entry point. Without a command, `rbees-workerd --worker-id ...` (the form rbees-pool uses) serves."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        cli_run.run(app, PROG, ["--help"])
-        sys.exit(cli_run.USAGE_EXIT)  # nothing to do: a usage error, as typer itself has it
-    if argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
         argv = ["serve", *argv]
     try:
         code = cli_run.run(app, PROG, argv)
