@@ -1,16 +1,33 @@
 # One device call (`run` with carry [".whl", ".devdata", ".llama-src"], command `bash bench/gpu/real_size.sh`):
-# rbees and llama.cpp on the Llama-3.1-8B and Qwen2.5-0.5B shapes in the Q4_K_M mix, same card, and the CUDA
-# kernel tests while llama.cpp builds. .devdata/vocab.gguf: a vocabulary-only GGUF of SmolLM2 (`python bench/gguf_shapes.py --vocab-only --out .devdata/vocab.gguf`).
-# BUDGET: seconds this script may take (the call's device time left, less the machine's start).
+# rbees and llama.cpp on the Llama-3.1-8B and Qwen2.5-0.5B shapes in the Q4_K_M mix, same card; the serving
+# path (a CUDA worker over HTTP against the engine) and the real-GPU kernel tests while llama.cpp builds.
+# .devdata/vocab.gguf: a vocabulary-only GGUF of SmolLM2 (`python bench/gguf_shapes.py --vocab-only --out .devdata/vocab.gguf`).
+# BUDGET: seconds this script may take (the call's device time left, less the machine's start). TEST_S, TEST_N, TESTS:
+# the tests' time limit, pytest-xdist processes (carry its wheels) and -k selection; SERVE=1: the serving path;
+# SWEEP: tuning variants of the one-token product on the 8B shape.
 source bench/gpu/setup.sh
 R=$PWD; T0=$(date +%s); left() { echo $(( ${BUDGET:-450} - ($(date +%s) - T0) )); }
+V=$R/${VOCAB:-.devdata/vocab.gguf}
 cd /root/m
-(time python3 $R/bench/gguf_shapes.py --shape llama-3.1-8b --mix q4_k_m --out l8b.gguf --vocab-from $R/${VOCAB:-.devdata/vocab.gguf}) 2>&1 | tail -4 | tee $OUT/gen.log
-python3 $R/bench/gguf_shapes.py --shape qwen2.5-0.5b --mix q4_k_m --out q05.gguf --vocab-from $R/${VOCAB:-.devdata/vocab.gguf} 2>&1 | tail -1
+(time python3 $R/bench/gguf_shapes.py --shape llama-3.1-8b --mix q4_k_m --out l8b.gguf --vocab-from $V) 2>&1 | tail -4 | tee $OUT/gen.log
+python3 $R/bench/gguf_shapes.py --shape qwen2.5-0.5b --mix q4_k_m --out q05.gguf --vocab-from $V 2>&1 | tail -1
 cd $R
-echo "== rbees 8B"; timeout 150 python3 bench/cuda_bench.py /root/m/l8b.gguf --batches 1,64 --steps 64 --repeat 3 --json 2>&1 | tail -2 | tee $OUT/rbees_l8b.log
+echo "== tests"; REQUIRE_REAL_GPU=1 timeout ${TEST_S:-170} python3 -m pytest -q -p no:cacheprovider ${TEST_N:+-n $TEST_N} \
+  tests/test_cuda_kernels.py tests/test_architectures.py::test_cuda_matches_cpu -k "${TESTS:-not nothing}" 2>&1 | tail -25 | tee $OUT/tests.log
+echo "== rbees 8B"; timeout 150 python3 bench/cuda_bench.py /root/m/l8b.gguf --batches 1,64 --steps 64 --repeat 3 --json $BENCH_8B 2>&1 | tail -2 | tee $OUT/rbees_l8b.log
+for a in ${SWEEP:-}; do  # tuning variants of the one-token product, batch 1 (e.g. SWEEP="--fetch-regs=40 --long-block-warps=8")
+  echo "== rbees 8B $a"; timeout 90 python3 bench/cuda_bench.py /root/m/l8b.gguf --batches 1 --steps 64 --repeat 3 --json $a 2>&1 | tail -1 | tee -a $OUT/sweep_l8b.log
+done
 echo "== rbees 0.5B"; timeout 80 python3 bench/cuda_bench.py /root/m/q05.gguf --batches 1,64,256 --steps 64 --repeat 3 --json 2>&1 | tail -2 | tee $OUT/rbees_q05.log
-[ -f /root/build.rc ] || REQUIRE_REAL_GPU=1 timeout 90 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_kernels.py 2>&1 | tail -15 > $OUT/tests.log; tail -3 $OUT/tests.log
+if [ -n "$SERVE" ]; then  # the serving path: a CUDA worker on the 0.5B shape, streams over HTTP
+  python3 -m rbees_workerd.cli serve --worker-id g --model /root/m/q05.gguf --port 8188 --slots 256 --context-length 512 \
+    --backend cuda --log-level WARNING > $OUT/worker.log 2>&1 &
+  for i in $(seq 120); do python3 -c "import httpx, sys; sys.exit(httpx.get('http://127.0.0.1:8188/health').json()['state'] != 'Ready')" 2>/dev/null && break; sleep 1; done
+  timeout 120 python3 bench/worker_http.py --url http://127.0.0.1:8188 --levels 1,16,64,256 --max-tokens 128 --rounds ${ROUNDS:-1} \
+    --no-engine --json 2>&1 | tail -3 | tee $OUT/http_q05.log
+  kill %1 2>/dev/null
+fi
+[ -d /root/llama ] || { echo "left $(left) (no llama.cpp: .llama-src not carried)"; exit 0; }
 while [ ! -f /root/build.rc ] && [ $(left) -gt 50 ]; do sleep 2; done; echo "build rc $(cat /root/build.rc 2>/dev/null) left $(left)"
 B=/root/llama/llama.cpp/build/bin
 timeout $(( $(left) / 3 )) $B/llama-bench -m /root/m/l8b.gguf -ngl 99 -fa 1 -p 512 -n 128 -r 2 2>&1 | grep -E "pp|tg" | tee $OUT/llama_l8b.log

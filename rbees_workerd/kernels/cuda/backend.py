@@ -40,6 +40,7 @@ if not SIM:
 warnings.filterwarnings("ignore", message=r"(\x1b\[1m)?Grid size \d+ will likely result in GPU under-utilization")
 
 MAX_GRAPHS = 64  # captured step shapes kept (least recently used dropped)
+MAX_SEEN = 256  # step shapes run once and remembered, to be captured if they come again
 PROGRAMMATIC = True  # graphs' kernels launch while the one before runs (see _programmatic_edges)
 GEMM_MIN_TOKENS = 16 if SIM else 32  # steps of this many tokens take the many-token products (mma, gemm)
 _STAGING = 1 << 20  # pinned bytes through which small uploads go asynchronously
@@ -175,6 +176,7 @@ class CudaBackend(backend.Backend):
         self._staged = 0  # bytes of the pinned staging buffer in use since the last synchronization
         self._recording: list[Any] | None = None
         self._graphs: OrderedDict[Hashable, Any] = OrderedDict()
+        self._seen: OrderedDict[Hashable, None] = OrderedDict()  # see _seen_before
         self._sample_bufs: dict[tuple[Any, ...], Any] = {}
         self._ptrs: dict[int, tuple[Any, tuple[int, tuple[int, ...]]]] = {}  # see _array_ptr
         self._free_ids: dict[int, list[tuple[np.ndarray, Any]]] = {}  # see _pinned_ids
@@ -504,7 +506,9 @@ class CudaBackend(backend.Backend):
             self._recording = None
 
     def _replay(self, key: Hashable, build: Callable[[], list[_Launch]]) -> None:
-        """Replay the graph captured for key, or build the launches, run them and capture them."""
+        """Replay the graph captured for key, or build the launches and run them; capture them the
+        second time the key comes. Steps of one-off shapes (a server's steps that mix prompt chunks
+        of arriving requests into the decodes) then cost their launches alone, not a capture too."""
         graph = self._graphs.get(key)
         if graph is not None:
             self._graphs.move_to_end(key)
@@ -512,7 +516,7 @@ class CudaBackend(backend.Backend):
             return
         launches = build()
         self._launch(launches)  # compiles on first use; capture needs compiled kernels
-        if SIM:
+        if SIM or not self._seen_before(key):
             return
         builder = self._core_stream.create_graph_builder()
         builder.begin_building()
@@ -526,6 +530,17 @@ class CudaBackend(backend.Backend):
         self._graphs[key] = builder.complete()
         if len(self._graphs) > MAX_GRAPHS:
             self._graphs.popitem(last=False)
+
+
+    def _seen_before(self, key: Hashable) -> bool:
+        """Whether key has come before (the last MAX_SEEN keys are remembered)."""
+        if key in self._seen:
+            del self._seen[key]
+            return True
+        self._seen[key] = None
+        if len(self._seen) > MAX_SEEN:
+            self._seen.popitem(last=False)
+        return False
 
 
 def _programmatic_edges(graph: Any) -> None:
@@ -617,7 +632,7 @@ def _product_launches(
             units //= 2
         elif mode == MODE_SWIGLU:
             units = ns[0]
-        warps = gemv.block_warps(k)
+        warps = gemv.block_warps(k, min(units, gemv.VEC_WARPS))
         kernel = gemv.vec_kernel(qt, k, mode, flags, tuple(ns), hd, neox, warps)
         grid = (math.ceil(min(units, gemv.VEC_WARPS) / warps), t_count)
         return [_Launch(kernel, grid, (32 * warps,), (x, m0, m1, m2, nw, eps, hout, rope_args))]

@@ -16,6 +16,7 @@ from numba import config, cuda, float32, int32, types, uint32
 
 if not config.ENABLE_CUDASIM:
     from llvmlite import ir
+    from numba.cuda import cgutils
     from numba.cuda.extending import intrinsic
 
 SIM = bool(config.ENABLE_CUDASIM)
@@ -66,6 +67,26 @@ if SIM:
     def quad_max(v, scratch):
         """The maximum of v over this lane's group of 4 lanes."""
         return _lanes(v, scratch, 4, True)
+
+    @cuda.jit(device=True)
+    def load1(a, r, c):
+        """a[r, c] of a read-only 2-D uint32 array (weights)."""
+        return uint32(a[r, c])
+
+    @cuda.jit(device=True)
+    def load2(a, r, c):
+        """a[r, c], a[r, c + 1] of a read-only 2-D uint32 array, c even: one 8-byte load."""
+        return uint32(a[r, c]), uint32(a[r, c + 1])
+
+    @cuda.jit(device=True)
+    def load4(a, r, c):
+        """a[r, c .. c + 3] of a read-only 2-D uint32 array, c a multiple of 4: one 16-byte load."""
+        return uint32(a[r, c]), uint32(a[r, c + 1]), uint32(a[r, c + 2]), uint32(a[r, c + 3])
+
+    @cuda.jit(device=True)
+    def shared4(a, i):
+        """a[i .. i + 3] of a 1-D 32-bit shared array, i a multiple of 4: one 16-byte load."""
+        return a[i], a[i + 1], a[i + 2], a[i + 3]
 
     @cuda.jit(device=True)
     def f32_from_bits(bits):
@@ -213,6 +234,60 @@ else:
     def rint(x):
         """x rounded to the nearest integer, ties to even."""
         return cuda.libdevice.rintf(x)
+
+    def _element_ptr(context, builder, aryty, ary, idx_types, idxs):  # noqa: ANN001, ANN202
+        """The address of ary[idxs] (no wraparound, no bounds check)."""
+        arr = context.make_array(aryty)(context, builder, value=ary)
+        inds = [context.cast(builder, v, t, types.intp) for v, t in zip(idxs, idx_types, strict=True)]
+        shape, strides = cgutils.unpack_tuple(builder, arr.shape), cgutils.unpack_tuple(builder, arr.strides)
+        return cgutils.get_item_pointer2(context, builder, arr.data, shape, strides, aryty.layout, inds)
+
+    def _global_load(n: int):  # noqa: ANN202
+        """The codegen of an n-word load through the read-only data cache (PTX ld.global.nc): weights,
+        which no kernel writes while products read them."""
+        vec = "" if n == 1 else f".v{n}"
+        outs = "$0" if n == 1 else "{" + ",".join(f"${i}" for i in range(n)) + "}"
+        text = f"ld.global.nc{vec}.u32 {outs}, [${n}];"
+
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            i32 = ir.IntType(32)
+            ptr = _element_ptr(context, builder, sig.args[0], args[0], sig.args[1:], args[1:])
+            ret = i32 if n == 1 else ir.LiteralStructType([i32] * n)
+            asm = ir.InlineAsm(ir.FunctionType(ret, [ptr.type]), text, ",".join(["=r"] * n + ["l"]))
+            out = builder.call(asm, [ptr])
+            if n == 1:
+                return out
+            return context.make_tuple(builder, sig.return_type, [builder.extract_value(out, i) for i in range(n)])
+
+        return codegen
+
+    @intrinsic
+    def load1(typingctx, a, r, c):  # noqa: ANN001, ANN201
+        """a[r, c] of a read-only 2-D uint32 array (weights)."""
+        return types.uint32(a, r, c), _global_load(1)
+
+    @intrinsic
+    def load2(typingctx, a, r, c):  # noqa: ANN001, ANN201
+        """a[r, c], a[r, c + 1] of a read-only 2-D uint32 array, c even: one 8-byte load."""
+        return types.UniTuple(types.uint32, 2)(a, r, c), _global_load(2)
+
+    @intrinsic
+    def load4(typingctx, a, r, c):  # noqa: ANN001, ANN201
+        """a[r, c .. c + 3] of a read-only 2-D uint32 array, c a multiple of 4: one 16-byte load."""
+        return types.UniTuple(types.uint32, 4)(a, r, c), _global_load(4)
+
+    @intrinsic
+    def shared4(typingctx, a, i):  # noqa: ANN001, ANN201
+        """a[i .. i + 3] of a 1-D 32-bit shared array, i a multiple of 4: one 16-byte load."""
+
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            ptr = _element_ptr(context, builder, sig.args[0], args[0], sig.args[1:], args[1:])
+            vec = ir.VectorType(ptr.type.pointee, 4)
+            v = builder.load(builder.bitcast(ptr, ir.PointerType(vec, ptr.type.addrspace)), align=16)
+            words = [builder.extract_element(v, ir.Constant(ir.IntType(32), i)) for i in range(4)]
+            return context.make_tuple(builder, sig.return_type, words)
+
+        return types.UniTuple(a.dtype, 4)(a, i), codegen
 
     @intrinsic
     def dp4a(typingctx, a, b, c):  # noqa: ANN001, ANN201

@@ -8,8 +8,10 @@ Q4_K/Q5_K's 12 bytes of packed 6-bit scales and mins per 256, which take 16 here
 
 - NIB4 words (Q4_0, Q4_1, Q4_K): element e < 16 in the low nibble of byte e, e >= 16 in the high
   nibble of byte e - 16 (the GGUF's own order for the 32-blocks).
-- NIB5 (Q5_0, Q5_1, Q5_K): word 0 holds bit 4 of element e at bit e, then NIB4's words.
-- Q6 (Q6_K): NIB4's words, then bits 4-5 of element e at bits 2 (e % 16) of word 4 + e // 16.
+- NIB5 (Q5_0, Q5_1, Q5_K): word 0 holds bit 4 of element e at bit `fifth_pos(e)`, then NIB4's words.
+- Q6 (Q6_K): NIB4's words, then bits 4-5 of element e at bits `six_pos(e % 16)` of word 4 + e // 16.
+  Both put the high bits of an item's four elements at the same place in each byte, so that an item's
+  high bits are two or three instructions away from its values' (a shift and a mask).
 - Q8 (Q8_0): the int8 values in order. F16, BF16 (two halves a word, low first), F32: the raw bits.
 
 Scales (`gs[N, groups]`, and for K-quants `sb[N, groups / 8]` per 256 elements):
@@ -36,6 +38,9 @@ from rbees_workerd.kernels.cuda.device import (
     f32_from_bits,
     fp16_round,
     half_to_f32,
+    load1,
+    load2,
+    load4,
     quad_max,
     quad_sum,
     rint,
@@ -174,11 +179,10 @@ def decode(qt, words, gs, sb, off, row, g, q, wv, with_min):
             sh = 8 * j if j < 4 else 8 * (j - 4) + 4
             v = (w >> sh) & 15
             if fifth_bit(qt):
-                e = 4 * q + j if j < 4 else 12 + 4 * q + j
-                v |= ((hb >> e) & 1) << 4
+                v |= ((hb >> fifth_pos(4 * q + j if j < 4 else 12 + 4 * q + j)) & 1) << 4
             if qt == Q6_K:
                 six = lo6 if j < 4 else hi6
-                v |= ((six >> (2 * (4 * q + j % 4))) & 3) << 4
+                v |= ((six >> six_pos(4 * q + j % 4)) & 3) << 4
                 wv[j] = float32(float32(v) - 32.0) * (d_lo if j < 4 else d_hi)
             else:
                 wv[j] = (float32(v) + off) * (d_lo if j < 4 else d_hi) + mn
@@ -203,15 +207,17 @@ def decode(qt, words, gs, sb, off, row, g, q, wv, with_min):
 
 
 @cuda.jit(**DEVICE)
-def fifth_bits(h):
-    """Bits 0-3 of h moved to bit 4 of bytes 0-3 (NIB5's fifth bits of 4 elements)."""
-    return ((h & 1) << 4) | ((h & 2) << 11) | ((h & 4) << 18) | ((h & 8) << 25)
+def fifth_pos(e):
+    """The bit of NIB5's word 0 that holds bit 4 of element e: byte e % 4 (the element's place in its
+    item), bit q of the byte's low half (e < 16, item q = e // 4) or of its high half."""
+    return 8 * (e % 4) + 4 * (e // 16) + (e % 16) // 4
 
 
 @cuda.jit(**DEVICE)
-def six_bits(h):
-    """Bits 0-7 of h, four 2-bit fields, moved to bits 4-5 of bytes 0-3 (Q6's high bits of 4 elements)."""
-    return ((h & 3) << 4) | ((h & 12) << 10) | ((h & 48) << 16) | ((h & 192) << 22)
+def six_pos(e):
+    """The lowest of the two bits of a Q6 high word that hold bits 4-5 of its half's element e (0..15):
+    byte e % 4, bits 2 q and 2 q + 1 for item q = e // 4."""
+    return 8 * (e % 4) + 2 * (e // 4)
 
 
 @cuda.jit(**DEVICE)
@@ -248,13 +254,48 @@ def unpack_item(qt, a, b, c, q):
         return uint32(a), uint32(b)
     lo = a & 0x0F0F0F0F
     hi = (a >> 4) & 0x0F0F0F0F
-    if fifth_bit(qt):
-        lo |= fifth_bits(b >> (4 * q))
-        hi |= fifth_bits(b >> (16 + 4 * q))
-    elif qt == Q6_K:
-        lo = signed_six(lo | six_bits(b >> (8 * q)))
-        hi = signed_six(hi | six_bits(c >> (8 * q)))
+    if fifth_bit(qt):  # (fifth_pos: the item's bits at bit q of each byte's halves)
+        lo |= ((b >> q) & 0x01010101) << 4
+        hi |= (b >> q) & 0x10101010
+    elif qt == Q6_K:  # (six_pos: at bits 2 q, 2 q + 1 of each byte)
+        lo = signed_six(lo | (((b >> (2 * q)) & 0x03030303) << 4))
+        hi = signed_six(hi | (((c >> (2 * q)) & 0x03030303) << 4))
     return uint32(lo), uint32(hi)
+
+
+@cuda.jit(**DEVICE)
+def load_group(qt, w, r, g, out, o, n):
+    """The n = WORDS[qt] words of group g of row r into out[o : o + n], in the widest loads their alignment
+    allows: one 16-byte load for four words (Q4_x), two for Q8_0, three 8-byte ones for Q6_K, single
+    words for the NIB5 types (five words a group: no wider alignment)."""
+    r = uint32(r)
+    base = uint32(g) * uint32(n)
+    if qt == Q6_K:
+        out[o], out[o + 1] = load2(w, r, base)
+        out[o + 2], out[o + 3] = load2(w, r, base + 2)
+        out[o + 4], out[o + 5] = load2(w, r, base + 4)
+    elif fifth_bit(qt):
+        out[o] = load1(w, r, base)
+        out[o + 1] = load1(w, r, base + 1)
+        out[o + 2] = load1(w, r, base + 2)
+        out[o + 3] = load1(w, r, base + 3)
+        out[o + 4] = load1(w, r, base + 4)
+    else:  # (no loops: their bounds would not be constants where the local arrays are promoted)
+        out[o], out[o + 1], out[o + 2], out[o + 3] = load4(w, r, base)
+        if qt == Q8_0:
+            out[o + 4], out[o + 5], out[o + 6], out[o + 7] = load4(w, r, base + 4)
+
+
+@cuda.jit(**DEVICE)
+def group_item(qt, fw, at, q):
+    """unpack_item of item q of the group whose words load_group put at fw[at:]."""
+    if qt == Q8_0:
+        return uint32(fw[at + 2 * q]), uint32(fw[at + 2 * q + 1])
+    if fifth_bit(qt):
+        return unpack_item(qt, fw[at + 1 + q], fw[at], uint32(0), q)
+    if qt == Q6_K:
+        return unpack_item(qt, fw[at + q], fw[at + 4], fw[at + 5], q)
+    return unpack_item(qt, fw[at + q], uint32(0), uint32(0), q)
 
 
 @cuda.jit(**DEVICE)

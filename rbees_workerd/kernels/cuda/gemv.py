@@ -1,15 +1,17 @@
 """The product of one or two tokens (decode): vec_kernel, compiled for everything but its arrays.
 
-For batch-1 decode the cost is the time to stream the weights and the latency of each warp's
-instructions, so the input is prepared once per block, not per warp: rounded to Q8 (the weight
-types llama.cpp rounds the activations for), the block's threads write each 32-block's int8 values
-four a word in shared memory, in the order of the weights' items, with its scale and sum term
-(formats.stage_q8); after one barrier every warp takes rows, its lanes consecutive items
-(coalesced spans of the packed words), an item's 8 weights meeting the inputs in two dp4a
-instructions (exact integer sums, then the scales: llama.cpp's and the CPU's arithmetic). Float
-weight types keep float inputs: lane l prepares those of its items l, l + 32, ... in registers.
+For batch-1 decode the cost is the time to stream the weights and the instructions a warp spends on
+each byte, so the input is prepared once per block, not per warp: rounded to Q8 (the weight types
+llama.cpp rounds the activations for), the block's threads write each 32-block's int8 values four a
+word in shared memory, in the order of the weights' items, with its scale and sum term
+(formats.stage_q8); after one barrier every warp takes rows, each lane whole groups of 32 weights
+(lane l groups l, l + 32, ...): a group's words come in the widest loads their alignment allows
+(formats.load_group: one 16-byte load for Q4_x) and meet the group's 8 staged input words (two
+16-byte shared loads) in 8 dp4a instructions (exact integer sums), then the group's scales, applied
+once (llama.cpp's and the CPU's arithmetic). Float weight types keep float inputs: lane l prepares
+those of its items l, l + 32, ... (8 weights each) in registers.
 
-A warp's unit of work is a chunk of `ch` items a lane of its row (two rows in MODE_SWIGLU and
+A warp's unit of work is a chunk of `ch` groups a lane of its row (two rows in MODE_SWIGLU and
 MODE_QKV): the raw words of the next unit are loaded into registers right after this unit's sums
 (the first unit's before grid_ready, overlapping the kernel before this one in a graph), so a
 row of any length streams through a few registers with its loads in flight.
@@ -25,30 +27,38 @@ cos/sin[position, pair] the rotation table (CudaBackend rope_table). Other modes
 from __future__ import annotations
 
 import functools
+import math
 
 from numba import cuda, float32, int32, uint32
 
-from rbees_workerd.kernels.cuda.device import DEVICE, EXACT, SIM, dp4a, fp16_round, grid_ready, inv_rms, warp_sum
+from rbees_workerd.kernels.cuda.device import (
+    DEVICE,
+    EXACT,
+    SIM,
+    dp4a,
+    fp16_round,
+    grid_ready,
+    inv_rms,
+    shared4,
+    warp_sum,
+)
 from rbees_workerd.kernels.cuda.formats import (
     KQUANTS,
     OFFSET,
-    Q5_0,
-    Q5_1,
-    Q5_K,
     Q6_K,
-    Q8_0,
     ROUND_F16,
     ROUND_Q8_1,
+    WORDS,
     decode,
     elem,
     fetch_norm,
+    group_item,
     integer,
-    load_item,
+    load_group,
     load_scales,
     rounding,
     scales_of,
     stage_q8,
-    unpack_item,
 )  # fmt: skip
 from rbees_workerd.kernels.cuda.outputs import (
     ACCUMULATE,
@@ -67,24 +77,28 @@ VEC_WARPS = 1 if SIM else 2112  # warps of vec_kernel at most (16 an SM): they l
 BLOCK_WARPS = 1 if SIM else 4
 LONG_BLOCK_WARPS, LONG_INPUT = (1, 1 << 30) if SIM else (16, 2048)
 FETCH_REGS = 2 if SIM else 24  # registers of raw weight words a lane holds for the next unit at most
+XW_ALIGN = None if SIM else 16  # (the staged input is read 16 bytes at a time; the simulator takes no alignment)
 
 
-def item_regs(qt: int) -> int:
-    """Registers of one item's raw weights in flight: the words load_item gives for the type, its scales."""
-    words = {Q8_0: 2, Q6_K: 3, Q5_0: 2, Q5_1: 2, Q5_K: 2}.get(qt, 1)
-    return words + (2 if qt in KQUANTS else 1)
+def group_regs(qt: int) -> int:
+    """Registers of one group's raw weights in flight: its words (load_group) and scale fields."""
+    return WORDS[qt] + (2 if qt in KQUANTS else 1)
 
 
-def block_warps(k: int) -> int:
-    """Warps a block of vec_kernel for an input of k elements."""
-    return LONG_BLOCK_WARPS if k >= LONG_INPUT else BLOCK_WARPS
+def block_warps(k: int, units: int) -> int:
+    """Warps a block of vec_kernel for an input of k elements and `units` units of rows: fewer for
+    products of few rows, so that their blocks still spread over every SM."""
+    warps = LONG_BLOCK_WARPS if k >= LONG_INPUT else BLOCK_WARPS
+    return max(1, min(warps, units // max(1, VEC_WARPS // 16)))
 
 
-def chunk_items(qt: int, k: int, mode: int) -> int:
-    """Items a lane takes of a row per unit of work."""
-    ni = -(-k // 256)
+def chunk_groups(qt: int, k: int, mode: int) -> int:
+    """Groups of 32 weights a lane takes of a row per unit of work (integer products)."""
+    if not integer(qt):
+        return 1
+    per_lane = -(-k // 1024)
     rows = 1 if mode == MODE_ROWS else 2
-    return max(1, min(ni, FETCH_REGS // (item_regs(qt) * rows)))
+    return max(1, min(per_lane, FETCH_REGS // (group_regs(qt) * rows)))
 
 
 @functools.cache
@@ -94,14 +108,17 @@ def vec_kernel(qt: int, k: int, mode: int, flags: int, ns: tuple[int, int, int],
     docstring)."""
     rnd = rounding(qt)
     off = float32(OFFSET.get(qt, 0.0))
-    ni = -(-k // 256)  # items a lane per row
-    ch = chunk_items(qt, k, mode)
-    nc = -(-ni // ch)  # units of work a row
+    ni = -(-k // 256)  # items a lane per row (float weights)
+    groups = k // 32
+    ch = chunk_groups(qt, k, mode)
+    nc = -(-math.ceil(groups / 32) // ch)  # units of work a row (integer weights)
     n_inputs = ni * 8  # (constants for numba's array shapes)
     n_words = ni * 64
     n_groups = ni * 8
     n_fetch = ch * 2
     is_int = integer(qt)
+    nwd = WORDS[qt] if is_int else 1  # words a group
+    n_fw = n_fetch * nwd
     n0, n1, n2 = ns
     total = n0 if mode == MODE_SWIGLU else (n0 + n1 + n2) // (2 if mode == MODE_QKV else 1)
     items = k // 8
@@ -115,17 +132,17 @@ def vec_kernel(qt: int, k: int, mode: int, flags: int, ns: tuple[int, int, int],
         w1, g1, s1, o1, b1 = m1
         w2, g2, s2, o2, b2 = m2
         scratch = cuda.shared.array(threads, float32)
-        xw = cuda.shared.array(n_words, int32)  # the Q8 input: item i's int8 values in words 2i, 2i + 1
+        xw = cuda.shared.array(n_words, int32, alignment=XW_ALIGN)  # the Q8 input: item i's in words 2i, 2i + 1
         xd = cuda.shared.array(n_groups, float32)  # each 32-block's scale
         xs = cuda.shared.array(n_groups, float32)  # and its sum term
         xr = cuda.local.array(n_inputs, float32)  # float inputs: this lane's items
         wv = cuda.local.array(8, float32)
-        # integer products: the raw words of the lane's items of the warp's next unit (both rows)
-        fa = cuda.local.array(n_fetch, uint32)
-        fb = cuda.local.array(n_fetch, uint32)
-        fc = cuda.local.array(n_fetch, uint32)
+        # integer products: the raw words and scale fields of the lane's groups of the warp's next unit
+        # (both rows), and the staged input words of a group
+        fw = cuda.local.array(n_fw, uint32)
         fg = cuda.local.array(n_fetch, uint32)
         fs = cuda.local.array(n_fetch, uint32)
+        xv = cuda.local.array(8, int32)
         nwv = cuda.local.array(8, float32)  # the norm's weights of this thread's first staged item
         lane = cuda.threadIdx.x & 31  # (a bitmask: the compiler then knows it below 32)
         warp = cuda.blockIdx.x * warps + cuda.threadIdx.x // 32
@@ -140,8 +157,8 @@ def vec_kernel(qt: int, k: int, mode: int, flags: int, ns: tuple[int, int, int],
             if warp < total:
                 side_a, side_b = _rotation(warp, n0, n1, hd, neox, pos, rope)
         if is_int and warp < total:
-            _fetch(warp, 0, mode, n0, n1, hd, neox, w0, g0, s0, w1, g1, s1, w2, g2, s2, qt, ch, items, lane,
-                   fa, fb, fc, fg, fs)  # fmt: skip
+            _fetch(warp, 0, mode, n0, n1, hd, neox, w0, g0, s0, w1, g1, s1, w2, g2, s2, qt, nwd, ch, groups, lane,
+                   fw, fg, fs)  # fmt: skip
         if is_int and norm and cuda.threadIdx.x < items:  # (stage_q8's first item of this thread)
             fetch_norm(nw, qt, cuda.threadIdx.x, nwv)
         grid_ready()
@@ -170,19 +187,22 @@ def vec_kernel(qt: int, k: int, mode: int, flags: int, ns: tuple[int, int, int],
             if is_int:
                 for c in range(nc):
                     for i in range(ch):
-                        it = lane + 32 * (c * ch + i)
-                        if it < items:
-                            a += _idot(qt, fa[i], fb[i], fc[i], fg[i], fs[i], it, rnd, off, xw, xd, xs)
+                        g = lane + 32 * (c * ch + i)
+                        if g < groups:
+                            xv[0], xv[1], xv[2], xv[3] = shared4(xw, uint32(8 * g))
+                            xv[4], xv[5], xv[6], xv[7] = shared4(xw, uint32(8 * g + 4))
+                            dx, sx = xd[uint32(g)], xs[uint32(g)]
+                            a += _gdot(qt, fw, i * nwd, fg[i], fs[i], xv, dx, sx, rnd, off)
                             if mode != MODE_ROWS:
                                 j = ch + i
-                                b += _idot(qt, fa[j], fb[j], fc[j], fg[j], fs[j], it, rnd, off, xw, xd, xs)
+                                b += _gdot(qt, fw, j * nwd, fg[j], fs[j], xv, dx, sx, rnd, off)
                     # the next unit's loads in flight during these sums' reduction and stores
                     if c + 1 < nc:
-                        _fetch(row, c + 1, mode, n0, n1, hd, neox, w0, g0, s0, w1, g1, s1, w2, g2, s2, qt, ch,
-                               items, lane, fa, fb, fc, fg, fs)  # fmt: skip
+                        _fetch(row, c + 1, mode, n0, n1, hd, neox, w0, g0, s0, w1, g1, s1, w2, g2, s2, qt, nwd,
+                               ch, groups, lane, fw, fg, fs)  # fmt: skip
                     elif row + stride < total:
                         _fetch(row + stride, 0, mode, n0, n1, hd, neox, w0, g0, s0, w1, g1, s1, w2, g2, s2, qt,
-                               ch, items, lane, fa, fb, fc, fg, fs)  # fmt: skip
+                               nwd, ch, groups, lane, fw, fg, fs)  # fmt: skip
             else:
                 w, gs, sb = (w0, g0, s0) if which == 0 else ((w1, g1, s1) if which == 1 else (w2, g2, s2))
                 wb, gb, sbb = (w1, g1, s1) if mode == MODE_SWIGLU else (w, gs, sb)
@@ -232,48 +252,51 @@ def _residual_of(row, mode, flags, t, n0, n1, hd, neox, o0, o1, o2):
 
 
 @cuda.jit(**DEVICE)
-def _fetch(row, c, mode, n0, n1, hd, neox, w0, g0, s0, w1, g1, s1, w2, g2, s2, qt, ch, items, lane,
-           fa, fb, fc, fg, fs):  # fmt: skip
-    """The raw words of the lane's items of chunk c of vec_kernel's row-th unit into registers: the first
-    row's at 0 .. ch, the second row's (SwiGLU's up row, MODE_QKV's pair) at ch .. 2 ch."""
+def _fetch(row, c, mode, n0, n1, hd, neox, w0, g0, s0, w1, g1, s1, w2, g2, s2, qt, nwd, ch, groups, lane, fw, fg,
+           fs):  # fmt: skip
+    """The raw words and scale fields of the lane's groups of chunk c of vec_kernel's row-th unit into
+    registers: the first row's at 0 .. ch, the second row's (SwiGLU's up row, MODE_QKV's pair) at ch .. 2 ch."""
     which, r, rb = _vec_rows(row, mode, n0, n1, hd, neox)
     w, gs, sb = (w0, g0, s0) if which == 0 else ((w1, g1, s1) if which == 1 else (w2, g2, s2))
-    _fetch_items(qt, w, gs, sb, r, c, ch, 0, items, lane, fa, fb, fc, fg, fs)
+    _fetch_groups(qt, nwd, w, gs, sb, r, c, ch, 0, groups, lane, fw, fg, fs)
     if mode == MODE_SWIGLU:
-        _fetch_items(qt, w1, g1, s1, rb, c, ch, ch, items, lane, fa, fb, fc, fg, fs)
+        _fetch_groups(qt, nwd, w1, g1, s1, rb, c, ch, ch, groups, lane, fw, fg, fs)
     elif mode == MODE_QKV:
-        _fetch_items(qt, w, gs, sb, rb, c, ch, ch, items, lane, fa, fb, fc, fg, fs)
+        _fetch_groups(qt, nwd, w, gs, sb, rb, c, ch, ch, groups, lane, fw, fg, fs)
 
 
 @cuda.jit(**DEVICE)
-def _fetch_items(qt, w, gs, sb, r, c, ch, at, items, lane, fa, fb, fc, fg, fs):
-    """Items lane + 32 (c ch + i), i < ch, of row r: their raw words and scale fields, from index at."""
+def _fetch_groups(qt, nwd, w, gs, sb, r, c, ch, at, groups, lane, fw, fg, fs):
+    """Groups lane + 32 (c ch + i), i < ch, of row r: their words and scale fields, from place at."""
     for i in range(ch):
-        it = lane + 32 * (c * ch + i)
-        if it < items:
-            fa[at + i], fb[at + i], fc[at + i] = load_item(qt, w, r, it)
-            fg[at + i], fs[at + i] = load_scales(qt, gs, sb, r, it >> 2)
+        g = lane + 32 * (c * ch + i)
+        if g < groups:
+            load_group(qt, w, r, g, fw, (at + i) * nwd, nwd)
+            fg[at + i], fs[at + i] = load_scales(qt, gs, sb, r, g)
 
 
 @cuda.jit(**DEVICE)
-def _idot(qt, a, b, c, gv, sv, it, rnd, off, xw, xd, xs):
-    """Item it of a row (its raw words a, b, c and scale fields gv, sv) times the staged Q8 input: the
-    integer dot products of the weights' values and the inputs' by dp4a, then the scales; the block's
-    first item adds the Q8_1 min term or the weight type's offset term."""
-    g = uint32(it >> 2)
-    lo, hi = unpack_item(qt, a, b, c, it & 3)
+def _gdot(qt, fw, at, gv, sv, xv, dx, sx, rnd, off):
+    """A group of a row (its words at fw[at:], scale fields gv, sv) times the staged Q8 input's group
+    (its words xv, scale dx and sum term sx): the integer dot products of the weights' values and
+    the inputs' by dp4a, two an item, then the scales, and the Q8_1 min term or the type's offset term."""
     d_lo, d_hi, mn = scales_of(qt, gv, sv)
-    xl = xw[uint32(2 * it)]
-    xh = xw[uint32(2 * it + 1)]
-    if qt == Q6_K:  # a scale for each half of the group
-        v = xd[g] * (d_lo * float32(dp4a(lo, xl, 0)) + d_hi * float32(dp4a(hi, xh, 0)))
-    else:
-        v = d_lo * xd[g] * float32(dp4a(hi, xh, dp4a(lo, xl, 0)))
-    if (it & 3) == 0:
-        if rnd == ROUND_Q8_1:
-            v += mn * xs[g]
-        elif off != 0:
-            v += d_lo * off * xs[g]
+    s_lo = int32(0)
+    s_hi = int32(0)
+    for q in range(4):
+        lo, hi = group_item(qt, fw, at, q)
+        if qt == Q6_K:  # a scale for each half of the group
+            s_lo = dp4a(lo, xv[2 * q], s_lo)
+            s_hi = dp4a(hi, xv[2 * q + 1], s_hi)
+        else:
+            s_lo = dp4a(hi, xv[2 * q + 1], dp4a(lo, xv[2 * q], s_lo))
+    if qt == Q6_K:
+        return dx * (d_lo * float32(s_lo) + d_hi * float32(s_hi))
+    v = d_lo * dx * float32(s_lo)
+    if rnd == ROUND_Q8_1:
+        v += mn * sx
+    elif off != 0:
+        v += d_lo * off * sx
     return v
 
 

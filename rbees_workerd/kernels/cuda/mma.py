@@ -30,7 +30,7 @@ ACC, COLS, ROWS = MI * NJ * 4, 2 * NJ, 2 * MI  # a lane's accumulators, tokens, 
 PAD = BN + 1  # the block's output tile in shared memory, rows padded against bank conflicts
 THREADS = 32 * WARPS
 SCRATCH = THREADS if SIM else 1  # (the simulator's mma twins exchange the fragments through it)
-PREP_THREADS = 32 if SIM else 128
+PREP_THREADS = 32 if SIM else 512  # (a K of 4,096 is 512 items: one each)
 
 
 @functools.cache

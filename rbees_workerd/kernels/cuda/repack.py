@@ -26,6 +26,8 @@ from rbees_workerd.kernels.cuda.formats import (
     QUANTIZED,
     WORDS,
     fifth_bit,
+    fifth_pos,
+    six_pos,
 )  # fmt: skip
 
 THREADS = 128
@@ -140,12 +142,12 @@ def repack_kernel(qt: int):  # noqa: ANN201
                     hi = _value(qt, raw, r, o, j, e + 16)
                     word |= uint32(((lo & 15) | ((hi & 15) << 4)) << (8 * b))
                     if qt == Q6_K:
-                        six_lo |= uint32((lo >> 4) << (2 * e))
-                        six_hi |= uint32((hi >> 4) << (2 * e))
+                        six_lo |= uint32((lo >> 4) << six_pos(e))
+                        six_hi |= uint32((hi >> 4) << six_pos(e))
                 words[r, base + head + w] = word
             if head:
                 for e in range(32):
-                    high |= uint32(_fifth(qt, raw, r, o, j, e) << e)
+                    high |= uint32(_fifth(qt, raw, r, o, j, e) << fifth_pos(e))
                 words[r, base] = high
             if qt == Q6_K:
                 words[r, base + 4] = six_lo
