@@ -42,7 +42,7 @@ warnings.filterwarnings("ignore", message=r"(\x1b\[1m)?Grid size \d+ will likely
 MAX_GRAPHS = 64  # captured step shapes kept (least recently used dropped)
 MAX_SEEN = 256  # step shapes run once and remembered, to be captured if they come again
 PROGRAMMATIC = True  # graphs' kernels launch while the one before runs (see _programmatic_edges)
-GEMM_MIN_TOKENS = 16 if SIM else 32  # steps of this many tokens take the many-token products (mma, gemm)
+GEMM_MIN_TOKENS = 16 if SIM else 32  # float weights: steps of this many tokens take the tiled GEMM (see _many_tokens)
 _STAGING = 1 << 20  # pinned bytes through which small uploads go asynchronously
 _OOM = 2  # CUDA_ERROR_OUT_OF_MEMORY
 # the simulator's driver module defines only some of these
@@ -365,7 +365,7 @@ class CudaBackend(backend.Backend):
 
     def gated_ffn(self, x: Any, ffn: backend.GatedFFN) -> None:
         gate, up = ffn.gate, ffn.up
-        few = x.shape[0] < GEMM_MIN_TOKENS
+        few = not _many_tokens(gate.qt, x.shape[0])
         if few and gate.qt == up.qt and gate.shape == up.shape:  # one launch: products and SwiGLU
             group: list[backend.Product | None] = [backend.Product(gate, ffn.act), backend.Product(up, None)]
             launches = _product_launches(self, x, group, ffn.norm, MODE_SWIGLU, None)
@@ -596,9 +596,9 @@ def _product_launches(
     mode: int,
     rope: backend.RopeStore | None,
 ) -> list[_Launch]:
-    """The launches of one group of products (_groups) of x: for one or two tokens vec_kernel, for a few
-    rows_kernel, for many the input prepared once and the tensor-core product (quantized weights) or
-    the tiled GEMM (float ones). Each normalizes its input itself where `norm` says."""
+    """The launches of one group of products (_groups) of x: for one or two tokens vec_kernel; for more the
+    input prepared once and the tensor-core product (quantized weights), or for float weights rows_kernel
+    (a few tokens) or the tiled GEMM (_many_tokens). Each normalizes its input itself where `norm` says."""
     present = [p for p in group if p is not None]
     qt, k = present[0].weight.qt, present[0].weight.shape[1]
     flags = ACCUMULATE if present[0].accumulate else 0
@@ -618,7 +618,7 @@ def _product_launches(
     t_count = x.shape[0]
     nw, eps, hout = (be._dummy_v, np.float32(0.0), be._dummy_f) if norm is None else \
         (norm.weight, np.float32(norm.eps), norm.out)  # fmt: skip
-    if t_count >= GEMM_MIN_TOKENS:
+    if _many_tokens(qt, t_count):
         return _many_launches(be, x, qt, flags, mats, ns, norm is not None, nw, eps, hout)
     if norm is not None:
         flags |= NORM
@@ -641,6 +641,14 @@ def _product_launches(
     grid = (min(math.ceil(units / rows.WARPS), max(1, rows.ROW_BLOCKS // grid_y)), grid_y)
     args = (x, m0, m1, m2, *ns, nw, eps, hout)
     return [_Launch(rows.rows_kernel(qt, mode, flags), grid, (rows.BLOCK,), args, overlap=False)]
+
+
+def _many_tokens(qt: int, t_count: int) -> bool:
+    """Whether a product of t_count tokens takes the many-token kernels: the tensor cores for the integer
+    types from three tokens on (measured on the H100, Llama-3.1-8B shape, 16 tokens: the few-token kernel,
+    which decodes the weights to floats, took 354 ms a step), the tiled GEMM for float weights from
+    GEMM_MIN_TOKENS."""
+    return t_count >= GEMM_MIN_TOKENS or (formats.integer(qt) and t_count > gemv.VEC_MAX_TOKENS)
 
 
 def _many_launches(be: CudaBackend, x: Any, qt: int, flags: int, mats: list[tuple[Any, ...]], ns: list[int],

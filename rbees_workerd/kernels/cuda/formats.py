@@ -57,6 +57,7 @@ KQUANTS = (Q4_K, Q5_K, Q6_K)  # (256-element super-blocks)
 # words per group of 32 elements
 WORDS = {Q4_0: 4, Q4_1: 4, Q4_K: 4, Q5_0: 5, Q5_1: 5, Q5_K: 5, Q6_K: 6, Q8_0: 8, F16: 16, BF16: 16, F32: 32}
 OFFSET = {Q4_0: -8.0, Q5_0: -16.0}  # added to the integer value before scaling (0 elsewhere)
+Q6_OFFSET_WORD = -522133280  # 0xE0E0E0E0: four int8 -32, whose dp4a with four inputs is -32 times their sum
 # how the products round their input for each weight type (llama.cpp's CUDA backend: int8 blocks of 32
 # with the block sum for the types with mins; fp16 for F16 weights); the others keep float inputs
 ROUND_NONE, ROUND_Q8_0, ROUND_Q8_1, ROUND_F16 = range(4)
@@ -115,9 +116,8 @@ def slot(qt, e):
 
 @cuda.jit(**DEVICE)
 def _sbyte(v):
-    """The low byte of v as a signed integer."""
-    b = int32(v & 255)
-    return b - 256 if b >= 128 else b
+    """The low byte of v as a signed integer (two instructions: a shift up and an arithmetic shift down)."""
+    return int32(uint32(v) << uint32(24)) >> int32(24)
 
 
 @cuda.jit(**DEVICE)
@@ -288,13 +288,17 @@ def load_group(qt, w, r, g, out, o, n):
 
 @cuda.jit(**DEVICE)
 def group_item(qt, fw, at, q):
-    """unpack_item of item q of the group whose words load_group put at fw[at:]."""
+    """unpack_item of item q of the group whose words load_group put at fw[at:]; for Q6_K the unsigned
+    values 0 .. 63 (Q6_OFFSET_WORD's dp4a with the input subtracts the 32)."""
+    if qt == Q6_K:
+        a, h_lo, h_hi = fw[at + q], fw[at + 4], fw[at + 5]
+        lo = (a & 0x0F0F0F0F) | (((h_lo >> (2 * q)) & 0x03030303) << 4)
+        hi = ((a >> 4) & 0x0F0F0F0F) | (((h_hi >> (2 * q)) & 0x03030303) << 4)
+        return uint32(lo), uint32(hi)
     if qt == Q8_0:
         return uint32(fw[at + 2 * q]), uint32(fw[at + 2 * q + 1])
     if fifth_bit(qt):
         return unpack_item(qt, fw[at + 1 + q], fw[at], uint32(0), q)
-    if qt == Q6_K:
-        return unpack_item(qt, fw[at + q], fw[at + 4], fw[at + 5], q)
     return unpack_item(qt, fw[at + q], uint32(0), uint32(0), q)
 
 

@@ -46,6 +46,7 @@ from rbees_workerd.kernels.cuda.formats import (
     KQUANTS,
     OFFSET,
     Q6_K,
+    Q6_OFFSET_WORD,
     ROUND_F16,
     ROUND_Q8_1,
     WORDS,
@@ -77,6 +78,9 @@ VEC_WARPS = 1 if SIM else 2112  # warps of vec_kernel at most (16 an SM): they l
 BLOCK_WARPS = 1 if SIM else 4
 LONG_BLOCK_WARPS, LONG_INPUT = (1, 1 << 30) if SIM else (16, 2048)
 FETCH_REGS = 2 if SIM else 24  # registers of raw weight words a lane holds for the next unit at most
+# ... in products of fewer rows than VEC_WARPS (a v matrix of its own type): a warp then fetches whole rows
+# at once (the H100, 8B shape's Q6_K v, 512 pairs of rows: 53.5 us in 4 rounds of loads a row)
+FEW_FETCH_REGS = 2 if SIM else 64
 XW_ALIGN = None if SIM else 16  # (the staged input is read 16 bytes at a time; the simulator takes no alignment)
 
 
@@ -86,19 +90,22 @@ def group_regs(qt: int) -> int:
 
 
 def block_warps(k: int, units: int) -> int:
-    """Warps a block of vec_kernel for an input of k elements and `units` units of rows: fewer for
-    products of few rows, so that their blocks still spread over every SM."""
+    """Warps a block of vec_kernel for an input of k elements and `units` units of rows: fewer (down to
+    BLOCK_WARPS, which still stage the input quickly) for products of few rows, so that their blocks
+    spread over more SMs."""
     warps = LONG_BLOCK_WARPS if k >= LONG_INPUT else BLOCK_WARPS
-    return max(1, min(warps, units // max(1, VEC_WARPS // 16)))
+    return max(min(warps, BLOCK_WARPS), min(warps, units // max(1, VEC_WARPS // 16)))
 
 
-def chunk_groups(qt: int, k: int, mode: int) -> int:
-    """Groups of 32 weights a lane takes of a row per unit of work (integer products)."""
+def chunk_groups(qt: int, k: int, mode: int, units: int) -> int:
+    """Groups of 32 weights a lane takes of a row per unit of work (integer products), in a product of
+    `units` units of rows."""
     if not integer(qt):
         return 1
     per_lane = -(-k // 1024)
     rows = 1 if mode == MODE_ROWS else 2
-    return max(1, min(per_lane, FETCH_REGS // (group_regs(qt) * rows)))
+    regs = FETCH_REGS if units >= VEC_WARPS else FEW_FETCH_REGS
+    return max(1, min(per_lane, regs // (group_regs(qt) * rows)))
 
 
 @functools.cache
@@ -110,7 +117,9 @@ def vec_kernel(qt: int, k: int, mode: int, flags: int, ns: tuple[int, int, int],
     off = float32(OFFSET.get(qt, 0.0))
     ni = -(-k // 256)  # items a lane per row (float weights)
     groups = k // 32
-    ch = chunk_groups(qt, k, mode)
+    n0, n1, n2 = ns
+    total = n0 if mode == MODE_SWIGLU else (n0 + n1 + n2) // (2 if mode == MODE_QKV else 1)
+    ch = chunk_groups(qt, k, mode, total)
     nc = -(-math.ceil(groups / 32) // ch)  # units of work a row (integer weights)
     n_inputs = ni * 8  # (constants for numba's array shapes)
     n_words = ni * 64
@@ -119,8 +128,6 @@ def vec_kernel(qt: int, k: int, mode: int, flags: int, ns: tuple[int, int, int],
     is_int = integer(qt)
     nwd = WORDS[qt] if is_int else 1  # words a group
     n_fw = n_fetch * nwd
-    n0, n1, n2 = ns
-    total = n0 if mode == MODE_SWIGLU else (n0 + n1 + n2) // (2 if mode == MODE_QKV else 1)
     items = k // 8
     norm = (flags & NORM) != 0
     threads = 32 * warps
@@ -290,7 +297,10 @@ def _gdot(qt, fw, at, gv, sv, xv, dx, sx, rnd, off):
             s_hi = dp4a(hi, xv[2 * q + 1], s_hi)
         else:
             s_lo = dp4a(hi, xv[2 * q + 1], dp4a(lo, xv[2 * q], s_lo))
-    if qt == Q6_K:
+    if qt == Q6_K:  # the values' offset -32 times each half's input sum (the same for both rows of a pair)
+        m = int32(Q6_OFFSET_WORD)
+        s_lo += dp4a(m, xv[6], dp4a(m, xv[4], dp4a(m, xv[2], dp4a(m, xv[0], 0))))
+        s_hi += dp4a(m, xv[7], dp4a(m, xv[5], dp4a(m, xv[3], dp4a(m, xv[1], 0))))
         return dx * (d_lo * float32(s_lo) + d_hi * float32(s_hi))
     v = d_lo * dx * float32(s_lo)
     if rnd == ROUND_Q8_1:

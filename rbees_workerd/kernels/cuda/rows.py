@@ -1,9 +1,10 @@
-"""The product of a few tokens (3 to GEMM_MIN_TOKENS - 1): rows_kernel, a warp per row.
+"""The product of a few tokens (3 to GEMM_MIN_TOKENS - 1) of float weights: rows_kernel, a warp per row.
 
-A block stages TB tokens' inputs in shared memory (normalized and rounded there, as llama.cpp
-rounds the activations of the weight type, so no separate launch does it), then each warp takes a
-row at a time (grid-stride): its lanes take consecutive items, dequantize them and the warp sums
-the row; a weight item read once serves TB tokens.
+(The quantized types take the tensor cores from three tokens on: backend._many_tokens.) A block
+stages TB tokens' inputs in shared memory (normalized and rounded there, as llama.cpp rounds the
+activations of the weight type: fp16 for F16 weights, so no separate launch does it), then each warp
+takes a row at a time (grid-stride): its lanes take consecutive items, convert them and the warp
+sums the row; a weight item read once serves TB tokens.
 """
 
 from __future__ import annotations
@@ -13,24 +14,24 @@ import functools
 from numba import cuda, float32
 
 from rbees_workerd.kernels.cuda.device import DEVICE, EXACT, SIM, UNROLL, grid_ready, inv_rms, warp_sum
-from rbees_workerd.kernels.cuda.formats import OFFSET, ROUND_Q8_1, decode, group_scales, round_lane, rounding, slot
+from rbees_workerd.kernels.cuda.formats import decode, integer, round_lane, rounding, slot
 from rbees_workerd.kernels.cuda.outputs import MODE_ROWS, MODE_SWIGLU, NORM, matrix_row, residual, store
 
 TB = 4  # tokens per block
 WARPS = 1 if SIM else 4  # warps per block (one in the slow simulator)
 BLOCK = 32 * WARPS
 KC = 256 if SIM else 2048  # input columns per token staged in shared memory at a time
-KC_ITEMS, KC_GROUPS = KC // 8, KC // 32  # (constants for numba's shared array shapes)
+KC_ITEMS = KC // 8  # (a constant for numba's shared array shape)
 # blocks at most (3 resident per SM of 132): their warps loop over the rows, and each block stages its
 # input once; the simulator runs few blocks, its cost grows with the stagings
 ROW_BLOCKS = 2 if SIM else 396
 
 
 @cuda.jit(**DEVICE)
-def _stage(x, t0, n_tok, c0, nbk, qt, rnd, norm, inv, nw, write_h, hout, xs, ms, scratch):
+def _stage(x, t0, n_tok, c0, nbk, qt, rnd, norm, inv, nw, write_h, hout, xs, scratch):
     """Input columns c0 .. c0 + 32 * nbk of the block's tokens into shared memory, normalized and
     rounded, each item's 8 elements a column apart (xs[tt, j, item]): the lanes' reads of consecutive
-    items then hit distinct banks. ms[tt, block]: the Q8_1 sum terms."""
+    items then hit distinct banks."""
     lane = cuda.threadIdx.x % 32
     sl = slot(qt, lane)
     for tt in range(TB):
@@ -44,10 +45,7 @@ def _stage(x, t0, n_tok, c0, nbk, qt, rnd, norm, inv, nw, write_h, hout, xs, ms,
                         v = x[t, c] * inv[tt] * nw[c] if norm else x[t, c]
                         if write_h:
                             hout[t, c] = v
-                        v, s = round_lane(v, rnd, scratch)
-                        xs[tt, sl % 8, b * 4 + sl // 8] = v
-                        if lane == 0:
-                            ms[tt, b] = s
+                        xs[tt, sl % 8, b * 4 + sl // 8] = round_lane(v, rnd, scratch)[0]
 
 
 @cuda.jit(**DEVICE)
@@ -62,35 +60,24 @@ def _dot(xs, it, n, wv, acc):
 
 
 @cuda.jit(**DEVICE)
-def _add_min(mn, ms, b, n, acc):
-    for tt in range(TB):
-        if tt < n:
-            acc[tt] += mn * ms[tt, b]
-
-
-@cuda.jit(**DEVICE)
-def _two_items(qt, w, gs, sb, off, r, c0, it, items, q8_1, xs, ms, n, wv, wv2, acc):
+def _two_items(qt, w, gs, sb, r, c0, it, items, xs, n, wv, wv2, acc):
     """Items it and it + 32 of row r (the second only where it exists) into acc: both decoded
-    before either is used, so their loads overlap. Q8_1 inputs: the mins once a group."""
+    before either is used, so their loads overlap."""
     it2 = min(it + 32, items - 1)
-    decode(qt, w, gs, sb, off, r, c0 // 32 + it // 4, it % 4, wv, not q8_1)
-    decode(qt, w, gs, sb, off, r, c0 // 32 + it2 // 4, it2 % 4, wv2, not q8_1)
+    decode(qt, w, gs, sb, float32(0.0), r, c0 // 32 + it // 4, it % 4, wv, True)
+    decode(qt, w, gs, sb, float32(0.0), r, c0 // 32 + it2 // 4, it2 % 4, wv2, True)
     _dot(xs, it, n, wv, acc)
-    if q8_1 and it % 4 == 0:
-        _add_min(group_scales(qt, gs, sb, r, c0 // 32 + it // 4)[2], ms, it // 4, n, acc)
     if it + 32 < items:
         _dot(xs, it2, n, wv2, acc)
-        if q8_1 and it2 % 4 == 0:
-            _add_min(group_scales(qt, gs, sb, r, c0 // 32 + it2 // 4)[2], ms, it2 // 4, n, acc)
 
 
 @functools.cache
 def rows_kernel(qt: int, mode: int, flags: int):  # noqa: ANN201
-    """out_i[T, N_i] = x[T, K] @ W_i.T for up to three matrices of weight type qt (see outputs for the
-    modes and flags), all fixed when compiled: only that type's decoding is compiled in."""
+    """out_i[T, N_i] = x[T, K] @ W_i.T for up to three matrices of float weight type qt (see outputs for
+    the modes and flags), all fixed when compiled: only that type's conversion is compiled in."""
+    if integer(qt):
+        raise ValueError(f"GGML type {qt} takes the tensor-core product from three tokens on, not rows_kernel")
     rnd = rounding(qt)
-    q8_1 = rnd == ROUND_Q8_1
-    off = float32(OFFSET.get(qt, 0.0))
     norm = (flags & NORM) != 0
 
     @cuda.jit(**EXACT)
@@ -100,7 +87,6 @@ def rows_kernel(qt: int, mode: int, flags: int):  # noqa: ANN201
         w1, g1, s1, o1, b1 = m1
         w2, g2, s2, o2, b2 = m2
         xs = cuda.shared.array((TB, 8, KC_ITEMS), float32)
-        ms = cuda.shared.array((TB, KC_GROUPS), float32)
         scratch = cuda.shared.array(BLOCK, float32)
         wv = cuda.local.array(8, float32)
         wv2 = cuda.local.array(8, float32)
@@ -133,14 +119,14 @@ def rows_kernel(qt: int, mode: int, flags: int):  # noqa: ANN201
                 if n_chunks > 1 or rb == first:
                     cuda.syncthreads()
                     _stage(x, t0, n_tok, c0, nbk, qt, rnd, norm, inv, nw, norm and cuda.blockIdx.x == 0, hout, xs,
-                           ms, scratch)  # fmt: skip
+                           scratch)  # fmt: skip
                     cuda.syncthreads()
                 if row < total:
                     items = nbk * 4
                     for it in range(lane, items, 64):  # two items a lane at a time: both loads in flight
-                        _two_items(qt, w, gs, sb, off, r, c0, it, items, q8_1, xs, ms, n, wv, wv2, acc_a)
+                        _two_items(qt, w, gs, sb, r, c0, it, items, xs, n, wv, wv2, acc_a)
                         if mode == MODE_SWIGLU:
-                            _two_items(qt, w1, g1, s1, off, r, c0, it, items, q8_1, xs, ms, n, wv, wv2, acc_b)
+                            _two_items(qt, w1, g1, s1, r, c0, it, items, xs, n, wv, wv2, acc_b)
             for tt in range(TB):
                 t = t0 + tt
                 if t >= n_tok:  # the same for the whole block: the reductions below stay uniform
