@@ -63,7 +63,9 @@ async def _one_stream(client: httpx.AsyncClient, job_id: str, max_tokens: int) -
 
 async def run_level(url: str, concurrency: int, max_tokens: int) -> dict[str, float]:
     """`concurrency` streams started together; aggregate tokens/s over the wall time of the level."""
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+    # httpx keeps at most 100 connections by default: the streams past them would wait for a free one
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         t0 = time.perf_counter()
         results = await asyncio.gather(
             *(
