@@ -1,8 +1,9 @@
-"""Queuing the next step before reading this one's tokens (Backend.queues_ahead) changes no sequence's events.
+"""Queuing the next step before reading this one's tokens (Backend.queues_ahead), and padding steps to a
+few sizes (Backend.pads_steps), change no sequence's events.
 
-The CPU backend computes as it is called, so it does not queue ahead by itself; these tests turn
-the engine's pipelined path on for a real CPU backend and compare it, event for event, with the
-plain path (the GPU tests do the same on the device, where the picks stay on it).
+The CPU backend computes as it is called, so it does neither by itself; these tests turn the
+engine's pipelined and padded paths on for a real CPU backend and compare them, event for event,
+with the plain path (the GPU tests do the same on the device, where the picks stay on it).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pytest
 from ggufgen import write_tiny_model
 
 from rbees_workerd.engine.engine import Engine
+from rbees_workerd.engine.model import padded
 from rbees_workerd.engine.types import Event, FinishEvent, GenerationParams, TokenEvent
 
 GREEDY = GenerationParams(max_tokens=30, temperature=0.0)
@@ -33,18 +35,26 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("pipeline") / "tiny.gguf")
 
 
-def _run(path: Path, queues_ahead: bool) -> tuple[dict[str, list[tuple]], int]:
-    """Play SCRIPT; each sequence's events, and how many steps took their first tokens from picks."""
+def _run(path: Path, queues_ahead: bool, pads: bool = False) -> tuple[dict[str, list[tuple]], int, int]:
+    """Play SCRIPT; each sequence's events, how many steps took their first tokens from picks, and how
+    many steps ran padded (more tokens than the engine asked for)."""
     engine = Engine.load(path, slots=4, context_length=48)
     engine.backend.queues_ahead = queues_ahead
-    run, fed = engine.model.run, 0
+    engine.backend.pads_steps = pads
+    run, run_step, fed, asked, ran = engine.model.run, engine.backend.run_step, 0, [], []
 
-    def counting_run(*args, feed=None):  # noqa: ANN002, ANN202
+    def counting_run(tokens, *args, feed=None, pad_slot=None):  # noqa: ANN001, ANN002, ANN202
         nonlocal fed
         fed += feed is not None
-        return run(*args, feed=feed)
+        asked.append(len(tokens))
+        return run(tokens, *args, feed=feed, pad_slot=pad_slot)
+
+    def recording_run_step(key, step):  # noqa: ANN001, ANN202
+        ran.append(key[0])
+        return run_step(key, step)
 
     engine.model.run = counting_run
+    engine.backend.run_step = recording_run_step
     names: dict[int, str] = {}
     events: dict[str, list[tuple]] = {}
     step = 0
@@ -60,7 +70,9 @@ def _run(path: Path, queues_ahead: bool) -> tuple[dict[str, list[tuple]], int]:
             events[names[e.seq_id]].append(_plain(e))
         step += 1
         assert step < 500
-    return events, fed
+    limit = engine.model.max_step_tokens
+    assert all(n in ((a, padded(a, limit)) if pads else (a,)) for a, n in zip(asked, ran, strict=True))
+    return events, fed, sum(n > a for a, n in zip(asked, ran, strict=True))
 
 
 def _plain(e: Event) -> tuple:
@@ -71,8 +83,8 @@ def _plain(e: Event) -> tuple:
 
 
 def test_queued_steps_give_every_sequence_the_same_events(tiny: Path) -> None:
-    want, fed_plain = _run(tiny, queues_ahead=False)
-    got, fed = _run(tiny, queues_ahead=True)
+    want, fed_plain, _ = _run(tiny, queues_ahead=False)
+    got, fed, _ = _run(tiny, queues_ahead=True)
     assert fed_plain == 0 and fed >= 15  # the pipelined path ran (not while d, whose penalty needs history, runs)
     assert got == want
     reasons = {name: evs[-1][1] for name, evs in want.items()}
@@ -81,3 +93,13 @@ def test_queued_steps_give_every_sequence_the_same_events(tiny: Path) -> None:
     assert want["c"][-1][2] == 48 - 20 + 1  # c ran to the context's end (its last token is not stored)
     assert len(want["d"]) > 1  # the penalized sequence (never fed) generated
 
+
+
+@pytest.mark.parametrize("queues_ahead", [False, True])
+def test_padded_steps_give_every_sequence_the_same_events(tiny: Path, queues_ahead: bool) -> None:
+    """Steps of three tokens or more padded to `padded` sizes (extra tokens in a free slot, extra logit
+    rows copies of the last), with and without queued steps: the same events as unpadded steps."""
+    want, _, unpadded = _run(tiny, queues_ahead=False)
+    got, _, padded_steps = _run(tiny, queues_ahead=queues_ahead, pads=True)
+    assert unpadded == 0 and padded_steps >= 5
+    assert got == want

@@ -257,7 +257,7 @@ class Engine:
         """Run the step and queue the sampling of its rows (None when it samples none)."""
         logits = self.model.run(
             np.asarray(b.tokens, np.int32), np.asarray(b.positions, np.int32), np.asarray(b.slots, np.int32),
-            np.asarray(b.rows, np.int32), feed=b.feed,
+            np.asarray(b.rows, np.int32), feed=b.feed, pad_slot=self._free[0] if self._free else None,
         )  # fmt: skip
         if not b.sampled:
             return None

@@ -62,6 +62,19 @@ def scratch_bytes(cfg: ModelConfig, t_max: int) -> int:
     return t_max * (per_token + 8 * cfg.ffn_dim)
 
 
+# the sizes steps of three tokens or more are padded to: powers of two, and 1.5 times them from 48
+_PAD_SIZES = sorted({1 << k for k in range(2, 24)} | {3 << k for k in range(4, 23)})
+
+
+def padded(n: int, limit: int) -> int:
+    """The size a step of n tokens (or logit rows) is padded to, at most `limit`: n itself up to 2 (the
+    one-token products run a token per block row), then 4, 8, 16, 32, 48, 64, 96, 128, 192, ...: a few
+    shapes, and at most half of a step's tokens padding."""
+    if n <= 2:
+        return n
+    return min(next(size for size in _PAD_SIZES if size >= n), limit)
+
+
 def kv_cache_bytes(cfg: ModelConfig, slots: int, context_length: int) -> int:
     return 2 * 4 * cfg.n_layers * slots * context_length * cfg.n_kv_heads * cfg.head_dim
 
@@ -158,7 +171,7 @@ class Transformer:
         be.loaded()
         self.scratch = Scratch(cfg, be, max_step_tokens)
         self._logits: dict[int, Array] = {}  # per count of logit rows
-        self._views: dict[tuple[int, int], tuple[Array, ...]] = {}  # per step shape: ids, their parts, logits
+        self._views: dict[tuple[int, int, int], tuple[Array, ...]] = {}  # see _step_views
 
     def run(
         self,
@@ -167,35 +180,57 @@ class Transformer:
         slots: np.ndarray,
         logit_rows: np.ndarray,
         feed: Picks | None = None,
+        pad_slot: int | None = None,
     ) -> Array:
         """One step; returns the backend's logits [len(logit_rows), V] for the requested token rows.
 
         With `feed`, the step's first len(feed) tokens are those picks (the values in `tokens`
         there are ignored): a GPU passes them on the device, before the host has read them.
         A step that asks no rows (a chunk of a prompt longer than a step, before its last) gets
-        the last token's: one row of the output product keeps every step's shapes non-empty."""
+        the last token's: one row of the output product keeps every step's shapes non-empty.
+
+        With `pad_slot` (a slot no sequence holds) on a backend that captures steps per shape, a step
+        of several sequences is padded to one of a few sizes (`padded`): the extra tokens are token 0
+        at position 0 of `pad_slot` (whose cache a new sequence writes before it reads), the extra
+        logit rows copies of the last; every row is computed on its own, so the real rows' logits
+        are those of the unpadded step."""
         if len(logit_rows) == 0:
             logit_rows = np.array([len(tokens) - 1], np.int32)
         n, r = len(tokens), len(logit_rows)
         if not 0 < n <= self.max_step_tokens or not 0 < r <= n:
             raise ValueError(f"a step takes 1..{self.max_step_tokens} tokens and up to T logit rows")
+        tokens, logit_rows = np.asarray(tokens, np.int32), np.asarray(logit_rows, np.int32)
         slots, positions = np.asarray(slots, np.int32), np.asarray(positions, np.int32)
-        views = self._views.get((n, r))
-        if views is None:  # slicing device arrays costs tens of microseconds: once per step shape
-            if r not in self._logits:
-                self._logits[r] = self.be.zeros((r, self.cfg.vocab_size))
-            ids = self.scratch.ids
-            views = self._views[(n, r)] = (ids[: 3 * n + r], ids[:n], ids[n : 2 * n], ids[2 * n : 3 * n],
-                                           ids[3 * n : 3 * n + r], self._logits[r])  # fmt: skip
-        self.be.upload(np.concatenate([np.asarray(tokens, np.int32), positions, slots,
-                                       np.asarray(logit_rows, np.int32)]), views[0])  # fmt: skip
+        one_seq = bool(n > 1 and np.all(slots == slots[0]) and np.all(np.diff(positions) == 1))
+        if pad_slot is not None and self.be.pads_steps and not one_seq:
+            big_n = padded(n, self.max_step_tokens)
+            big_r = padded(r, big_n)
+            extra = big_n - n
+            tokens, positions = np.pad(tokens, (0, extra)), np.pad(positions, (0, extra))
+            slots = np.concatenate([slots, np.full(extra, pad_slot, np.int32)])
+            logit_rows = np.pad(logit_rows, (0, big_r - r), mode="edge")
+        views = self._step_views(len(tokens), len(logit_rows), r)
+        self.be.upload(np.concatenate([tokens, positions, slots, logit_rows]), views[0])
         if feed is not None:
             if len(feed) > n:
                 raise ValueError(f"{len(feed)} fed tokens for a step of {n}")
             self.be.feed(feed, views[1])
-        one_seq = bool(n > 1 and np.all(slots == slots[0]) and np.all(np.diff(positions) == 1))
-        self.be.run_step((n, r, one_seq), lambda: self._step(*views[1:], one_seq))
+        self.be.run_step((len(tokens), len(logit_rows), one_seq), lambda: self._step(*views[1:-1], one_seq))
         return views[-1]
+
+    def _step_views(self, n: int, r: int, wanted: int) -> tuple[Array, ...]:
+        """The device views of a step of n tokens and r logit rows: ids, tokens, positions, slots, rows,
+        the logits, and the first `wanted` rows of the logits (slicing device arrays costs tens of
+        microseconds: once per shape)."""
+        views = self._views.get((n, r, wanted))
+        if views is None:
+            if r not in self._logits:
+                self._logits[r] = self.be.zeros((r, self.cfg.vocab_size))
+            ids, logits = self.scratch.ids, self._logits[r]
+            views = self._views[(n, r, wanted)] = (ids[: 3 * n + r], ids[:n], ids[n : 2 * n], ids[2 * n : 3 * n],
+                                                   ids[3 * n : 3 * n + r], logits,
+                                                   logits if wanted == r else logits[:wanted])  # fmt: skip
+        return views
 
     def forward(
         self, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray, logit_rows: np.ndarray

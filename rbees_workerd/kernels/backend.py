@@ -165,6 +165,9 @@ class Backend(ABC):
     # whether calls only queue work on the device: then the engine queues the next step before it
     # reads the tokens of the last one (sample_async, feed); the CPU computes as it is called
     queues_ahead: bool = False
+    # whether a step's work is captured per shape (CUDA graphs): the engine then pads steps of a few
+    # tokens or more to a few sizes (Transformer.run), so that a server's steps reuse their captures
+    pads_steps: bool = False
 
     # ---- memory -----------------------------------------------------------------
     @abstractmethod

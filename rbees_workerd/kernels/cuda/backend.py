@@ -150,6 +150,7 @@ def _cuda_errors(what: str) -> Iterator[None]:
 class CudaBackend(backend.Backend):
     name = "cuda"
     queues_ahead = not SIM  # (the simulator runs each kernel as it is launched)
+    pads_steps = not SIM
 
     def __init__(self, gpu: int = 0) -> None:
         with _cuda_errors(f"opening GPU {gpu}"):
