@@ -40,7 +40,7 @@ from rbees_orcd.schemas import (
     TextCompletion,
 )
 from rbees_orcd.sse import SseStream, past_queued, unless_disconnected
-from rbees_orcd.tasks import Event, Task
+from rbees_orcd.tasks import Task
 
 CHAT_MAX_TOKENS = 256
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -61,9 +61,9 @@ def error_response(error: OrcdError) -> JSONResponse:
     return JSONResponse({"error": detail}, status_code=error.status, headers=error.headers())
 
 
-def event_error(event: Event) -> OrcdError:
-    """The error a task's `error` event stands for."""
-    data = event.data or {}
+def event_error(data: dict[str, Any] | None) -> OrcdError:
+    """The error a task's `error` event (its document) stands for."""
+    data = data or {}
     code, message = str(data.get("code")), str(data.get("message", ""))
     if code == "INVALID_PARAMS":
         return InvalidParams(message, data.get("errors") or None)
@@ -161,9 +161,9 @@ def router(scheduler: Scheduler, registry: Registry) -> APIRouter:
             cancel(task)
             return Response(status_code=499)  # nobody reads it
         if task.error is not None and (not body.stream or len(task.events) <= 2):
-            raise event_error(task.error)  # before the first token: a plain HTTP error
+            raise event_error(task.error.data)  # before the first token: a plain HTTP error
         if not body.stream:
-            text = "".join(e.text for e in task.events if e.type == "token")
+            text = "".join(text for kind, _, _, text in task.events if kind == "token")
             choice = shape.choice(text, _finish_reason(task), chunk=False)
             return JSONResponse(shape.document([choice], chunk=False, usage=_usage(task)))
         usage = body.stream_options is not None and body.stream_options.include_usage
@@ -203,10 +203,9 @@ async def _chunks(task: Task, shape: _Shape, include_usage: bool) -> AsyncIterat
     position = 1  # past `queued`
     out: list[bytes] = []
     while True:
-        for event in task.events[position:]:
-            kind = event.type
+        for kind, _, document, text in task.events[position:]:
             if kind == "token":
-                out.append(data(shape.document([shape.choice(event.text, None, chunk=True)], chunk=True,
+                out.append(data(shape.document([shape.choice(text, None, chunk=True)], chunk=True,
                                                usage=usage)))  # fmt: skip
             elif kind == "started" and shape.chat:  # the assistant's role comes first
                 out.append(data(shape.document([shape.choice(None, None, chunk=True, first=True)], chunk=True,
@@ -218,7 +217,7 @@ async def _chunks(task: Task, shape: _Shape, include_usage: bool) -> AsyncIterat
                     out.append(data(shape.document([], chunk=True, usage=_usage(task))))
                 out.append(b"data: [DONE]\n\n")
             elif kind == "error":
-                error = event_error(event)
+                error = event_error(document)
                 detail = {"message": error.message, "type": "server_error", "param": None, "code": error.code}
                 out.append(data({"error": detail}))
         position = len(task.events)

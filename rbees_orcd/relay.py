@@ -133,7 +133,10 @@ class _Stream:
         self._relay = relay
         self._task = task
         self._worker = worker
+        self._tokens = relay._metrics.tokens_relayed.labels(task.model)
         self._started: dict[str, Any] | None = None
+        self._pending = b""  # the start of a frame whose end has not come yet
+        self._outcome: Finished | None = None
         self.committed = False  # the task's events show this worker's stream: no retry elsewhere now
         self._last_read = time.monotonic()
 
@@ -143,7 +146,7 @@ class _Stream:
         lost = asyncio.Event()
         watchdog = asyncio.create_task(self._watch(reader, lost))
         try:
-            return await self._frames(response)
+            await response.stream(self._feed)
         except asyncio.CancelledError:
             if not lost.is_set():
                 raise
@@ -151,6 +154,9 @@ class _Stream:
             raise _Lost(f"no frame for {IDLE_PROBE_S:.0f}s and no answer to /health") from None
         finally:
             watchdog.cancel()
+        if self._outcome is None:
+            raise _Lost("the stream ended without an end or error frame")
+        return self._outcome
 
     async def _watch(self, reader: asyncio.Task[Any], lost: asyncio.Event) -> None:
         while True:
@@ -162,42 +168,42 @@ class _Stream:
                 reader.cancel()
                 return
 
-    async def _frames(self, response: wire.StreamResponse) -> Finished:
+    def _feed(self, chunk: bytes) -> bool:
+        """Publish the chunk's whole frames, as the socket delivers it; True once the last (end or error) came.
+
+        A task that ended meanwhile (its reader is being cancelled) takes no more events."""
         task = self._task
-        tokens = self._relay._metrics.tokens_relayed.labels(task.model)
-        pending = b""
-        async for chunk in response.chunks():
-            self._last_read = time.monotonic()
-            pending += chunk
-            *blocks, pending = pending.split(b"\n\n")
-            relayed = 0
-            for block in blocks:
-                raw = _data(block)
-                if raw is None:
-                    continue
-                try:
-                    frame = orjson.loads(raw)
-                    kind = frame.get("type")
-                except (orjson.JSONDecodeError, AttributeError):
-                    raise _Lost("the worker sent a malformed frame") from None
-                if kind == "token":
-                    self._flush_started()
-                    task.publish(token_event(raw, str(frame.get("t", ""))))
-                    relayed += 1
-                elif kind == "started":
-                    self._started = frame
-                elif kind == "metrics":
-                    self._flush_started()
-                    task.publish(Event("metrics", raw, frame))
-                elif kind in ("end", "error"):
-                    self._flush_started()
-                    task.tokens_out += relayed
-                    tokens.inc(relayed)
-                    return _ending(frame, raw)
-            if relayed:
-                task.tokens_out += relayed
-                tokens.inc(relayed)
-        raise _Lost("the stream ended without an end or error frame")
+        if task.ended:
+            return False
+        self._last_read = time.monotonic()
+        *blocks, self._pending = (self._pending + chunk).split(b"\n\n")
+        relayed = 0
+        for block in blocks:
+            raw = _data(block)
+            if raw is None:
+                continue
+            try:
+                frame = orjson.loads(raw)
+                kind = frame.get("type")
+            except (orjson.JSONDecodeError, AttributeError):
+                raise _Lost("the worker sent a malformed frame") from None
+            if kind == "token":
+                self._flush_started()
+                task.publish(token_event(raw, str(frame.get("t", ""))))
+                relayed += 1
+            elif kind == "started":
+                self._started = frame
+            elif kind == "metrics":
+                self._flush_started()
+                task.publish(Event("metrics", raw, frame))
+            elif kind in ("end", "error"):
+                self._flush_started()
+                self._outcome = _ending(frame, raw)
+                break
+        if relayed:
+            task.tokens_out += relayed
+            self._tokens.inc(relayed)
+        return self._outcome is not None
 
     def _flush_started(self) -> None:
         """Publish the held `started` frame as the task's, once, at the first frame after it."""

@@ -21,9 +21,8 @@ ENDED: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 
 
 class Event(NamedTuple):
-    """One published frame: its type, its JSON document's bytes (as sent), and that document parsed, except
-    for a token, which keeps its text alone. A token event is thus a tuple of atomic values that the garbage
-    collector stops tracking, so a long-lived log of many tokens costs no collection pauses."""
+    """One published frame: its type, its JSON document's bytes (as sent) and that document parsed. A token is
+    logged as a plain tuple of the same fields instead (see token_event), its text in the last one."""
 
     type: str
     raw: bytes
@@ -31,12 +30,19 @@ class Event(NamedTuple):
     text: str = ""
 
 
+Entry = tuple[str, bytes, dict[str, Any] | None, str]
+"""One entry of a task's log: an Event, or a token as a plain tuple of the same fields (see token_event)."""
+
+
 def event(type: str, data: dict[str, Any]) -> Event:
     return Event(type, orjson.dumps(data), data)
 
 
-def token_event(raw: bytes, text: str) -> Event:
-    return Event("token", raw, None, text)
+def token_event(raw: bytes, text: str) -> Entry:
+    """A token, the bulk of every log, as an exact tuple of atomic values: the garbage collector stops tracking
+    such a tuple at its first collection, but tracks a NamedTuple (a subclass) for good, and a full collection
+    would walk every token the retained tasks hold, a pause that grows with them. The log is read by position."""
+    return ("token", raw, None, text)
 
 
 class Task:
@@ -50,7 +56,7 @@ class Task:
         self.created_at = time.time()
         self.admitted_at = time.perf_counter()
         self.status: Status = "queued"
-        self.events: list[Event] = []
+        self.events: list[Entry] = []
         self.worker_id: str | None = None
         self.worker_job_id: str | None = None
         self.attempts = 0  # on workers, each with its own worker-side job id
@@ -68,8 +74,8 @@ class Task:
     def ended(self) -> bool:
         return self.status in ENDED
 
-    def publish(self, event: Event) -> None:
-        self.events.append(event)
+    def publish(self, entry: Entry) -> None:
+        self.events.append(entry)
         self._wake()
 
     def finish(self, status: Status, event: Event) -> None:
@@ -127,7 +133,7 @@ class Task:
 
 def sse_frames(task: Task, start: int) -> bytes:
     """The task's events from index `start` as SSE, each with its `id:`."""
-    return b"".join(b"id: %d\ndata: %s\n\n" % (i, e.raw) for i, e in enumerate(task.events[start:], start))
+    return b"".join(b"id: %d\ndata: %s\n\n" % (i, raw) for i, (_, raw, _, _) in enumerate(task.events[start:], start))
 
 
 def end_event(stop_reason: str, tokens_out: int = 0) -> Event:

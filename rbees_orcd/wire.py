@@ -1,84 +1,132 @@
-"""One POST to a worker, its response read straight off the socket: the relay's hot path.
+"""One POST to a worker, its answer read straight off the socket: the relay's hot path.
 
-A worker's /execute answer is a long stream of small SSE chunks, one per decode step. httpx reads each
-through several layers (a cancel scope and an h11 event per read), which cost more than the relay's own
-work; here asyncio's stream reader and httptools' parser (uvicorn's own) do only what the relay needs.
-One connection per request (`Connection: close`): a stream holds its connection for the whole answer.
+A worker's /execute answer is a long stream of small SSE chunks, one per decode step. An asyncio protocol
+takes each chunk as the socket delivers it, runs httptools' parser (uvicorn's own) over it and hands the
+body to the reader's callback in that same call: no stream buffer to copy through, and no future or task
+to wake per chunk (an asyncio StreamReader costs both; httpx, before it, added its own layers on top). One
+connection per request (`Connection: close`): a stream holds its connection for the whole answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import Callable
+from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
 
-_READ = 65536
+Consumer = Callable[[bytes], bool]
+"""Takes a piece of the body as it arrives; True once it wants no more."""
 
 
 class WireError(Exception):
     """The connection failed, or the worker's answer is not HTTP."""
 
 
-class StreamResponse:
-    """A worker's answer: `status` once open, then its body as it arrives."""
+class StreamResponse(asyncio.Protocol):
+    """A worker's answer: `status` once open, then its body, handed to a consumer as it arrives."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
+    def __init__(self) -> None:
         self._parser = httptools.HttpResponseParser(self)
-        self._body: list[bytes] = []
-        self._headers_done = False
-        self._complete = False
+        self._transport: asyncio.Transport | None = None
+        self._consumer: Consumer | None = None
+        self._early: list[bytes] = []  # body that came before a consumer did
+        self._complete = False  # the whole body is in
+        self._satisfied = False  # the consumer wants no more
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
         self.status = 0
+
+    # asyncio's callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            self._fail(WireError(f"the worker's answer is not HTTP: {e}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not (self._complete or self._satisfied):
+            reason = f"the connection to the worker broke: {exc}" if exc else "the worker closed it mid-answer"
+            self._fail(WireError(reason))
 
     # httptools' callbacks
     def on_headers_complete(self) -> None:
         self.status = self._parser.get_status_code()
-        self._headers_done = True
+        self._wake()
 
     def on_body(self, body: bytes) -> None:
-        self._body.append(body)
+        if self._consumer is None:
+            self._early.append(body)
+        else:
+            self._consume(body)
 
     def on_message_complete(self) -> None:
         self._complete = True
+        self._wake()
 
-    async def _read_more(self) -> None:
-        try:
-            data = await self._reader.read(_READ)
-        except OSError as e:
-            raise WireError(f"reading from the worker: {e}") from None
-        if not data:
-            if not self._complete:
-                raise WireError("the worker closed the connection mid-answer")
-            return
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserError as e:
-            raise WireError(f"the worker's answer is not HTTP: {e}") from None
-
+    # the reader's side
     async def open(self) -> None:
-        while not self._headers_done:
-            await self._read_more()
+        """Return once the status and headers are in."""
+        await self._until(lambda: self.status != 0)
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The body's bytes as they arrive, however the worker framed them (chunked or not)."""
-        while True:
-            if self._body:
-                out = b"".join(self._body)
-                self._body.clear()
-                yield out
-            if self._complete:
-                return
-            await self._read_more()
+    async def stream(self, consumer: Consumer) -> None:
+        """Hand the body to `consumer` as it arrives; return once it is all in or the consumer wants no more."""
+        self._consumer = consumer
+        early, self._early = self._early, []
+        for body in early:
+            self._consume(body)
+        await self._until(lambda: self._complete or self._satisfied)
 
     async def read(self) -> bytes:
-        return b"".join([chunk async for chunk in self.chunks()])
+        parts: list[bytes] = []
+
+        def keep(body: bytes) -> bool:
+            parts.append(body)
+            return False
+
+        await self.stream(keep)
+        return b"".join(parts)
+
+    def send(self, data: bytes) -> None:
+        assert self._transport is not None
+        self._transport.write(data)
 
     def close(self) -> None:
-        self._writer.close()
+        if self._transport is not None:
+            self._transport.close()
+
+    async def _until(self, ready: Callable[[], bool]) -> None:
+        while not ready():
+            if self._error is not None:
+                raise self._error
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+
+    def _consume(self, body: bytes) -> None:
+        if self._satisfied or self._error is not None:
+            return
+        assert self._consumer is not None
+        try:
+            self._satisfied = self._consumer(body)
+        except Exception as e:  # the consumer's verdict on what it read: the answer ends with it
+            self._fail(e)
+            return
+        if self._satisfied:
+            self._wake()
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
 
 async def post(url: str, body: bytes, headers: dict[str, str], connect_timeout_s: float) -> StreamResponse:
@@ -87,9 +135,10 @@ async def post(url: str, body: bytes, headers: dict[str, str], connect_timeout_s
     secure = parts.scheme == "https"
     host = parts.hostname or ""
     port = parts.port or (443 if secure else 80)
+    loop = asyncio.get_running_loop()
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=ssl.create_default_context() if secure else None),
+        _, response = await asyncio.wait_for(
+            loop.create_connection(StreamResponse, host, port, ssl=ssl.create_default_context() if secure else None),
             connect_timeout_s,
         )
     except (TimeoutError, OSError) as e:
@@ -99,14 +148,9 @@ async def post(url: str, body: bytes, headers: dict[str, str], connect_timeout_s
     lines = [f"POST {target} HTTP/1.1", f"Host: {authority}", "Content-Type: application/json",
              f"Content-Length: {len(body)}", "Connection: close",
              *(f"{name}: {value}" for name, value in headers.items())]  # fmt: skip
-    response = StreamResponse(reader, writer)
     try:
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-        await writer.drain()
+        response.send(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
         await response.open()
-    except OSError as e:
-        response.close()
-        raise WireError(f"sending to the worker: {e}") from None
     except BaseException:  # WireError, a cancellation: the connection goes with it
         response.close()
         raise

@@ -4,6 +4,7 @@ refusals, and the task event log's readers."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import sqlite3
 import subprocess
@@ -134,3 +135,12 @@ def test_a_reader_that_goes_away_does_not_stop_the_others() -> None:
     everything, resumed = asyncio.run(scenario())
     assert everything.split(b"\n\n")[1] == b'id: 1\ndata: {"type":"token","t":"a","i":0}'
     assert resumed == b'id: 2\ndata: {"type":"end"}\n\n'
+
+
+def test_the_tokens_of_a_log_leave_the_garbage_collectors_sight() -> None:
+    """A task's tokens are kept as long as the task is: a full collection must not walk each of them."""
+    task = Task("smol", {"prompt": "x", "max_tokens": 2})
+    task.publish(event("queued", {"type": "queued"}))
+    task.publish(token_event(b'{"type":"token","t":"a","i":0}', "a"))
+    gc.collect()
+    assert [gc.is_tracked(entry) for entry in task.events] == [True, False]
