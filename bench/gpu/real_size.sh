@@ -4,7 +4,9 @@
 # .devdata/vocab.gguf: a vocabulary-only GGUF of SmolLM2 (`python bench/gguf_shapes.py --vocab-only --out .devdata/vocab.gguf`).
 # BUDGET: seconds this script may take (the call's device time left, less the machine's start). TEST_S, TEST_N, TESTS:
 # the tests' time limit, pytest-xdist processes (carry its wheels) and -k selection; SERVE=1: the serving path;
-# SWEEP: tuning variants of the one-token product on the 8B shape.
+# SWEEP: tuning variants of the one-token product on the 8B shape. TEST_N above 2 starves llama.cpp's build
+# (2026-12-06: unfinished after 6 minutes beside `-n 8`). ALT: a second tree to time beside this one in the same
+# call (`mkdir .alt && git archive BRANCH | tar -x -C .alt`, `/.alt/` in .git/info/exclude, carry ".alt").
 source bench/gpu/setup.sh
 R=$PWD; T0=$(date +%s); left() { echo $(( ${BUDGET:-450} - ($(date +%s) - T0) )); }
 V=$R/${VOCAB:-.devdata/vocab.gguf}
@@ -18,6 +20,10 @@ echo "== rbees 8B"; timeout 150 python3 bench/cuda_bench.py /root/m/l8b.gguf --b
 for a in ${SWEEP:-}; do  # tuning variants of the one-token product, batch 1 (e.g. SWEEP="--fetch-regs=40 --long-block-warps=8")
   echo "== rbees 8B $a"; timeout 90 python3 bench/cuda_bench.py /root/m/l8b.gguf --batches 1 --steps 64 --repeat 3 --json $a 2>&1 | tail -1 | tee -a $OUT/sweep_l8b.log
 done
+if [ -d .alt ]; then  # the other tree's engine on the same files, same call
+  for f in l8b q05; do echo "== alt $f"; (cd .alt && PYTHONPATH=/root/dev/site:$R/.alt timeout 150 python3 bench/cuda_bench.py \
+    /root/m/$f.gguf --batches ${B05:-1,64,256} --steps 64 --repeat 3 --json 2>&1 | tail -1 | tee -a $OUT/alt.log); done
+fi
 echo "== rbees 0.5B"; timeout 80 python3 bench/cuda_bench.py /root/m/q05.gguf --batches ${B05:-1,64,256} --steps 64 --repeat 3 --json 2>&1 | tail -2 | tee $OUT/rbees_q05.log
 if [ -n "$SERVE" ]; then  # the serving path: a CUDA worker on the 0.5B shape, streams over HTTP
   python3 -m rbees_workerd.cli serve --worker-id g --model /root/m/q05.gguf --port 8188 --slots 256 --context-length 512 \
