@@ -252,14 +252,23 @@ def unpack_item(qt, a, b, c, q):
     signed (q - 32) for Q6_K."""
     if qt == Q8_0:
         return uint32(a), uint32(b)
+    if qt == Q6_K:
+        lo, hi = six_values(a, b, c, q)
+        return uint32(signed_six(lo)), uint32(signed_six(hi))
     lo = a & 0x0F0F0F0F
     hi = (a >> 4) & 0x0F0F0F0F
     if fifth_bit(qt):  # (fifth_pos: the item's bits at bit q of each byte's halves)
         lo |= ((b >> q) & 0x01010101) << 4
         hi |= (b >> q) & 0x10101010
-    elif qt == Q6_K:  # (six_pos: at bits 2 q, 2 q + 1 of each byte)
-        lo = signed_six(lo | (((b >> (2 * q)) & 0x03030303) << 4))
-        hi = signed_six(hi | (((c >> (2 * q)) & 0x03030303) << 4))
+    return uint32(lo), uint32(hi)
+
+
+@cuda.jit(**DEVICE)
+def six_values(a, b, c, q):
+    """Q6 item q's values 0 .. 63, as unpack_item orders them, from its values' word a and its group's high
+    words b, c (six_pos: the item's bits at bits 2 q, 2 q + 1 of each byte)."""
+    lo = (a & 0x0F0F0F0F) | (((b >> (2 * q)) & 0x03030303) << 4)
+    hi = ((a >> 4) & 0x0F0F0F0F) | (((c >> (2 * q)) & 0x03030303) << 4)
     return uint32(lo), uint32(hi)
 
 
@@ -291,10 +300,7 @@ def group_item(qt, fw, at, q):
     """unpack_item of item q of the group whose words load_group put at fw[at:]; for Q6_K the unsigned
     values 0 .. 63 (Q6_OFFSET_WORD's dp4a with the input subtracts the 32)."""
     if qt == Q6_K:
-        a, h_lo, h_hi = fw[at + q], fw[at + 4], fw[at + 5]
-        lo = (a & 0x0F0F0F0F) | (((h_lo >> (2 * q)) & 0x03030303) << 4)
-        hi = ((a >> 4) & 0x0F0F0F0F) | (((h_hi >> (2 * q)) & 0x03030303) << 4)
-        return uint32(lo), uint32(hi)
+        return six_values(fw[at + q], fw[at + 4], fw[at + 5], q)
     if qt == Q8_0:
         return uint32(fw[at + 2 * q]), uint32(fw[at + 2 * q + 1])
     if fifth_bit(qt):

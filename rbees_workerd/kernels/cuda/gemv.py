@@ -94,7 +94,7 @@ def block_warps(k: int, units: int) -> int:
     BLOCK_WARPS, which still stage the input quickly) for products of few rows, so that their blocks
     spread over more SMs."""
     warps = LONG_BLOCK_WARPS if k >= LONG_INPUT else BLOCK_WARPS
-    return max(min(warps, BLOCK_WARPS), min(warps, units // max(1, VEC_WARPS // 16)))
+    return min(warps, max(BLOCK_WARPS, units // max(1, VEC_WARPS // 16)))
 
 
 def chunk_groups(qt: int, k: int, mode: int, units: int) -> int:
@@ -120,7 +120,7 @@ def vec_kernel(qt: int, k: int, mode: int, flags: int, ns: tuple[int, int, int],
     n0, n1, n2 = ns
     total = n0 if mode == MODE_SWIGLU else (n0 + n1 + n2) // (2 if mode == MODE_QKV else 1)
     ch = chunk_groups(qt, k, mode, total)
-    nc = -(-math.ceil(groups / 32) // ch)  # units of work a row (integer weights)
+    nc = math.ceil(math.ceil(groups / 32) / ch)  # units of work a row (integer weights): ch of a lane's groups
     n_inputs = ni * 8  # (constants for numba's array shapes)
     n_words = ni * 64
     n_groups = ni * 8
