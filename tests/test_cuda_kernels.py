@@ -41,7 +41,8 @@ from rbees_workerd.kernels.cpu import ops as cpu_ops  # noqa: E402
 from rbees_workerd.kernels.cpu.backend import CpuBackend  # noqa: E402
 from rbees_workerd.kernels.cuda import CudaBackend, formats, gemv, ops, rows  # noqa: E402
 from rbees_workerd.kernels.cuda.backend import GEMM_MIN_TOKENS  # noqa: E402
-from rbees_workerd.kernels.cuda.mma import BN as MMA_BN  # noqa: E402
+from rbees_workerd.kernels.cuda.mma import KG as MMA_KG  # noqa: E402
+from rbees_workerd.kernels.cuda.mma import MAX_NJ  # noqa: E402
 from rbees_workerd.kernels.cuda.ops import ATT_CHUNK, ATT_KT, SEQ_KT, SEQ_MIN_TOKENS, SEQ_QT  # noqa: E402
 from rbees_workerd.kernels.cuda.sample import ARGMAX_TILE  # noqa: E402
 
@@ -194,13 +195,15 @@ _MMA_TYPES = [Q.Q4_0, Q.Q5_1, Q.Q4_K, Q.Q6_K] if SIM else [Q.Q4_0, Q.Q4_1, Q.Q5_
 def test_tensor_core_product_of_three_matrices(be, qtype):
     """Many tokens of a quantized type take the tensor-core product: three matrices sharing an input
     (q, k, v) in one launch, each in row tiles of its own that it fills only partly, the last token
-    tile partly past the tokens; each output the reference's product with its bias."""
+    tile partly past the tokens, K split over blocks (few tiles) or not; rows whose length is no multiple
+    of the kernel's staged 32-blocks (the last stage partly past K) and, for Q5_x, no multiple of 16 bytes
+    (word loads); each output the reference's product with its bias."""
     rng = np.random.default_rng(11)
-    k, ns = 256, (20, 12, 8)
+    k, ns = 256 if qtype in KQUANTS else 32 * (4 * MMA_KG - 1), (20, 12, 8)
     raws = [random_matrix(qtype, n, k, rng)[0] for n in ns]
     ws = [be.weight(int(qtype), (n, k), raw) for n, raw in zip(ns, raws, strict=True)]
     biases = [rng.standard_normal(n).astype(np.float32) for n in ns]
-    for t in (GEMM_MIN_TOKENS + 1, MMA_BN + 5):
+    for t in (GEMM_MIN_TOKENS + 1, 8 * MAX_NJ + 5):
         x = rng.standard_normal((t, k)).astype(np.float32)
         xd = _dev(be, x)
         outs = [_dev(be, np.full((t, n), np.nan, np.float32)) for n in ns]

@@ -664,11 +664,13 @@ def _many_launches(be: CudaBackend, x: Any, qt: int, flags: int, mats: list[tupl
                                  be.zeros((t_count, k // 32)))  # fmt: skip
         xw, xd, xs = be._act_bufs[key]
         prep = _Launch(mma.prep_q8_kernel(qt), (t_count,), (mma.PREP_THREADS,), (x, norm, nw, eps, hout, xw, xd, xs))
-        tiles = (math.ceil(t_count / mma.BN), mma.row_tiles(*ns))
+        nj = mma.token_tiles(t_count)
+        tiles = (math.ceil(t_count / (8 * nj)), mma.row_tiles(*ns))
         split = mma.split_of(tiles[0] * tiles[1], k)
         part, count = be._split_buffers(split, t_count, sum(ns), tiles[0] * tiles[1])
         args = (xw, xd, xs, m0, m1, m2, *ns, part, count)
-        product = _Launch(mma.mma_kernel(qt, flags), (*tiles, split), (mma.THREADS,), args)
+        kernel = mma.mma_kernel(qt, flags, nj, mma.wide_rows(qt, k))
+        product = _Launch(kernel, (*tiles, split), (mma.THREADS,), args)
         launches = [prep, product]
     else:
         launches = []

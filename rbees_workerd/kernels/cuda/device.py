@@ -84,9 +84,19 @@ if SIM:
         return uint32(a[r, c]), uint32(a[r, c + 1]), uint32(a[r, c + 2]), uint32(a[r, c + 3])
 
     @cuda.jit(device=True)
+    def shared2(a, i):
+        """a[i], a[i + 1] of a 1-D 32-bit shared array, i even: one 8-byte load."""
+        return a[i], a[i + 1]
+
+    @cuda.jit(device=True)
     def shared4(a, i):
         """a[i .. i + 3] of a 1-D 32-bit shared array, i a multiple of 4: one 16-byte load."""
         return a[i], a[i + 1], a[i + 2], a[i + 3]
+
+    @cuda.jit(device=True)
+    def put4(a, i, v0, v1, v2, v3):
+        """a[i .. i + 3] = v0 .. v3 in a 1-D 32-bit shared array, i a multiple of 4: one 16-byte store."""
+        a[i], a[i + 1], a[i + 2], a[i + 3] = v0, v1, v2, v3
 
     @cuda.jit(device=True)
     def f32_from_bits(bits):
@@ -276,18 +286,42 @@ else:
         """a[r, c .. c + 3] of a read-only 2-D uint32 array, c a multiple of 4: one 16-byte load."""
         return types.UniTuple(types.uint32, 4)(a, r, c), _global_load(4)
 
-    @intrinsic
-    def shared4(typingctx, a, i):  # noqa: ANN001, ANN201
-        """a[i .. i + 3] of a 1-D 32-bit shared array, i a multiple of 4: one 16-byte load."""
+    def _shared_load(n: int):  # noqa: ANN202
+        """The codegen of an n-word vector load from a shared array (its alignment the caller's promise)."""
 
         def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
             ptr = _element_ptr(context, builder, sig.args[0], args[0], sig.args[1:], args[1:])
-            vec = ir.VectorType(ptr.type.pointee, 4)
-            v = builder.load(builder.bitcast(ptr, ir.PointerType(vec, ptr.type.addrspace)), align=16)
-            words = [builder.extract_element(v, ir.Constant(ir.IntType(32), i)) for i in range(4)]
+            vec = ir.VectorType(ptr.type.pointee, n)
+            v = builder.load(builder.bitcast(ptr, ir.PointerType(vec, ptr.type.addrspace)), align=4 * n)
+            words = [builder.extract_element(v, ir.Constant(ir.IntType(32), i)) for i in range(n)]
             return context.make_tuple(builder, sig.return_type, words)
 
-        return types.UniTuple(a.dtype, 4)(a, i), codegen
+        return codegen
+
+    @intrinsic
+    def shared2(typingctx, a, i):  # noqa: ANN001, ANN201
+        """a[i], a[i + 1] of a 1-D 32-bit shared array, i even: one 8-byte load."""
+        return types.UniTuple(a.dtype, 2)(a, i), _shared_load(2)
+
+    @intrinsic
+    def shared4(typingctx, a, i):  # noqa: ANN001, ANN201
+        """a[i .. i + 3] of a 1-D 32-bit shared array, i a multiple of 4: one 16-byte load."""
+        return types.UniTuple(a.dtype, 4)(a, i), _shared_load(4)
+
+    @intrinsic
+    def put4(typingctx, a, i, v0, v1, v2, v3):  # noqa: ANN001, ANN201
+        """a[i .. i + 3] = v0 .. v3 in a 1-D 32-bit shared array, i a multiple of 4: one 16-byte store."""
+
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            ptr = _element_ptr(context, builder, sig.args[0], args[0], sig.args[1:2], args[1:2])
+            vec = ir.Constant(ir.VectorType(ptr.type.pointee, 4), ir.Undefined)
+            for k, (v, t) in enumerate(zip(args[2:], sig.args[2:], strict=True)):
+                vec = builder.insert_element(vec, context.cast(builder, v, t, sig.args[0].dtype),
+                                             ir.Constant(ir.IntType(32), k))  # fmt: skip
+            builder.store(vec, builder.bitcast(ptr, ir.PointerType(vec.type, ptr.type.addrspace)), align=16)
+            return context.get_dummy_value()
+
+        return types.none(a, i, v0, v1, v2, v3), codegen
 
     @intrinsic
     def dp4a(typingctx, a, b, c):  # noqa: ANN001, ANN201

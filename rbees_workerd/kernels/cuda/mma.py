@@ -10,27 +10,65 @@ import functools
 
 from numba import cuda, float32, int32, uint32
 
-from rbees_workerd.kernels.cuda.device import DEVICE, EXACT, JIT, SIM, grid_ready, inv_rms, mma_s8, mma_s8_k16
+from rbees_workerd.kernels.cuda.device import (
+    DEVICE,
+    EXACT,
+    JIT,
+    SIM,
+    grid_ready,
+    inv_rms,
+    load1,
+    load4,
+    mma_s8,
+    mma_s8_k16,
+    put4,
+    shared2,
+    shared4,
+)  # fmt: skip
 from rbees_workerd.kernels.cuda.formats import (
     OFFSET,
     Q6_K,
     ROUND_Q8_1,
+    WORDS,
     fetch_norm,
+    group_item,
     group_scales,
-    item_words,
     rounding,
+    signed_six,
     stage_q8,
 )  # fmt: skip
 from rbees_workerd.kernels.cuda.outputs import MODE_ROWS, last_of_split, residual, split_sum, store
 
 WARPS = 1 if SIM else 4  # warps per block of mma_kernel, one above the other
-MI, NJ = 2, 4  # a warp's output tile: MI 16-row by NJ 8-token tensor-core tiles
-BM, BN = 16 * MI * WARPS, 8 * NJ  # a block's rows and tokens
-ACC, COLS, ROWS = MI * NJ * 4, 2 * NJ, 2 * MI  # a lane's accumulators, tokens, rows
-PAD = BN + 1  # the block's output tile in shared memory, rows padded against bank conflicts
+MI = 2  # a warp's rows: MI 16-row tensor-core tiles (its tokens: the block's, nj 8-token tiles)
+BM = 16 * MI * WARPS  # a block's rows
+KG = 4  # 32-blocks of K a block stages in shared memory at a time
+X_PITCH = 8 * KG + 8  # a token's staged input words (= 8 mod 32: a warp's 8-byte fragment loads hit 32 banks)
 THREADS = 32 * WARPS
+assert BM == THREADS  # (a thread stages a row)
 SCRATCH = THREADS if SIM else 1  # (the simulator's mma twins exchange the fragments through it)
 PREP_THREADS = 32 if SIM else 512  # (a K of 4,096 is 512 items: one each)
+MAX_NJ = 2 if SIM else 8  # 8-token tiles of a block at most (64 tokens)
+
+
+def token_tiles(t_count: int) -> int:
+    """The 8-token tiles of an mma_kernel block for a product of t_count tokens: a power of two up to MAX_NJ."""
+    nj = 1
+    while nj < MAX_NJ and 8 * nj < t_count:
+        nj *= 2
+    return nj
+
+
+def wide_rows(qt: int, k: int) -> bool:
+    """Whether every matrix row of this type and length starts 16-byte aligned (mma_kernel's wide loads)."""
+    return (k // 32) * WORDS[qt] % 4 == 0
+
+
+def _pitch(words: int) -> int:
+    """A staged weight row's words: a multiple of 4 (16-byte stores) and an odd one (= 4 mod 8), so the 8
+    rows x 4 consecutive words of a warp's fragment loads fall in 32 distinct banks."""
+    p = -(-words // 4) * 4
+    return p if p % 8 == 4 else p + 4
 
 
 @functools.cache
@@ -56,122 +94,164 @@ def prep_q8_kernel(qt: int):  # noqa: ANN201
 
 
 @functools.cache
-def mma_kernel(qt: int, flags: int):  # noqa: ANN201
+def mma_kernel(qt: int, flags: int, nj: int, wide: bool):  # noqa: ANN201
     """Many tokens of Q8-rounded inputs (prep_q8_kernel) times up to three matrices of weight type qt.
 
-    A block takes BM rows of one of the matrices and BN tokens, its blocks along y those of matrix 0,
-    then 1, then 2, so the weights a block reads are chosen once. Lane l of a warp takes item l % 4 of each
-    32-block: the two words item_words gives are exactly its A fragment (rows l // 4 and + 8 of a
-    16-row tile) and the token's two staged input words its B fragment (token l // 4 of an 8-token
-    tile); the mma sums over the items' k-order, which the weights and the inputs share (Q6_K, whose
-    group halves have scales of their own: two mma over 16 columns). Each element (row, token) then
-    adds d_w * d_x * dot plus the min term (Q8_1: m_w * xs) or the offset term (Q8_0: d_w * off * xs),
-    as vec_kernel does. A warp keeps MI x NJ tiles, its loads reused across them; rows and tokens past
-    the ends are read clamped and not written. The block's outputs go through shared memory to
-    coalesced stores. K is not split: on the H200, splitting it over blocks (to fill the GPU at 64
-    tokens) made every product slower (batch-64 decode 8.6k against 14.8k tok/s without).
+    A block takes BM rows of one of the matrices and 8 nj tokens, its blocks along y those of matrix 0,
+    then 1, then 2, so the weights a block reads are chosen once. It walks K by KG 32-blocks: its threads
+    copy the rows' words (16-byte loads where `wide`), their scales (as floats) and the tokens' input words,
+    scales and sums into shared memory, then each warp multiplies its MI 16-row tiles by every 8-token tile.
+    Lane l takes item l % 4 of each 32-block: the two words group_item gives are exactly its A fragment
+    (rows l // 4 and + 8 of a 16-row tile), the token's two staged input words its B fragment (token
+    l // 4 of an 8-token tile); the mma sums over the items' k-order, which the weights and the inputs share
+    (Q6_K, whose group halves have scales of their own: two mma over 16 columns). Each element (row, token)
+    then adds d_w * d_x * dot plus the min term (Q8_1: m_w * xs) or the offset term (Q8_0: d_w * off * xs),
+    as vec_kernel does. Blocks of a product with few tiles split K (split_of); rows and tokens past the ends
+    are read clamped (groups past K as zeros) and not written.
     """
     q8_1 = rounding(qt) == ROUND_Q8_1
     off = float32(OFFSET.get(qt, 0.0))
     halves = qt == Q6_K
+    words = WORDS[qt]
+    pitch = _pitch(KG * words)
+    pieces = KG * words // 4  # 16-byte pieces of a row's words in a stage
+    bn = 8 * nj
+    acc_n = MI * nj * 4
+    # the arrays' sizes (constants of the closure: Numba folds no arithmetic on globals)
+    w_size, s_size, x_size, d_size, a_size = BM * pitch, BM * KG * 2, bn * X_PITCH, KG * bn * 2, 4 * MI
+    o_size, s_row = WARPS * 32 * 8, 2 * KG
 
     @cuda.jit(**JIT)
     def kernel(xw, xd, xs, m0, m1, m2, n0, n1, n2, part, count):
-        grid_ready()
-        w0, g0, s0, o0, b0 = m0
+        w0, g0_, s0, o0, b0 = m0
         w1, g1, s1, o1, b1 = m1
         w2, g2, s2, o2, b2 = m2
+        wsh = cuda.shared.array(w_size, uint32)  # the rows' words of the stage
+        ssh = cuda.shared.array(s_size, float32)  # each (row, 32-block): its scale, min / offset term
+        xsh = cuda.shared.array(x_size, uint32)  # the tokens' input words
+        dsh = cuda.shared.array(d_size, float32)  # each (32-block, token): its scale and sum term
+        osh = cuda.shared.array(o_size, float32)  # each warp's results of one 8-token tile, on their way out
         scratch = cuda.shared.array((SCRATCH, 6), uint32)
-        tile = cuda.shared.array((BM, PAD), float32)
         last = cuda.shared.array(1, int32)
-        acc = cuda.local.array(ACC, float32)
-        rows = cuda.local.array(ROWS, uint32)
-        btok = cuda.local.array(NJ, uint32)
-        ctok = cuda.local.array(COLS, uint32)
-        blo = cuda.local.array(NJ, int32)
-        bhi = cuda.local.array(NJ, int32)
-        td = cuda.local.array(COLS, float32)
-        ts = cuda.local.array(COLS, float32)
-        lane = cuda.threadIdx.x % 32
+        acc = cuda.local.array(acc_n, float32)
+        afr = cuda.local.array(a_size, uint32)
+        asc = cuda.local.array(a_size, float32)
+        sv = cuda.local.array(s_row, float32)
+        tid = cuda.threadIdx.x
+        lane = tid % 32
         gq = lane // 4
         tq = lane % 4
         n_tok = xw.shape[0]
         which, first, n = _block_rows(n0, n1, n2)
-        w, gs, sb = (w0, g0, s0) if which == 0 else ((w1, g1, s1) if which == 1 else (w2, g2, s2))
-        r0 = first + (cuda.threadIdx.x // 32) * 16 * MI  # the warp's first row in its matrix
-        t0 = cuda.blockIdx.x * BN
-        for i in range(ROWS):  # the lane's rows (clamped): gq and gq + 8 of each 16-row tile
-            rows[i] = min(r0 + 16 * (i // 2) + gq + 8 * (i % 2), n - 1)
-        for j in range(NJ):  # its B token of each 8-token tile, and the tokens of its outputs
-            btok[j] = min(t0 + 8 * j + gq, n_tok - 1)
-            for e in range(2):
-                ctok[2 * j + e] = min(t0 + 8 * j + 2 * tq + e, n_tok - 1)
-        for i in range(ACC):
-            acc[i] = 0.0
+        w, gs, sb = (w0, g0_, s0) if which == 0 else ((w1, g1, s1) if which == 1 else (w2, g2, s2))
+        wr = (tid // 32) * 16 * MI  # the warp's first row in the block
+        t0 = cuda.blockIdx.x * bn
         groups = xd.shape[1]
+        row_words = w.shape[1]
+        row = min(first + tid, n - 1)  # the row whose words and scales this thread stages (BM == THREADS)
+        for i in range(acc_n):
+            acc[i] = 0.0
+        grid_ready()
+        chunks = (groups + KG - 1) // KG
         split = cuda.gridDim.z
         z = cuda.blockIdx.z
-        for g in range((groups * z) // split, (groups * (z + 1)) // split):
-            it = g * 4 + tq
-            for j in range(NJ):
-                blo[j] = xw[btok[j], uint32(2 * it)]
-                bhi[j] = xw[btok[j], uint32(2 * it + 1)]
-            for c in range(COLS):
-                td[c] = xd[ctok[c], uint32(g)]
-                ts[c] = xs[ctok[c], uint32(g)]
-            for i in range(MI):
-                ra = rows[2 * i]
-                rb = rows[2 * i + 1]
-                alo, ahi = item_words(qt, w, ra, it)
-                blo_a, bhi_a = item_words(qt, w, rb, it)
-                sa, sa_hi, ma = group_scales(qt, gs, sb, ra, g)
-                sb_, sb_hi, mb = group_scales(qt, gs, sb, rb, g)
-                ea = ma if q8_1 else sa * off
-                eb = mb if q8_1 else sb_ * off
-                for j in range(NJ):
-                    k = (i * NJ + j) * 4
-                    if halves:
-                        x0, x1 = td[2 * j], td[2 * j + 1]
-                        c0, c1, c2, c3 = mma_s8_k16(alo, blo_a, blo[j], scratch)
-                        h0, h1, h2, h3 = mma_s8_k16(ahi, bhi_a, bhi[j], scratch)
-                        acc[k] += x0 * (sa * float32(c0) + sa_hi * float32(h0))
-                        acc[k + 1] += x1 * (sa * float32(c1) + sa_hi * float32(h1))
-                        acc[k + 2] += x0 * (sb_ * float32(c2) + sb_hi * float32(h2))
-                        acc[k + 3] += x1 * (sb_ * float32(c3) + sb_hi * float32(h3))
-                    else:
-                        c0, c1, c2, c3 = mma_s8(alo, blo_a, ahi, bhi_a, blo[j], bhi[j], scratch)
-                        for c, v, s_w, e_w in ((0, c0, sa, ea), (1, c1, sa, ea), (2, c2, sb_, eb), (3, c3, sb_, eb)):
-                            acc[k + c] += (s_w * td[2 * j + c % 2]) * float32(v)  # two fused multiply-adds
-                            acc[k + c] += e_w * ts[2 * j + c % 2]
-        wr = (cuda.threadIdx.x // 32) * 16 * MI
-        for k in range(ACC):  # C's fragment order: tile (i, j), then row gq (tokens 2 tq, + 1), row gq + 8
-            i = (k // 4) // NJ
-            j = (k // 4) % NJ
-            tile[wr + 16 * i + gq + 8 * ((k % 4) // 2), 8 * j + 2 * tq + k % 2] = acc[k]
-        cuda.syncthreads()
+        for c in range((chunks * z) // split, (chunks * (z + 1)) // split):
+            g0 = c * KG
+            whole = g0 + KG <= groups  # (the whole stage lies inside K: no bounds to check)
+            for u in range(pieces):  # this thread's row's words, 16 bytes at a time
+                col = g0 * words + 4 * u
+                v0 = v1 = v2 = v3 = uint32(0)
+                if wide:
+                    if whole or col < row_words:
+                        v0, v1, v2, v3 = load4(w, row, col)
+                else:
+                    v0 = load1(w, row, col) if whole or col < row_words else uint32(0)
+                    v1 = load1(w, row, col + 1) if whole or col + 1 < row_words else uint32(0)
+                    v2 = load1(w, row, col + 2) if whole or col + 2 < row_words else uint32(0)
+                    v3 = load1(w, row, col + 3) if whole or col + 3 < row_words else uint32(0)
+                put4(wsh, tid * pitch + 4 * u, v0, v1, v2, v3)
+            for gi in range(KG):  # its scales
+                sv[2 * gi] = float32(0.0)
+                sv[2 * gi + 1] = float32(0.0)
+                if whole or g0 + gi < groups:
+                    s_lo, s_hi, mn = group_scales(qt, gs, sb, row, g0 + gi)
+                    sv[2 * gi] = s_lo
+                    sv[2 * gi + 1] = s_hi if halves else (mn if q8_1 else s_lo * off)
+            for h in range(KG // 2):
+                put4(ssh, tid * 2 * KG + 4 * h, sv[4 * h], sv[4 * h + 1], sv[4 * h + 2], sv[4 * h + 3])
+            for p in range(tid, bn * 2 * KG, THREADS):  # the tokens' input words
+                tok = min(t0 + p // (2 * KG), n_tok - 1)
+                col = g0 * 8 + 4 * (p % (2 * KG))
+                v0 = v1 = v2 = v3 = uint32(0)
+                if whole or col < xw.shape[1]:
+                    v0, v1, v2, v3 = load4(xw, tok, col)
+                put4(xsh, (p // (2 * KG)) * X_PITCH + 4 * (p % (2 * KG)), v0, v1, v2, v3)
+            for p in range(tid, KG * bn, THREADS):  # their scales and sums
+                tok = min(t0 + p % bn, n_tok - 1)
+                g = g0 + p // bn
+                dsh[2 * p] = xd[tok, g] if whole or g < groups else float32(0.0)
+                dsh[2 * p + 1] = xs[tok, g] if whole or g < groups else float32(0.0)
+            cuda.syncthreads()
+            for gi in range(KG):
+                for i in range(MI):  # the warp's A fragments and their rows' scales
+                    for h in range(2):
+                        r = wr + 16 * i + gq + 8 * h
+                        lo, hi = group_item(qt, wsh, r * pitch + gi * words, tq)
+                        afr[4 * i + h] = signed_six(lo) if halves else lo
+                        afr[4 * i + 2 + h] = signed_six(hi) if halves else hi
+                        asc[4 * i + 2 * h], asc[4 * i + 2 * h + 1] = shared2(ssh, 2 * (r * KG + gi))
+                for j in range(nj):
+                    bw0, bw1 = shared2(xsh, (8 * j + gq) * X_PITCH + 8 * gi + 2 * tq)
+                    d0, e0, d1, e1 = shared4(dsh, 2 * (gi * bn + 8 * j + 2 * tq))
+                    for i in range(MI):
+                        k = (i * nj + j) * 4
+                        sa, ea, sb_, eb = asc[4 * i], asc[4 * i + 1], asc[4 * i + 2], asc[4 * i + 3]
+                        if halves:  # (ea, eb: the scales of the rows' second halves)
+                            c0, c1, c2, c3 = mma_s8_k16(afr[4 * i], afr[4 * i + 1], bw0, scratch)
+                            h0, h1, h2, h3 = mma_s8_k16(afr[4 * i + 2], afr[4 * i + 3], bw1, scratch)
+                            acc[k] += d0 * (sa * float32(c0) + ea * float32(h0))
+                            acc[k + 1] += d1 * (sa * float32(c1) + ea * float32(h1))
+                            acc[k + 2] += d0 * (sb_ * float32(c2) + eb * float32(h2))
+                            acc[k + 3] += d1 * (sb_ * float32(c3) + eb * float32(h3))
+                        else:
+                            c0, c1, c2, c3 = mma_s8(afr[4 * i], afr[4 * i + 1], afr[4 * i + 2], afr[4 * i + 3],
+                                                    bw0, bw1, scratch)  # fmt: skip
+                            for q, v, s_w, e_w in ((0, c0, sa, ea), (1, c1, sa, ea), (2, c2, sb_, eb),
+                                                   (3, c3, sb_, eb)):  # fmt: skip
+                                d_x, e_x = (d0, e0) if q % 2 == 0 else (d1, e1)
+                                acc[k + q] += (s_w * d_x) * float32(v)  # two fused multiply-adds
+                                acc[k + q] += e_w * e_x
+            cuda.syncthreads()
         at = (n0 if which > 0 else 0) + (n1 if which > 1 else 0)  # the matrix's first row in part
-        if split > 1:
-            for u in range(ACC):
-                r, t = _tile_element(first, t0, u)
-                if r < n and t < n_tok:
-                    part[z, t, at + r] = tile[r - first, t - t0]
-            if not last_of_split(count, split, last):  # another block of the tile finishes it
-                return
-        for u in range(ACC):
-            r, t = _tile_element(first, t0, u)
-            if r < n and t < n_tok:
-                v = split_sum(part, split, t, at + r) if split > 1 else tile[r - first, t - t0]
-                store(which, MODE_ROWS, flags, t, r, v, float32(0.0), o0, b0, o1, b1, o2, b2,
-                      residual(flags, which, t, r, o0, o1, o2))  # fmt: skip
+        r = first + wr + lane  # the row this lane writes, of each 8-token tile of the warp's
+        ot = (tid // 32) * 32 * 8
+        for j in range(nj):  # (a loop with stores does not unroll: the accumulators are indexed in one of
+            for jj in range(nj):  # its own, which does, as an index that is not constant would put them all
+                if jj == j:  # in local memory)
+                    for i in range(MI):
+                        for q in range(4):
+                            osh[ot + (16 * i + gq + 8 * (q // 2)) * 8 + 2 * tq + q % 2] = acc[(i * nj + jj) * 4 + q]
+            cuda.syncthreads()
+            if split > 1:
+                for e in range(8):
+                    t = t0 + 8 * j + e
+                    if r < n and t < n_tok:
+                        part[z, t, at + r] = osh[ot + lane * 8 + e]
+            else:
+                for e in range(8):
+                    t = t0 + 8 * j + e
+                    if r < n and t < n_tok:
+                        store(which, MODE_ROWS, flags, t, r, osh[ot + lane * 8 + e], float32(0.0), o0, b0, o1, b1,
+                              o2, b2, residual(flags, which, t, r, o0, o1, o2))  # fmt: skip
+            cuda.syncthreads()
+        if split > 1 and last_of_split(count, split, last):  # the last block of the tile adds the parts
+            for t in range(t0, min(t0 + bn, n_tok)):
+                if r < n:
+                    v = split_sum(part, split, t, at + r)
+                    store(which, MODE_ROWS, flags, t, r, v, float32(0.0), o0, b0, o1, b1, o2, b2,
+                          residual(flags, which, t, r, o0, o1, o2))  # fmt: skip
 
     return kernel
-
-
-@cuda.jit(**DEVICE)
-def _tile_element(first, t0, u):
-    """The (row, token) of this thread's u-th element of an mma_kernel block's output tile."""
-    e = cuda.threadIdx.x + THREADS * u
-    return first + e % BM, t0 + e // BM
 
 
 BLOCKS = 4 if SIM else 264  # a product of fewer tiles than this splits K until it has about this many blocks
