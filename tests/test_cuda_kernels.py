@@ -42,7 +42,7 @@ from rbees_workerd.kernels.cpu.backend import CpuBackend  # noqa: E402
 from rbees_workerd.kernels.cuda import CudaBackend, formats, gemv, ops, rows  # noqa: E402
 from rbees_workerd.kernels.cuda.backend import GEMM_MIN_TOKENS  # noqa: E402
 from rbees_workerd.kernels.cuda.mma import KG as MMA_KG  # noqa: E402
-from rbees_workerd.kernels.cuda.mma import MAX_NJ  # noqa: E402
+from rbees_workerd.kernels.cuda.mma import TOKEN_TILES  # noqa: E402
 from rbees_workerd.kernels.cuda.ops import ATT_CHUNK, ATT_KT, SEQ_KT, SEQ_MIN_TOKENS, SEQ_QT  # noqa: E402
 from rbees_workerd.kernels.cuda.sample import ARGMAX_TILE  # noqa: E402
 
@@ -203,7 +203,7 @@ def test_tensor_core_product_of_three_matrices(be, qtype):
     raws = [random_matrix(qtype, n, k, rng)[0] for n in ns]
     ws = [be.weight(int(qtype), (n, k), raw) for n, raw in zip(ns, raws, strict=True)]
     biases = [rng.standard_normal(n).astype(np.float32) for n in ns]
-    for t in (GEMM_MIN_TOKENS + 1, 8 * MAX_NJ + 5):
+    for t in (GEMM_MIN_TOKENS + 1, 8 * TOKEN_TILES[-1] + 5):
         x = rng.standard_normal((t, k)).astype(np.float32)
         xd = _dev(be, x)
         outs = [_dev(be, np.full((t, n), np.nan, np.float32)) for n in ns]

@@ -35,9 +35,12 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("pipeline") / "tiny.gguf")
 
 
-def _run(path: Path, queues_ahead: bool, pads: bool = False) -> tuple[dict[str, list[tuple]], int, int]:
-    """Play SCRIPT; each sequence's events, how many steps took their first tokens from picks, and how
-    many steps ran padded (more tokens than the engine asked for)."""
+def _run(
+    path: Path, queues_ahead: bool, pads: bool = False, warm: bool = False
+) -> tuple[dict[str, list[tuple]], int, int, list[tuple[int, int]]]:
+    """Play SCRIPT (after the engine's warm-up again, where `warm`); each sequence's events, how many steps
+    took their first tokens from picks, how many steps ran padded (more tokens than the engine asked for),
+    and every step's (tokens, logit rows) as run."""
     engine = Engine.load(path, slots=4, context_length=48)
     engine.backend.queues_ahead = queues_ahead
     engine.backend.pads_steps = pads
@@ -50,11 +53,13 @@ def _run(path: Path, queues_ahead: bool, pads: bool = False) -> tuple[dict[str, 
         return run(tokens, *args, feed=feed, pad_slot=pad_slot)
 
     def recording_run_step(key, step):  # noqa: ANN001, ANN202
-        ran.append(key[0])
+        ran.append(key[:2])  # (tokens, logit rows)
         return run_step(key, step)
 
     engine.model.run = counting_run
     engine.backend.run_step = recording_run_step
+    if warm:
+        engine.warm_up()
     names: dict[int, str] = {}
     events: dict[str, list[tuple]] = {}
     step = 0
@@ -71,8 +76,9 @@ def _run(path: Path, queues_ahead: bool, pads: bool = False) -> tuple[dict[str, 
         step += 1
         assert step < 500
     limit = engine.model.max_step_tokens
-    assert all(n in ((a, padded(a, limit)) if pads else (a,)) for a, n in zip(asked, ran, strict=True))
-    return events, fed, sum(n > a for a, n in zip(asked, ran, strict=True))
+    assert all(n in ((a, padded(a, limit)) if pads else (a,)) for a, (n, _) in zip(asked, ran, strict=True))
+    assert all(rows == n for a, (n, rows) in zip(asked, ran, strict=True) if n > a)  # a padded step's one shape
+    return events, fed, sum(n > a for a, (n, _) in zip(asked, ran, strict=True)), ran
 
 
 def _plain(e: Event) -> tuple:
@@ -83,8 +89,8 @@ def _plain(e: Event) -> tuple:
 
 
 def test_queued_steps_give_every_sequence_the_same_events(tiny: Path) -> None:
-    want, fed_plain, _ = _run(tiny, queues_ahead=False)
-    got, fed, _ = _run(tiny, queues_ahead=True)
+    want, fed_plain, _, _ = _run(tiny, queues_ahead=False)
+    got, fed, _, _ = _run(tiny, queues_ahead=True)
     assert fed_plain == 0 and fed >= 15  # the pipelined path ran (not while d, whose penalty needs history, runs)
     assert got == want
     reasons = {name: evs[-1][1] for name, evs in want.items()}
@@ -97,9 +103,23 @@ def test_queued_steps_give_every_sequence_the_same_events(tiny: Path) -> None:
 
 @pytest.mark.parametrize("queues_ahead", [False, True])
 def test_padded_steps_give_every_sequence_the_same_events(tiny: Path, queues_ahead: bool) -> None:
-    """Steps of three tokens or more padded to `padded` sizes (extra tokens in a free slot, extra logit
-    rows copies of the last), with and without queued steps: the same events as unpadded steps."""
-    want, _, unpadded = _run(tiny, queues_ahead=False)
-    got, _, padded_steps = _run(tiny, queues_ahead=queues_ahead, pads=True)
+    """Steps of three tokens or more padded to `padded` sizes, as many logit rows as tokens (extra tokens in
+    a free slot, extra logit rows copies of the last), with and without queued steps: the same events as
+    unpadded steps."""
+    want, _, unpadded, _ = _run(tiny, queues_ahead=False)
+    got, _, padded_steps, _ = _run(tiny, queues_ahead=queues_ahead, pads=True)
     assert unpadded == 0 and padded_steps >= 5
     assert got == want
+
+
+def test_warm_up_runs_every_padded_size_twice_in_a_free_slot(tiny: Path) -> None:
+    """On a backend that captures steps per shape (at a shape's second step), the warm-up runs each padded size
+    of a step of several sequences twice, as many logit rows as tokens; the sequences that come after get the
+    events of an engine that did not (the pad slot's cache is written before it is read)."""
+    want, _, _, _ = _run(tiny, queues_ahead=False)
+    got, _, _, ran = _run(tiny, queues_ahead=True, pads=True, warm=True)
+    assert got == want
+    limit = Engine.load(tiny, slots=4, context_length=48).model.max_step_tokens
+    sizes = {padded(n, limit) for n in range(3, limit + 1)}
+    assert {4, 8, 16, 32, 48, 64, limit} <= sizes
+    assert all(ran.count((size, size)) >= 2 for size in sizes)

@@ -35,9 +35,6 @@ from rbees_workerd.kernels.backend import Backend, Picks, SamplingRow
 
 DEFAULT_CONTEXT = 4096
 REPETITION_WINDOW = 64  # llama.cpp's default penalty_last_n
-# the warm-up's prompt lengths: the step sizes kernels are specialized for (CUDA's tensor-core product: up
-# to 8, 16, 32 and more tokens), each compiled before the first request
-WARM_PROMPTS = (1, 5, 12, 24, 40)
 
 
 def make_backend(name: str, gpu: int = 0, threads: int | None = None) -> Backend:
@@ -154,16 +151,17 @@ class Engine:
 
     def warm_up(self, on_progress: Callable[[LoadPhase, float], None] | None = None) -> None:
         """Generate a little before any request: greedy passes, whose first call of each kernel compiles it (or
-        loads it from Numba's cache), then a sampled pass, which runs the sampling kernels too. The greedy
-        passes prefill prompts of WARM_PROMPTS' lengths too: a backend may compile its products of many tokens
-        per size class (the CUDA tensor-core product does), and a compilation during serving stalls every
-        request in flight for seconds."""
-        lengths = sorted({max(1, min(n, self.context_length - 2)) for n in WARM_PROMPTS})
+        loads it from Numba's cache), one for each of the backend's warm_sizes (a compilation while serving
+        stalls every request in flight for seconds), and the padded step sizes prepared (see
+        Transformer.prepare_padded_steps); then a sampled pass, which runs the sampling kernels."""
+        lengths = sorted({max(1, min(n, self.context_length - 2)) for n in self.backend.warm_sizes})
         for phase, temperature in (("compiling kernels", 0.0), ("warming up", 1.0)):
             if on_progress:
                 on_progress(phase, 0.0)
             for n in lengths if temperature == 0.0 else [1]:
                 list(self.generate([0] * n, GenerationParams(max_tokens=2, temperature=temperature, seed=0)))
+            if temperature == 0.0:
+                self.model.prepare_padded_steps(self._free[0])
             if on_progress:
                 on_progress(phase, 1.0)
 

@@ -67,7 +67,7 @@ _PAD_SIZES = sorted({1 << k for k in range(2, 24)} | {3 << k for k in range(4, 2
 
 
 def padded(n: int, limit: int) -> int:
-    """The size a step of n tokens (or logit rows) is padded to, at most `limit`: n itself up to 2 (the
+    """The size a step of n tokens is padded to, at most `limit`: n itself up to 2 (the
     one-token products run a token per block row), then 4, 8, 16, 32, 48, 64, 96, 128, 192, ...: a few
     shapes, and at most half of a step's tokens padding."""
     if n <= 2:
@@ -190,10 +190,12 @@ class Transformer:
         the last token's: one row of the output product keeps every step's shapes non-empty.
 
         With `pad_slot` (a slot no sequence holds) on a backend that captures steps per shape, a step
-        of several sequences is padded to one of a few sizes (`padded`): the extra tokens are token 0
-        at position 0 of `pad_slot` (whose cache a new sequence writes before it reads), the extra
-        logit rows copies of the last; every row is computed on its own, so the real rows' logits
-        are those of the unpadded step."""
+        of several sequences is padded to one of a few sizes (`padded`), with as many logit rows as
+        tokens: the extra tokens are token 0 at position 0 of `pad_slot` (whose cache a new sequence
+        writes before it reads), the extra logit rows copies of the last; every row is computed on its
+        own, so the real rows' logits are those of the unpadded step. (Padding the rows to sizes of their
+        own made a pair of sizes a step's shape: at 256 streams most steps then came in shapes seen
+        once or twice, each run launch by launch before its graph was captured.)"""
         if len(logit_rows) == 0:
             logit_rows = np.array([len(tokens) - 1], np.int32)
         n, r = len(tokens), len(logit_rows)
@@ -204,11 +206,10 @@ class Transformer:
         one_seq = bool(n > 1 and np.all(slots == slots[0]) and np.all(np.diff(positions) == 1))
         if pad_slot is not None and self.be.pads_steps and not one_seq:
             big_n = padded(n, self.max_step_tokens)
-            big_r = padded(r, big_n)
             extra = big_n - n
             tokens, positions = np.pad(tokens, (0, extra)), np.pad(positions, (0, extra))
             slots = np.concatenate([slots, np.full(extra, pad_slot, np.int32)])
-            logit_rows = np.pad(logit_rows, (0, big_r - r), mode="edge")
+            logit_rows = np.pad(logit_rows, (0, big_n - r), mode="edge")
         views = self._step_views(len(tokens), len(logit_rows), r)
         self.be.upload(np.concatenate([tokens, positions, slots, logit_rows]), views[0])
         if feed is not None:
@@ -217,6 +218,18 @@ class Transformer:
             self.be.feed(feed, views[1])
         self.be.run_step((len(tokens), len(logit_rows), one_seq), lambda: self._step(*views[1:-1], one_seq))
         return views[-1]
+
+    def prepare_padded_steps(self, pad_slot: int) -> None:
+        """On a backend that captures steps per shape, run each padded size of a step of several sequences twice
+        (all its tokens at position 0 of `pad_slot`, a slot no sequence holds): it captures a shape at its
+        second step, so a server's steps replay from the first request on. (Measured on the H100, 0.5B shape,
+        256 streams: most steps then ran launch by launch from Python, in shapes seen once or twice.)"""
+        if not self.be.pads_steps:
+            return
+        for size in sorted({padded(n, self.max_step_tokens) for n in range(3, self.max_step_tokens + 1)}):
+            zeros = np.zeros(size, np.int32)  # (positions all 0: not one sequence's consecutive tokens)
+            for _ in range(2):
+                self.run(zeros, zeros, np.full(size, pad_slot, np.int32), zeros[:1], pad_slot=pad_slot)
 
     def _step_views(self, n: int, r: int, wanted: int) -> tuple[Array, ...]:
         """The device views of a step of n tokens and r logit rows: ids, tokens, positions, slots, rows,

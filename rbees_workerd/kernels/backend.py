@@ -168,6 +168,9 @@ class Backend(ABC):
     # whether a step's work is captured per shape (CUDA graphs): the engine then pads steps of a few
     # tokens or more to a few sizes (Transformer.run), so that a server's steps reuse their captures
     pads_steps: bool = False
+    # prompt lengths whose steps run kernels compiled apart (CUDA: the tensor-core product's size classes):
+    # the engine's warm-up prefills one prompt of each, so that none compiles while requests are in flight
+    warm_sizes: tuple[int, ...] = (1,)
 
     # ---- memory -----------------------------------------------------------------
     @abstractmethod

@@ -151,6 +151,7 @@ class CudaBackend(backend.Backend):
     name = "cuda"
     queues_ahead = not SIM  # (the simulator runs each kernel as it is launched)
     pads_steps = not SIM
+    warm_sizes = (1, *(8 * nj for nj in mma.TOKEN_TILES))
 
     def __init__(self, gpu: int = 0) -> None:
         with _cuda_errors(f"opening GPU {gpu}"):

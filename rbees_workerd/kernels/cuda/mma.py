@@ -48,15 +48,12 @@ THREADS = 32 * WARPS
 assert BM == THREADS  # (a thread stages a row)
 SCRATCH = THREADS if SIM else 1  # (the simulator's mma twins exchange the fragments through it)
 PREP_THREADS = 32 if SIM else 512  # (a K of 4,096 is 512 items: one each)
-MAX_NJ = 2 if SIM else 8  # 8-token tiles of a block at most (64 tokens)
+TOKEN_TILES = (1, 2) if SIM else (1, 2, 4, 8)  # the 8-token tiles of an mma_kernel block: one kernel each
 
 
 def token_tiles(t_count: int) -> int:
-    """The 8-token tiles of an mma_kernel block for a product of t_count tokens: a power of two up to MAX_NJ."""
-    nj = 1
-    while nj < MAX_NJ and 8 * nj < t_count:
-        nj *= 2
-    return nj
+    """The 8-token tiles of an mma_kernel block for a product of t_count tokens: the fewest that hold them."""
+    return next((nj for nj in TOKEN_TILES if 8 * nj >= t_count), TOKEN_TILES[-1])
 
 
 def wide_rows(qt: int, k: int) -> bool:
