@@ -669,8 +669,8 @@ def _many_launches(be: CudaBackend, x: Any, qt: int, flags: int, mats: list[tupl
         tiles = (math.ceil(t_count / (8 * nj)), mma.row_tiles(*ns))
         split = mma.split_of(tiles[0] * tiles[1], k)
         part, count = be._split_buffers(split, t_count, sum(ns), tiles[0] * tiles[1])
-        args = (xw, xd, xs, m0, m1, m2, *ns, part, count)
-        kernel = mma.mma_kernel(qt, flags, nj, mma.wide_rows(qt, k))
+        args = (xw, xd, xs, m0, m1, m2, *ns, flags, part, count)
+        kernel = mma.mma_kernel(qt, nj, mma.wide_rows(qt, k))
         product = _Launch(kernel, (*tiles, split), (mma.THREADS,), args)
         launches = [prep, product]
     else:

@@ -91,7 +91,7 @@ def prep_q8_kernel(qt: int):  # noqa: ANN201
 
 
 @functools.cache
-def mma_kernel(qt: int, flags: int, nj: int, wide: bool):  # noqa: ANN201
+def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
     """Many tokens of Q8-rounded inputs (prep_q8_kernel) times up to three matrices of weight type qt.
 
     A block takes BM rows of one of the matrices and 8 nj tokens, its blocks along y those of matrix 0,
@@ -104,7 +104,9 @@ def mma_kernel(qt: int, flags: int, nj: int, wide: bool):  # noqa: ANN201
     (Q6_K, whose group halves have scales of their own: two mma over 16 columns). Each element (row, token)
     then adds d_w * d_x * dot plus the min term (Q8_1: m_w * xs) or the offset term (Q8_0: d_w * off * xs),
     as vec_kernel does. Blocks of a product with few tiles split K (split_of); rows and tokens past the ends
-    are read clamped (groups past K as zeros) and not written.
+    are read clamped (groups past K as zeros) and not written. The stores' `flags` (outputs.py) come as an
+    argument, not compiled in: they steer a few branches per output, and every combination compiled apart
+    multiplied the kernels a model compiles at its first start (162 s to Ready on the H100, 0.5B shape).
     """
     q8_1 = rounding(qt) == ROUND_Q8_1
     off = float32(OFFSET.get(qt, 0.0))
@@ -119,7 +121,7 @@ def mma_kernel(qt: int, flags: int, nj: int, wide: bool):  # noqa: ANN201
     o_size, s_row = WARPS * 32 * 8, 2 * KG
 
     @cuda.jit(**JIT)
-    def kernel(xw, xd, xs, m0, m1, m2, n0, n1, n2, part, count):
+    def kernel(xw, xd, xs, m0, m1, m2, n0, n1, n2, flags, part, count):
         w0, g0_, s0, o0, b0 = m0
         w1, g1, s1, o1, b1 = m1
         w2, g2, s2, o2, b2 = m2
