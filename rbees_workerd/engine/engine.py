@@ -154,16 +154,15 @@ class Engine:
         loads it from Numba's cache), one for each of the backend's warm_sizes (a compilation while serving
         stalls every request in flight for seconds), and the padded step sizes prepared (see
         Transformer.prepare_padded_steps); then a sampled pass, which runs the sampling kernels."""
-        lengths = sorted({max(1, min(n, self.context_length - 2)) for n in self.backend.warm_sizes})
-        for phase, temperature in (("compiling kernels", 0.0), ("warming up", 1.0)):
-            if on_progress:
-                on_progress(phase, 0.0)
-            for n in lengths if temperature == 0.0 else [1]:
-                list(self.generate([0] * n, GenerationParams(max_tokens=2, temperature=temperature, seed=0)))
-            if temperature == 0.0:
-                self.model.prepare_padded_steps(self._free[0])
-            if on_progress:
-                on_progress(phase, 1.0)
+        report = on_progress or (lambda phase, fraction: None)
+        report("compiling kernels", 0.0)
+        for n in sorted({max(1, min(size, self.context_length - 2)) for size in self.backend.warm_sizes}):
+            list(self.generate([0] * n, GenerationParams(max_tokens=2, temperature=0.0, seed=0)))
+        self.model.prepare_padded_steps(self._free[0])
+        report("compiling kernels", 1.0)
+        report("warming up", 0.0)
+        list(self.generate([0], GenerationParams(max_tokens=2, temperature=1.0, seed=0)))
+        report("warming up", 1.0)
 
     # ---- sequences
     def free_slots(self) -> int:

@@ -75,6 +75,11 @@ def padded(n: int, limit: int) -> int:
     return min(next(size for size in _PAD_SIZES if size >= n), limit)
 
 
+def padded_sizes(limit: int) -> list[int]:
+    """Every size `padded` gives a step of three tokens or more, at most `limit`."""
+    return sorted({padded(n, limit) for n in range(3, limit + 1)})
+
+
 def kv_cache_bytes(cfg: ModelConfig, slots: int, context_length: int) -> int:
     return 2 * 4 * cfg.n_layers * slots * context_length * cfg.n_kv_heads * cfg.head_dim
 
@@ -226,7 +231,7 @@ class Transformer:
         256 streams: most steps then ran launch by launch from Python, in shapes seen once or twice.)"""
         if not self.be.pads_steps:
             return
-        for size in sorted({padded(n, self.max_step_tokens) for n in range(3, self.max_step_tokens + 1)}):
+        for size in padded_sizes(self.max_step_tokens):
             zeros = np.zeros(size, np.int32)  # (positions all 0: not one sequence's consecutive tokens)
             for _ in range(2):
                 self.run(zeros, zeros, np.full(size, pad_slot, np.int32), zeros[:1], pad_slot=pad_slot)

@@ -25,7 +25,7 @@ Scales (`gs[N, groups]`, and for K-quants `sb[N, groups / 8]` per 256 elements):
 A group is read as four items of 8 weights: item q is elements 4q .. 4q + 3 and 16 + 4q .. 16 + 4q + 3,
 one NIB4 word. The integer products round their input like llama.cpp's CUDA backend rounds it
 (int8 blocks of 32, `rounding`) and take dp4a / mma products of an item's two words of four int8
-values (`item_words`) with the input's, then apply the scales in float.
+values (`group_item`) with the input's, then apply the scales in float.
 """
 
 from __future__ import annotations
@@ -229,32 +229,10 @@ def signed_six(v):
 
 
 @cuda.jit(**DEVICE)
-def load_item(qt, w, r, it):
-    """The raw words item it of row r is decoded from, as loaded (see unpack_item): its values' word,
-    and NIB5's fifth-bits word or Q6's two high-bits words of its group; Q8's two words."""
-    r = uint32(r)
-    g = uint32(it >> 2)
-    q = uint32(it & 3)
-    if qt == Q8_0:
-        return w[r, g * 8 + 2 * q], w[r, g * 8 + 2 * q + 1], uint32(0)
-    if fifth_bit(qt):
-        return w[r, g * 5 + 1 + q], w[r, g * 5], uint32(0)
-    if qt == Q6_K:
-        return w[r, g * 6 + q], w[r, g * 6 + 4], w[r, g * 6 + 5]
-    return w[r, g * 4 + q], uint32(0), uint32(0)
-
-
-@cuda.jit(**DEVICE)
-def unpack_item(qt, a, b, c, q):
-    """An item's raw words (load_item; q its place in the group) as two words of four int8 values each,
-    in the order of stage_q8's input words (the item's elem(qt, q, 0 .. 3), then elem(qt, q, 4 .. 7)):
-    the values before scaling, unsigned for the nibble types (their offset or min is applied apart),
-    signed (q - 32) for Q6_K."""
-    if qt == Q8_0:
-        return uint32(a), uint32(b)
-    if qt == Q6_K:
-        lo, hi = six_values(a, b, c, q)
-        return uint32(signed_six(lo)), uint32(signed_six(hi))
+def unpack_item(qt, a, b, q):
+    """Item q of a nibble type's group (its values' word a; NIB5's fifth-bits word b) as two words of four
+    unsigned values each, in the order of stage_q8's input words (the item's elem(qt, q, 0 .. 3), then
+    elem(qt, q, 4 .. 7)): the values before scaling (their offset or min is applied apart)."""
     lo = a & 0x0F0F0F0F
     hi = (a >> 4) & 0x0F0F0F0F
     if fifth_bit(qt):  # (fifth_pos: the item's bits at bit q of each byte's halves)
@@ -265,7 +243,7 @@ def unpack_item(qt, a, b, c, q):
 
 @cuda.jit(**DEVICE)
 def six_values(a, b, c, q):
-    """Q6 item q's values 0 .. 63, as unpack_item orders them, from its values' word a and its group's high
+    """Q6 item q's values 0 .. 63, in unpack_item's order, from its values' word a and its group's high
     words b, c (six_pos: the item's bits at bits 2 q, 2 q + 1 of each byte)."""
     lo = (a & 0x0F0F0F0F) | (((b >> (2 * q)) & 0x03030303) << 4)
     hi = ((a >> 4) & 0x0F0F0F0F) | (((c >> (2 * q)) & 0x03030303) << 4)
@@ -297,22 +275,16 @@ def load_group(qt, w, r, g, out, o, n):
 
 @cuda.jit(**DEVICE)
 def group_item(qt, fw, at, q):
-    """unpack_item of item q of the group whose words load_group put at fw[at:]; for Q6_K the unsigned
-    values 0 .. 63 (Q6_OFFSET_WORD's dp4a with the input subtracts the 32)."""
+    """Item q of the group whose words load_group put at fw[at:], as two words of four values each in the
+    order of stage_q8's input words (unpack_item): unsigned for the nibble types, Q8_0's signed ones, and for
+    Q6_K the unsigned values 0 .. 63 (signed_six subtracts the 32, or Q6_OFFSET_WORD's dp4a with the input)."""
     if qt == Q6_K:
         return six_values(fw[at + q], fw[at + 4], fw[at + 5], q)
     if qt == Q8_0:
         return uint32(fw[at + 2 * q]), uint32(fw[at + 2 * q + 1])
     if fifth_bit(qt):
-        return unpack_item(qt, fw[at + 1 + q], fw[at], uint32(0), q)
-    return unpack_item(qt, fw[at + q], uint32(0), uint32(0), q)
-
-
-@cuda.jit(**DEVICE)
-def item_words(qt, w, r, it):
-    """unpack_item of item it of row r."""
-    a, b, c = load_item(qt, w, r, it)
-    return unpack_item(qt, a, b, c, it & 3)
+        return unpack_item(qt, fw[at + 1 + q], fw[at], q)
+    return unpack_item(qt, fw[at + q], uint32(0), q)
 
 
 @cuda.jit(**DEVICE)
