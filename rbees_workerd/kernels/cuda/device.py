@@ -99,6 +99,25 @@ if SIM:
         a[i], a[i + 1], a[i + 2], a[i + 3] = v0, v1, v2, v3
 
     @cuda.jit(device=True)
+    def copy4(dst, i, src, r, c, ok):
+        """dst[i .. i + 3] = src[r, c .. c + 3] (zeros where not ok), the simulator at once."""
+        for k in range(4):
+            dst[i + k] = src[r, c + k] if ok else 0
+
+    @cuda.jit(device=True)
+    def copy1(dst, i, src, r, c, ok):
+        """dst[i] = src[r, c] (zero where not ok), the simulator at once."""
+        dst[i] = src[r, c] if ok else 0
+
+    @cuda.jit(device=True)
+    def copies_sent():
+        """The simulator's copies are done when issued."""
+
+    @cuda.jit(device=True)
+    def copies_landed():
+        """The simulator's copies are done when issued."""
+
+    @cuda.jit(device=True)
     def f32_from_bits(bits):
         return np.uint32(int(bits) & 0xFFFFFFFF).view(np.float32)
 
@@ -322,6 +341,55 @@ else:
             return context.get_dummy_value()
 
         return types.none(a, i, v0, v1, v2, v3), codegen
+
+    def _copy_async(size: int):  # noqa: ANN202
+        """The codegen of a `size`-byte copy of src[r, c ..] into dst[i ..] (a shared array) that the memory
+        system does on its own (PTX cp.async): the thread goes on at once, and registers hold nothing in
+        flight. Where ok is false it fills zeros and reads nothing (source size 0)."""
+        kind = "cg" if size == 16 else "ca"  # (16-byte copies may skip L1; smaller ones may not)
+        text = ("{ .reg .u64 a; .reg .u32 s; cvta.to.shared.u64 a, $0; cvt.u32.u64 s, a; "
+                f"cp.async.{kind}.shared.global [s], [$1], {size}, $2; }}")  # fmt: skip
+
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            dst = _element_ptr(context, builder, sig.args[0], args[0], sig.args[1:2], args[1:2])
+            src = _element_ptr(context, builder, sig.args[2], args[2], sig.args[3:5], args[3:5])
+            ok = context.cast(builder, args[5], sig.args[5], types.boolean)
+            n = builder.select(ok, ir.Constant(ir.IntType(32), size), ir.Constant(ir.IntType(32), 0))
+            fn = ir.FunctionType(ir.VoidType(), [dst.type, src.type, n.type])
+            builder.call(ir.InlineAsm(fn, text, "l,l,r,~{memory}", side_effect=True), [dst, src, n])
+            return context.get_dummy_value()
+
+        return codegen
+
+    @intrinsic
+    def copy4(typingctx, dst, i, src, r, c, ok):  # noqa: ANN001, ANN201
+        """dst[i .. i + 3] = src[r, c .. c + 3] of 32-bit arrays (dst shared, i and the source 16-byte
+        aligned), zeros where not ok: an asynchronous copy (cp.async), done by copies_landed."""
+        return types.none(dst, i, src, r, c, ok), _copy_async(16)
+
+    @intrinsic
+    def copy1(typingctx, dst, i, src, r, c, ok):  # noqa: ANN001, ANN201
+        """dst[i] = src[r, c] of 32-bit arrays (dst shared), zero where not ok: copy4 for one word."""
+        return types.none(dst, i, src, r, c, ok), _copy_async(4)
+
+    def _asm_statement(text: str):  # noqa: ANN202
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            fn = ir.FunctionType(ir.VoidType(), [])
+            builder.call(ir.InlineAsm(fn, text, "~{memory}", side_effect=True), [])
+            return context.get_dummy_value()
+
+        return codegen
+
+    @intrinsic
+    def copies_sent(typingctx):  # noqa: ANN001, ANN201
+        """Closes the group of this thread's copies issued since the last one (PTX cp.async.commit_group)."""
+        return types.none(), _asm_statement("cp.async.commit_group;")
+
+    @intrinsic
+    def copies_landed(typingctx):  # noqa: ANN001, ANN201
+        """Waits for this thread's groups of copies but the last one sent (PTX cp.async.wait_group 1):
+        with two stages in flight, the older one has landed (for the other threads: after a barrier)."""
+        return types.none(), _asm_statement("cp.async.wait_group 1;")
 
     @intrinsic
     def dp4a(typingctx, a, b, c):  # noqa: ANN001, ANN201

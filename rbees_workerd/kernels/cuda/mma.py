@@ -15,10 +15,14 @@ from rbees_workerd.kernels.cuda.device import (
     EXACT,
     JIT,
     SIM,
+    bits_from_f32,
+    copies_landed,
+    copies_sent,
+    copy1,
+    copy4,
+    f32_from_bits,
     grid_ready,
     inv_rms,
-    load1,
-    load4,
     mma_s8,
     mma_s8_k16,
     put4,
@@ -32,8 +36,9 @@ from rbees_workerd.kernels.cuda.formats import (
     WORDS,
     fetch_norm,
     group_item,
-    group_scales,
+    load_scales,
     rounding,
+    scales_of,
     signed_six,
     stage_q8,
 )  # fmt: skip
@@ -42,18 +47,26 @@ from rbees_workerd.kernels.cuda.outputs import MODE_ROWS, last_of_split, residua
 WARPS = 1 if SIM else 4  # warps per block of mma_kernel, one above the other
 MI = 2  # a warp's rows: MI 16-row tensor-core tiles (its tokens: the block's, nj 8-token tiles)
 BM = 16 * MI * WARPS  # a block's rows
-KG = 4  # 32-blocks of K a block stages in shared memory at a time
-X_PITCH = 8 * KG + 8  # a token's staged input words (= 8 mod 32: a warp's 8-byte fragment loads hit 32 banks)
+KG = 4  # 32-blocks of K a block stages in shared memory at a time (half as many for the wider types: stage_groups)
 THREADS = 32 * WARPS
 assert BM == THREADS  # (a thread stages a row)
 SCRATCH = THREADS if SIM else 1  # (the simulator's mma twins exchange the fragments through it)
 PREP_THREADS = 32 if SIM else 512  # (a K of 4,096 is 512 items: one each)
 TOKEN_TILES = (1, 2) if SIM else (1, 2, 4, 8)  # the 8-token tiles of an mma_kernel block: one kernel each
+# three blocks an SM (a scheduler then has three warps to choose from): ptxas keeps to 168 registers, spilling
+# a few of the next stage's addresses (40 bytes at 64 tokens) rather than the accumulators
+_THREE_BLOCKS = {} if SIM else {"max_registers": 65536 // (3 * THREADS) // 8 * 8}
 
 
 def token_tiles(t_count: int) -> int:
     """The 8-token tiles of an mma_kernel block for a product of t_count tokens: the fewest that hold them."""
     return next((nj for nj in TOKEN_TILES if 8 * nj >= t_count), TOKEN_TILES[-1])
+
+
+def stage_groups(qt: int) -> int:
+    """The 32-blocks of K mma_kernel stages at a time for weight type qt: two stages of the rows' and the
+    tokens' words fit in the 48 KB of static shared memory (KG, or half for the types of more than 5 words)."""
+    return KG if WORDS[qt] <= 5 else KG // 2
 
 
 def wide_rows(qt: int, k: int) -> bool:
@@ -95,7 +108,7 @@ def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
     """Many tokens of Q8-rounded inputs (prep_q8_kernel) times up to three matrices of weight type qt.
 
     A block takes BM rows of one of the matrices and 8 nj tokens, its blocks along y those of matrix 0,
-    then 1, then 2, so the weights a block reads are chosen once. It walks K by KG 32-blocks: its threads
+    then 1, then 2, so the weights a block reads are chosen once. It walks K by kg 32-blocks: its threads
     copy the rows' words (16-byte loads where `wide`), their scales (as floats) and the tokens' input words,
     scales and sums into shared memory, then each warp multiplies its MI 16-row tiles by every 8-token tile.
     Lane l takes item l % 4 of each 32-block: the two words group_item gives are exactly its A fragment
@@ -112,30 +125,85 @@ def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
     off = float32(OFFSET.get(qt, 0.0))
     halves = qt == Q6_K
     words = WORDS[qt]
-    pitch = _pitch(KG * words)
-    pieces = KG * words // 4  # 16-byte pieces of a row's words in a stage
+    kg = stage_groups(qt)
+    xp = 8 * kg + 8  # a token's staged input words (= 8 or 24 mod 32: a warp's 8-byte fragment loads hit 32 banks)
+    pitch = _pitch(kg * words)
+    pieces = kg * words // 4 if wide else kg * words  # copies of a row's words in a stage (16 or 4 bytes)
     bn = 8 * nj
     acc_n = MI * nj * 4
+    x_pieces = bn * 2 * kg  # 16-byte copies of the tokens' words in a stage
+    x_iters = -(-x_pieces // THREADS)
+    dn = -(-kg * bn // THREADS)  # (32-block, token) scale pairs a thread stages
     # the arrays' sizes (constants of the closure: Numba folds no arithmetic on globals)
-    w_size, s_size, x_size, d_size, a_size = BM * pitch, BM * KG * 2, bn * X_PITCH, KG * bn * 2, 4 * MI
-    o_size, s_row = WARPS * 32 * 8, 2 * KG
+    w_size, s_size, x_size, d_size, a_size = 2 * BM * pitch, BM * kg * 2, 2 * bn * xp, kg * bn * 2, 4 * MI
+    s_row, w_buf, x_buf = 2 * kg, BM * pitch, bn * xp
+    assert w_size >= WARPS * 32 * 8  # (the results leave through wsh)
 
-    @cuda.jit(**JIT)
+    @cuda.jit(**DEVICE)
+    def send(c, w, row_words, first, n, xw, t0, n_tok, groups, wsh, xsh):
+        """Start the copies of stage c's words (the rows', the tokens') into buffer c % 2 (copies_sent)."""
+        tid = cuda.threadIdx.x
+        g0 = c * kg
+        whole = g0 + kg <= groups  # (the whole stage lies inside K: no bounds to check)
+        wb = (c % 2) * w_buf
+        row = min(first + tid, n - 1)  # (a thread a row: its pieces are consecutive, the next stage's too)
+        for u in range(pieces):
+            if wide:
+                col = g0 * words + 4 * u
+                ok = whole or col < row_words
+                copy4(wsh, wb + tid * pitch + 4 * u, w, row, col if ok else 0, ok)
+            else:
+                col = g0 * words + u
+                ok = whole or col < row_words
+                copy1(wsh, wb + tid * pitch + u, w, row, col if ok else 0, ok)
+        xb = (c % 2) * x_buf
+        for u in range(x_iters):
+            p = min(tid + THREADS * u, x_pieces - 1)  # (the last piece, again, by the threads past them)
+            tok = min(t0 + p // (2 * kg), n_tok - 1)
+            col = g0 * 8 + 4 * (p % (2 * kg))
+            ok = whole or col < xw.shape[1]
+            copy4(xsh, xb + (p // (2 * kg)) * xp + 4 * (p % (2 * kg)), xw, tok, col if ok else 0, ok)
+        copies_sent()
+
+    @cuda.jit(**DEVICE)
+    def load_stage_scales(c, gs, sb, row, xd, xs, t0, n_tok, groups, graw, sraw, draw, eraw):
+        """Stage c's raw scale fields of row `row` (graw, sraw: load_scales) and this thread's (32-block, token)
+        pairs of scales and sums (draw, eraw), loaded into registers: in flight while the stage before is
+        multiplied, turned into floats and stored when the stage comes (mma_kernel). Past K: zeros."""
+        tid = cuda.threadIdx.x
+        g0 = c * kg
+        for gi in range(kg):
+            g = min(g0 + gi, groups - 1)
+            graw[gi], sraw[gi] = load_scales(qt, gs, sb, row, g)
+            if g0 + gi >= groups:  # (the raw fields of a zero scale)
+                graw[gi], sraw[gi] = uint32(0), uint32(0)
+        for u in range(dn):
+            p = tid + THREADS * u
+            tok = min(t0 + p % bn, n_tok - 1)
+            g = g0 + p // bn
+            inside = p < kg * bn and g < groups
+            draw[u] = xd[tok, min(g, groups - 1)] if inside else float32(0.0)
+            eraw[u] = xs[tok, min(g, groups - 1)] if inside else float32(0.0)
+
+    @cuda.jit(**JIT, **_THREE_BLOCKS)
     def kernel(xw, xd, xs, m0, m1, m2, n0, n1, n2, flags, part, count):
         w0, g0_, s0, o0, b0 = m0
         w1, g1, s1, o1, b1 = m1
         w2, g2, s2, o2, b2 = m2
-        wsh = cuda.shared.array(w_size, uint32)  # the rows' words of the stage
+        wsh = cuda.shared.array(w_size, uint32)  # the rows' words, two stages (one landing while one is used)
         ssh = cuda.shared.array(s_size, float32)  # each (row, 32-block): its scale, min / offset term
-        xsh = cuda.shared.array(x_size, uint32)  # the tokens' input words
+        xsh = cuda.shared.array(x_size, uint32)  # the tokens' input words, two stages
         dsh = cuda.shared.array(d_size, float32)  # each (32-block, token): its scale and sum term
-        osh = cuda.shared.array(o_size, float32)  # each warp's results of one 8-token tile, on their way out
         scratch = cuda.shared.array((SCRATCH, 6), uint32)
         last = cuda.shared.array(1, int32)
         acc = cuda.local.array(acc_n, float32)
         afr = cuda.local.array(a_size, uint32)
         asc = cuda.local.array(a_size, float32)
         sv = cuda.local.array(s_row, float32)
+        graw = cuda.local.array(kg, uint32)  # the next stage's scale fields of this thread's row, in flight
+        sraw = cuda.local.array(kg, uint32)
+        draw = cuda.local.array(dn, float32)  # and its tokens' scales and sums
+        eraw = cuda.local.array(dn, float32)
         tid = cuda.threadIdx.x
         lane = tid % 32
         gq = lane // 4
@@ -147,60 +215,49 @@ def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
         t0 = cuda.blockIdx.x * bn
         groups = xd.shape[1]
         row_words = w.shape[1]
-        row = min(first + tid, n - 1)  # the row whose words and scales this thread stages (BM == THREADS)
+        row = min(first + tid, n - 1)  # the row whose scales this thread stages (BM == THREADS)
         for i in range(acc_n):
             acc[i] = 0.0
         grid_ready()
-        chunks = (groups + KG - 1) // KG
+        chunks = (groups + kg - 1) // kg
         split = cuda.gridDim.z
         z = cuda.blockIdx.z
-        for c in range((chunks * z) // split, (chunks * (z + 1)) // split):
-            g0 = c * KG
-            whole = g0 + KG <= groups  # (the whole stage lies inside K: no bounds to check)
-            for u in range(pieces):  # this thread's row's words, 16 bytes at a time
-                col = g0 * words + 4 * u
-                v0 = v1 = v2 = v3 = uint32(0)
-                if wide:
-                    if whole or col < row_words:
-                        v0, v1, v2, v3 = load4(w, row, col)
-                else:
-                    v0 = load1(w, row, col) if whole or col < row_words else uint32(0)
-                    v1 = load1(w, row, col + 1) if whole or col + 1 < row_words else uint32(0)
-                    v2 = load1(w, row, col + 2) if whole or col + 2 < row_words else uint32(0)
-                    v3 = load1(w, row, col + 3) if whole or col + 3 < row_words else uint32(0)
-                put4(wsh, tid * pitch + 4 * u, v0, v1, v2, v3)
-            for gi in range(KG):  # its scales
-                sv[2 * gi] = float32(0.0)
-                sv[2 * gi + 1] = float32(0.0)
-                if whole or g0 + gi < groups:
-                    s_lo, s_hi, mn = group_scales(qt, gs, sb, row, g0 + gi)
-                    sv[2 * gi] = s_lo
-                    sv[2 * gi + 1] = s_hi if halves else (mn if q8_1 else s_lo * off)
-            for h in range(KG // 2):
-                put4(ssh, tid * 2 * KG + 4 * h, sv[4 * h], sv[4 * h + 1], sv[4 * h + 2], sv[4 * h + 3])
-            for p in range(tid, bn * 2 * KG, THREADS):  # the tokens' input words
-                tok = min(t0 + p // (2 * KG), n_tok - 1)
-                col = g0 * 8 + 4 * (p % (2 * KG))
-                v0 = v1 = v2 = v3 = uint32(0)
-                if whole or col < xw.shape[1]:
-                    v0, v1, v2, v3 = load4(xw, tok, col)
-                put4(xsh, (p // (2 * KG)) * X_PITCH + 4 * (p % (2 * KG)), v0, v1, v2, v3)
-            for p in range(tid, KG * bn, THREADS):  # their scales and sums
-                tok = min(t0 + p % bn, n_tok - 1)
-                g = g0 + p // bn
-                dsh[2 * p] = xd[tok, g] if whole or g < groups else float32(0.0)
-                dsh[2 * p + 1] = xs[tok, g] if whole or g < groups else float32(0.0)
+        c_first = (chunks * z) // split
+        c_end = (chunks * (z + 1)) // split
+        if c_first < c_end:  # stage c_first: its copies sent, its scales loaded
+            send(c_first, w, row_words, first, n, xw, t0, n_tok, groups, wsh, xsh)
+            load_stage_scales(c_first, gs, sb, row, xd, xs, t0, n_tok, groups, graw, sraw, draw, eraw)
+        for c in range(c_first, c_end):
+            for gi in range(kg):  # the stage's scales, into shared memory (its words are on their way)
+                s_lo, s_hi, mn = scales_of(qt, graw[gi], sraw[gi])
+                sv[2 * gi] = s_lo
+                sv[2 * gi + 1] = s_hi if halves else (mn if q8_1 else s_lo * off)
+            for h in range(kg // 2):
+                put4(ssh, tid * 2 * kg + 4 * h, sv[4 * h], sv[4 * h + 1], sv[4 * h + 2], sv[4 * h + 3])
+            for u in range(dn):
+                p = tid + THREADS * u
+                if p < kg * bn:
+                    dsh[2 * p] = draw[u]
+                    dsh[2 * p + 1] = eraw[u]
+            if c + 1 < c_end:  # the next stage: copies sent, scales loaded, all while this one is multiplied
+                send(c + 1, w, row_words, first, n, xw, t0, n_tok, groups, wsh, xsh)
+                load_stage_scales(c + 1, gs, sb, row, xd, xs, t0, n_tok, groups, graw, sraw, draw, eraw)
+            else:
+                copies_sent()  # (an empty group: copies_landed waits for all but the newest)
+            copies_landed()
             cuda.syncthreads()
-            for gi in range(KG):
+            wb = (c % 2) * w_buf
+            xb = (c % 2) * x_buf
+            for gi in range(kg):
                 for i in range(MI):  # the warp's A fragments and their rows' scales
                     for h in range(2):
                         r = wr + 16 * i + gq + 8 * h
-                        lo, hi = group_item(qt, wsh, r * pitch + gi * words, tq)
+                        lo, hi = group_item(qt, wsh, wb + r * pitch + gi * words, tq)
                         afr[4 * i + h] = signed_six(lo) if halves else lo
                         afr[4 * i + 2 + h] = signed_six(hi) if halves else hi
-                        asc[4 * i + 2 * h], asc[4 * i + 2 * h + 1] = shared2(ssh, 2 * (r * KG + gi))
+                        asc[4 * i + 2 * h], asc[4 * i + 2 * h + 1] = shared2(ssh, 2 * (r * kg + gi))
                 for j in range(nj):
-                    bw0, bw1 = shared2(xsh, (8 * j + gq) * X_PITCH + 8 * gi + 2 * tq)
+                    bw0, bw1 = shared2(xsh, xb + (8 * j + gq) * xp + 8 * gi + 2 * tq)
                     d0, e0, d1, e1 = shared4(dsh, 2 * (gi * bn + 8 * j + 2 * tq))
                     for i in range(MI):
                         k = (i * nj + j) * 4
@@ -229,19 +286,21 @@ def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
                 if jj == j:  # in local memory)
                     for i in range(MI):
                         for q in range(4):
-                            osh[ot + (16 * i + gq + 8 * (q // 2)) * 8 + 2 * tq + q % 2] = acc[(i * nj + jj) * 4 + q]
+                            bits = bits_from_f32(acc[(i * nj + jj) * 4 + q])
+                            wsh[ot + (16 * i + gq + 8 * (q // 2)) * 8 + 2 * tq + q % 2] = bits
             cuda.syncthreads()
             if split > 1:
                 for e in range(8):
                     t = t0 + 8 * j + e
                     if r < n and t < n_tok:
-                        part[z, t, at + r] = osh[ot + lane * 8 + e]
+                        part[z, t, at + r] = f32_from_bits(wsh[ot + lane * 8 + e])
             else:
                 for e in range(8):
                     t = t0 + 8 * j + e
                     if r < n and t < n_tok:
-                        store(which, MODE_ROWS, flags, t, r, osh[ot + lane * 8 + e], float32(0.0), o0, b0, o1, b1,
-                              o2, b2, residual(flags, which, t, r, o0, o1, o2))  # fmt: skip
+                        out = f32_from_bits(wsh[ot + lane * 8 + e])
+                        store(which, MODE_ROWS, flags, t, r, out, float32(0.0), o0, b0, o1, b1, o2, b2,
+                              residual(flags, which, t, r, o0, o1, o2))  # fmt: skip
             cuda.syncthreads()
         if split > 1 and last_of_split(count, split, last):  # the last block of the tile adds the parts
             for t in range(t0, min(t0 + bn, n_tok)):
