@@ -382,9 +382,8 @@ class CudaBackend(backend.Backend):
 
     def attention(self, q, cache_k, cache_v, slots, positions, out, one_sequence=False, scale=None) -> None:  # noqa: ANN001
         t_count, heads, e = q.shape
-        tiled = one_sequence and t_count >= ops.SEQ_MIN_TOKENS  # a prompt chunk: a tile of queries per block
-        if tiled and (e > ops.SEQ_MAX_E or e % 8):
-            raise InvalidParams(f"head size {e} is not a multiple of 8 up to {ops.SEQ_MAX_E} (the tiled CUDA kernel)")
+        # a prompt chunk: a tile of queries per block, on the tensor cores (head sizes in 16-element steps)
+        tiled = one_sequence and t_count >= ops.SEQ_MIN_TOKENS and e % 16 == 0 and e <= ops.SEQ_MAX_E
         if not tiled and e > ops.ATT_MAX_E:
             raise InvalidParams(f"head size {e} exceeds the CUDA kernel's {ops.ATT_MAX_E}")
         args = (q, cache_k, cache_v, slots, positions, out)

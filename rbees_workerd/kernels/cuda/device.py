@@ -99,6 +99,36 @@ if SIM:
         a[i], a[i + 1], a[i + 2], a[i + 3] = v0, v1, v2, v3
 
     @cuda.jit(device=True)
+    def pack_f16(lo, hi):
+        """The float16s nearest lo and hi (ties to even) in one word, lo in the low half."""
+        return int(np.array([lo, hi], np.float16).view(np.uint32)[0])
+
+    @cuda.jit(device=True)
+    def mma_f16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, scratch):
+        """c + the warp's 16 x 8 float32 product of a 16 x 16 and a 16 x 8 float16 fragment (PTX mma m16n8k16
+        f16, f32 accumulators). Each word holds two halves, the lower first: lane l holds A's rows l // 4
+        (a0, a2) and l // 4 + 8 (a1, a3), columns 2 (l % 4) and + 1 (a0, a1), + 8 and + 9 (a2, a3); B's column
+        l // 4, rows 2 (l % 4) and + 1 (b0), + 8 and + 9 (b1); c as mma_s8 gives C. Every lane calls it."""
+        tid = cuda.threadIdx.x
+        lane = tid % 32
+        for i, v in enumerate((a0, a1, a2, a3, b0, b1)):
+            scratch[tid, i] = int(v) & 0xFFFFFFFF
+        cuda.syncthreads()
+        h = np.ascontiguousarray(scratch[tid - lane : tid - lane + 32]).view(np.float16).astype(np.float64)
+        h = h.reshape(8, 4, 6, 2)  # [group, lane in group, register, half]
+        a = np.zeros((16, 16))
+        b = np.zeros((16, 8))
+        for r, (row, col) in enumerate(((0, 0), (8, 0), (0, 8), (8, 8))):
+            a[row : row + 8, col : col + 8] = h[:, :, r, :].reshape(8, 8)
+        for r in range(2):
+            b[8 * r : 8 * r + 8, :] = h[:, :, 4 + r, :].reshape(8, 8).T
+        c = a @ b
+        cuda.syncthreads()
+        g, q = lane // 4, lane % 4
+        return (np.float32(c0 + c[g, 2 * q]), np.float32(c1 + c[g, 2 * q + 1]), np.float32(c2 + c[g + 8, 2 * q]),
+                np.float32(c3 + c[g + 8, 2 * q + 1]))  # fmt: skip
+
+    @cuda.jit(device=True)
     def copy4(dst, i, src, r, c, ok):
         """dst[i .. i + 3] = src[r, c .. c + 3] (zeros where not ok), the simulator at once."""
         for k in range(4):
@@ -341,6 +371,35 @@ else:
             return context.get_dummy_value()
 
         return types.none(a, i, v0, v1, v2, v3), codegen
+
+    @intrinsic
+    def pack_f16(typingctx, lo, hi):  # noqa: ANN001, ANN201
+        """The float16s nearest lo and hi (ties to even) in one word, lo in the low half (PTX cvt f16x2)."""
+
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            f32 = ir.FloatType()
+            ins = [context.cast(builder, v, t, types.float32) for v, t in zip(args, sig.args, strict=True)]
+            fn = ir.FunctionType(ir.IntType(32), [f32, f32])
+            return builder.call(ir.InlineAsm(fn, "cvt.rn.f16x2.f32 $0, $1, $2;", "=r,f,f"), [ins[1], ins[0]])
+
+        return types.uint32(lo, hi), codegen
+
+    @intrinsic
+    def mma_f16(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, scratch):  # noqa: ANN001, ANN201
+        """c + the warp's 16 x 8 float32 product of float16 fragments: one tensor-core instruction (PTX mma
+        m16n8k16 f16 with f32 accumulators; the fragments as the simulator twin describes)."""
+
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            i32, f32 = ir.IntType(32), ir.FloatType()
+            ins = [context.cast(builder, v, t, types.uint32) for v, t in zip(args[:6], sig.args[:6], strict=True)]
+            ins += [context.cast(builder, v, t, types.float32) for v, t in zip(args[6:10], sig.args[6:10], strict=True)]
+            text = ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, "
+                    "{$10,$11,$12,$13};")  # fmt: skip
+            fn = ir.FunctionType(ir.LiteralStructType([f32] * 4), [i32] * 6 + [f32] * 4)
+            out = builder.call(ir.InlineAsm(fn, text, ",".join(["=f"] * 4 + ["r"] * 6 + ["f"] * 4)), ins)
+            return context.make_tuple(builder, sig.return_type, [builder.extract_value(out, i) for i in range(4)])
+
+        return types.UniTuple(types.float32, 4)(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, scratch), codegen
 
     def _copy_async(size: int):  # noqa: ANN202
         """The codegen of a `size`-byte copy of src[r, c ..] into dst[i ..] (a shared array) that the memory

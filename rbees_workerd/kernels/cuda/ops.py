@@ -7,7 +7,19 @@ import math
 
 from numba import cuda, float32, float64, int32, uint32
 
-from rbees_workerd.kernels.cuda.device import DEVICE, JIT, SIM, fp16_round, grid_ready, warp_max, warp_sum
+from rbees_workerd.kernels.cuda.device import (
+    DEVICE,
+    JIT,
+    SIM,
+    fp16_round,
+    grid_ready,
+    mma_f16,
+    pack_f16,
+    quad_max,
+    quad_sum,
+    warp_max,
+    warp_sum,
+)  # fmt: skip
 from rbees_workerd.kernels.cuda.formats import OFFSET, decode, elem
 
 # attention_kernel: ATT_THREADS a block (a multiple of 32; two warps in the slow simulator), K tiles of ATT_KT
@@ -23,12 +35,11 @@ ATT_SHARED = 46 * 1024  # bytes of the K tile and the scores together (static sh
 ATT_MAX_E = 256
 ATT_GROUP_MIN_BLOCKS = 128  # blocks of (token, KV head) from which a block serves all query heads of its KV head
 _ATT_FIT = {} if SIM else {"max_registers": 65536 // (2 * ATT_THREADS)}  # two blocks an SM, without spills (ptxas)
-# attention_seq_kernel's tiles: SEQ_QT queries per block (144 blocks for 512 tokens and 9 heads, more than the
-# H200's 132 SMs), SEQ_KT cached positions per K/V tile; a thread scores SEQ_QR queries against
-# SEQ_KT // SEQ_KG positions, so SEQ_QT // SEQ_QR * SEQ_KG threads. On the H200, 512 SmolLM2 tokens: 129 us
-# per layer (attention_kernel 512 us); 16 or 64 queries, 32 positions or 4 x 4 scores a thread measured slower
-SEQ_QT, SEQ_KT, SEQ_QR, SEQ_KG = (8, 16, 2, 8) if SIM else (32, 64, 2, 16)
-SEQ_THREADS = SEQ_QT // SEQ_QR * SEQ_KG
+# attention_seq_kernel's tiles: SEQ_QT queries per block (16 a warp), SEQ_KT cached positions per K/V tile
+SEQ_WARPS = 1 if SIM else 4
+SEQ_QT, SEQ_KT = 16 * SEQ_WARPS, 16 if SIM else 64
+SEQ_THREADS = 32 * SEQ_WARPS
+SEQ_SCRATCH = SEQ_THREADS if SIM else 1  # (the simulator's mma and quad reductions exchange through it)
 SEQ_MIN_TOKENS = 2 if SIM else 16  # one sequence's tokens from which attention takes attention_seq_kernel
 SEQ_MAX_E = 128  # the head sizes whose tiles fit in 48 KB of shared memory
 
@@ -331,159 +342,152 @@ def attention_kernel(e: int, r: int = 1, scale: float | None = None):  # noqa: A
 
 
 @functools.cache
-def attention_seq_kernel(e: int, scale: float | None = None):  # noqa: ANN201
-    """attention_kernel for T consecutive positions of one slot (a prompt chunk), head size e fixed when compiled.
+def attention_seq_kernel(e: int, scale: float | None = None):  # noqa: ANN201, C901
+    """attention_kernel for T consecutive positions of one slot (a prompt chunk) on the tensor cores, head
+    size e (a multiple of 16 up to SEQ_MAX_E) fixed when compiled.
 
-    attention_kernel's one block per (token, head) reads each cached row once per query, a thread
-    per position striding through it: for a long prompt the time goes to those uncoalesced reads.
-    Here one block takes SEQ_QT queries of one head: each K/V tile of positions is read once per
-    query tile, coalesced, into shared memory, and every query of the tile is scored against it;
-    the next tile's loads are in flight while the scores of this one are computed. The rounding
-    per query is attention_kernel's (and the CPU's); the three passes (max, float64 sum, weighted
-    values) recompute the scores from the tiles rather than keeping a long context's scores.
-    Grid (ceil(T / SEQ_QT), H); e a multiple of 8 up to SEQ_MAX_E. Scores scaled by `scale` (None: 1 / sqrt(e)).
+    One block takes SEQ_QT queries of one head, a warp 16 of them. Each K/V tile of SEQ_KT cached positions
+    (fewer for heads over 64) is read once per block, coalesced, into shared memory as float16 pairs: the
+    cache holds fp16 values and the queries are rounded to fp16 as attention_kernel does, so the products
+    are exact and only the order of the float32 sums differs. Scores are mma_f16 products of a warp's query
+    fragments (kept in registers) and the K tile; the weights, rounded to fp16 as attention_kernel rounds
+    them, are the A fragments of the product with the V tile, staged transposed (a B fragment is then one
+    word). The rounding per query is attention_kernel's (and the CPU's): three passes (max, float64 sum,
+    weighted values) that recompute the scores from the tiles. Grid (ceil(T / SEQ_QT), H). Scores scaled by
+    `scale` (None: 1 / sqrt(e)).
     """
-    kt = SEQ_KT if e <= 64 else SEQ_KT // 2  # a tile of SEQ_KT rows of 128 does not fit beside the rest
-    kr = kt // SEQ_KG  # positions per thread in the scores
-    qg = SEQ_QT // SEQ_QR  # query groups in the scores
+    kt = SEQ_KT if e <= 64 else max(16, SEQ_KT // 2)  # (a tile's scores and the output stay in registers)
+    ks = e // 16  # k-steps of a score product
+    nt = kt // 8  # 8-position tiles of a K tile
+    me = e // 8  # 8-dimension tiles of the output
+    kp = e // 2 + 4  # a staged K row's words (= 4 mod 8: a warp's fragment loads hit 32 banks)
+    vp = kt // 2 + 4  # a staged V column's words (the same)
     threads = SEQ_THREADS
-    warps = threads // 32
-    pq = SEQ_QT // warps  # queries per warp in the weighted sum; its lanes take the dimensions
-    dr = -(-e // 32)  # dimensions per lane
-    per = kt * e // threads  # tile elements per thread
+    k_per = kt * (e // 2) // threads  # K words a thread stages
+    v_per = (kt // 2) * e // threads  # V words a thread stages
+    assert e % 16 == 0 and e <= SEQ_MAX_E and k_per * threads == kt * (e // 2)
     scale = float32(1.0 / math.sqrt(e) if scale is None else scale)
-    row, wrow = e + 1, kt + 1  # shared rows padded by one: a warp's strided reads hit distinct banks
+    q_n, s_n, o_n, k_size, v_size = 4 * ks, 4 * nt, 4 * me, kt * kp, e * vp
 
     @cuda.jit(**DEVICE)
-    def fetch(cache, s, g, c0, n, regs):
-        """Start loading rows c0.. of cache[s, :, g, :] (those past n - 1 repeat it) into registers."""
-        for u in range(per):
+    def stage_k(cache, s, g, c0, n, ksh):
+        """Positions c0 .. c0 + kt - 1 of cache[s, :, g, :] (those past n - 1 repeat it) into ksh as fp16 pairs."""
+        cuda.syncthreads()  # (every warp is done with the tile before)
+        for u in range(k_per):
             i = cuda.threadIdx.x + threads * u
-            regs[u] = cache[s, min(c0 + i // e, n - 1), g, i % e]
+            row = i // (e // 2)
+            d = 2 * (i % (e // 2))
+            pos = min(c0 + row, n - 1)
+            ksh[row * kp + d // 2] = pack_f16(cache[s, pos, g, d], cache[s, pos, g, d + 1])
+        cuda.syncthreads()
 
     @cuda.jit(**DEVICE)
-    def stash(regs, tile):
-        """The fetched rows into the shared tile, once every thread is done with its previous rows."""
-        cuda.syncthreads()
-        for u in range(per):
+    def stage_v(cache, s, g, c0, n, vt):
+        """The same positions of the V cache, transposed: vt[d * vp + j] holds dimension d of positions 2 j, 2 j + 1."""
+        for u in range(v_per):
             i = cuda.threadIdx.x + threads * u
-            tile[i // e, i % e] = regs[u]
+            d = i % e
+            j = i // e
+            lo, hi = min(c0 + 2 * j, n - 1), min(c0 + 2 * j + 1, n - 1)
+            vt[d * vp + j] = pack_f16(cache[s, lo, g, d], cache[s, hi, g, d])
         cuda.syncthreads()
 
     @cuda.jit(**DEVICE)
-    def score(qs, ks, sc):
-        """sc[r, u]: query a + qg * r against position b + SEQ_KG * u of the tile (a, b: this thread's)."""
-        a = cuda.threadIdx.x // SEQ_KG
-        b = cuda.threadIdx.x % SEQ_KG
-        for r in range(SEQ_QR):
-            for u in range(kr):
-                sc[r, u] = float32(0.0)
-        for i0 in range(0, e, 4):  # unsigned indices: Numba checks no negative-index wraparound
-            for i1 in range(4):
-                i = uint32(i0 + i1)
-                for u in range(kr):
-                    k = ks[uint32(b + SEQ_KG * u), i]
-                    for r in range(SEQ_QR):
-                        sc[r, u] += qs[uint32(a + qg * r), i] * k
-        for r in range(SEQ_QR):
-            for u in range(kr):
-                sc[r, u] *= scale
-
-    @cuda.jit(**DEVICE)
-    def combine(vals, red, take_max):
-        """Max or sum of each of this thread's queries' values over the SEQ_KG threads holding that query."""
-        a = cuda.threadIdx.x // SEQ_KG
-        for r in range(SEQ_QR):
-            red[a + qg * r, cuda.threadIdx.x % SEQ_KG] = vals[r]
-        cuda.syncthreads()
-        for r in range(SEQ_QR):
-            v = red[a + qg * r, 0]
-            for b in range(1, SEQ_KG):
-                v = max(v, red[a + qg * r, b]) if take_max else v + red[a + qg * r, b]
-            vals[r] = v
-        cuda.syncthreads()
+    def scores(qf, ksh, sc, scratch):
+        """sc[4 j ..]: the scaled scores of this lane's two queries, tile positions 8 j + 2 (lane % 4) and + 1."""
+        lane = cuda.threadIdx.x % 32
+        gq = lane // 4
+        tq = lane % 4
+        for j in range(nt):
+            c0 = c1 = c2 = c3 = float32(0.0)
+            for kk in range(ks):
+                at = (8 * j + gq) * kp + 8 * kk + tq
+                c0, c1, c2, c3 = mma_f16(qf[4 * kk], qf[4 * kk + 1], qf[4 * kk + 2], qf[4 * kk + 3], ksh[at],
+                                         ksh[at + 4], c0, c1, c2, c3, scratch)  # fmt: skip
+            sc[4 * j] = c0 * scale
+            sc[4 * j + 1] = c1 * scale
+            sc[4 * j + 2] = c2 * scale
+            sc[4 * j + 3] = c3 * scale
 
     @cuda.jit(**JIT)
     def kernel(q, cache_k, cache_v, slots, positions, out):
         grid_ready()
-        qs = cuda.shared.array((SEQ_QT, row), float32)
-        kv = cuda.shared.array((kt, row), float32)  # the K tile, then in the last pass the V tile
-        ws = cuda.shared.array((SEQ_QT, wrow), float32)
-        red = cuda.shared.array((SEQ_QT, SEQ_KG), float64)
-        regs = cuda.local.array(per, float32)
-        sc = cuda.local.array((SEQ_QR, kr), float32)
-        lim = cuda.local.array(SEQ_QR, int32)
-        best = cuda.local.array(SEQ_QR, float32)
-        total = cuda.local.array(SEQ_QR, float64)
-        acc = cuda.local.array((pq, dr), float32)
+        ksh = cuda.shared.array(k_size, uint32)
+        vt = cuda.shared.array(v_size, uint32)
+        scratch = cuda.shared.array((SEQ_SCRATCH, 6), uint32)
+        red = cuda.shared.array(SEQ_SCRATCH, float64)
+        qf = cuda.local.array(q_n, uint32)
+        sc = cuda.local.array(s_n, float32)
+        oacc = cuda.local.array(o_n, float32)
+        lim = cuda.local.array(2, int32)
+        best = cuda.local.array(2, float32)
+        total = cuda.local.array(2, float64)
+        tid = cuda.threadIdx.x
+        lane = tid % 32
+        gq = lane // 4
+        tq = lane % 4
         t0 = (cuda.gridDim.x - 1 - cuda.blockIdx.x) * SEQ_QT  # the longest contexts start first
         h = cuda.blockIdx.y
-        tid = cuda.threadIdx.x
         last = q.shape[0] - 1  # queries past it repeat the last one, and are not written
         g = h // (q.shape[1] // cache_k.shape[2])
         s = slots[t0]
         n = positions[min(t0 + SEQ_QT - 1, last)] + 1  # the positions the block's last query sees
-        for u in range(SEQ_QT * e // threads):
-            i = tid + threads * u
-            qs[i // e, i % e] = fp16_round(q[min(t0 + i // e, last), h, i % e])
-        a = tid // SEQ_KG
-        b = tid % SEQ_KG
-        for r in range(SEQ_QR):
-            lim[r] = positions[min(t0 + a + qg * r, last)]
+        tw = t0 + 16 * (tid // 32)  # the warp's first query; this lane's: tw + gq and tw + gq + 8
+        for r in range(2):
+            t = min(tw + gq + 8 * r, last)
+            lim[r] = positions[t]
             best[r] = -math.inf
             total[r] = 0.0
-        fetch(cache_k, s, g, 0, n, regs)
-        for c0 in range(0, n, kt):
-            stash(regs, kv)
-            fetch(cache_k, s, g, c0 + kt, n, regs)
-            score(qs, kv, sc)
-            for r in range(SEQ_QR):
-                for u in range(kr):
-                    if c0 + b + SEQ_KG * u <= lim[r]:
-                        best[r] = max(best[r], sc[r, u])
-        combine(best, red, True)
-        # the same pass for the float64 sum (one loop over both passes spills registers: kept apart)
-        fetch(cache_k, s, g, 0, n, regs)
-        for c0 in range(0, n, kt):
-            stash(regs, kv)
-            fetch(cache_k, s, g, c0 + kt, n, regs)
-            score(qs, kv, sc)
-            for r in range(SEQ_QR):
-                for u in range(kr):
-                    if c0 + b + SEQ_KG * u <= lim[r]:
-                        total[r] += float32(math.exp(sc[r, u] - best[r]))
-        combine(total, red, False)
-        for i in range(pq):
-            for m in range(dr):
-                acc[i, m] = float32(0.0)
-        w0 = tid // 32
-        lane = tid % 32
-        fetch(cache_k, s, g, 0, n, regs)
-        for c0 in range(0, n, kt):
-            stash(regs, kv)
-            fetch(cache_v, s, g, c0, n, regs)
-            score(qs, kv, sc)
-            for r in range(SEQ_QR):
-                inv = float32(1.0 / total[r])
-                for u in range(kr):
-                    w = float32(0.0)
-                    if c0 + b + SEQ_KG * u <= lim[r]:
-                        w = fp16_round(float32(math.exp(sc[r, u] - best[r])) * inv)
-                    ws[a + qg * r, b + SEQ_KG * u] = w
-            stash(regs, kv)  # the V tile
-            fetch(cache_k, s, g, c0 + kt, n, regs)
-            for j in range(min(kt, n - c0)):
-                for i in range(pq):
-                    w = ws[uint32(w0 + warps * i), uint32(j)]
-                    for m in range(dr):
-                        if lane + 32 * m < e:
-                            acc[i, m] += w * kv[uint32(j), uint32(lane + 32 * m)]
-        for i in range(pq):
-            t = t0 + w0 + warps * i
+            for kk in range(ks):
+                d = 16 * kk + 2 * tq
+                qf[4 * kk + r] = pack_f16(q[t, h, d], q[t, h, d + 1])
+                qf[4 * kk + 2 + r] = pack_f16(q[t, h, d + 8], q[t, h, d + 9])
+        for c0 in range(0, n, kt):  # pass 1: each query's largest score
+            stage_k(cache_k, s, g, c0, n, ksh)
+            scores(qf, ksh, sc, scratch)
+            for i in range(s_n):
+                if c0 + 8 * (i // 4) + 2 * tq + i % 2 <= lim[(i % 4) // 2]:
+                    best[(i % 4) // 2] = max(best[(i % 4) // 2], sc[i])
+        for r in range(2):
+            best[r] = quad_max(best[r], red)
+        for c0 in range(0, n, kt):  # pass 2: the float64 sum of the exponentials
+            stage_k(cache_k, s, g, c0, n, ksh)
+            scores(qf, ksh, sc, scratch)
+            for i in range(s_n):
+                r = (i % 4) // 2
+                if c0 + 8 * (i // 4) + 2 * tq + i % 2 <= lim[r]:
+                    total[r] += float32(math.exp(sc[i] - best[r]))
+        inv = cuda.local.array(2, float32)
+        for r in range(2):
+            inv[r] = float32(1.0 / quad_sum(total[r], red))
+        for i in range(o_n):
+            oacc[i] = float32(0.0)
+        for c0 in range(0, n, kt):  # pass 3: the fp16 weights times the V tile
+            stage_k(cache_k, s, g, c0, n, ksh)
+            stage_v(cache_v, s, g, c0, n, vt)
+            scores(qf, ksh, sc, scratch)
+            for i in range(s_n):
+                r = (i % 4) // 2
+                w = float32(0.0)
+                if c0 + 8 * (i // 4) + 2 * tq + i % 2 <= lim[r]:
+                    w = float32(math.exp(sc[i] - best[r])) * inv[r]
+                sc[i] = w
+            for kk in range(nt // 2):  # 16 positions a step: the A fragment is two score tiles' weights
+                a0 = pack_f16(sc[8 * kk], sc[8 * kk + 1])
+                a1 = pack_f16(sc[8 * kk + 2], sc[8 * kk + 3])
+                a2 = pack_f16(sc[8 * kk + 4], sc[8 * kk + 5])
+                a3 = pack_f16(sc[8 * kk + 6], sc[8 * kk + 7])
+                for m in range(me):
+                    at = (8 * m + gq) * vp + 8 * kk + tq
+                    oacc[4 * m], oacc[4 * m + 1], oacc[4 * m + 2], oacc[4 * m + 3] = mma_f16(
+                        a0, a1, a2, a3, vt[at], vt[at + 4], oacc[4 * m], oacc[4 * m + 1], oacc[4 * m + 2],
+                        oacc[4 * m + 3], scratch)  # fmt: skip
+        for r in range(2):
+            t = tw + gq + 8 * r
             if t <= last:
-                for m in range(dr):
-                    if lane + 32 * m < e:
-                        out[t, h, lane + 32 * m] = acc[i, m]
+                for m in range(me):
+                    out[t, h, 8 * m + 2 * tq] = oacc[4 * m + 2 * r]
+                    out[t, h, 8 * m + 2 * tq + 1] = oacc[4 * m + 2 * r + 1]
 
     return kernel
 
