@@ -456,9 +456,13 @@ def test_attention_prompt_chunk_matches_cpu(be, t, start, heads, e):
     ref = np.zeros_like(q)
     cpu_ops.attention(q, cache[0], cache[1], slots, pos, ref)
     got = be.download(tiled)
-    # a GPU's fast exp can flip an fp16-rounded weight against the CPU's; the per-token kernel shares it
+    # a GPU's fast exp can flip an fp16-rounded weight against the CPU's
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(got, be.download(per_token), rtol=1e-5, atol=1e-6)
+    # the tensor cores sum a score's products in an order of their own: a score can differ from the per-token
+    # kernel's in its last bit and flip one fp16-rounded weight (one fp16 step of one weight, ~1e-5 of the
+    # row). Every row but such a few agrees to float32 rounding; a wrong tile, mask or scale would move most.
+    tight = np.isclose(got, be.download(per_token), rtol=1e-5, atol=1e-6).all(axis=-1)
+    assert tight.mean() >= 0.95, f"{(~tight).sum()} of {tight.size} (token, head) rows differ from the per-token kernel"
 
 
 def test_gather_rows(be):
