@@ -108,9 +108,10 @@ def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
     """Many tokens of Q8-rounded inputs (prep_q8_kernel) times up to three matrices of weight type qt.
 
     A block takes BM rows of one of the matrices and 8 nj tokens, its blocks along y those of matrix 0,
-    then 1, then 2, so the weights a block reads are chosen once. It walks K by kg 32-blocks: its threads
-    copy the rows' words (16-byte loads where `wide`), their scales (as floats) and the tokens' input words,
-    scales and sums into shared memory, then each warp multiplies its MI 16-row tiles by every 8-token tile.
+    then 1, then 2, so the weights a block reads are chosen once. It walks K by stages of kg 32-blocks
+    (stage_groups): the rows' and the tokens' words of the next stage are copied into the other of two
+    shared buffers (cp.async, 16 bytes a copy where `wide`) and their scales loaded into registers while
+    each warp multiplies its MI 16-row tiles of this stage by every 8-token tile.
     Lane l takes item l % 4 of each 32-block: the two words group_item gives are exactly its A fragment
     (rows l // 4 and + 8 of a 16-row tile), the token's two staged input words its B fragment (token
     l // 4 of an 8-token tile); the mma sums over the items' k-order, which the weights and the inputs share
