@@ -99,6 +99,25 @@ if SIM:
         a[i], a[i + 1], a[i + 2], a[i + 3] = v0, v1, v2, v3
 
     @cuda.jit(device=True)
+    def _warp_words(words, scratch):
+        """The words every lane of this thread's warp passed (a [32, len(words)] copy, by lane), exchanged
+        through scratch as a warp's registers are by the tensor cores. Every lane calls it."""
+        tid = cuda.threadIdx.x
+        lane = tid % 32
+        for i, v in enumerate(words):
+            scratch[tid, i] = int(v) & 0xFFFFFFFF
+        cuda.syncthreads()
+        out = np.array(scratch[tid - lane : tid - lane + 32, : len(words)])
+        cuda.syncthreads()
+        return out
+
+    @cuda.jit(device=True)
+    def _lane_c(c):
+        """This lane's four elements of a warp's 16 x 8 product c: rows l // 4 and + 8, columns 2 (l % 4), + 1."""
+        g, q = cuda.threadIdx.x % 32 // 4, cuda.threadIdx.x % 4
+        return c[g, 2 * q], c[g, 2 * q + 1], c[g + 8, 2 * q], c[g + 8, 2 * q + 1]
+
+    @cuda.jit(device=True)
     def pack_f16(lo, hi):
         """The float16s nearest lo and hi (ties to even) in one word, lo in the low half."""
         return int(np.array([lo, hi], np.float16).view(np.uint32)[0])
@@ -109,12 +128,7 @@ if SIM:
         f16, f32 accumulators). Each word holds two halves, the lower first: lane l holds A's rows l // 4
         (a0, a2) and l // 4 + 8 (a1, a3), columns 2 (l % 4) and + 1 (a0, a1), + 8 and + 9 (a2, a3); B's column
         l // 4, rows 2 (l % 4) and + 1 (b0), + 8 and + 9 (b1); c as mma_s8 gives C. Every lane calls it."""
-        tid = cuda.threadIdx.x
-        lane = tid % 32
-        for i, v in enumerate((a0, a1, a2, a3, b0, b1)):
-            scratch[tid, i] = int(v) & 0xFFFFFFFF
-        cuda.syncthreads()
-        h = np.ascontiguousarray(scratch[tid - lane : tid - lane + 32]).view(np.float16).astype(np.float64)
+        h = _warp_words((a0, a1, a2, a3, b0, b1), scratch).view(np.float16).astype(np.float64)
         h = h.reshape(8, 4, 6, 2)  # [group, lane in group, register, half]
         a = np.zeros((16, 16))
         b = np.zeros((16, 8))
@@ -122,11 +136,7 @@ if SIM:
             a[row : row + 8, col : col + 8] = h[:, :, r, :].reshape(8, 8)
         for r in range(2):
             b[8 * r : 8 * r + 8, :] = h[:, :, 4 + r, :].reshape(8, 8).T
-        c = a @ b
-        cuda.syncthreads()
-        g, q = lane // 4, lane % 4
-        return (np.float32(c0 + c[g, 2 * q]), np.float32(c1 + c[g, 2 * q + 1]), np.float32(c2 + c[g + 8, 2 * q]),
-                np.float32(c3 + c[g + 8, 2 * q + 1]))  # fmt: skip
+        return tuple(np.float32(v + w) for v, w in zip((c0, c1, c2, c3), _lane_c(a @ b), strict=True))
 
     @cuda.jit(device=True)
     def copy4(dst, i, src, r, c, ok):
@@ -185,38 +195,22 @@ if SIM:
         this lane's 4 elements. Lane l holds rows l // 4 and l // 4 + 8 of A, columns 4 (l % 4) .. + 3
         (a0, a1) and 16 + 4 (l % 4) .. + 3 (a2, a3); column l // 4 of B, rows as A's columns (b0, b1);
         it gets C's rows l // 4 and l // 4 + 8, columns 2 (l % 4) and 2 (l % 4) + 1. Every lane calls it."""
-        tid = cuda.threadIdx.x
-        lane = tid % 32
-        for i, v in enumerate((a0, a1, a2, a3, b0, b1)):
-            scratch[tid, i] = int(v) & 0xFFFFFFFF
-        cuda.syncthreads()
-        regs = np.ascontiguousarray(scratch[tid - lane : tid - lane + 32]).view(np.int8).astype(np.int64)
+        regs = _warp_words((a0, a1, a2, a3, b0, b1), scratch).view(np.int8).astype(np.int64)
         regs = regs.reshape(8, 4, 6, 4)  # [group, lane in group, register, byte]
         a = np.concatenate([np.concatenate([regs[:, :, r, :].reshape(8, 16), regs[:, :, r + 2, :].reshape(8, 16)], 1)
                             for r in (0, 1)])  # fmt: skip
         b = np.concatenate([regs[:, :, 4, :].reshape(8, 16), regs[:, :, 5, :].reshape(8, 16)], 1)  # B transposed
-        c = a @ b.T
-        cuda.syncthreads()
-        g, q = lane // 4, lane % 4
-        return int32(c[g, 2 * q]), int32(c[g, 2 * q + 1]), int32(c[g + 8, 2 * q]), int32(c[g + 8, 2 * q + 1])
+        return tuple(int32(v) for v in _lane_c(a @ b.T))
 
     @cuda.jit(device=True)
     def mma_s8_k16(a0, a1, b0, scratch):
         """The warp's 16 x 8 int32 product of a 16 x 16 and a 16 x 8 int8 fragment (PTX mma m16n8k16 s8):
         lane l holds rows l // 4 (a0) and l // 4 + 8 (a1) of A, columns 4 (l % 4) .. + 3; column l // 4
         of B, rows as A's columns (b0); it gets C's elements as mma_s8 gives them. Every lane calls it."""
-        tid = cuda.threadIdx.x
-        lane = tid % 32
-        for i, v in enumerate((a0, a1, b0)):
-            scratch[tid, i] = int(v) & 0xFFFFFFFF
-        cuda.syncthreads()
-        regs = np.ascontiguousarray(scratch[tid - lane : tid - lane + 32, :3]).view(np.int8).astype(np.int64)
+        regs = _warp_words((a0, a1, b0), scratch).view(np.int8).astype(np.int64)
         regs = regs.reshape(8, 4, 3, 4)  # [group, lane in group, register, byte]
         a = np.concatenate([regs[:, :, 0, :].reshape(8, 16), regs[:, :, 1, :].reshape(8, 16)])
-        c = a @ regs[:, :, 2, :].reshape(8, 16).T
-        cuda.syncthreads()
-        g, q = lane // 4, lane % 4
-        return int32(c[g, 2 * q]), int32(c[g, 2 * q + 1]), int32(c[g + 8, 2 * q]), int32(c[g + 8, 2 * q + 1])
+        return tuple(int32(v) for v in _lane_c(a @ regs[:, :, 2, :].reshape(8, 16).T))
 
 else:
 

@@ -54,7 +54,7 @@ SCRATCH = THREADS if SIM else 1  # (the simulator's mma twins exchange the fragm
 PREP_THREADS = 32 if SIM else 512  # (a K of 4,096 is 512 items: one each)
 TOKEN_TILES = (1, 2) if SIM else (1, 2, 4, 8)  # the 8-token tiles of an mma_kernel block: one kernel each
 # three blocks an SM (a scheduler then has three warps to choose from): ptxas keeps to 168 registers, spilling
-# a few of the next stage's addresses (40 bytes at 64 tokens) rather than the accumulators
+# a few of the next stage's addresses (8-32 bytes at 64 tokens, by type) rather than the accumulators
 _THREE_BLOCKS = {} if SIM else {"max_registers": 65536 // (3 * THREADS) // 8 * 8}
 
 
@@ -141,14 +141,14 @@ def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
     assert w_size >= WARPS * 32 * 8  # (the results leave through wsh)
 
     @cuda.jit(**DEVICE)
-    def send(c, w, row_words, first, n, xw, t0, n_tok, groups, wsh, xsh):
-        """Start the copies of stage c's words (the rows', the tokens') into buffer c % 2 (copies_sent)."""
+    def send(c, w, row_words, row, xw, t0, n_tok, groups, wsh, xsh):
+        """Start the copies of stage c's words (row `row`'s, this thread's, and the tokens') into buffer
+        c % 2 (copies_sent)."""
         tid = cuda.threadIdx.x
         g0 = c * kg
         whole = g0 + kg <= groups  # (the whole stage lies inside K: no bounds to check)
         wb = (c % 2) * w_buf
-        row = min(first + tid, n - 1)  # (a thread a row: its pieces are consecutive, the next stage's too)
-        for u in range(pieces):
+        for u in range(pieces):  # (a thread a row: its pieces are consecutive, the next stage's too)
             if wide:
                 col = g0 * words + 4 * u
                 ok = whole or col < row_words
@@ -216,7 +216,7 @@ def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
         t0 = cuda.blockIdx.x * bn
         groups = xd.shape[1]
         row_words = w.shape[1]
-        row = min(first + tid, n - 1)  # the row whose scales this thread stages (BM == THREADS)
+        row = min(first + tid, n - 1)  # the row whose words and scales this thread stages (BM == THREADS)
         for i in range(acc_n):
             acc[i] = 0.0
         grid_ready()
@@ -226,7 +226,7 @@ def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
         c_first = (chunks * z) // split
         c_end = (chunks * (z + 1)) // split
         if c_first < c_end:  # stage c_first: its copies sent, its scales loaded
-            send(c_first, w, row_words, first, n, xw, t0, n_tok, groups, wsh, xsh)
+            send(c_first, w, row_words, row, xw, t0, n_tok, groups, wsh, xsh)
             load_stage_scales(c_first, gs, sb, row, xd, xs, t0, n_tok, groups, graw, sraw, draw, eraw)
         for c in range(c_first, c_end):
             for gi in range(kg):  # the stage's scales, into shared memory (its words are on their way)
@@ -241,7 +241,7 @@ def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
                     dsh[2 * p] = draw[u]
                     dsh[2 * p + 1] = eraw[u]
             if c + 1 < c_end:  # the next stage: copies sent, scales loaded, all while this one is multiplied
-                send(c + 1, w, row_words, first, n, xw, t0, n_tok, groups, wsh, xsh)
+                send(c + 1, w, row_words, row, xw, t0, n_tok, groups, wsh, xsh)
                 load_stage_scales(c + 1, gs, sb, row, xd, xs, t0, n_tok, groups, graw, sraw, draw, eraw)
             else:
                 copies_sent()  # (an empty group: copies_landed waits for all but the newest)
@@ -290,16 +290,13 @@ def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
                             bits = bits_from_f32(acc[(i * nj + jj) * 4 + q])
                             wsh[ot + (16 * i + gq + 8 * (q // 2)) * 8 + 2 * tq + q % 2] = bits
             cuda.syncthreads()
-            if split > 1:
-                for e in range(8):
-                    t = t0 + 8 * j + e
-                    if r < n and t < n_tok:
-                        part[z, t, at + r] = f32_from_bits(wsh[ot + lane * 8 + e])
-            else:
-                for e in range(8):
-                    t = t0 + 8 * j + e
-                    if r < n and t < n_tok:
-                        out = f32_from_bits(wsh[ot + lane * 8 + e])
+            for e in range(8):
+                t = t0 + 8 * j + e
+                if r < n and t < n_tok:
+                    out = f32_from_bits(wsh[ot + lane * 8 + e])
+                    if split > 1:
+                        part[z, t, at + r] = out
+                    else:
                         store(which, MODE_ROWS, flags, t, r, out, float32(0.0), o0, b0, o1, b1, o2, b2,
                               residual(flags, which, t, r, o0, o1, o2))  # fmt: skip
             cuda.syncthreads()

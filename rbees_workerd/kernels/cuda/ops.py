@@ -409,6 +409,11 @@ def attention_seq_kernel(e: int, scale: float | None = None):  # noqa: ANN201, C
             sc[4 * j + 2] = c2 * scale
             sc[4 * j + 3] = c3 * scale
 
+    @cuda.jit(**DEVICE)
+    def seen(c0, i, lim):
+        """Whether sc[i] (scores' order) is a position this lane's query of it sees (lim: their positions)."""
+        return c0 + 8 * (i // 4) + 2 * (cuda.threadIdx.x % 4) + i % 2 <= lim[(i % 4) // 2]
+
     @cuda.jit(**JIT)
     def kernel(q, cache_k, cache_v, slots, positions, out):
         grid_ready()
@@ -422,6 +427,7 @@ def attention_seq_kernel(e: int, scale: float | None = None):  # noqa: ANN201, C
         lim = cuda.local.array(2, int32)
         best = cuda.local.array(2, float32)
         total = cuda.local.array(2, float64)
+        inv = cuda.local.array(2, float32)
         tid = cuda.threadIdx.x
         lane = tid % 32
         gq = lane // 4
@@ -446,7 +452,7 @@ def attention_seq_kernel(e: int, scale: float | None = None):  # noqa: ANN201, C
             stage_k(cache_k, s, g, c0, n, ksh)
             scores(qf, ksh, sc, scratch)
             for i in range(s_n):
-                if c0 + 8 * (i // 4) + 2 * tq + i % 2 <= lim[(i % 4) // 2]:
+                if seen(c0, i, lim):
                     best[(i % 4) // 2] = max(best[(i % 4) // 2], sc[i])
         for r in range(2):
             best[r] = quad_max(best[r], red)
@@ -454,10 +460,8 @@ def attention_seq_kernel(e: int, scale: float | None = None):  # noqa: ANN201, C
             stage_k(cache_k, s, g, c0, n, ksh)
             scores(qf, ksh, sc, scratch)
             for i in range(s_n):
-                r = (i % 4) // 2
-                if c0 + 8 * (i // 4) + 2 * tq + i % 2 <= lim[r]:
-                    total[r] += float32(math.exp(sc[i] - best[r]))
-        inv = cuda.local.array(2, float32)
+                if seen(c0, i, lim):
+                    total[(i % 4) // 2] += float32(math.exp(sc[i] - best[(i % 4) // 2]))
         for r in range(2):
             inv[r] = float32(1.0 / quad_sum(total[r], red))
         for i in range(o_n):
@@ -466,12 +470,9 @@ def attention_seq_kernel(e: int, scale: float | None = None):  # noqa: ANN201, C
             stage_k(cache_k, s, g, c0, n, ksh)
             stage_v(cache_v, s, g, c0, n, vt)
             scores(qf, ksh, sc, scratch)
-            for i in range(s_n):
+            for i in range(s_n):  # (the weights, in the scores' place)
                 r = (i % 4) // 2
-                w = float32(0.0)
-                if c0 + 8 * (i // 4) + 2 * tq + i % 2 <= lim[r]:
-                    w = float32(math.exp(sc[i] - best[r])) * inv[r]
-                sc[i] = w
+                sc[i] = float32(math.exp(sc[i] - best[r])) * inv[r] if seen(c0, i, lim) else float32(0.0)
             for kk in range(nt // 2):  # 16 positions a step: the A fragment is two score tiles' weights
                 a0 = pack_f16(sc[8 * kk], sc[8 * kk + 1])
                 a1 = pack_f16(sc[8 * kk + 2], sc[8 * kk + 3])
