@@ -39,7 +39,7 @@ from rbees_workerd.engine.sampling import sample_rows  # noqa: E402
 from rbees_workerd.kernels.backend import GatedFFN, Norm, Product, RopeStore, SamplingRow  # noqa: E402
 from rbees_workerd.kernels.cpu import ops as cpu_ops  # noqa: E402
 from rbees_workerd.kernels.cpu.backend import CpuBackend  # noqa: E402
-from rbees_workerd.kernels.cuda import CudaBackend, formats, gemv, ops, rows  # noqa: E402
+from rbees_workerd.kernels.cuda import CudaBackend, formats, gemv, mma, ops, rows  # noqa: E402
 from rbees_workerd.kernels.cuda.backend import GEMM_MIN_TOKENS  # noqa: E402
 from rbees_workerd.kernels.cuda.mma import KG as MMA_KG  # noqa: E402
 from rbees_workerd.kernels.cuda.mma import TOKEN_TILES  # noqa: E402
@@ -192,18 +192,21 @@ _MMA_TYPES = [Q.Q4_0, Q.Q5_1, Q.Q4_K, Q.Q6_K] if SIM else [Q.Q4_0, Q.Q4_1, Q.Q5_
 
 
 @pytest.mark.parametrize("qtype", _MMA_TYPES, ids=lambda q: q.name)
-def test_tensor_core_product_of_three_matrices(be, qtype):
+def test_tensor_core_product_of_three_matrices(be, monkeypatch, qtype):
     """Many tokens of a quantized type take the tensor-core product: three matrices sharing an input
     (q, k, v) in one launch, each in row tiles of its own that it fills only partly, the last token
-    tile partly past the tokens, K split over blocks (few tiles) or not; rows whose length is no multiple
+    tile partly past the tokens; launched with K whole and the most token tiles a block, then with K
+    split in two and one token tile a block (mma.plan's choices forced); rows whose length is no multiple
     of the kernel's staged 32-blocks (the last stage partly past K) and, for Q5_x, no multiple of 16 bytes
     (word loads); each output the reference's product with its bias."""
+    plans = {GEMM_MIN_TOKENS + 1: (TOKEN_TILES[-1], 1), 8 * TOKEN_TILES[-1] + 5: (1, 2)}
+    monkeypatch.setattr(mma, "plan", lambda t, *_: plans[t])
     rng = np.random.default_rng(11)
     k, ns = 256 if qtype in KQUANTS else 32 * (4 * MMA_KG - 1), (20, 12, 8)
     raws = [random_matrix(qtype, n, k, rng)[0] for n in ns]
     ws = [be.weight(int(qtype), (n, k), raw) for n, raw in zip(ns, raws, strict=True)]
     biases = [rng.standard_normal(n).astype(np.float32) for n in ns]
-    for t in (GEMM_MIN_TOKENS + 1, 8 * TOKEN_TILES[-1] + 5):
+    for t in plans:
         x = rng.standard_normal((t, k)).astype(np.float32)
         xd = _dev(be, x)
         outs = [_dev(be, np.full((t, n), np.nan, np.float32)) for n in ns]
@@ -211,6 +214,31 @@ def test_tensor_core_product_of_three_matrices(be, qtype):
         be.run_step(("mma-test", t, qtype), lambda: be.products(xd, prods))  # noqa: B023
         for raw, out, bias in zip(raws, outs, biases, strict=True):
             _close(be.download(out), ref_product(qtype, raw, x) + bias)
+
+
+@pytest.mark.parametrize("sms", [4, 132])
+def test_plan_fills_the_gpu_within_its_bounds(sms):
+    """mma.plan's choice for products from one row tile to thousands, few tokens to a prompt: a kernel that
+    exists, every part of K at least a stage long, partial sums within PART_BYTES; a product of few tiles
+    split into many blocks, one of two waves of whole-K blocks or more not split, no token tile of a
+    block left empty where fewer would do."""
+    for qt in (formats.Q4_K, formats.Q6_K, formats.Q5_0, formats.Q8_0):
+        for k in (896, 4096, 14336):
+            if qt in KQUANTS and k % 256:
+                continue
+            chunks = -(-(k // 32) // mma.stage_groups(qt))
+            for row_tiles in (1, 7, 32, 224, 1002):
+                for t in (3, 8, 16, 64, 256, 512):
+                    nj, split = mma.plan(t, row_tiles, k, qt, sms)
+                    assert nj in TOKEN_TILES and 1 <= split <= chunks
+                    assert split == 1 or split * t * mma.BM * row_tiles * 4 <= mma.PART_BYTES
+                    tiles = -(-t // (8 * nj)) * row_tiles
+                    if nj > 1:  # (more 8-token tiles a block than the tokens need are never cheaper)
+                        assert -(-t // 8) > 8 * (nj // 2) // 8
+                    if tiles < sms and chunks >= sms:  # (at least 8 parts, or a block for every SM)
+                        assert tiles * split >= min(sms, 8 * tiles), (qt, k, row_tiles, t, nj, split)
+                    if tiles >= 2 * mma.SLOTS * sms:
+                        assert split == 1, (qt, k, row_tiles, t, nj, split)
 
 
 def _norm_ref(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:

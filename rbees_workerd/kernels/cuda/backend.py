@@ -161,6 +161,7 @@ class CudaBackend(backend.Backend):
                 raise InvalidParams(f"GPU {gpu} does not exist ({len(cuda.gpus)} visible)")
             cuda.select_device(gpu)
             name = getattr(cuda.get_current_device(), "name", "simulator")
+            self.sms = 4 if SIM else cuda.get_current_device().MULTIPROCESSOR_COUNT  # (mma.plan sizes grids by it)
             self.device = f"cuda:{gpu} {name.decode() if isinstance(name, bytes) else name}"
             self._core_stream = None
             if SIM:
@@ -301,15 +302,22 @@ class CudaBackend(backend.Backend):
         return self._rope_tables[key]
 
     def _split_buffers(self, split: int, tokens: int, rows: int, tiles: int) -> tuple[Any, Any]:
-        """The partial sums and tile counters of a GEMM split over K (dummies when not split).
+        """The partial sums and tile counters of a product split over K (dummies when not split).
 
-        One pair per shape: the launches of a step run one after another, and each leaves its
-        counters at zero."""
+        The launches of a step run one after another and each leaves its counters at zero, so they
+        share one buffer of partial sums (mma.PART_BYTES, which every plan keeps within) and keep
+        counters per shape."""
         if split == 1:
             return self._dummy_part, self._dummy_count
+        if split * tokens * rows * 4 > mma.PART_BYTES:
+            raise InvalidParams(f"a product split {split} ways over {tokens} tokens x {rows} rows exceeds "
+                                f"{mma.PART_BYTES} bytes of partial sums")  # fmt: skip
+        if "part" not in self._act_bufs:
+            self._act_bufs["part"] = self.zeros((mma.PART_BYTES // 4,))
         key = ("split", split, tokens, rows, tiles)
         if key not in self._act_bufs:
-            self._act_bufs[key] = (self.zeros((split, tokens, rows)), self.zeros((tiles,), np.int32))
+            self._act_bufs[key] = (self._act_bufs["part"][: split * tokens * rows].reshape(split, tokens, rows),
+                                   self.zeros((tiles,), np.int32))  # fmt: skip
         return self._act_bufs[key]
 
     def memory_bytes(self) -> int:
@@ -664,9 +672,8 @@ def _many_launches(be: CudaBackend, x: Any, qt: int, flags: int, mats: list[tupl
                                  be.zeros((t_count, k // 32)))  # fmt: skip
         xw, xd, xs = be._act_bufs[key]
         prep = _Launch(mma.prep_q8_kernel(qt), (t_count,), (mma.PREP_THREADS,), (x, norm, nw, eps, hout, xw, xd, xs))
-        nj = mma.token_tiles(t_count)
+        nj, split = mma.plan(t_count, mma.row_tiles(*ns), k, qt, be.sms)
         tiles = (math.ceil(t_count / (8 * nj)), mma.row_tiles(*ns))
-        split = mma.split_of(tiles[0] * tiles[1], k)
         part, count = be._split_buffers(split, t_count, sum(ns), tiles[0] * tiles[1])
         args = (xw, xd, xs, m0, m1, m2, *ns, flags, part, count)
         kernel = mma.mma_kernel(qt, nj, mma.wide_rows(qt, k))

@@ -58,11 +58,6 @@ TOKEN_TILES = (1, 2) if SIM else (1, 2, 4, 8)  # the 8-token tiles of an mma_ker
 _THREE_BLOCKS = {} if SIM else {"max_registers": 65536 // (3 * THREADS) // 8 * 8}
 
 
-def token_tiles(t_count: int) -> int:
-    """The 8-token tiles of an mma_kernel block for a product of t_count tokens: the fewest that hold them."""
-    return next((nj for nj in TOKEN_TILES if 8 * nj >= t_count), TOKEN_TILES[-1])
-
-
 def stage_groups(qt: int) -> int:
     """The 32-blocks of K mma_kernel stages at a time for weight type qt: two stages of the rows' and the
     tokens' words fit in the 48 KB of static shared memory (KG, or half for the types of more than 5 words)."""
@@ -117,7 +112,7 @@ def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
     l // 4 of an 8-token tile); the mma sums over the items' k-order, which the weights and the inputs share
     (Q6_K, whose group halves have scales of their own: two mma over 16 columns). Each element (row, token)
     then adds d_w * d_x * dot plus the min term (Q8_1: m_w * xs) or the offset term (Q8_0: d_w * off * xs),
-    as vec_kernel does. Blocks of a product with few tiles split K (split_of); rows and tokens past the ends
+    as vec_kernel does. Blocks of a product with few tiles split K (plan); rows and tokens past the ends
     are read clamped (groups past K as zeros) and not written. The stores' `flags` (outputs.py) come as an
     argument, not compiled in: they steer a few branches per output, and every combination compiled apart
     multiplied the kernels a model compiles at its first start (162 s to Ready on the H100, 0.5B shape).
@@ -310,13 +305,41 @@ def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
     return kernel
 
 
-BLOCKS = 4 if SIM else 264  # a product of fewer tiles than this splits K until it has about this many blocks
-SPLIT_GROUPS = 2 if SIM else 32  # 32-blocks of K per split at least
+SLOTS = 3  # mma_kernel blocks an SM holds at once (_THREE_BLOCKS)
+PART_BYTES = 64 << 20  # a split product's partial sums take at most this much memory
+# plan's cost model, in a warp's issue slots, fitted to bench/mma_plan.py's sweep of 42 products of the 8B and
+# 0.5B shapes on the H100 (docs/benchmarks.md): its choices take 2.3% more time than the best plan of each
+_STAGING = 300  # a stage's copies, scales and A fragments, per 32-block
+_TILE = 20  # the mma of a 32-block and an 8-token tile, and their float scaling
+_BLOCK = 12000  # a block's start (the first stage in flight) and end (its stores)
+_REDUCE = 500  # the split's last block adding the parts: per part and 8-token tile
 
 
-def split_of(tiles: int, k: int) -> int:
-    """How many parts mma_kernel splits K into for a product of `tiles` output tiles."""
-    return max(1, min(-(-BLOCKS // tiles), (k // 32) // SPLIT_GROUPS))
+def plan(t_count: int, row_tiles: int, k: int, qt: int, sms: int) -> tuple[int, int]:
+    """(nj, split): mma_kernel's 8-token tiles a block and parts of K for a product of t_count tokens,
+    row_tiles tiles of BM rows of k elements of type qt, on a GPU of `sms` multiprocessors.
+
+    The kernel is bound by its warps' latencies, not by issue slots: a block takes about as long with
+    two others on its SM as alone, so a product costs its waves of SLOTS blocks an SM times a block's
+    instructions. More token tiles a block share the staging; more parts of K make more blocks of
+    shorter walks, which the split's last block pays for adding the parts. The cheapest plan wins. A
+    product of two waves of whole-K blocks or more is not split: its last wave is at most a third of
+    it, and the parts' sums would cross memory."""
+    kg = stage_groups(qt)
+    chunks = -(-(k // 32) // kg)
+    rows = BM * row_tiles
+
+    def tiles(nj: int) -> int:
+        return -(-t_count // (8 * nj)) * row_tiles
+
+    def cost(nj: int, split: int) -> float:
+        waves = -(-tiles(nj) * split // (SLOTS * sms))
+        block = _BLOCK + -(-chunks // split) * kg * (_STAGING + _TILE * nj)
+        return waves * block + (_REDUCE * split * nj if split > 1 else 0)
+
+    plans = [(nj, split) for nj in TOKEN_TILES for split in range(1, chunks + 1)
+             if split == 1 or (tiles(nj) < 2 * SLOTS * sms and split * t_count * rows * 4 <= PART_BYTES)]  # fmt: skip
+    return min(plans, key=lambda p: (cost(*p), p[1]))
 
 
 def row_tiles(n0: int, n1: int, n2: int) -> int:
