@@ -78,3 +78,7 @@ def serve(
 
 def main() -> None:
     sys.exit(cli_run.run(app, PROG, sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

@@ -3,7 +3,8 @@
 # path (a CUDA worker over HTTP against the engine) and the real-GPU kernel tests while llama.cpp builds.
 # .devdata/vocab.gguf: a vocabulary-only GGUF of SmolLM2 (`python bench/gguf_shapes.py --vocab-only --out .devdata/vocab.gguf`).
 # BUDGET: seconds this script may take (the call's device time left, less the machine's start). TEST_S, TEST_N, TESTS:
-# the tests' time limit, pytest-xdist processes (carry its wheels) and -k selection; SERVE=1: the serving path;
+# the tests' time limit, pytest-xdist processes (carry its wheels) and -k selection; SERVE=1: bench/gpu/serve.sh;
+# Q05_S: the 0.5B run's time limit (its kernels compile on a cold cache);
 # SWEEP: tuning variants of the one-token product on the 8B shape. TEST_N above 2 starves llama.cpp's build
 # (2026-12-06: unfinished after 6 minutes beside `-n 8`). ALT: a second tree to time beside this one in the same
 # call (`mkdir .alt && git archive BRANCH | tar -x -C .alt`, `/.alt/` in .git/info/exclude, carry ".alt").
@@ -24,19 +25,8 @@ if [ -d .alt ]; then  # the other tree's engine on the same files, same call
   for f in l8b q05; do echo "== alt $f"; (cd .alt && PYTHONPATH=/root/dev/site:$R/.alt timeout 150 python3 bench/cuda_bench.py \
     /root/m/$f.gguf --batches ${B05:-1,64,256} --steps 64 --repeat 3 --json 2>&1 | tail -1 | tee -a $OUT/alt.log); done
 fi
-echo "== rbees 0.5B"; timeout 80 python3 bench/cuda_bench.py /root/m/q05.gguf --batches ${B05:-1,64,256} --steps 64 --repeat 3 --json 2>&1 | tail -2 | tee $OUT/rbees_q05.log
-if [ -n "$SERVE" ]; then  # the serving path: a CUDA worker on the 0.5B shape, streams over HTTP
-  python3 -m rbees_workerd.cli serve --worker-id g --model /root/m/q05.gguf --port 8188 --slots 256 --context-length 512 \
-    --backend cuda --log-level WARNING > $OUT/worker.log 2>&1 &
-  WPID=$!; W0=$(date +%s)
-  for i in $(seq 120); do python3 -c "import httpx, sys; sys.exit(httpx.get('http://127.0.0.1:8188/health').json()['state'] != 'Ready')" 2>/dev/null && break; sleep 1; done
-  echo "worker Ready after $(( $(date +%s) - W0 )) s"
-  SPY=/root/dev/site/bin/py-spy  # (carried in .whl) the worker's stacks while the streams run, for the serving path's profile
-  [ -x $SPY ] && timeout 100 $SPY record --nonblocking -r 100 -d 60 -f raw -o $OUT/worker_spy.txt --pid $WPID >/dev/null 2>&1 &
-  timeout 120 python3 bench/worker_http.py --url http://127.0.0.1:8188 --levels 1,16,64,256 --max-tokens 128 --rounds ${ROUNDS:-1} \
-    --no-engine --json 2>&1 | tail -3 | tee $OUT/http_q05.log
-  kill $WPID 2>/dev/null
-fi
+echo "== rbees 0.5B"; timeout ${Q05_S:-80} python3 bench/cuda_bench.py /root/m/q05.gguf --batches ${B05:-1,64,256} --steps 64 --repeat 3 --json 2>&1 | tail -2 | tee $OUT/rbees_q05.log
+[ -n "$SERVE" ] && bash bench/gpu/serve.sh
 [ -d /root/llama ] || { echo "left $(left) (no llama.cpp: .llama-src not carried)"; exit 0; }
 while [ ! -f /root/build.rc ] && [ $(left) -gt 50 ]; do sleep 2; done; echo "build rc $(cat /root/build.rc 2>/dev/null) left $(left)"
 B=/root/llama/llama.cpp/build/bin
