@@ -46,14 +46,14 @@ def _run(
     engine.backend.pads_steps = pads
     run, run_step, fed, asked, ran = engine.model.run, engine.backend.run_step, 0, [], []
 
-    def counting_run(tokens, *args, feed=None, pad_slot=None):  # noqa: ANN001, ANN002, ANN202
+    def counting_run(tokens, *args, feed=None, pad=False):  # noqa: ANN001, ANN002, ANN202
         nonlocal fed
         fed += feed is not None
         asked.append(len(tokens))
-        return run(tokens, *args, feed=feed, pad_slot=pad_slot)
+        return run(tokens, *args, feed=feed, pad=pad)
 
     def recording_run_step(key, step):  # noqa: ANN001, ANN202
-        ran.append(key[:2])  # (tokens, logit rows)
+        ran.append(key)  # (tokens, logit rows, one sequence)
         return run_step(key, step)
 
     engine.model.run = counting_run
@@ -76,9 +76,10 @@ def _run(
         step += 1
         assert step < 500
     limit = engine.model.max_step_tokens
-    assert all(n in ((a, padded(a, limit)) if pads else (a,)) for a, (n, _) in zip(asked, ran, strict=True))
-    assert all(rows == n for a, (n, rows) in zip(asked, ran, strict=True) if n > a)  # a padded step's one shape
-    return events, fed, sum(n > a for a, (n, _) in zip(asked, ran, strict=True)), ran
+    # padded: every step of several sequences (all slots held or not), to its size; a padded step's one shape
+    assert all(n == (padded(a, limit) if pads and not one else a) for a, (n, _, one) in zip(asked, ran, strict=True))
+    assert all(rows == n for a, (n, rows, _) in zip(asked, ran, strict=True) if n > a)
+    return events, fed, sum(n > a for a, (n, _, _) in zip(asked, ran, strict=True)), [key[:2] for key in ran]
 
 
 def _plain(e: Event) -> tuple:
@@ -103,16 +104,16 @@ def test_queued_steps_give_every_sequence_the_same_events(tiny: Path) -> None:
 
 @pytest.mark.parametrize("queues_ahead", [False, True])
 def test_padded_steps_give_every_sequence_the_same_events(tiny: Path, queues_ahead: bool) -> None:
-    """Steps of three tokens or more padded to `padded` sizes, as many logit rows as tokens (extra tokens in
-    a free slot, extra logit rows copies of the last), with and without queued steps: the same events as
-    unpadded steps."""
+    """Steps of several sequences padded to `padded` sizes, as many logit rows as tokens (extra tokens in
+    the model's pad slot, extra logit rows copies of the last), with and without queued steps, also while
+    every slot generates: the same events as unpadded steps."""
     want, _, unpadded, _ = _run(tiny, queues_ahead=False)
     got, _, padded_steps, _ = _run(tiny, queues_ahead=queues_ahead, pads=True)
     assert unpadded == 0 and padded_steps >= 5
     assert got == want
 
 
-def test_warm_up_runs_every_padded_size_twice_in_a_free_slot(tiny: Path) -> None:
+def test_warm_up_runs_every_padded_size_twice_in_the_pad_slot(tiny: Path) -> None:
     """On a backend that captures steps per shape (at a shape's second step), the warm-up runs each padded size
     of a step of several sequences twice, as many logit rows as tokens; the sequences that come after get the
     events of an engine that did not (the pad slot's cache is written before it is read)."""

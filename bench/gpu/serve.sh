@@ -11,11 +11,11 @@ fi
 python3 -m rbees_workerd.cli serve --worker-id g --model $M --port 8188 --slots 256 --context-length 512 \
   --backend cuda --log-level WARNING > $OUT/worker.log 2>&1 &
 WPID=$!; W0=$(date +%s)
-for i in $(seq 150); do python3 -c "import httpx, sys; sys.exit(httpx.get('http://127.0.0.1:8188/health').json()['state'] != 'Ready')" 2>/dev/null && break; sleep 1; done
+for i in $(seq ${READY_S:-150}); do python3 -c "import httpx, sys; sys.exit(httpx.get('http://127.0.0.1:8188/health').json()['state'] != 'Ready')" 2>/dev/null && break; sleep 1; done
 echo "worker Ready after $(( $(date +%s) - W0 )) s"
 SPY=/root/dev/site/bin/py-spy  # (carried in .whl) the worker's stacks while the streams run, for the serving path's profile
 [ -x $SPY ] && timeout 100 $SPY record --nonblocking -r 100 -d 60 -f raw -o $OUT/worker_spy.txt --pid $WPID >/dev/null 2>&1 &
-echo "== HTTP"; timeout 120 python3 bench/worker_http.py --url http://127.0.0.1:8188 --levels 1,16,64,256 --max-tokens 128 \
+echo "== HTTP"; timeout 120 python3 bench/worker_http.py --url http://127.0.0.1:8188 --levels ${LEVELS:-1,16,64,256} --max-tokens 128 \
   --rounds ${ROUNDS:-1} --no-engine --json 2>&1 | tail -3 | tee $OUT/http_q05.log
 if [ -n "$ORCD" ]; then
   echo "== orcd, GPU worker"; timeout 150 python3 bench/orcd_relay.py --worker http://127.0.0.1:8188 --tokens 128 \

@@ -158,7 +158,7 @@ class Engine:
         report("compiling kernels", 0.0)
         for n in sorted({max(1, min(size, self.context_length - 2)) for size in self.backend.warm_sizes}):
             list(self.generate([0] * n, GenerationParams(max_tokens=2, temperature=0.0, seed=0)))
-        self.model.prepare_padded_steps(self._free[0])
+        self.model.prepare_padded_steps()
         report("compiling kernels", 1.0)
         report("warming up", 0.0)
         list(self.generate([0], GenerationParams(max_tokens=2, temperature=1.0, seed=0)))
@@ -262,7 +262,7 @@ class Engine:
         """Run the step and queue the sampling of its rows (None when it samples none)."""
         logits = self.model.run(
             np.asarray(b.tokens, np.int32), np.asarray(b.positions, np.int32), np.asarray(b.slots, np.int32),
-            np.asarray(b.rows, np.int32), feed=b.feed, pad_slot=self._free[0] if self._free else None,
+            np.asarray(b.rows, np.int32), feed=b.feed, pad=True,
         )  # fmt: skip
         if not b.sampled:
             return None

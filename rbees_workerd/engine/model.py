@@ -81,7 +81,8 @@ def padded_sizes(limit: int) -> list[int]:
 
 
 def kv_cache_bytes(cfg: ModelConfig, slots: int, context_length: int) -> int:
-    return 2 * 4 * cfg.n_layers * slots * context_length * cfg.n_kv_heads * cfg.head_dim
+    """The K and V caches of `slots` sequences, and of the slot of padded steps (Transformer.pad_slot)."""
+    return 2 * 4 * cfg.n_layers * (slots + 1) * context_length * cfg.n_kv_heads * cfg.head_dim
 
 
 class Transformer:
@@ -97,6 +98,7 @@ class Transformer:
     ) -> None:
         self.cfg, self.be = cfg, be
         self.slots, self.context_length, self.max_step_tokens = slots, context_length, max_step_tokens
+        self.pad_slot = slots  # one slot more in the caches, which no sequence holds: padded steps' extra tokens
         t = f.tensors
 
         self.weight_bytes = 0  # what the backend holds for the weights (the file holds sum(raw.nbytes))
@@ -132,7 +134,7 @@ class Transformer:
 
         def cache() -> Array:
             before = be.memory_bytes()
-            out = be.zeros((slots, context_length, cfg.n_kv_heads, cfg.head_dim))
+            out = be.zeros((slots + 1, context_length, cfg.n_kv_heads, cfg.head_dim))
             self.kv_cache_bytes += be.memory_bytes() - before
             return out
 
@@ -185,7 +187,7 @@ class Transformer:
         slots: np.ndarray,
         logit_rows: np.ndarray,
         feed: Picks | None = None,
-        pad_slot: int | None = None,
+        pad: bool = False,
     ) -> Array:
         """One step; returns the backend's logits [len(logit_rows), V] for the requested token rows.
 
@@ -194,13 +196,14 @@ class Transformer:
         A step that asks no rows (a chunk of a prompt longer than a step, before its last) gets
         the last token's: one row of the output product keeps every step's shapes non-empty.
 
-        With `pad_slot` (a slot no sequence holds) on a backend that captures steps per shape, a step
-        of several sequences is padded to one of a few sizes (`padded`), with as many logit rows as
-        tokens: the extra tokens are token 0 at position 0 of `pad_slot` (whose cache a new sequence
-        writes before it reads), the extra logit rows copies of the last; every row is computed on its
-        own, so the real rows' logits are those of the unpadded step. (Padding the rows to sizes of their
-        own made a pair of sizes a step's shape: at 256 streams most steps then came in shapes seen
-        once or twice, each run launch by launch before its graph was captured.)"""
+        With `pad` on a backend that captures steps per shape, a step of several sequences is padded to
+        one of a few sizes (`padded`), with as many logit rows as tokens: the extra tokens are token 0 at
+        position 0 of `pad_slot`, which no sequence holds (so a step is padded when every slot generates,
+        too), the extra logit rows copies of the last; every row is computed on its own, so the real rows'
+        logits are those of the unpadded step. (Padding the rows to sizes of their own made a pair of
+        sizes a step's shape: at 256 streams most steps then came in shapes seen once or twice, each run
+        launch by launch before its graph was captured; so did the steps of a full worker while the pad
+        slot was a free one: 256 streams on 256 slots, H100, 2026-12-06.)"""
         if len(logit_rows) == 0:
             logit_rows = np.array([len(tokens) - 1], np.int32)
         n, r = len(tokens), len(logit_rows)
@@ -209,11 +212,11 @@ class Transformer:
         tokens, logit_rows = np.asarray(tokens, np.int32), np.asarray(logit_rows, np.int32)
         slots, positions = np.asarray(slots, np.int32), np.asarray(positions, np.int32)
         one_seq = bool(n > 1 and np.all(slots == slots[0]) and np.all(np.diff(positions) == 1))
-        if pad_slot is not None and self.be.pads_steps and not one_seq:
+        if pad and self.be.pads_steps and not one_seq:
             big_n = padded(n, self.max_step_tokens)
             extra = big_n - n
             tokens, positions = np.pad(tokens, (0, extra)), np.pad(positions, (0, extra))
-            slots = np.concatenate([slots, np.full(extra, pad_slot, np.int32)])
+            slots = np.concatenate([slots, np.full(extra, self.pad_slot, np.int32)])
             logit_rows = np.pad(logit_rows, (0, big_n - r), mode="edge")
         views = self._step_views(len(tokens), len(logit_rows), r)
         self.be.upload(np.concatenate([tokens, positions, slots, logit_rows]), views[0])
@@ -224,9 +227,9 @@ class Transformer:
         self.be.run_step((len(tokens), len(logit_rows), one_seq), lambda: self._step(*views[1:-1], one_seq))
         return views[-1]
 
-    def prepare_padded_steps(self, pad_slot: int) -> None:
+    def prepare_padded_steps(self) -> None:
         """On a backend that captures steps per shape, run each padded size of a step of several sequences twice
-        (all its tokens at position 0 of `pad_slot`, a slot no sequence holds): it captures a shape at its
+        (all its tokens at position 0 of `pad_slot`): it captures a shape at its
         second step, so a server's steps replay from the first request on. (Measured on the H100, 0.5B shape,
         256 streams: most steps then ran launch by launch from Python, in shapes seen once or twice.)"""
         if not self.be.pads_steps:
@@ -234,7 +237,7 @@ class Transformer:
         for size in padded_sizes(self.max_step_tokens):
             zeros = np.zeros(size, np.int32)  # (positions all 0: not one sequence's consecutive tokens)
             for _ in range(2):
-                self.run(zeros, zeros, np.full(size, pad_slot, np.int32), zeros[:1], pad_slot=pad_slot)
+                self.run(zeros, zeros, np.full(size, self.pad_slot, np.int32), zeros[:1], pad=True)
 
     def _step_views(self, n: int, r: int, wanted: int) -> tuple[Array, ...]:
         """The device views of a step of n tokens and r logit rows: ids, tokens, positions, slots, rows,

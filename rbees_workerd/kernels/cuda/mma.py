@@ -315,6 +315,7 @@ _BLOCK = 12000  # a block's start (the first stage in flight) and end (its store
 _REDUCE = 500  # the split's last block adding the parts: per part and 8-token tile
 
 
+@functools.cache  # (a step not captured in a graph plans each of its products)
 def plan(t_count: int, row_tiles: int, k: int, qt: int, sms: int) -> tuple[int, int]:
     """(nj, split): mma_kernel's 8-token tiles a block and parts of K for a product of t_count tokens,
     row_tiles tiles of BM rows of k elements of type qt, on a GPU of `sms` multiprocessors.
