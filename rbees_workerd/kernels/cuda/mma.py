@@ -53,9 +53,10 @@ assert BM == THREADS  # (a thread stages a row)
 SCRATCH = THREADS if SIM else 1  # (the simulator's mma twins exchange the fragments through it)
 PREP_THREADS = 32 if SIM else 512  # (a K of 4,096 is 512 items: one each)
 TOKEN_TILES = (1, 2) if SIM else (1, 2, 4, 8)  # the 8-token tiles of an mma_kernel block: one kernel each
-# three blocks an SM (a scheduler then has three warps to choose from): ptxas keeps to 168 registers, spilling
-# a few of the next stage's addresses (8-32 bytes at 64 tokens, by type) rather than the accumulators
-_THREE_BLOCKS = {} if SIM else {"max_registers": 65536 // (3 * THREADS) // 8 * 8}
+SLOTS = 3  # mma_kernel blocks an SM holds at once (a scheduler then has three warps to choose from): ptxas keeps
+# to the registers that allows (168), spilling a few of the next stage's addresses (8-32 bytes at 64 tokens, by
+# type) rather than the accumulators
+_SLOT_REGISTERS = {} if SIM else {"max_registers": 65536 // (SLOTS * THREADS) // 8 * 8}
 
 
 def stage_groups(qt: int) -> int:
@@ -181,7 +182,7 @@ def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
             draw[u] = xd[tok, min(g, groups - 1)] if inside else float32(0.0)
             eraw[u] = xs[tok, min(g, groups - 1)] if inside else float32(0.0)
 
-    @cuda.jit(**JIT, **_THREE_BLOCKS)
+    @cuda.jit(**JIT, **_SLOT_REGISTERS)
     def kernel(xw, xd, xs, m0, m1, m2, n0, n1, n2, flags, part, count):
         w0, g0_, s0, o0, b0 = m0
         w1, g1, s1, o1, b1 = m1
@@ -305,7 +306,6 @@ def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
     return kernel
 
 
-SLOTS = 3  # mma_kernel blocks an SM holds at once (_THREE_BLOCKS)
 PART_BYTES = 64 << 20  # a split product's partial sums take at most this much memory
 # plan's cost model, in a warp's issue slots, fitted to bench/mma_plan.py's sweep of 42 products of the 8B and
 # 0.5B shapes on the H100 (docs/benchmarks.md): its choices take 2.3% more time than the best plan of each
