@@ -234,7 +234,7 @@ def test_plan_fills_the_gpu_within_its_bounds(sms):
                     assert split == 1 or split * t * mma.BM * row_tiles * 4 <= mma.PART_BYTES
                     tiles = -(-t // (8 * nj)) * row_tiles
                     if nj > 1:  # (more 8-token tiles a block than the tokens need are never cheaper)
-                        assert -(-t // 8) > 8 * (nj // 2) // 8
+                        assert -(-t // 8) > nj // 2
                     if tiles < sms and chunks >= sms:  # (at least 8 parts, or a block for every SM)
                         assert tiles * split >= min(sms, 8 * tiles), (qt, k, row_tiles, t, nj, split)
                     if tiles >= 2 * mma.SLOTS * sms:

@@ -9,6 +9,7 @@ with the plain path (the GPU tests do the same on the device, where the picks st
 from __future__ import annotations
 
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from ggufgen import write_tiny_model
@@ -16,6 +17,7 @@ from ggufgen import write_tiny_model
 from rbees_workerd.engine.engine import Engine
 from rbees_workerd.engine.model import padded, padded_sizes
 from rbees_workerd.engine.types import Event, FinishEvent, GenerationParams, TokenEvent
+from rbees_workerd.kernels.cpu.backend import CpuBackend
 
 GREEDY = GenerationParams(max_tokens=30, temperature=0.0)
 # step of the run -> what happens before it: ("submit", name, prompt, params) or ("cancel", name)
@@ -41,9 +43,9 @@ def _run(
     """Play SCRIPT (after the engine's warm-up again, where `warm`); each sequence's events, how many steps
     took their first tokens from picks, how many steps ran padded (more tokens than the engine asked for),
     and every step's (tokens, logit rows) as run."""
-    engine = Engine.load(path, slots=4, context_length=48)
+    with mock.patch.object(CpuBackend, "pads_steps", pads):  # (the model keeps its pad slot from its load on)
+        engine = Engine.load(path, slots=4, context_length=48)
     engine.backend.queues_ahead = queues_ahead
-    engine.backend.pads_steps = pads
     run, run_step, fed, asked, ran = engine.model.run, engine.backend.run_step, 0, [], []
 
     def counting_run(tokens, *args, feed=None, pad=False):  # noqa: ANN001, ANN002, ANN202

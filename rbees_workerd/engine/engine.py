@@ -140,7 +140,8 @@ class Engine:
                 raise InvalidParams("context length must be at least 1")
             be = make_backend(backend, gpu, threads)
             weights = sum(t.raw.nbytes for t in f.tensors.values())
-            be.check_fits(weights + kv_cache_bytes(cfg, slots, ctx) + scratch_bytes(cfg, max_step_tokens))
+            cache_slots = slots + int(be.pads_steps)  # (Transformer.pad_slot)
+            be.check_fits(weights + kv_cache_bytes(cfg, cache_slots, ctx) + scratch_bytes(cfg, max_step_tokens))
             model = Transformer(cfg, f, be, slots, ctx, max_step_tokens, lambda done: report("loading", done))
         finally:
             f.close()

@@ -81,8 +81,8 @@ def padded_sizes(limit: int) -> list[int]:
 
 
 def kv_cache_bytes(cfg: ModelConfig, slots: int, context_length: int) -> int:
-    """The K and V caches of `slots` sequences, and of the slot of padded steps (Transformer.pad_slot)."""
-    return 2 * 4 * cfg.n_layers * (slots + 1) * context_length * cfg.n_kv_heads * cfg.head_dim
+    """The K and V caches of `slots` slots (on a backend that pads steps, one more: Transformer.pad_slot)."""
+    return 2 * 4 * cfg.n_layers * slots * context_length * cfg.n_kv_heads * cfg.head_dim
 
 
 class Transformer:
@@ -98,7 +98,9 @@ class Transformer:
     ) -> None:
         self.cfg, self.be = cfg, be
         self.slots, self.context_length, self.max_step_tokens = slots, context_length, max_step_tokens
-        self.pad_slot = slots  # one slot more in the caches, which no sequence holds: padded steps' extra tokens
+        # on a backend that pads steps, one slot more in the caches, which no sequence holds: their extra tokens
+        self.pad_slot = slots if be.pads_steps else None
+        cache_slots = slots + int(be.pads_steps)
         t = f.tensors
 
         self.weight_bytes = 0  # what the backend holds for the weights (the file holds sum(raw.nbytes))
@@ -134,7 +136,7 @@ class Transformer:
 
         def cache() -> Array:
             before = be.memory_bytes()
-            out = be.zeros((slots + 1, context_length, cfg.n_kv_heads, cfg.head_dim))
+            out = be.zeros((cache_slots, context_length, cfg.n_kv_heads, cfg.head_dim))
             self.kv_cache_bytes += be.memory_bytes() - before
             return out
 
@@ -212,7 +214,7 @@ class Transformer:
         tokens, logit_rows = np.asarray(tokens, np.int32), np.asarray(logit_rows, np.int32)
         slots, positions = np.asarray(slots, np.int32), np.asarray(positions, np.int32)
         one_seq = bool(n > 1 and np.all(slots == slots[0]) and np.all(np.diff(positions) == 1))
-        if pad and self.be.pads_steps and not one_seq:
+        if pad and self.pad_slot is not None and not one_seq:
             big_n = padded(n, self.max_step_tokens)
             extra = big_n - n
             tokens, positions = np.pad(tokens, (0, extra)), np.pad(positions, (0, extra))
@@ -232,7 +234,7 @@ class Transformer:
         (all its tokens at position 0 of `pad_slot`): it captures a shape at its
         second step, so a server's steps replay from the first request on. (Measured on the H100, 0.5B shape,
         256 streams: most steps then ran launch by launch from Python, in shapes seen once or twice.)"""
-        if not self.be.pads_steps:
+        if self.pad_slot is None:
             return
         for size in padded_sizes(self.max_step_tokens):
             zeros = np.zeros(size, np.int32)  # (positions all 0: not one sequence's consecutive tokens)

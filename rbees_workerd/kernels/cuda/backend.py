@@ -672,8 +672,9 @@ def _many_launches(be: CudaBackend, x: Any, qt: int, flags: int, mats: list[tupl
                                  be.zeros((t_count, k // 32)))  # fmt: skip
         xw, xd, xs = be._act_bufs[key]
         prep = _Launch(mma.prep_q8_kernel(qt), (t_count,), (mma.PREP_THREADS,), (x, norm, nw, eps, hout, xw, xd, xs))
-        nj, split = mma.plan(t_count, mma.row_tiles(*ns), k, qt, be.sms)
-        tiles = (math.ceil(t_count / (8 * nj)), mma.row_tiles(*ns))
+        row_tiles = mma.row_tiles(*ns)
+        nj, split = mma.plan(t_count, row_tiles, k, qt, be.sms)
+        tiles = (math.ceil(t_count / (8 * nj)), row_tiles)
         part, count = be._split_buffers(split, t_count, sum(ns), tiles[0] * tiles[1])
         args = (xw, xd, xs, m0, m1, m2, *ns, flags, part, count)
         kernel = mma.mma_kernel(qt, nj, mma.wide_rows(qt, k))
