@@ -126,3 +126,15 @@ def test_warm_up_runs_every_padded_size_twice_in_the_pad_slot(tiny: Path) -> Non
     sizes = padded_sizes(limit)
     assert {4, 8, 16, 32, 48, 64, limit} <= set(sizes)
     assert all(ran.count((size, size)) >= 2 for size in sizes)
+
+
+def test_a_step_holds_a_prompt_token_for_every_slot(tiny: Path) -> None:
+    """The default step budget of an engine of many slots is two tokens a slot: a burst of short prompts on
+    every slot is prefilled in one step (with 256 tokens, only the first 128 two-token prompts of 160 were)."""
+    engine = Engine.load(tiny, slots=160, context_length=48)
+    assert engine.model.max_step_tokens == 320
+    assert Engine.load(tiny, slots=4, context_length=48).model.max_step_tokens == 256
+    for i in range(160):
+        engine.submit([1 + i % 7, 2], GenerationParams(max_tokens=3, temperature=0.0))
+    sampled = {e.seq_id for e in engine.step()}  # (a token, or an end at a first token of end of text)
+    assert len(sampled) == 160

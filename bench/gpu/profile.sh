@@ -5,7 +5,7 @@
 # e.g. SECT="-k_regex:mma_kernel_--launch-skip_8_--launch-count_4" SECT_STEP=--prefill_512). Read the CSVs with
 # bench/ncu_times.py.
 source bench/gpu/setup.sh; R=$PWD
-cd /root/m && python3 $R/bench/gguf_shapes.py --shape llama-3.1-8b --mix q4_k_m --out l8b.gguf --vocab-from $R/.devdata/vocab.gguf | tail -1; cd $R
+cd /root/m && [ -f l8b.gguf ] || python3 $R/bench/gguf_shapes.py --shape llama-3.1-8b --mix q4_k_m --out l8b.gguf --vocab-from $R/.devdata/vocab.gguf | tail -1; cd $R
 NCU="ncu --profile-from-start off --cache-control none --clock-control none"
 M="--metrics gpu__time_duration.sum,dram__bytes_read.sum,sm__warps_active.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum"
 S="--section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis"

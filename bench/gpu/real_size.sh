@@ -12,8 +12,8 @@ source bench/gpu/setup.sh
 R=$PWD; T0=$(date +%s); left() { echo $(( ${BUDGET:-450} - ($(date +%s) - T0) )); }
 V=$R/${VOCAB:-.devdata/vocab.gguf}
 cd /root/m
-(time python3 $R/bench/gguf_shapes.py --shape llama-3.1-8b --mix q4_k_m --out l8b.gguf --vocab-from $V) 2>&1 | tail -4 | tee $OUT/gen.log
-python3 $R/bench/gguf_shapes.py --shape qwen2.5-0.5b --mix q4_k_m --out q05.gguf --vocab-from $V 2>&1 | tail -1
+[ -f l8b.gguf ] || (time python3 $R/bench/gguf_shapes.py --shape llama-3.1-8b --mix q4_k_m --out l8b.gguf --vocab-from $V) 2>&1 | tail -4 | tee $OUT/gen.log
+[ -f q05.gguf ] || python3 $R/bench/gguf_shapes.py --shape qwen2.5-0.5b --mix q4_k_m --out q05.gguf --vocab-from $V 2>&1 | tail -1
 cd $R
 echo "== tests"; REQUIRE_REAL_GPU=1 timeout ${TEST_S:-170} python3 -m pytest -q -p no:cacheprovider ${TEST_N:+-n $TEST_N} \
   tests/test_cuda_kernels.py tests/test_architectures.py::test_cuda_matches_cpu -k "${TESTS:-not nothing}" 2>&1 | tail -25 | tee $OUT/tests.log

@@ -34,6 +34,7 @@ from rbees_workerd.errors import AllSlotsBusy, InvalidParams
 from rbees_workerd.kernels.backend import Backend, Picks, SamplingRow
 
 DEFAULT_CONTEXT = 4096
+STEP_TOKENS = 256  # a step's tokens at least; a worker of many slots takes two a slot (step_tokens)
 REPETITION_WINDOW = 64  # llama.cpp's default penalty_last_n
 
 
@@ -50,6 +51,13 @@ def make_backend(name: str, gpu: int = 0, threads: int | None = None) -> Backend
 
         return CudaBackend(gpu)
     raise InvalidParams(f"unknown backend {name!r} (expected cpu or cuda)")
+
+
+def step_tokens(slots: int) -> int:
+    """The tokens a step takes at most by default: a decode token for every slot and as many prompt tokens.
+    (256 on 256 slots left the prompts of streams that arrive together what the decodes did not take: at
+    20 tokens a prompt, the last of a burst of 256 streams started some 50 steps after the first; now 14.)"""
+    return max(STEP_TOKENS, 2 * slots)
 
 
 @dataclass
@@ -120,7 +128,7 @@ class Engine:
         context_length: int | None = None,
         on_progress: Callable[[LoadPhase, float], None] | None = None,
         threads: int | None = None,
-        max_step_tokens: int = 256,
+        max_step_tokens: int | None = None,
     ) -> Engine:
         """Read, validate and prepare a GGUF model; raises ModelLoadError, VramOOM, InvalidParams.
 
@@ -130,6 +138,7 @@ class Engine:
         report("loading", 0.0)
         if slots < 1:
             raise InvalidParams("slots must be at least 1")
+        max_step_tokens = max_step_tokens or step_tokens(slots)
         f = load_gguf(path)
         try:
             cfg = ModelConfig.from_gguf(f)

@@ -26,6 +26,9 @@ A group is read as four items of 8 weights: item q is elements 4q .. 4q + 3 and 
 one NIB4 word. The integer products round their input like llama.cpp's CUDA backend rounds it
 (int8 blocks of 32, `rounding`) and take dp4a / mma products of an item's two words of four int8
 values (`group_item`) with the input's, then apply the scales in float.
+
+The device functions test the type with chains of `==`: `qt in (...)` compiles to a loop over the tuple
+that the compiler keeps, even for a constant qt (it had made stage_q8 a third of vec_kernel's code).
 """
 
 from __future__ import annotations
@@ -76,18 +79,18 @@ def integer(qt: int) -> bool:
 
 @cuda.jit(**DEVICE)
 def nibbles(qt):
-    return qt in (Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K)
+    return qt == Q4_0 or qt == Q4_1 or qt == Q4_K or qt == Q5_0 or qt == Q5_1 or qt == Q5_K or qt == Q6_K
 
 
 @cuda.jit(**DEVICE)
 def fifth_bit(qt):
-    return qt in (Q5_0, Q5_1, Q5_K)
+    return qt == Q5_0 or qt == Q5_1 or qt == Q5_K
 
 
 @cuda.jit(**DEVICE)
 def group_words(qt):
     """WORDS[qt] for the device code (which reads no dicts)."""
-    if qt in (Q4_0, Q4_1, Q4_K):
+    if qt == Q4_0 or qt == Q4_1 or qt == Q4_K:
         return 4
     if fifth_bit(qt):
         return 5
@@ -126,7 +129,7 @@ def load_scales(qt, gs, sb, r, g):
     (a kernel keeps them in registers while they are in flight; scales_of turns them into floats)."""
     r = uint32(r)
     g = uint32(g)
-    if qt in (Q4_K, Q5_K, Q6_K):
+    if qt == Q4_K or qt == Q5_K or qt == Q6_K:
         return uint32(gs[r, g]), uint32(sb[r, g >> 3])
     if qt != F32 and qt != F16 and qt != BF16:
         return uint32(gs[r, g]), uint32(0)
@@ -137,13 +140,13 @@ def load_scales(qt, gs, sb, r, g):
 def scales_of(qt, gv, sv):
     """(scale of elements 0-15, scale of elements 16-31, min) of a group from its raw fields, in float32:
     exact products of the fp16 values and small integers the GGUF holds (as the CPU unpacks them)."""
-    if qt in (Q4_1, Q5_1):
+    if qt == Q4_1 or qt == Q5_1:
         d = half_to_f32(gv & 0xFFFF)
         return d, d, half_to_f32(gv >> 16)
-    if qt in (Q4_0, Q5_0, Q8_0):
+    if qt == Q4_0 or qt == Q5_0 or qt == Q8_0:
         d = half_to_f32(gv)
         return d, d, float32(0.0)
-    if qt in (Q4_K, Q5_K):
+    if qt == Q4_K or qt == Q5_K:
         d = half_to_f32(sv & 0xFFFF) * float32(gv & 63)
         return d, d, -(half_to_f32(sv >> 16) * float32(gv >> 8))
     if qt == Q6_K:
@@ -192,7 +195,7 @@ def decode(qt, words, gs, sb, off, row, g, q, wv, with_min):
             w = words[row, uint32(g * 8 + 2 * q + half)]
             for b in range(4):
                 wv[4 * half + b] = float32(_sbyte(w >> (8 * b))) * d
-    elif qt in (F16, BF16):
+    elif qt == F16 or qt == BF16:
         for i in range(4):
             w = words[row, uint32(g * 16 + 4 * q + i)]
             if qt == F16:

@@ -297,10 +297,10 @@ def _gdot(qt, fw, at, gv, sv, xv, dx, sx, rnd, off):
             s_hi = dp4a(hi, xv[2 * q + 1], s_hi)
         else:
             s_lo = dp4a(hi, xv[2 * q + 1], dp4a(lo, xv[2 * q], s_lo))
-    if qt == Q6_K:  # the values' offset -32 times each half's input sum (the same for both rows of a pair)
+    if qt == Q6_K:  # the values' offset -32 times each half's input sum (chained: the sums stay int32)
         m = int32(Q6_OFFSET_WORD)
-        s_lo += dp4a(m, xv[6], dp4a(m, xv[4], dp4a(m, xv[2], dp4a(m, xv[0], 0))))
-        s_hi += dp4a(m, xv[7], dp4a(m, xv[5], dp4a(m, xv[3], dp4a(m, xv[1], 0))))
+        s_lo = dp4a(m, xv[6], dp4a(m, xv[4], dp4a(m, xv[2], dp4a(m, xv[0], s_lo))))
+        s_hi = dp4a(m, xv[7], dp4a(m, xv[5], dp4a(m, xv[3], dp4a(m, xv[1], s_hi))))
         return dx * (d_lo * float32(s_lo) + d_hi * float32(s_hi))
     v = d_lo * dx * float32(s_lo)
     if rnd == ROUND_Q8_1:
