@@ -14,13 +14,15 @@ WPID=$!; W0=$(date +%s)
 for i in $(seq ${READY_S:-150}); do python3 -c "import httpx, sys; sys.exit(httpx.get('http://127.0.0.1:8188/health').json()['state'] != 'Ready')" 2>/dev/null && break; sleep 1; done
 echo "worker Ready after $(( $(date +%s) - W0 )) s"
 SPY=/root/dev/site/bin/py-spy  # (carried in .whl) the worker's stacks while the streams run, for the serving path's profile
-[ -x $SPY ] && timeout 100 $SPY record --nonblocking -r 100 -d 60 -f raw -o $OUT/worker_spy.txt --pid $WPID >/dev/null 2>&1 &
+SPID=; [ -x $SPY ] && { timeout 100 $SPY record --nonblocking -r 100 -d ${SPY_S:-30} -f raw -o $OUT/worker_spy.txt --pid $WPID \
+  >/dev/null 2>&1 & SPID=$!; }  # (it writes its file when its -d ends: the worker must live until then)
 echo "== HTTP"; timeout 120 python3 bench/worker_http.py --url http://127.0.0.1:8188 --levels ${LEVELS:-1,16,64,256} --max-tokens 128 \
   --rounds ${ROUNDS:-1} --no-engine --json 2>&1 | tail -3 | tee $OUT/http_q05.log
 if [ -n "$ORCD" ]; then
   echo "== orcd, GPU worker"; timeout 150 python3 bench/orcd_relay.py --worker http://127.0.0.1:8188 --tokens 128 \
     --rounds ${ORCD_ROUNDS:-3} 2>&1 | tail -16 | tee $OUT/orcd_gpu.log
 fi
+[ -n "$SPID" ] && wait $SPID
 kill $WPID 2>/dev/null
 if [ -n "$ORCD" ]; then
   echo "== orcd, synthetic source"; timeout 120 python3 bench/orcd_relay.py --rounds ${ORCD_ROUNDS:-3} 2>&1 | tail -16 | tee $OUT/orcd_synthetic.log

@@ -4,8 +4,9 @@ mkdir -p /root/dev /root/m /root/out
 if [ -d .whl ]; then cp -r .whl /root/dev/whl; fi
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /root/dev/site /root/dev/whl/*.whl 2>/dev/null
 export PYTHONPATH=/root/dev/site:$PWD NUMBA_CACHE_DIR=/root/numba-cache PYTHONUNBUFFERED=1
-if [ -f .llama-src/llama-src.tar.xz ] && [ ! -d /root/llama ]; then
-  mkdir -p /root/llama && tar xJf .llama-src/llama-src.tar.xz -C /root/llama
+# (a call's background jobs end with it: a build that a call started and did not finish goes on in the next one)
+if [ -f .llama-src/llama-src.tar.xz ] && [ ! -f /root/build.rc ]; then
+  [ -d /root/llama ] || { mkdir -p /root/llama && tar xJf .llama-src/llama-src.tar.xz -C /root/llama; }
   ( cd /root/llama/llama.cpp && cmake -B build -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=OFF \
       -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
       -DCMAKE_BUILD_TYPE=Release >/root/cmake.log 2>&1 \
