@@ -4,7 +4,7 @@
 # .devdata/vocab.gguf: a vocabulary-only GGUF of SmolLM2 (`python bench/gguf_shapes.py --vocab-only --out .devdata/vocab.gguf`).
 # BUDGET: seconds this script may take (the call's device time left, less the machine's start). TEST_S, TEST_N, TESTS:
 # the tests' time limit, pytest-xdist processes (carry its wheels) and -k selection; SERVE=1: bench/gpu/serve.sh;
-# Q05_S: the 0.5B run's time limit (its kernels compile on a cold cache);
+# Q05_S: the 0.5B run's time limit (its kernels compile on a cold cache); WARM=N: N warm starts of an 8B worker;
 # SWEEP: tuning variants of the one-token product on the 8B shape. TEST_N above 2 starves llama.cpp's build
 # (2026-12-06: unfinished after 6 minutes beside `-n 8`). ALT: a second tree to time beside this one in the same
 # call (`mkdir .alt && git archive BRANCH | tar -x -C .alt`, `/.alt/` in .git/info/exclude, carry ".alt").
@@ -18,6 +18,10 @@ cd $R
 echo "== tests"; REQUIRE_REAL_GPU=1 timeout ${TEST_S:-170} python3 -m pytest -q -p no:cacheprovider ${TEST_N:+-n $TEST_N} \
   tests/test_cuda_kernels.py tests/test_architectures.py::test_cuda_matches_cpu -k "${TESTS:-not nothing}" 2>&1 | tail -25 | tee $OUT/tests.log
 echo "== rbees 8B"; timeout 150 python3 bench/cuda_bench.py /root/m/l8b.gguf --batches ${B8:-1,64} --steps 64 --repeat 3 --json $BENCH_8B 2>&1 | tail -2 | tee $OUT/rbees_l8b.log
+if [ -n "$WARM" ]; then  # the 8B worker's start to Ready on the Numba cache the benchmark just filled
+  echo "== warm start 8B"; timeout 240 python3 bench/worker_start.py --model /root/m/l8b.gguf --backend cuda --slots 4 \
+    --cache-dir $NUMBA_CACHE_DIR --warm ${WARM} --json 2>&1 | tail -1 | tee $OUT/start_l8b.log
+fi
 for a in ${SWEEP:-}; do  # tuning variants of the one-token product, batch 1 (e.g. SWEEP="--fetch-regs=40 --long-block-warps=8")
   echo "== rbees 8B $a"; timeout 90 python3 bench/cuda_bench.py /root/m/l8b.gguf --batches 1 --steps 64 --repeat 3 --json $a 2>&1 | tail -1 | tee -a $OUT/sweep_l8b.log
 done
