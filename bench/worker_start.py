@@ -12,6 +12,7 @@ reported (device, vram_bytes) on the last start, and the worker process's reside
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import statistics
@@ -50,9 +51,9 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="rbees-numba-") as empty:
-        cache_dir = args.cache_dir or empty
-        cold = None if args.cache_dir else _start(args, cache_dir)[0]
+    given = contextlib.nullcontext(args.cache_dir) if args.cache_dir else None
+    with given or tempfile.TemporaryDirectory(prefix="rbees-numba-") as cache_dir:
+        cold = None if given else _start(args, cache_dir)[0]
         warm = []
         health: dict[str, object] = {}
         for _ in range(args.warm):

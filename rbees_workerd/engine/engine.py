@@ -18,7 +18,7 @@ import numpy as np
 
 from rbees_workerd.engine.config import ModelConfig
 from rbees_workerd.engine.gguf import load_gguf
-from rbees_workerd.engine.model import Transformer, kv_cache_bytes, scratch_bytes
+from rbees_workerd.engine.model import Transformer, cache_slots, kv_cache_bytes, scratch_bytes
 from rbees_workerd.engine.sampling import SeededUniforms
 from rbees_workerd.engine.tokenizer import StreamDecoder, Tokenizer
 from rbees_workerd.engine.types import (
@@ -151,8 +151,8 @@ class Engine:
                 raise InvalidParams("context length must be at least 1")
             be = make_backend(backend, gpu, threads)
             weights = sum(t.raw.nbytes for t in f.tensors.values())
-            cache_slots = slots + int(be.pads_steps)  # (Transformer.pad_slot)
-            be.check_fits(weights + kv_cache_bytes(cfg, cache_slots, ctx) + scratch_bytes(cfg, max_step_tokens))
+            cache = kv_cache_bytes(cfg, cache_slots(slots, be), ctx)
+            be.check_fits(weights + cache + scratch_bytes(cfg, max_step_tokens))
             model = Transformer(cfg, f, be, slots, ctx, max_step_tokens, lambda done: report("loading", done))
         finally:
             f.close()

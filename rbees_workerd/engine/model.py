@@ -80,8 +80,14 @@ def padded_sizes(limit: int) -> list[int]:
     return sorted({padded(n, limit) for n in range(3, limit + 1)})
 
 
+def cache_slots(slots: int, be: Backend) -> int:
+    """The slots the K and V caches hold for `slots` sequences: on a backend that pads steps, one more
+    (Transformer.pad_slot)."""
+    return slots + int(be.pads_steps)
+
+
 def kv_cache_bytes(cfg: ModelConfig, slots: int, context_length: int) -> int:
-    """The K and V caches of `slots` slots (on a backend that pads steps, one more: Transformer.pad_slot)."""
+    """The K and V caches of `slots` cache slots (cache_slots)."""
     return 2 * 4 * cfg.n_layers * slots * context_length * cfg.n_kv_heads * cfg.head_dim
 
 
@@ -100,7 +106,7 @@ class Transformer:
         self.slots, self.context_length, self.max_step_tokens = slots, context_length, max_step_tokens
         # on a backend that pads steps, one slot more in the caches, which no sequence holds: their extra tokens
         self.pad_slot = slots if be.pads_steps else None
-        cache_slots = slots + int(be.pads_steps)
+        n_cache = cache_slots(slots, be)
         t = f.tensors
 
         self.weight_bytes = 0  # what the backend holds for the weights (the file holds sum(raw.nbytes))
@@ -136,7 +142,7 @@ class Transformer:
 
         def cache() -> Array:
             before = be.memory_bytes()
-            out = be.zeros((cache_slots, context_length, cfg.n_kv_heads, cfg.head_dim))
+            out = be.zeros((n_cache, context_length, cfg.n_kv_heads, cfg.head_dim))
             self.kv_cache_bytes += be.memory_bytes() - before
             return out
 
