@@ -2,6 +2,7 @@
 
     python bench/mma_plan.py --shape llama-3.1-8b --tokens 64,512 [--nj 1,2,4,8] [--splits 1,2,4,8] [--json]
     python bench/mma_plan.py --shape llama-3.1-8b --warm --nj 8    # compile the kernels only (run several at once)
+    python bench/mma_plan.py --slots 1:3,2:3,4:3,8:3 ...             # other blocks an SM (mma.SLOTS)
 
 Every product of one layer of the shape in llama.cpp's Q4_K_M mix (two layers: one whose attn_v and
 ffn_down get Q6_K, one whose do not), its weights random blocks of those types (gguf_shapes), its input
@@ -82,10 +83,13 @@ def main() -> None:
     ap.add_argument("--splits", default="1,2,3,4,6,8,12,16")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--slots", default="", help="blocks an SM by token tiles, e.g. 1:3,2:3,4:3,8:3 (mma.SLOTS; "
+                    "give each setting its own NUMBA_CACHE_DIR: the cache does not key on the register bound)")
     ap.add_argument("--warm", action="store_true", help="compile the kernels only")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     shape = gguf_shapes.SHAPES[a.shape]
+    mma.SLOTS.update({int(nj): int(n) for nj, n in (p.split(":") for p in a.slots.split(",") if p)})
     be = cb.CudaBackend(0)
     chosen_plan = mma.plan
     forced: list[tuple[int, int]] = [(0, 0)]
@@ -132,7 +136,7 @@ def main() -> None:
                     print(f"{label:18} k={k:6} t={t:4} Q8 preparation {us:9.2f} us", flush=True)
     be.synchronize()
     if a.json:
-        print(json.dumps({"shape": a.shape, "device": be.device, "rows": rows}))
+        print(json.dumps({"shape": a.shape, "device": be.device, "slots": mma.SLOTS, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -237,7 +237,7 @@ def test_plan_fills_the_gpu_within_its_bounds(sms):
                         assert -(-t // 8) > nj // 2
                     if tiles < sms and chunks >= sms:  # (at least 8 parts, or a block for every SM)
                         assert tiles * split >= min(sms, 8 * tiles), (qt, k, row_tiles, t, nj, split)
-                    if tiles >= 2 * mma.SLOTS * sms:
+                    if tiles >= 2 * mma.SLOTS[nj] * sms:
                         assert split == 1, (qt, k, row_tiles, t, nj, split)
 
 

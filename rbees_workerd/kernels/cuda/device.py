@@ -212,6 +212,16 @@ if SIM:
         a = np.concatenate([regs[:, :, 0, :].reshape(8, 16), regs[:, :, 1, :].reshape(8, 16)])
         return tuple(int32(v) for v in _lane_c(a @ regs[:, :, 2, :].reshape(8, 16).T))
 
+    @cuda.jit(device=True)
+    def mma_tf32(a0, a1, b0, c0, c1, c2, c3, scratch):
+        """c + the warp's 16 x 8 float32 product of a 16 x 4 and a 4 x 8 tf32 fragment (PTX mma m16n8k4 tf32,
+        f32 accumulators; the operands tf32 bits: tf32). Lane l holds A's rows l // 4 (a0) and + 8 (a1), column
+        l % 4; B's row l % 4, column l // 4 (b0); c as mma_s8 gives C. Every lane calls it."""
+        w = _warp_words((a0, a1, b0), scratch).view(np.float32).astype(np.float64)
+        w = w.reshape(8, 4, 3)  # [group, lane in group, register]
+        a = np.concatenate([w[:, :, 0], w[:, :, 1]])
+        return tuple(np.float32(v + p) for v, p in zip((c0, c1, c2, c3), _lane_c(a @ w[:, :, 2].T), strict=True))
+
 else:
 
     @intrinsic
@@ -395,6 +405,22 @@ else:
 
         return types.UniTuple(types.float32, 4)(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, scratch), codegen
 
+    @intrinsic
+    def mma_tf32(typingctx, a0, a1, b0, c0, c1, c2, c3, scratch):  # noqa: ANN001, ANN201
+        """c + the warp's 16 x 8 float32 product of tf32 fragments: one tensor-core instruction (PTX mma
+        m16n8k4 tf32 with f32 accumulators; the fragments as the simulator twin describes)."""
+
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            i32, f32 = ir.IntType(32), ir.FloatType()
+            ins = [context.cast(builder, v, t, types.uint32) for v, t in zip(args[:3], sig.args[:3], strict=True)]
+            ins += [context.cast(builder, v, t, types.float32) for v, t in zip(args[3:7], sig.args[3:7], strict=True)]
+            text = "mma.sync.aligned.m16n8k4.row.col.f32.tf32.tf32.f32 {$0,$1,$2,$3}, {$4,$5}, {$6}, {$7,$8,$9,$10};"
+            fn = ir.FunctionType(ir.LiteralStructType([f32] * 4), [i32] * 3 + [f32] * 4)
+            out = builder.call(ir.InlineAsm(fn, text, ",".join(["=f"] * 4 + ["r"] * 3 + ["f"] * 4)), ins)
+            return context.make_tuple(builder, sig.return_type, [builder.extract_value(out, i) for i in range(4)])
+
+        return types.UniTuple(types.float32, 4)(a0, a1, b0, c0, c1, c2, c3, scratch), codegen
+
     def _copy_async(size: int):  # noqa: ANN202
         """The codegen of a `size`-byte copy of src[r, c ..] into dst[i ..] (a shared array) that the memory
         system does on its own (PTX cp.async): the thread goes on at once, and registers hold nothing in
@@ -540,3 +566,10 @@ def half_bits_to_f32(h):
     if e == 31:
         return f32_from_bits(sign | 0x7F800000 | (m << 13))
     return f32_from_bits(sign | ((e + 112) << 23) | (m << 13))
+
+
+@cuda.jit(**DEVICE)
+def tf32(x):
+    """x's float32 bits cut to a tf32's 10 mantissa bits (toward zero): an operand of mma_tf32, which uses
+    those bits only; x - its value is exact in float32 (the low half of a two-tf32 split)."""
+    return bits_from_f32(x) & uint32(0xFFFFE000)

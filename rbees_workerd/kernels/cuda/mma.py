@@ -1,7 +1,8 @@
 """The product of many tokens of a quantized weight type on the tensor cores: mma_kernel.
 
 The input is normalized and rounded to Q8 once (prep_q8_kernel, in vec_kernel's staged layout:
-formats.stage_q8), then int8 mma products over each 32-block are scaled in float.
+formats.stage_q8), then int8 mma products over each 32-block are scaled in float, and the blocks' min or
+offset terms summed by tf32 mma products.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from rbees_workerd.kernels.cuda.device import (
     inv_rms,
     mma_s8,
     mma_s8_k16,
+    mma_tf32,
     put4,
     shared2,
-    shared4,
+    tf32,
 )  # fmt: skip
 from rbees_workerd.kernels.cuda.formats import (
+    KQUANTS,
     OFFSET,
     Q6_K,
     ROUND_Q8_1,
@@ -53,10 +56,14 @@ assert BM == THREADS  # (a thread stages a row)
 SCRATCH = THREADS if SIM else 1  # (the simulator's mma twins exchange the fragments through it)
 PREP_THREADS = 32 if SIM else 512  # (a K of 4,096 is 512 items: one each)
 TOKEN_TILES = (1, 2) if SIM else (1, 2, 4, 8)  # the 8-token tiles of an mma_kernel block: one kernel each
-SLOTS = 3  # mma_kernel blocks an SM holds at once (a scheduler then has three warps to choose from): ptxas keeps
-# to the registers that allows (168), spilling a few of the next stage's addresses (8-32 bytes at 64 tokens, by
-# type) rather than the accumulators
-_SLOT_REGISTERS = {} if SIM else {"max_registers": 65536 // (SLOTS * THREADS) // 8 * 8}
+SLOTS = {1: 5, 2: 4, 4: 4, 8: 3}  # mma_kernel blocks of nj token tiles an SM holds at once: ptxas keeps to the
+# registers that allows (96 at 5, 128 at 4, 168 at 3), spilling a few of the next stage's addresses (offline ptxas,
+# sm_90: none at nj 1 and 2, up to 36 bytes at 4 and 48 at 8, by type) rather than the accumulators
+
+
+def _slot_registers(nj: int) -> dict[str, int]:
+    """mma_kernel's register bound for SLOTS[nj] blocks of THREADS an SM (none under the simulator)."""
+    return {} if SIM else {"max_registers": 65536 // (SLOTS[nj] * THREADS) // 8 * 8}
 
 
 def stage_groups(qt: int) -> int:
@@ -112,17 +119,23 @@ def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
     (rows l // 4 and + 8 of a 16-row tile), the token's two staged input words its B fragment (token
     l // 4 of an 8-token tile); the mma sums over the items' k-order, which the weights and the inputs share
     (Q6_K, whose group halves have scales of their own: two mma over 16 columns). Each element (row, token)
-    then adds d_w * d_x * dot plus the min term (Q8_1: m_w * xs) or the offset term (Q8_0: d_w * off * xs),
-    as vec_kernel does. Blocks of a product with few tiles split K (plan); rows and tokens past the ends
-    are read clamped (groups past K as zeros) and not written. The stores' `flags` (outputs.py) come as an
-    argument, not compiled in: they steer a few branches per output, and every combination compiled apart
-    multiplied the kernels a model compiles at its first start (162 s to Ready on the H100, 0.5B shape).
+    then adds d_w * d_x * dot. The min terms (Q8_1: m_w * xs) or offset terms (Q8_0: d_w * off * xs) that
+    vec_kernel adds a group at a time are a stage's product of 16 rows x 4 groups by 4 groups x 8 tokens on
+    the tensor cores (tf32, each side a high and a low half where it is not exact in one: within about 2^-19 of
+    the float32 products), added to the same accumulators: 3 instructions where there were 16 fused multiply-adds.
+    Blocks of a product with few tiles split K (plan); rows and tokens past the ends are read clamped (groups
+    past K as zeros) and not written. The stores' `flags` (outputs.py) come as an argument, not compiled in:
+    they steer a few branches per output, and every combination compiled apart multiplied the kernels a model
+    compiles at its first start (162 s to Ready on the H100, 0.5B shape).
     """
     q8_1 = rounding(qt) == ROUND_Q8_1
     off = float32(OFFSET.get(qt, 0.0))
     halves = qt == Q6_K
+    terms = q8_1 or off != 0.0  # a min or offset term (none for Q8_0, nor Q6_K: signed_six makes its values signed)
+    split_w = qt in KQUANTS  # its row terms (dmin * m) need two tf32s; the others' (m, d * off) are exact in one
     words = WORDS[qt]
     kg = stage_groups(qt)
+    assert kg == 4 or not terms  # (the terms of a stage: one m16n8k4 product over its 4 groups)
     xp = 8 * kg + 8  # a token's staged input words (= 8 or 24 mod 32: a warp's 8-byte fragment loads hit 32 banks)
     pitch = _pitch(kg * words)
     pieces = kg * words // 4 if wide else kg * words  # copies of a row's words in a stage (16 or 4 bytes)
@@ -131,8 +144,9 @@ def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
     x_pieces = bn * 2 * kg  # 16-byte copies of the tokens' words in a stage
     x_iters = -(-x_pieces // THREADS)
     dn = -(-kg * bn // THREADS)  # (32-block, token) scale pairs a thread stages
+    ep = bn if nj % 2 else bn + 8  # a group's token terms in dsh (after the scales; 4 groups x 8 tokens: 32 banks)
     # the arrays' sizes (constants of the closure: Numba folds no arithmetic on globals)
-    w_size, s_size, x_size, d_size, a_size = 2 * BM * pitch, BM * kg * 2, 2 * bn * xp, kg * bn * 2, 4 * MI
+    w_size, s_size, x_size, d_size, a_size = 2 * BM * pitch, BM * kg * 2, 2 * bn * xp, kg * (bn + ep), 4 * MI
     s_row, w_buf, x_buf = 2 * kg, BM * pitch, bn * xp
     assert w_size >= WARPS * 32 * 8  # (the results leave through wsh)
 
@@ -180,9 +194,10 @@ def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
             g = g0 + p // bn
             inside = p < kg * bn and g < groups
             draw[u] = xd[tok, min(g, groups - 1)] if inside else float32(0.0)
-            eraw[u] = xs[tok, min(g, groups - 1)] if inside else float32(0.0)
+            if terms:
+                eraw[u] = xs[tok, min(g, groups - 1)] if inside else float32(0.0)
 
-    @cuda.jit(**JIT, **_SLOT_REGISTERS)
+    @cuda.jit(**JIT, **_slot_registers(nj))
     def kernel(xw, xd, xs, m0, m1, m2, n0, n1, n2, flags, part, count):
         w0, g0_, s0, o0, b0 = m0
         w1, g1, s1, o1, b1 = m1
@@ -190,12 +205,13 @@ def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
         wsh = cuda.shared.array(w_size, uint32)  # the rows' words, two stages (one landing while one is used)
         ssh = cuda.shared.array(s_size, float32)  # each (row, 32-block): its scale, min / offset term
         xsh = cuda.shared.array(x_size, uint32)  # the tokens' input words, two stages
-        dsh = cuda.shared.array(d_size, float32)  # each (32-block, token): its scale and sum term
+        dsh = cuda.shared.array(d_size, float32)  # each (32-block, token): its scale; then its sum term
         scratch = cuda.shared.array((SCRATCH, 6), uint32)
         last = cuda.shared.array(1, int32)
         acc = cuda.local.array(acc_n, float32)
         afr = cuda.local.array(a_size, uint32)
         asc = cuda.local.array(a_size, float32)
+        wt = cuda.local.array(a_size, uint32)  # the warp's rows' terms of the stage as tf32s: A fragments, high and low
         sv = cuda.local.array(s_row, float32)
         graw = cuda.local.array(kg, uint32)  # the next stage's scale fields of this thread's row, in flight
         sraw = cuda.local.array(kg, uint32)
@@ -234,8 +250,9 @@ def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
             for u in range(dn):
                 p = tid + THREADS * u
                 if p < kg * bn:
-                    dsh[2 * p] = draw[u]
-                    dsh[2 * p + 1] = eraw[u]
+                    dsh[p] = draw[u]
+                    if terms:
+                        dsh[kg * bn + (p // bn) * ep + p % bn] = eraw[u]
             if c + 1 < c_end:  # the next stage: copies sent, scales loaded, all while this one is multiplied
                 send(c + 1, w, row_words, row, xw, t0, n_tok, groups, wsh, xsh)
                 load_stage_scales(c + 1, gs, sb, row, xd, xs, t0, n_tok, groups, graw, sraw, draw, eraw)
@@ -245,6 +262,25 @@ def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
             cuda.syncthreads()
             wb = (c % 2) * w_buf
             xb = (c % 2) * x_buf
+            if terms:  # the stage's min or offset terms, sum over its 4 groups of m_w * s_x: 16 x 8 x 4 tf32 products
+                for i in range(MI):  # (high and low halves: the float32 products to about 2^-19)
+                    for h in range(2):
+                        e = ssh[2 * ((wr + 16 * i + gq + 8 * h) * kg + tq) + 1]
+                        wt[4 * i + h] = tf32(e)
+                        wt[4 * i + 2 + h] = tf32(e - f32_from_bits(wt[4 * i + h]))
+                for j in range(nj):
+                    e = dsh[kg * bn + tq * ep + 8 * j + gq]
+                    th = tf32(e)
+                    tl = tf32(e - f32_from_bits(th))
+                    for i in range(MI):
+                        k = (i * nj + j) * 4
+                        acc[k], acc[k + 1], acc[k + 2], acc[k + 3] = mma_tf32(
+                            wt[4 * i], wt[4 * i + 1], th, acc[k], acc[k + 1], acc[k + 2], acc[k + 3], scratch)
+                        acc[k], acc[k + 1], acc[k + 2], acc[k + 3] = mma_tf32(
+                            wt[4 * i], wt[4 * i + 1], tl, acc[k], acc[k + 1], acc[k + 2], acc[k + 3], scratch)
+                        if split_w:
+                            acc[k], acc[k + 1], acc[k + 2], acc[k + 3] = mma_tf32(
+                                wt[4 * i + 2], wt[4 * i + 3], th, acc[k], acc[k + 1], acc[k + 2], acc[k + 3], scratch)
             for gi in range(kg):
                 for i in range(MI):  # the warp's A fragments and their rows' scales
                     for h in range(2):
@@ -255,10 +291,10 @@ def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
                         asc[4 * i + 2 * h], asc[4 * i + 2 * h + 1] = shared2(ssh, 2 * (r * kg + gi))
                 for j in range(nj):
                     bw0, bw1 = shared2(xsh, xb + (8 * j + gq) * xp + 8 * gi + 2 * tq)
-                    d0, e0, d1, e1 = shared4(dsh, 2 * (gi * bn + 8 * j + 2 * tq))
+                    d0, d1 = shared2(dsh, gi * bn + 8 * j + 2 * tq)
                     for i in range(MI):
                         k = (i * nj + j) * 4
-                        sa, ea, sb_, eb = asc[4 * i], asc[4 * i + 1], asc[4 * i + 2], asc[4 * i + 3]
+                        sa, ea, sb_, eb = asc[4 * i], asc[4 * i + 1], asc[4 * i + 2], asc[4 * i + 3]  # (e: Q6_K's)
                         if halves:  # (ea, eb: the scales of the rows' second halves)
                             c0, c1, c2, c3 = mma_s8_k16(afr[4 * i], afr[4 * i + 1], bw0, scratch)
                             h0, h1, h2, h3 = mma_s8_k16(afr[4 * i + 2], afr[4 * i + 3], bw1, scratch)
@@ -269,11 +305,8 @@ def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
                         else:
                             c0, c1, c2, c3 = mma_s8(afr[4 * i], afr[4 * i + 1], afr[4 * i + 2], afr[4 * i + 3],
                                                     bw0, bw1, scratch)  # fmt: skip
-                            for q, v, s_w, e_w in ((0, c0, sa, ea), (1, c1, sa, ea), (2, c2, sb_, eb),
-                                                   (3, c3, sb_, eb)):  # fmt: skip
-                                d_x, e_x = (d0, e0) if q % 2 == 0 else (d1, e1)
-                                acc[k + q] += (s_w * d_x) * float32(v)  # two fused multiply-adds
-                                acc[k + q] += e_w * e_x
+                            for q, v, s_w in ((0, c0, sa), (1, c1, sa), (2, c2, sb_), (3, c3, sb_)):
+                                acc[k + q] += (s_w * (d0 if q % 2 == 0 else d1)) * float32(v)
             cuda.syncthreads()
         at = (n0 if which > 0 else 0) + (n1 if which > 1 else 0)  # the matrix's first row in part
         r = first + wr + lane  # the row this lane writes, of each 8-token tile of the warp's
@@ -321,7 +354,7 @@ def plan(t_count: int, row_tiles: int, k: int, qt: int, sms: int) -> tuple[int, 
     row_tiles tiles of BM rows of k elements of type qt, on a GPU of `sms` multiprocessors.
 
     The kernel is bound by its warps' latencies, not by issue slots: a block takes about as long with
-    two others on its SM as alone, so a product costs its waves of SLOTS blocks an SM times a block's
+    two others on its SM as alone, so a product costs its waves of SLOTS[nj] blocks an SM times a block's
     instructions. More token tiles a block share the staging; more parts of K make more blocks of
     shorter walks, which the split's last block pays for adding the parts. The cheapest plan wins. A
     product of two waves of whole-K blocks or more is not split: its last wave is at most a third of
@@ -334,12 +367,14 @@ def plan(t_count: int, row_tiles: int, k: int, qt: int, sms: int) -> tuple[int, 
         return -(-t_count // (8 * nj)) * row_tiles
 
     def cost(nj: int, split: int) -> float:
-        waves = -(-tiles(nj) * split // (SLOTS * sms))
+        waves = -(-tiles(nj) * split // (SLOTS[nj] * sms))
         block = _BLOCK + -(-chunks // split) * kg * (_STAGING + _TILE * nj)
         return waves * block + (_REDUCE * split * nj if split > 1 else 0)
 
-    plans = [(nj, split) for nj in TOKEN_TILES for split in range(1, chunks + 1)
-             if split == 1 or (tiles(nj) < 2 * SLOTS * sms and split * t_count * rows * 4 <= PART_BYTES)]  # fmt: skip
+    def fits(nj: int, split: int) -> bool:
+        return split == 1 or (tiles(nj) < 2 * SLOTS[nj] * sms and split * t_count * rows * 4 <= PART_BYTES)
+
+    plans = [(nj, split) for nj in TOKEN_TILES for split in range(1, chunks + 1) if fits(nj, split)]
     return min(plans, key=lambda p: (cost(*p), p[1]))
 
 
