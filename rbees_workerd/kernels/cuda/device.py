@@ -388,38 +388,38 @@ else:
 
         return types.uint32(lo, hi), codegen
 
+    def _float_mma(shape: str, n_a: int, n_b: int):  # noqa: ANN202
+        """The codegen of PTX mma `shape` (its layouts and types but the accumulators') with n_a A and n_b B
+        registers and float32 accumulators in and out."""
+        n_in = n_a + n_b
+        regs = [f"${i}" for i in range(4 + n_in + 4)]
+        text = (f"mma.sync.aligned.{shape}.f32 {{{','.join(regs[:4])}}}, {{{','.join(regs[4:4 + n_a])}}}, "
+                f"{{{','.join(regs[4 + n_a:4 + n_in])}}}, {{{','.join(regs[4 + n_in:])}}};")  # fmt: skip
+
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            i32, f32 = ir.IntType(32), ir.FloatType()
+            ins = [context.cast(builder, v, t, types.uint32) for v, t in zip(args[:n_in], sig.args[:n_in], strict=True)]
+            ins += [context.cast(builder, v, t, types.float32)
+                    for v, t in zip(args[n_in:n_in + 4], sig.args[n_in:n_in + 4], strict=True)]  # fmt: skip
+            fn = ir.FunctionType(ir.LiteralStructType([f32] * 4), [i32] * n_in + [f32] * 4)
+            out = builder.call(ir.InlineAsm(fn, text, ",".join(["=f"] * 4 + ["r"] * n_in + ["f"] * 4)), ins)
+            return context.make_tuple(builder, sig.return_type, [builder.extract_value(out, i) for i in range(4)])
+
+        return codegen
+
     @intrinsic
     def mma_f16(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, scratch):  # noqa: ANN001, ANN201
         """c + the warp's 16 x 8 float32 product of float16 fragments: one tensor-core instruction (PTX mma
         m16n8k16 f16 with f32 accumulators; the fragments as the simulator twin describes)."""
-
-        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-            i32, f32 = ir.IntType(32), ir.FloatType()
-            ins = [context.cast(builder, v, t, types.uint32) for v, t in zip(args[:6], sig.args[:6], strict=True)]
-            ins += [context.cast(builder, v, t, types.float32) for v, t in zip(args[6:10], sig.args[6:10], strict=True)]
-            text = ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, "
-                    "{$10,$11,$12,$13};")  # fmt: skip
-            fn = ir.FunctionType(ir.LiteralStructType([f32] * 4), [i32] * 6 + [f32] * 4)
-            out = builder.call(ir.InlineAsm(fn, text, ",".join(["=f"] * 4 + ["r"] * 6 + ["f"] * 4)), ins)
-            return context.make_tuple(builder, sig.return_type, [builder.extract_value(out, i) for i in range(4)])
-
-        return types.UniTuple(types.float32, 4)(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, scratch), codegen
+        sig = types.UniTuple(types.float32, 4)(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, scratch)
+        return sig, _float_mma("m16n8k16.row.col.f32.f16.f16", 4, 2)
 
     @intrinsic
     def mma_tf32(typingctx, a0, a1, b0, c0, c1, c2, c3, scratch):  # noqa: ANN001, ANN201
         """c + the warp's 16 x 8 float32 product of tf32 fragments: one tensor-core instruction (PTX mma
         m16n8k4 tf32 with f32 accumulators; the fragments as the simulator twin describes)."""
-
-        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-            i32, f32 = ir.IntType(32), ir.FloatType()
-            ins = [context.cast(builder, v, t, types.uint32) for v, t in zip(args[:3], sig.args[:3], strict=True)]
-            ins += [context.cast(builder, v, t, types.float32) for v, t in zip(args[3:7], sig.args[3:7], strict=True)]
-            text = "mma.sync.aligned.m16n8k4.row.col.f32.tf32.tf32.f32 {$0,$1,$2,$3}, {$4,$5}, {$6}, {$7,$8,$9,$10};"
-            fn = ir.FunctionType(ir.LiteralStructType([f32] * 4), [i32] * 3 + [f32] * 4)
-            out = builder.call(ir.InlineAsm(fn, text, ",".join(["=f"] * 4 + ["r"] * 3 + ["f"] * 4)), ins)
-            return context.make_tuple(builder, sig.return_type, [builder.extract_value(out, i) for i in range(4)])
-
-        return types.UniTuple(types.float32, 4)(a0, a1, b0, c0, c1, c2, c3, scratch), codegen
+        sig = types.UniTuple(types.float32, 4)(a0, a1, b0, c0, c1, c2, c3, scratch)
+        return sig, _float_mma("m16n8k4.row.col.f32.tf32.tf32", 2, 1)
 
     def _copy_async(size: int):  # noqa: ANN202
         """The codegen of a `size`-byte copy of src[r, c ..] into dst[i ..] (a shared array) that the memory
@@ -569,7 +569,8 @@ def half_bits_to_f32(h):
 
 
 @cuda.jit(**DEVICE)
-def tf32(x):
-    """x's float32 bits cut to a tf32's 10 mantissa bits (toward zero): an operand of mma_tf32, which uses
-    those bits only; x - its value is exact in float32 (the low half of a two-tf32 split)."""
-    return bits_from_f32(x) & uint32(0xFFFFE000)
+def tf32_pair(x):
+    """x as two tf32 operands of mma_tf32 (which uses a tf32's 10 mantissa bits only), high + low within
+    2^-21 of x: the float32 bits cut to those 10, and the remainder (exact in float32) cut the same way."""
+    hi = bits_from_f32(x) & uint32(0xFFFFE000)
+    return hi, bits_from_f32(x - f32_from_bits(hi)) & uint32(0xFFFFE000)

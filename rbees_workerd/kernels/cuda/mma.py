@@ -29,7 +29,7 @@ from rbees_workerd.kernels.cuda.device import (
     mma_tf32,
     put4,
     shared2,
-    tf32,
+    tf32_pair,
 )  # fmt: skip
 from rbees_workerd.kernels.cuda.formats import (
     KQUANTS,
@@ -265,13 +265,10 @@ def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
             if terms:  # the stage's min or offset terms, sum over its 4 groups of m_w * s_x: 16 x 8 x 4 tf32 products
                 for i in range(MI):  # (high and low halves: the float32 products to about 2^-19)
                     for h in range(2):
-                        e = ssh[2 * ((wr + 16 * i + gq + 8 * h) * kg + tq) + 1]
-                        wt[4 * i + h] = tf32(e)
-                        wt[4 * i + 2 + h] = tf32(e - f32_from_bits(wt[4 * i + h]))
+                        r = wr + 16 * i + gq + 8 * h
+                        wt[4 * i + h], wt[4 * i + 2 + h] = tf32_pair(ssh[2 * (r * kg + tq) + 1])
                 for j in range(nj):
-                    e = dsh[kg * bn + tq * ep + 8 * j + gq]
-                    th = tf32(e)
-                    tl = tf32(e - f32_from_bits(th))
+                    th, tl = tf32_pair(dsh[kg * bn + tq * ep + 8 * j + gq])
                     for i in range(MI):
                         k = (i * nj + j) * 4
                         acc[k], acc[k + 1], acc[k + 2], acc[k + 3] = mma_tf32(
@@ -294,7 +291,7 @@ def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
                     d0, d1 = shared2(dsh, gi * bn + 8 * j + 2 * tq)
                     for i in range(MI):
                         k = (i * nj + j) * 4
-                        sa, ea, sb_, eb = asc[4 * i], asc[4 * i + 1], asc[4 * i + 2], asc[4 * i + 3]  # (e: Q6_K's)
+                        sa, ea, sb_, eb = asc[4 * i], asc[4 * i + 1], asc[4 * i + 2], asc[4 * i + 3]
                         if halves:  # (ea, eb: the scales of the rows' second halves)
                             c0, c1, c2, c3 = mma_s8_k16(afr[4 * i], afr[4 * i + 1], bw0, scratch)
                             h0, h1, h2, h3 = mma_s8_k16(afr[4 * i + 2], afr[4 * i + 3], bw1, scratch)
