@@ -7,7 +7,8 @@
 Every product of one layer of the shape in llama.cpp's Q4_K_M mix (two layers: one whose attn_v and
 ffn_down get Q6_K, one whose do not), its weights random blocks of those types (gguf_shapes), its input
 random. A plan's time is the median over `--repeat` replays of a CUDA graph of `--reps` launches of the
-product alone; the input's Q8 preparation is timed the same way, apart. `*` marks the plan `mma.plan`
+product alone; the input's preparation is timed the same way, apart. Steps of hmma.MIN_TOKENS tokens or more
+time hmma_kernel (float16), fewer mma_kernel (int8), as the backend launches them. `*` marks the plan `mma.plan`
 chooses. Plans whose split leaves a part less than a stage of K, or
 whose partial sums exceed mma.PART_BYTES, are skipped.
 """
@@ -28,7 +29,7 @@ import gguf_shapes  # noqa: E402
 
 from rbees_workerd.kernels import backend  # noqa: E402
 from rbees_workerd.kernels.cuda import backend as cb  # noqa: E402
-from rbees_workerd.kernels.cuda import mma  # noqa: E402
+from rbees_workerd.kernels.cuda import hmma, mma  # noqa: E402
 from rbees_workerd.kernels.cuda.outputs import MODE_ROWS  # noqa: E402
 
 
@@ -93,7 +94,7 @@ def main() -> None:
     be = cb.CudaBackend(0)
     chosen_plan = mma.plan
     forced: list[tuple[int, int]] = [(0, 0)]
-    mma.plan = lambda t, rt, k, qt, sms: forced[0]  # (the backend's launches, with the plan under test)
+    mma.plan = hmma.plan = lambda t, rt, k, qt, sms: forced[0]  # (the backend's launches, with the plan under test)
     rng = np.random.default_rng(0)
     rows = []
     for label, mats in _launches(shape).items():
@@ -133,7 +134,7 @@ def main() -> None:
                 us = _time(be, [prep], a.reps, a.repeat)
                 rows.append({"launch": label, "k": k, "tokens": t, "prep_us": round(us, 2)})
                 if not a.json:
-                    print(f"{label:18} k={k:6} t={t:4} Q8 preparation {us:9.2f} us", flush=True)
+                    print(f"{label:18} k={k:6} t={t:4} preparation {us:9.2f} us", flush=True)
     be.synchronize()
     if a.json:
         print(json.dumps({"shape": a.shape, "device": be.device, "slots": mma.SLOTS, "rows": rows}))

@@ -39,7 +39,15 @@ from rbees_workerd.engine.sampling import sample_rows  # noqa: E402
 from rbees_workerd.kernels.backend import GatedFFN, Norm, Product, RopeStore, SamplingRow  # noqa: E402
 from rbees_workerd.kernels.cpu import ops as cpu_ops  # noqa: E402
 from rbees_workerd.kernels.cpu.backend import CpuBackend  # noqa: E402
-from rbees_workerd.kernels.cuda import CudaBackend, formats, gemv, mma, ops, rows  # noqa: E402
+from rbees_workerd.kernels.cuda import (  # noqa: E402
+    CudaBackend,
+    formats,
+    gemv,
+    hmma,  # noqa: E402
+    mma,
+    ops,
+    rows,
+)
 from rbees_workerd.kernels.cuda.backend import GEMM_MIN_TOKENS  # noqa: E402
 from rbees_workerd.kernels.cuda.mma import KG as MMA_KG  # noqa: E402
 from rbees_workerd.kernels.cuda.mma import TOKEN_TILES  # noqa: E402
@@ -49,9 +57,9 @@ from rbees_workerd.kernels.cuda.sample import ARGMAX_TILE  # noqa: E402
 QTYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 KQUANTS = [Q.Q4_K, Q.Q5_K, Q.Q6_K]
 _SCALE_AT = {Q.Q4_K: slice(0, 4), Q.Q5_K: slice(0, 4), Q.Q6_K: slice(208, 210)}
-# one and two tokens take vec_kernel; three the tensor cores (quantized types) or the few-token kernel (float
-# weights, which take the GEMM from GEMM_MIN_TOKENS)
-COUNTS = (1, 2, 3, GEMM_MIN_TOKENS + 1)
+# one and two tokens take vec_kernel; three the int8 tensor cores (quantized types; from hmma.MIN_TOKENS the
+# float16 ones) or the few-token kernel (float weights, which take the GEMM from GEMM_MIN_TOKENS)
+COUNTS = (1, 2, 3, GEMM_MIN_TOKENS + 1, hmma.MIN_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -87,13 +95,15 @@ def _mins(qtype: Q, raw: np.ndarray) -> np.ndarray:
 
 def ref_product(qtype: Q, raw: np.ndarray, x: np.ndarray) -> np.ndarray:
     """x @ W.T as the CUDA kernels compute it, in float64: the input rounded as llama.cpp's CUDA backend
-    rounds it for the weight type; Q8_1's mins meet the fp16 block sums fp16(d * sum(q))."""
+    rounds it for the weight type; Q8_1's mins meet the fp16 block sums fp16(d * sum(q)). Many tokens of a
+    quantized type (hmma.MIN_TOKENS) round the input and each weight to float16 on the way, which the
+    reference leaves out: compare at _rtol."""
     n, k = raw.shape[0], x.shape[1]
     w = dequantize(raw, qtype).reshape(n, k).astype(np.float64)
     rnd = formats.rounding(int(qtype))
     if rnd == formats.ROUND_F16:
         return fp16(x) @ w.T
-    if rnd == formats.ROUND_NONE:
+    if rnd == formats.ROUND_NONE or len(x) >= hmma.MIN_TOKENS:
         return x.astype(np.float64) @ w.T
     xr, sums = round_q8(x)
     out = xr @ w.T
@@ -111,6 +121,11 @@ def _dev(be: CudaBackend, a: np.ndarray):  # noqa: ANN202
 
 def _close(got: np.ndarray, ref: np.ndarray, rtol: float = 1e-4) -> None:
     np.testing.assert_allclose(got, ref, rtol=rtol, atol=rtol * np.abs(ref).max())
+
+
+def _rtol(qtype: Q, t: int) -> float:
+    """ref_product's tolerance: 1e-3 where the input and weights go through float16 (hmma_kernel)."""
+    return 1e-3 if formats.integer(int(qtype)) and t >= hmma.MIN_TOKENS else 1e-4
 
 
 def _types(sim_few: list[Q]) -> list[Q]:
@@ -132,7 +147,7 @@ def test_products_and_embedding_of_every_type(be, qtype):
         x = rng.standard_normal((t, k)).astype(np.float32)
         out = _dev(be, np.full((t, n), np.nan, np.float32))  # poisoned: every element must be written
         be.products(_dev(be, x), [Product(w, out, be.vector(bias))])
-        _close(be.download(out), ref_product(qtype, raw, x) + bias)
+        _close(be.download(out), ref_product(qtype, raw, x) + bias, _rtol(qtype, t))
     tokens = np.array([3, 0, 5, 3], np.int32)
     emb = _dev(be, np.full((4, k), np.nan, np.float32))
     be.embed(w, _dev(be, tokens), emb)
@@ -201,6 +216,7 @@ def test_tensor_core_product_of_three_matrices(be, monkeypatch, qtype):
     (word loads); each output the reference's product with its bias."""
     plans = {GEMM_MIN_TOKENS + 1: (TOKEN_TILES[-1], 1), 8 * TOKEN_TILES[-1] + 5: (1, 2)}
     monkeypatch.setattr(mma, "plan", lambda t, *_: plans[t])
+    monkeypatch.setattr(hmma, "MIN_TOKENS", 1 << 30)  # (mma_kernel's test: 69 tokens on a GPU)
     rng = np.random.default_rng(11)
     k, ns = 256 if qtype in KQUANTS else 32 * (4 * MMA_KG - 1), (20, 12, 8)
     raws = [random_matrix(qtype, n, k, rng)[0] for n in ns]
@@ -214,6 +230,30 @@ def test_tensor_core_product_of_three_matrices(be, monkeypatch, qtype):
         be.run_step(("mma-test", t, qtype), lambda: be.products(xd, prods))  # noqa: B023
         for raw, out, bias in zip(raws, outs, biases, strict=True):
             _close(be.download(out), ref_product(qtype, raw, x) + bias)
+
+
+@pytest.mark.parametrize("qtype", _MMA_TYPES, ids=lambda q: q.name)
+def test_float16_tensor_core_product(be, monkeypatch, qtype):
+    """hmma_kernel: many tokens, K split and whole, one token tile a block and the most, rows and tokens past
+    the tiles, against the float64 product (the input and each weight rounded to float16 on the way: within
+    1e-3 of the largest output). Tokens of inputs past float16's range (1e5) and far below it (1e-6) come out
+    alike: each token's input is scaled by a power of two first."""
+    monkeypatch.setattr(hmma, "MIN_TOKENS", 0)
+    plans = {GEMM_MIN_TOKENS + 1: (TOKEN_TILES[-1], 1), 8 * TOKEN_TILES[-1] + 5: (1, 2)}
+    monkeypatch.setattr(hmma, "plan", lambda t, *_: plans[t])
+    rng = np.random.default_rng(12)
+    k, n = 512 if qtype in KQUANTS else 480, 20
+    raw, w = random_matrix(qtype, n, k, rng)
+    wd = be.weight(int(qtype), (n, k), raw)
+    for t in plans:
+        x = rng.standard_normal((t, k)).astype(np.float32)
+        x[1] *= 1e5
+        x[2] *= 1e-6
+        out = _dev(be, np.full((t, n), np.nan, np.float32))
+        be.run_step(("hmma-test", t, qtype), lambda: be.products(_dev(be, x), [Product(wd, out)]))  # noqa: B023
+        got, ref = be.download(out), x.astype(np.float64) @ w.astype(np.float64).T
+        for sel in ([1], [2], [0, *range(3, t)]):
+            _close(got[sel], ref[sel], rtol=1e-3)
 
 
 @pytest.mark.parametrize("sms", [4, 132])
@@ -239,6 +279,24 @@ def test_plan_fills_the_gpu_within_its_bounds(sms):
                         assert tiles * split >= min(sms, 8 * tiles), (qt, k, row_tiles, t, nj, split)
                     if tiles >= 2 * mma.SLOTS[nj] * sms:
                         assert split == 1, (qt, k, row_tiles, t, nj, split)
+
+
+@pytest.mark.parametrize("sms", [4, 132])
+def test_float16_plan_fills_the_gpu_within_its_bounds(sms):
+    """hmma.plan's choice for products of hmma.MIN_TOKENS tokens and more: NJ token tiles a block, every part
+    of K at least a stage long, partial sums within PART_BYTES; few tiles split until the blocks about fill
+    the SMs once (at least half of them, fewer than twice), where K's stages and PART_BYTES allow."""
+    for k in (896, 4096, 14336):
+        chunks = -(-(k // 32) // hmma.KG)
+        for row_tiles in (1, 7, 32, 224, 1002):
+            for t in (hmma.MIN_TOKENS, 128, 512, 4096):
+                nj, split = hmma.plan(t, row_tiles, k, formats.Q4_K, sms)
+                assert nj == hmma.NJ and 1 <= split <= chunks
+                assert split == 1 or split * t * mma.BM * row_tiles * 4 <= mma.PART_BYTES
+                tiles = -(-t // (8 * nj)) * row_tiles
+                assert split == 1 or tiles * split < 2 * sms, (k, row_tiles, t, split)
+                if split < chunks and (split + 1) * t * mma.BM * row_tiles * 4 <= mma.PART_BYTES:
+                    assert tiles * split > sms // 2, (k, row_tiles, t, split)
 
 
 def _norm_ref(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:

@@ -7,6 +7,7 @@
 # Q05_S: the 0.5B run's time limit (its kernels compile on a cold cache); WARM=N: N warm starts of an 8B worker (after
 # llama.cpp's 8B figures, WARM_S seconds at most);
 # ALT_FILES: the .alt tree's models (l8b q05; their batches B8, B05); LLAMA_R: llama-bench's repetitions;
+# ENVS: space-separated NAME=VALUE[@NAME=VALUE] settings the 8B is run under again;
 # SWEEP: tuning variants of the one-token product on the 8B shape. TEST_N above 2 starves llama.cpp's build
 # (2026-12-06: unfinished after 6 minutes beside `-n 8`). ALT: a second tree to time beside this one in the same
 # call (`mkdir .alt && git archive BRANCH | tar -x -C .alt`, `/.alt/` in .git/info/exclude, carry ".alt").
@@ -22,6 +23,9 @@ echo "== tests"; REQUIRE_REAL_GPU=1 timeout ${TEST_S:-170} python3 -m pytest -q 
 echo "== rbees 8B"; timeout 150 python3 bench/cuda_bench.py /root/m/l8b.gguf --batches ${B8:-1,64} --steps 64 --repeat 3 --json $BENCH_8B 2>&1 | tail -2 | tee $OUT/rbees_l8b.log
 for a in ${SWEEP:-}; do  # tuning variants of the one-token product, batch 1 (e.g. SWEEP="--fetch-regs=40 --long-block-warps=8")
   echo "== rbees 8B $a"; timeout 90 python3 bench/cuda_bench.py /root/m/l8b.gguf --batches 1 --steps 64 --repeat 3 --json $a 2>&1 | tail -1 | tee -a $OUT/sweep_l8b.log
+done
+for v in ${ENVS:-}; do  # the 8B again under environment settings (e.g. ENVS="NAME=VALUE@OTHER=VALUE"), same tree and cache
+  echo "== rbees 8B $v"; env ${v//@/ } timeout 150 python3 bench/cuda_bench.py /root/m/l8b.gguf --batches ${B8:-1,64} --steps 64 --repeat 3 --json 2>&1 | tail -1 | tee -a $OUT/envs_l8b.log
 done
 if [ -d .alt ]; then  # the other tree's engine on the same files, same call
   for f in ${ALT_FILES:-l8b q05}; do echo "== alt $f"; b=$B05; [ $f = l8b ] && b=$B8

@@ -28,7 +28,7 @@ from numba.cuda.cudadrv import driver
 
 from rbees_workerd.errors import CudaError, InvalidParams, ModelLoadError, VramOOM
 from rbees_workerd.kernels import backend
-from rbees_workerd.kernels.cuda import formats, gemm, gemv, mma, ops, repack, rows, sample
+from rbees_workerd.kernels.cuda import formats, gemm, gemv, hmma, mma, ops, repack, rows, sample
 from rbees_workerd.kernels.cuda.device import SIM
 from rbees_workerd.kernels.cuda.outputs import ACCUMULATE, BIAS, MODE_QKV, MODE_ROWS, MODE_SWIGLU, NORM
 
@@ -151,7 +151,8 @@ class CudaBackend(backend.Backend):
     name = "cuda"
     queues_ahead = not SIM  # (the simulator runs each kernel as it is launched)
     pads_steps = not SIM
-    warm_sizes = (1, *(8 * nj for nj in mma.TOKEN_TILES))
+    # (1 token, each token-tile count of mma_kernel, hmma_kernel: the simulator's warm-up leaves out its 65 tokens)
+    warm_sizes = (1, *(8 * nj for nj in mma.TOKEN_TILES), *(() if SIM else (hmma.MIN_TOKENS,)))
 
     def __init__(self, gpu: int = 0) -> None:
         with _cuda_errors(f"opening GPU {gpu}"):
@@ -666,20 +667,28 @@ def _many_launches(be: CudaBackend, x: Any, qt: int, flags: int, mats: list[tupl
     t_count, k = x.shape
     m0, m1, m2 = mats
     if formats.integer(qt):
-        key = ("q8", _ptr(x), qt)
-        if key not in be._act_bufs:
-            be._act_bufs[key] = (be.zeros((t_count, k // 4), np.int32), be.zeros((t_count, k // 32)),
-                                 be.zeros((t_count, k // 32)))  # fmt: skip
-        xw, xd, xs = be._act_bufs[key]
-        prep = _Launch(mma.prep_q8_kernel(qt), (t_count,), (mma.PREP_THREADS,), (x, norm, nw, eps, hout, xw, xd, xs))
         row_tiles = mma.row_tiles(*ns)
-        nj, split = mma.plan(t_count, row_tiles, k, qt, be.sms)
+        if t_count >= hmma.MIN_TOKENS:  # float16 inputs and weights (hmma.py)
+            key = ("f16", _ptr(x), qt)
+            if key not in be._act_bufs:
+                be._act_bufs[key] = (be.zeros((t_count, k // 2), np.uint32), be.zeros((t_count,)))
+            inputs = be._act_bufs[key]
+            prep = _Launch(hmma.prep_f16_kernel(qt), (t_count,), (mma.PREP_THREADS,), (x, norm, nw, eps, hout, *inputs))
+            nj, split = hmma.plan(t_count, row_tiles, k, qt, be.sms)
+            kernel = hmma.hmma_kernel(qt, nj, mma.wide_rows(qt, k))
+        else:  # Q8 inputs and int8 weights (mma.py)
+            key = ("q8", _ptr(x), qt)
+            if key not in be._act_bufs:
+                be._act_bufs[key] = (be.zeros((t_count, k // 4), np.int32), be.zeros((t_count, k // 32)),
+                                     be.zeros((t_count, k // 32)))  # fmt: skip
+            inputs = be._act_bufs[key]
+            prep = _Launch(mma.prep_q8_kernel(qt), (t_count,), (mma.PREP_THREADS,), (x, norm, nw, eps, hout, *inputs))
+            nj, split = mma.plan(t_count, row_tiles, k, qt, be.sms)
+            kernel = mma.mma_kernel(qt, nj, mma.wide_rows(qt, k))
         tiles = (math.ceil(t_count / (8 * nj)), row_tiles)
         part, count = be._split_buffers(split, t_count, sum(ns), tiles[0] * tiles[1])
-        args = (xw, xd, xs, m0, m1, m2, *ns, flags, part, count)
-        kernel = mma.mma_kernel(qt, nj, mma.wide_rows(qt, k))
-        product = _Launch(kernel, (*tiles, split), (mma.THREADS,), args)
-        launches = [prep, product]
+        args = (*inputs, m0, m1, m2, *ns, flags, part, count)
+        launches = [prep, _Launch(kernel, (*tiles, split), (mma.THREADS,), args)]
     else:
         launches = []
         x_in = x

@@ -213,6 +213,15 @@ if SIM:
         return tuple(int32(v) for v in _lane_c(a @ regs[:, :, 2, :].reshape(8, 16).T))
 
     @cuda.jit(device=True)
+    def dequant_f16x2(h, m, s, c):
+        """(h - m) * s + c on two float16 pairs in a word each (h - m exact; one float16 rounding for the
+        fused multiply-add)."""
+        hv, mv, sv, cv = (np.array([int(v) & 0xFFFFFFFF], np.uint32).view(np.float16).astype(np.float64)
+                          for v in (h, m, s, c))  # fmt: skip
+        out = ((hv - mv) * sv + cv).astype(np.float16)
+        return int(out.view(np.uint32)[0])
+
+    @cuda.jit(device=True)
     def mma_tf32(a0, a1, b0, c0, c1, c2, c3, scratch):
         """c + the warp's 16 x 8 float32 product of a 16 x 4 and a 4 x 8 tf32 fragment (PTX mma m16n8k4 tf32,
         f32 accumulators; the operands tf32 bits: tf32). Lane l holds A's rows l // 4 (a0) and + 8 (a1), column
@@ -415,6 +424,18 @@ else:
         return sig, _float_mma("m16n8k16.row.col.f32.f16.f16", 4, 2)
 
     @intrinsic
+    def dequant_f16x2(typingctx, h, m, s, c):  # noqa: ANN001, ANN201
+        """(h - m) * s + c on two float16 pairs in a word each (PTX sub.f16x2 and fma.rn.f16x2)."""
+
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            i32 = ir.IntType(32)
+            ins = [context.cast(builder, v, t, types.uint32) for v, t in zip(args, sig.args, strict=True)]
+            text = "{ .reg .b32 t; sub.f16x2 t, $1, $2; fma.rn.f16x2 $0, t, $3, $4; }"
+            return builder.call(ir.InlineAsm(ir.FunctionType(i32, [i32] * 4), text, "=r,r,r,r,r"), ins)
+
+        return types.uint32(h, m, s, c), codegen
+
+    @intrinsic
     def mma_tf32(typingctx, a0, a1, b0, c0, c1, c2, c3, scratch):  # noqa: ANN001, ANN201
         """c + the warp's 16 x 8 float32 product of tf32 fragments: one tensor-core instruction (PTX mma
         m16n8k4 tf32 with f32 accumulators; the fragments as the simulator twin describes)."""
@@ -538,20 +559,33 @@ def inv_rms(x, t, k, eps, scratch):
 
 
 @cuda.jit(**DEVICE)
-def block_sum(v, sh):
-    """Sum over the block (blockDim.x a power of two, sh a shared array of blockDim.x of the sum's type)."""
+def _block_reduce(v, sh, largest):
+    """The sum (largest: the maximum) over the block (blockDim.x a power of two, sh a shared array of
+    blockDim.x of v's type)."""
     tid = cuda.threadIdx.x
     sh[tid] = v
     cuda.syncthreads()
     s = cuda.blockDim.x // 2
     while s > 0:
         if tid < s:
-            sh[tid] += sh[tid + s]
+            sh[tid] = max(sh[tid], sh[tid + s]) if largest else sh[tid] + sh[tid + s]
         cuda.syncthreads()
         s //= 2
     r = sh[0]
     cuda.syncthreads()
     return r
+
+
+@cuda.jit(**DEVICE)
+def block_sum(v, sh):
+    """Sum over the block (blockDim.x a power of two, sh a shared array of blockDim.x of the sum's type)."""
+    return _block_reduce(v, sh, False)
+
+
+@cuda.jit(**DEVICE)
+def block_max(v, sh):
+    """Maximum over the block (as block_sum)."""
+    return _block_reduce(v, sh, True)
 
 
 @cuda.jit(**DEVICE)

@@ -84,6 +84,94 @@ def _pitch(words: int) -> int:
     return p if p % 8 == 4 else p + 4
 
 
+def stage_sender(qt: int, kg: int, wide: bool, bn: int, x_group: int, xp: int):  # noqa: ANN201
+    """send(c, w, row_words, row, x, t0, n_tok, groups, wsh, xsh): start the copies of stage c (kg 32-blocks)
+    into buffer c % 2 (copies_sent): row `row`'s words of weight type qt (this thread's; 16 bytes a copy
+    where `wide`) at pitch _pitch(kg * WORDS[qt]), and the bn tokens' x_group input words a 32-block at
+    pitch xp. mma_kernel's Q8 inputs take 8 words a 32-block, hmma_kernel's float16 ones 16."""
+    words = WORDS[qt]
+    pitch = _pitch(kg * words)
+    pieces = kg * words // 4 if wide else kg * words  # copies of a row's words in a stage (16 or 4 bytes)
+    per = x_group * kg // 4  # 16-byte copies of a token's words in a stage
+    x_pieces = bn * per
+    x_iters = -(-x_pieces // THREADS)
+    w_buf, x_buf = BM * pitch, bn * xp
+
+    @cuda.jit(**DEVICE)
+    def send(c, w, row_words, row, x, t0, n_tok, groups, wsh, xsh):
+        tid = cuda.threadIdx.x
+        g0 = c * kg
+        whole = g0 + kg <= groups  # (the whole stage lies inside K: no bounds to check)
+        wb = (c % 2) * w_buf
+        for u in range(pieces):  # (a thread a row: its pieces are consecutive, the next stage's too)
+            if wide:
+                col = g0 * words + 4 * u
+                ok = whole or col < row_words
+                copy4(wsh, wb + tid * pitch + 4 * u, w, row, col if ok else 0, ok)
+            else:
+                col = g0 * words + u
+                ok = whole or col < row_words
+                copy1(wsh, wb + tid * pitch + u, w, row, col if ok else 0, ok)
+        xb = (c % 2) * x_buf
+        for u in range(x_iters):
+            p = min(tid + THREADS * u, x_pieces - 1)  # (the last piece, again, by the threads past them)
+            tok = min(t0 + p // per, n_tok - 1)
+            col = g0 * x_group + 4 * (p % per)
+            ok = whole or col < x.shape[1]
+            copy4(xsh, xb + (p // per) * xp + 4 * (p % per), x, tok, col if ok else 0, ok)
+        copies_sent()
+
+    return send
+
+
+def tile_stores(nj: int, scaled: bool):  # noqa: ANN201
+    """stores(acc, wsh, which, first, n, n0, n1, t0, n_tok, flags, part, count, last, xs, o0, b0, o1, b1, o2,
+    b2): a block's accumulators (its warps' MI 16-row tiles by nj 8-token tiles, as mma leaves them) out
+    through wsh, a warp's 32 rows x 8 tokens at a time, each lane a row: stored (outputs.store), or where
+    K is split, written to part and summed by the split's last block. scaled: each token's results times
+    xs[t] (hmma_kernel's token scales)."""
+
+    @cuda.jit(**DEVICE)
+    def stores(acc, wsh, which, first, n, n0, n1, t0, n_tok, flags, part, count, last, xs, o0, b0, o1, b1, o2, b2):
+        tid = cuda.threadIdx.x
+        lane = tid % 32
+        gq = lane // 4
+        tq = lane % 4
+        split = cuda.gridDim.z
+        z = cuda.blockIdx.z
+        at = (n0 if which > 0 else 0) + (n1 if which > 1 else 0)  # the matrix's first row in part
+        r = first + (tid // 32) * 16 * MI + lane  # the row this lane writes, of each 8-token tile of the warp's
+        ot = (tid // 32) * 32 * 8
+        for j in range(nj):  # (a loop with stores does not unroll: the accumulators are indexed in one of
+            for jj in range(nj):  # its own, which does, as an index that is not constant would put them all
+                if jj == j:  # in local memory)
+                    for i in range(MI):
+                        for q in range(4):
+                            bits = bits_from_f32(acc[(i * nj + jj) * 4 + q])
+                            wsh[ot + (16 * i + gq + 8 * (q // 2)) * 8 + 2 * tq + q % 2] = bits
+            cuda.syncthreads()
+            for e in range(8):
+                t = t0 + 8 * j + e
+                if r < n and t < n_tok:
+                    out = f32_from_bits(wsh[ot + lane * 8 + e])
+                    if scaled:
+                        out *= xs[t]
+                    if split > 1:
+                        part[z, t, at + r] = out
+                    else:
+                        store(which, MODE_ROWS, flags, t, r, out, float32(0.0), o0, b0, o1, b1, o2, b2,
+                              residual(flags, which, t, r, o0, o1, o2))  # fmt: skip
+            cuda.syncthreads()
+        if split > 1 and last_of_split(count, split, last):  # the last block of the tile adds the parts
+            for t in range(t0, min(t0 + 8 * nj, n_tok)):
+                if r < n:
+                    v = split_sum(part, split, t, at + r)
+                    store(which, MODE_ROWS, flags, t, r, v, float32(0.0), o0, b0, o1, b1, o2, b2,
+                          residual(flags, which, t, r, o0, o1, o2))  # fmt: skip
+
+    return stores
+
+
 @functools.cache
 def prep_q8_kernel(qt: int):  # noqa: ANN201
     """Many tokens' inputs normalized and rounded to Q8 once, for mma_kernel, in vec_kernel's staged
@@ -138,11 +226,8 @@ def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
     assert kg == 4 or not terms  # (the terms of a stage: one m16n8k4 product over its 4 groups)
     xp = 8 * kg + 8  # a token's staged input words (= 8 or 24 mod 32: a warp's 8-byte fragment loads hit 32 banks)
     pitch = _pitch(kg * words)
-    pieces = kg * words // 4 if wide else kg * words  # copies of a row's words in a stage (16 or 4 bytes)
     bn = 8 * nj
     acc_n = MI * nj * 4
-    x_pieces = bn * 2 * kg  # 16-byte copies of the tokens' words in a stage
-    x_iters = -(-x_pieces // THREADS)
     dn = -(-kg * bn // THREADS)  # (32-block, token) scale pairs a thread stages
     ep = bn if nj % 2 else bn + 8  # a group's token terms in dsh (after the scales; 4 groups x 8 tokens: 32 banks)
     # the arrays' sizes (constants of the closure: Numba folds no arithmetic on globals)
@@ -150,31 +235,8 @@ def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
     s_row, w_buf, x_buf = 2 * kg, BM * pitch, bn * xp
     assert w_size >= WARPS * 32 * 8  # (the results leave through wsh)
 
-    @cuda.jit(**DEVICE)
-    def send(c, w, row_words, row, xw, t0, n_tok, groups, wsh, xsh):
-        """Start the copies of stage c's words (row `row`'s, this thread's, and the tokens') into buffer
-        c % 2 (copies_sent)."""
-        tid = cuda.threadIdx.x
-        g0 = c * kg
-        whole = g0 + kg <= groups  # (the whole stage lies inside K: no bounds to check)
-        wb = (c % 2) * w_buf
-        for u in range(pieces):  # (a thread a row: its pieces are consecutive, the next stage's too)
-            if wide:
-                col = g0 * words + 4 * u
-                ok = whole or col < row_words
-                copy4(wsh, wb + tid * pitch + 4 * u, w, row, col if ok else 0, ok)
-            else:
-                col = g0 * words + u
-                ok = whole or col < row_words
-                copy1(wsh, wb + tid * pitch + u, w, row, col if ok else 0, ok)
-        xb = (c % 2) * x_buf
-        for u in range(x_iters):
-            p = min(tid + THREADS * u, x_pieces - 1)  # (the last piece, again, by the threads past them)
-            tok = min(t0 + p // (2 * kg), n_tok - 1)
-            col = g0 * 8 + 4 * (p % (2 * kg))
-            ok = whole or col < xw.shape[1]
-            copy4(xsh, xb + (p // (2 * kg)) * xp + 4 * (p % (2 * kg)), xw, tok, col if ok else 0, ok)
-        copies_sent()
+    send = stage_sender(qt, kg, wide, bn, 8, xp)
+    stores = tile_stores(nj, False)
 
     @cuda.jit(**DEVICE)
     def load_stage_scales(c, gs, sb, row, xd, xs, t0, n_tok, groups, graw, sraw, draw, eraw):
@@ -305,33 +367,7 @@ def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
                             for q, v, s_w in ((0, c0, sa), (1, c1, sa), (2, c2, sb_), (3, c3, sb_)):
                                 acc[k + q] += (s_w * (d0 if q % 2 == 0 else d1)) * float32(v)
             cuda.syncthreads()
-        at = (n0 if which > 0 else 0) + (n1 if which > 1 else 0)  # the matrix's first row in part
-        r = first + wr + lane  # the row this lane writes, of each 8-token tile of the warp's
-        ot = (tid // 32) * 32 * 8
-        for j in range(nj):  # (a loop with stores does not unroll: the accumulators are indexed in one of
-            for jj in range(nj):  # its own, which does, as an index that is not constant would put them all
-                if jj == j:  # in local memory)
-                    for i in range(MI):
-                        for q in range(4):
-                            bits = bits_from_f32(acc[(i * nj + jj) * 4 + q])
-                            wsh[ot + (16 * i + gq + 8 * (q // 2)) * 8 + 2 * tq + q % 2] = bits
-            cuda.syncthreads()
-            for e in range(8):
-                t = t0 + 8 * j + e
-                if r < n and t < n_tok:
-                    out = f32_from_bits(wsh[ot + lane * 8 + e])
-                    if split > 1:
-                        part[z, t, at + r] = out
-                    else:
-                        store(which, MODE_ROWS, flags, t, r, out, float32(0.0), o0, b0, o1, b1, o2, b2,
-                              residual(flags, which, t, r, o0, o1, o2))  # fmt: skip
-            cuda.syncthreads()
-        if split > 1 and last_of_split(count, split, last):  # the last block of the tile adds the parts
-            for t in range(t0, min(t0 + bn, n_tok)):
-                if r < n:
-                    v = split_sum(part, split, t, at + r)
-                    store(which, MODE_ROWS, flags, t, r, v, float32(0.0), o0, b0, o1, b1, o2, b2,
-                          residual(flags, which, t, r, o0, o1, o2))  # fmt: skip
+        stores(acc, wsh, which, first, n, n0, n1, t0, n_tok, flags, part, count, last, xd, o0, b0, o1, b1, o2, b2)
 
     return kernel
 

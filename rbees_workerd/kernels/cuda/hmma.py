@@ -1,0 +1,270 @@
+"""The product of many tokens of a quantized weight type on the float16 tensor cores: hmma_kernel.
+
+The way Marlin multiplies 4-bit weights: the input is normalized, scaled by a power of two per token
+(token_scale: float16 holds up to 65,504) and rounded to float16 once (prep_f16_kernel, in the item order of
+formats.stage_q8); each weight is made a float16 in registers as s * q + c (its group's scale and min or
+offset term, formats.scales_of) from its bits, and mma m16n8k16 float16 products sum into float32
+accumulators. Against mma_kernel's int8 products: no I2F, FMUL and FFMA per element and 32-block, no token
+scales, about 100 instructions a 32-block and warp instead of 310; the price is each weight rounded to float16
+(2^-11) and the input to float16 (11 bits, where Q8 keeps 8). Its blocks always take 8 token tiles (plan),
+which wants more tokens than a decode step of 64 streams has: below MIN_TOKENS, mma_kernel's smaller tiles
+fill the GPU better.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from numba import cuda, float32, int32, uint32
+
+from rbees_workerd.kernels.cuda.device import (
+    DEVICE,
+    EXACT,
+    JIT,
+    bits_from_f32,
+    block_max,
+    copies_landed,
+    copies_sent,
+    dequant_f16x2,
+    f32_from_bits,
+    grid_ready,
+    inv_rms,
+    mma_f16,
+    pack_f16,
+    put4,
+    shared2,
+    shared4,
+)  # fmt: skip
+from rbees_workerd.kernels.cuda.formats import (
+    OFFSET,
+    Q6_K,
+    Q8_0,
+    ROUND_Q8_1,
+    WORDS,
+    elem,
+    fetch_norm,
+    group_item,
+    load_scales,
+    rounding,
+    scales_of,
+    signed_six,
+)  # fmt: skip
+from rbees_workerd.kernels.cuda.mma import (
+    BM,
+    MI,
+    PART_BYTES,
+    PREP_THREADS,
+    SCRATCH,
+    TOKEN_TILES,
+    WARPS,
+    _block_rows,
+    _pitch,
+    stage_sender,
+    tile_stores,
+)  # fmt: skip
+
+KG = 2  # 32-blocks a stage: the tokens' float16 words take twice the shared memory of Q8's
+NJ = TOKEN_TILES[-1]  # 8-token tiles a block (the simulator's largest: 2)
+# Products of this many tokens or more take hmma_kernel: past the 64 tokens of mma_kernel's largest blocks.
+# H100, 8B shape: at 64 tokens mma_kernel's 4-tile blocks win (q+k+v 53 us against 70), at 512 this
+# kernel does, on every product (a 512-token prefill +19% tokens/s).
+MIN_TOKENS = 65
+
+
+def plan(t_count: int, row_tiles: int, k: int, qt: int, sms: int) -> tuple[int, int]:
+    """(nj, split) for hmma_kernel: NJ token tiles a block (each weight's conversion shared by the most
+    tokens: in the H200 sweep of 2026-12-06 the fastest at 512 tokens on every 8B product), K split so that
+    the blocks about fill the multiprocessors once."""
+    tiles = -(-t_count // (8 * NJ)) * row_tiles
+    split = max(1, min(-(-(k // 32) // KG), round(sms / tiles)))
+    while split > 1 and split * t_count * BM * row_tiles * 4 > PART_BYTES:
+        split -= 1
+    return NJ, split
+
+
+@cuda.jit(**DEVICE)
+def token_scale(amax):
+    """(up, down): powers of two that bring a token's largest input magnitude amax into [2^14, 2^15) and back
+    (float16 holds up to 65,504; a power of two scales exactly)."""
+    e = int32((bits_from_f32(amax) >> uint32(23)) & uint32(255))
+    s = min(max(int32(268) - e, int32(1)), int32(253))  # the biased exponent of 2^(14 - (e - 127))
+    return f32_from_bits(uint32(s) << uint32(23)), f32_from_bits(uint32(254 - s) << uint32(23))
+
+
+@cuda.jit(**DEVICE)
+def stage_f16(x, t, items, inv, norm, nw, nwv, write_h, hout, qt, up, xh, wv):
+    """Token t's input (normalized where norm) times up as float16 pairs in stage_q8's item order: item i's
+    8 values (elem(qt, i % 4, 0 .. 7) of its 32-block) in words 4 i .. 4 i + 3, a thread per item."""
+    for it in range(cuda.threadIdx.x, items, cuda.blockDim.x):
+        g = it >> 2
+        q = it & 3
+        if norm and it != cuda.threadIdx.x:
+            fetch_norm(nw, qt, it, nwv)
+        for j in range(8):
+            c = uint32(g * 32 + elem(qt, q, j))
+            v = x[uint32(t), c] * inv * nwv[j] if norm else x[uint32(t), c]
+            if write_h:
+                hout[uint32(t), c] = v
+            wv[j] = v
+        for m in range(4):
+            xh[uint32(4 * it + m)] = pack_f16(wv[2 * m] * up, wv[2 * m + 1] * up)
+
+
+@functools.cache
+def prep_f16_kernel(qt: int):  # noqa: ANN201
+    """Many tokens' inputs normalized, scaled by a power of two (token_scale) and rounded to float16 once,
+    for hmma_kernel (stage_f16); xs[t] the scale back. One block per token."""
+
+    @cuda.jit(**EXACT)
+    def kernel(x, norm, nw, eps, hout, xh, xs):
+        scratch = cuda.shared.array(PREP_THREADS, float32)
+        wv = cuda.local.array(8, float32)
+        nwv = cuda.local.array(8, float32)
+        t = cuda.blockIdx.x
+        k = x.shape[1]
+        if norm and cuda.threadIdx.x < k // 8:
+            fetch_norm(nw, qt, cuda.threadIdx.x, nwv)
+        grid_ready()
+        inv = inv_rms(x, t, k, eps, scratch) if norm else float32(1.0)
+        amax = float32(0.0)
+        for c in range(cuda.threadIdx.x, k, cuda.blockDim.x):
+            amax = max(amax, abs(x[uint32(t), uint32(c)] * inv * nw[uint32(c)] if norm else x[uint32(t), uint32(c)]))
+        cuda.syncthreads()  # (inv_rms's scratch)
+        up, down = token_scale(block_max(amax, scratch))
+        if cuda.threadIdx.x == 0:
+            xs[t] = down
+        stage_f16(x, t, k // 8, inv, norm, nw, nwv, norm, hout, qt, up, xh[t], wv)
+
+    return kernel
+
+
+@cuda.jit(**DEVICE)
+def _halves(word, signed, s2, c2):
+    """The four byte values of word (signed or not) times s plus c as two words of float16 pairs (s2, c2: s
+    and c in both halves): each byte made the float16 1024 + byte by its bits (signed: 1152 + byte), then
+    (h - 1024) * s + c in float16 arithmetic."""
+    if signed:
+        word ^= uint32(0x80808080)
+    m = uint32(0x64806480) if signed else uint32(0x64006400)
+    lo = (word & uint32(0xFF)) | ((word & uint32(0xFF00)) << uint32(8)) | uint32(0x64006400)
+    hi = ((word >> uint32(16)) & uint32(0xFF)) | ((word >> uint32(8)) & uint32(0xFF0000)) | uint32(0x64006400)
+    return dequant_f16x2(lo, m, s2, c2), dequant_f16x2(hi, m, s2, c2)
+
+
+@functools.cache
+def hmma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
+    """Many tokens of float16 inputs (prep_f16_kernel) times up to three matrices of weight type qt: the
+    blocks, stages, copies and stores of mma.mma_kernel, with float16 fragments. Lane l makes the A
+    fragments of its rows from item l % 4 of each 32-block (group_item's two words: elements 0-3 and 4-7 of
+    the item, as the k columns 2 (l % 4), + 1, + 8, + 9 of two 16-column products) and loads its token's four
+    input words of the same item as the B fragments of both."""
+    q8_1 = rounding(qt) == ROUND_Q8_1
+    off = float32(OFFSET.get(qt, 0.0))
+    halves = qt == Q6_K
+    signed = halves or qt == Q8_0
+    words = WORDS[qt]
+    kg = KG
+    wide = wide and kg * words % 4 == 0  # (16-byte copies of a stage's row words: Q5_x's 10 words take single ones)
+    xp = 16 * kg + 8  # a token's staged input words in a stage (+ 8: its 16-byte fragment loads spread over banks)
+    pitch = _pitch(kg * words)
+    bn = 8 * nj
+    acc_n = MI * nj * 4
+    w_size, s_size, x_size, a_size = 2 * BM * pitch, BM * kg * 2, 2 * bn * xp, 8 * MI
+    s_row, w_buf, x_buf = 2 * kg, BM * pitch, bn * xp
+    assert w_size >= WARPS * 32 * 8  # (the results leave through wsh)
+
+    send = stage_sender(qt, kg, wide, bn, 16, xp)
+    stores = tile_stores(nj, True)
+
+    @cuda.jit(**DEVICE)
+    def load_row_scales(c, gs, sb, row, groups, graw, sraw):
+        """Stage c's raw scale fields of row `row` (load_scales; past K: zeros) into registers, in flight
+        while the stage before is multiplied."""
+        for gi in range(kg):
+            g = min(c * kg + gi, groups - 1)
+            graw[gi], sraw[gi] = load_scales(qt, gs, sb, row, g)
+            if c * kg + gi >= groups:
+                graw[gi], sraw[gi] = uint32(0), uint32(0)
+
+    @cuda.jit(**JIT)
+    def kernel(xh, xs, m0, m1, m2, n0, n1, n2, flags, part, count):
+        w0, g0_, s0, o0, b0 = m0
+        w1, g1, s1, o1, b1 = m1
+        w2, g2, s2, o2, b2 = m2
+        wsh = cuda.shared.array(w_size, uint32)
+        ssh = cuda.shared.array(s_size, float32)  # each (row, 32-block): its scale and its term (Q6_K: two scales)
+        xsh = cuda.shared.array(x_size, uint32)
+        scratch = cuda.shared.array((SCRATCH, 6), uint32)
+        last = cuda.shared.array(1, int32)
+        acc = cuda.local.array(acc_n, float32)
+        afr = cuda.local.array(a_size, uint32)
+        sv = cuda.local.array(s_row, float32)
+        graw = cuda.local.array(kg, uint32)
+        sraw = cuda.local.array(kg, uint32)
+        tid = cuda.threadIdx.x
+        lane = tid % 32
+        gq = lane // 4
+        tq = lane % 4
+        n_tok = xh.shape[0]
+        which, first, n = _block_rows(n0, n1, n2)
+        w, gs, sb = (w0, g0_, s0) if which == 0 else ((w1, g1, s1) if which == 1 else (w2, g2, s2))
+        wr = (tid // 32) * 16 * MI
+        t0 = cuda.blockIdx.x * bn
+        groups = xh.shape[1] // 16
+        row_words = w.shape[1]
+        row = min(first + tid, n - 1)
+        for i in range(acc_n):
+            acc[i] = 0.0
+        grid_ready()
+        chunks = (groups + kg - 1) // kg
+        split = cuda.gridDim.z
+        z = cuda.blockIdx.z
+        c_first = (chunks * z) // split
+        c_end = (chunks * (z + 1)) // split
+        if c_first < c_end:
+            send(c_first, w, row_words, row, xh, t0, n_tok, groups, wsh, xsh)
+            load_row_scales(c_first, gs, sb, row, groups, graw, sraw)
+        for c in range(c_first, c_end):
+            for gi in range(kg):
+                s_lo, s_hi, mn = scales_of(qt, graw[gi], sraw[gi])
+                sv[2 * gi] = s_lo
+                sv[2 * gi + 1] = s_hi if halves else (mn if q8_1 else s_lo * off)
+            for h in range(kg // 2):
+                put4(ssh, tid * 2 * kg + 4 * h, sv[4 * h], sv[4 * h + 1], sv[4 * h + 2], sv[4 * h + 3])
+            if c + 1 < c_end:
+                send(c + 1, w, row_words, row, xh, t0, n_tok, groups, wsh, xsh)
+                load_row_scales(c + 1, gs, sb, row, groups, graw, sraw)
+            else:
+                copies_sent()
+            copies_landed()
+            cuda.syncthreads()
+            wb = (c % 2) * w_buf
+            xb = (c % 2) * x_buf
+            for gi in range(kg):
+                for i in range(MI):  # the warp's A fragments: two 16-column tiles (the item's lo and hi words)
+                    for h in range(2):
+                        r = wr + 16 * i + gq + 8 * h
+                        lo, hi = group_item(qt, wsh, wb + r * pitch + gi * words, tq)
+                        s_a, s_b = shared2(ssh, 2 * (r * kg + gi))
+                        p_a = pack_f16(s_a, s_a)
+                        p_b = pack_f16(s_b, s_b)
+                        if halves:
+                            afr[8 * i + h], afr[8 * i + 2 + h] = _halves(signed_six(lo), True, p_a, uint32(0))
+                            afr[8 * i + 4 + h], afr[8 * i + 6 + h] = _halves(signed_six(hi), True, p_b, uint32(0))
+                        else:
+                            afr[8 * i + h], afr[8 * i + 2 + h] = _halves(lo, signed, p_a, p_b)
+                            afr[8 * i + 4 + h], afr[8 * i + 6 + h] = _halves(hi, signed, p_a, p_b)
+                for j in range(nj):
+                    x0, x1, x2, x3 = shared4(xsh, xb + (8 * j + gq) * xp + 16 * gi + 4 * tq)
+                    for i in range(MI):
+                        k = (i * nj + j) * 4
+                        acc[k], acc[k + 1], acc[k + 2], acc[k + 3] = mma_f16(
+                            afr[8 * i], afr[8 * i + 1], afr[8 * i + 2], afr[8 * i + 3], x0, x1,
+                            acc[k], acc[k + 1], acc[k + 2], acc[k + 3], scratch)  # fmt: skip
+                        acc[k], acc[k + 1], acc[k + 2], acc[k + 3] = mma_f16(
+                            afr[8 * i + 4], afr[8 * i + 5], afr[8 * i + 6], afr[8 * i + 7], x2, x3,
+                            acc[k], acc[k + 1], acc[k + 2], acc[k + 3], scratch)  # fmt: skip
+            cuda.syncthreads()
+        stores(acc, wsh, which, first, n, n0, n1, t0, n_tok, flags, part, count, last, xs, o0, b0, o1, b1, o2, b2)
+
+    return kernel
