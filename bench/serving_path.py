@@ -1,20 +1,21 @@
-"""The worker's serving path alone: the real daemon (HTTP, scheduler thread, frames, SSE) over an engine whose
-step costs a fixed time (`--step-ms`, slept with the GIL released as a GPU wait is) and samples at once.
+"""The worker's serving path alone: the real daemon (HTTP, scheduler thread, frames, SSE) and the real Engine,
+over a device whose every step takes a fixed time (`--step-ms`, waited for with the GIL released as a GPU wait
+is) and does no math (bench/timed_engine.py).
 
 What a GPU worker's users get is bounded by what this path delivers per step: with `--step-ms 3.9` and 64
 streams the engine gives 64 / 3.9 ms = 16,400 tokens/s (bench/cuda_bench.py's H100 figure at batch 64).
 
     python bench/serving_path.py --step-ms 3.9 --levels 1,16,64 --max-tokens 128
 
-The same file runs against an older tree (PYTHONPATH=that tree) for before/after figures: the engine here
-answers both the id-only (`detokenize=False`) and the text-producing submit.
+The same file runs against an older tree (PYTHONPATH=that tree) for before/after figures (with the Engine of
+that tree: before 2026-12-06's ninth session, this bench replaced the Engine itself, so the figures of those
+sessions leave out the engine's own Python).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import os
 import signal
@@ -22,91 +23,14 @@ import socket
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-
-
-class _Backend:
-    name = "cpu"
-    device = "timed"
-
-    def enter_thread(self) -> None:
-        pass
-
-    def memory_bytes(self) -> int:
-        return 0
-
-
-class TimedEngine:
-    """Engine's surface as the worker uses it; each step sleeps `step_s` and gives every sequence its next
-    token (a fixed cycle of real token ids of the model, so that the text path decodes real pieces)."""
-
-    def __init__(self, tokenizer: Any, slots: int, step_s: float) -> None:
-        from rbees_workerd.engine.types import FinishEvent, TokenEvent
-
-        self._finish, self._token = FinishEvent, TokenEvent
-        self.tokenizer = tokenizer
-        self.backend = _Backend()
-        self.slots = slots
-        self.context_length = 4096
-        self.model = SimpleNamespace(weight_bytes=0, kv_cache_bytes=0)
-        self._step_s = step_s
-        self._cycle = tokenizer.encode(" the keeper climbed the stairs of the lighthouse", add_special=False)
-        self._active: dict[Any, Any] = {}
-        self._ids = itertools.count(1)
-
-    def free_slots(self) -> int:
-        return self.slots - len(self._active)
-
-    def has_work(self) -> bool:
-        return bool(self._active)
-
-    def submit(self, prompt_ids: list[int], params: Any, seq_id: Any = None, detokenize: bool = True) -> Any:
-        from rbees_workerd.errors import AllSlotsBusy
-
-        if len(self._active) >= self.slots:
-            raise AllSlotsBusy(f"all {self.slots} slots are generating")
-        seq = SimpleNamespace(
-            id=next(self._ids) if seq_id is None else seq_id,
-            prompt_tokens=len(prompt_ids),
-            params=params,
-            n=0,
-            cancelled=False,
-            t_start=time.perf_counter(),
-            decoder=self.tokenizer.stream_decoder(continuation=True) if detokenize else None,
-        )
-        self._active[seq.id] = seq
-        return seq
-
-    def cancel(self, seq_id: Any) -> None:
-        if seq_id in self._active:
-            self._active[seq_id].cancelled = True
-
-    def step(self) -> list[Any]:
-        time.sleep(self._step_s)
-        events: list[Any] = []
-        for seq in list(self._active.values()):
-            if seq.cancelled:
-                events.append(self._end(seq, "CANCELLED"))
-                continue
-            token = self._cycle[seq.n % len(self._cycle)]
-            text = seq.decoder.push(token) if seq.decoder is not None else ""
-            events.append(self._token(seq.id, token, text, seq.n))
-            seq.n += 1
-            if seq.n >= seq.params.max_tokens:
-                events.append(self._end(seq, "MAX_TOKENS"))
-        return events
-
-    def _end(self, seq: Any, reason: str) -> Any:
-        del self._active[seq.id]
-        return self._finish(seq.id, reason, seq.n, seq.prompt_tokens, 1.0, 1.0)
+from timed_engine import timed_engine  # noqa: E402
 
 
 def serve(model: str, port: int, slots: int, step_ms: float) -> None:
-    """Run the real daemon with the timed engine in place of Engine.load."""
+    """Run the real daemon with the real Engine over a timed device (timed_engine.py) in place of Engine.load."""
     import rbees_workerd.engine.engine as engine_module
     from rbees_workerd.cli_serve import parse_settings
     from rbees_workerd.engine.gguf import load_gguf
@@ -116,7 +40,8 @@ def serve(model: str, port: int, slots: int, step_ms: float) -> None:
     f = load_gguf(model)
     tokenizer = Tokenizer.from_gguf(f.metadata)
     f.close()
-    engine_module.Engine.load = classmethod(lambda cls, *a, **k: TimedEngine(tokenizer, slots, step_ms / 1000))
+    cycle = tokenizer.encode(" the keeper climbed the stairs of the lighthouse", add_special=False)
+    engine_module.Engine.load = classmethod(lambda cls, *a, **k: timed_engine(tokenizer, slots, step_ms / 1000, cycle))
     argv = ["--worker-id", "serving-bench", "--model", model, "--port", str(port), "--slots", str(slots)]
     sys.exit(run(parse_settings([*argv, "--log-level", "WARNING"])))
 

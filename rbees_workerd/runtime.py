@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import threading
 import time
@@ -157,6 +158,8 @@ class WorkerRuntime:
         self.metrics.model_bytes.set(engine.model.weight_bytes)
         self.metrics.kv_cache_bytes.set(engine.model.kv_cache_bytes)
         self.metrics.vram_bytes.set(self.vram_bytes(engine))
+        gc.collect()  # the heap the load leaves (modules, kernels, tokenizer) frozen, as rbees-orcd's start-up:
+        gc.freeze()  # the collections while serving then walk only what the jobs make
         self._scheduler = Scheduler(engine, self._on_step, on_fatal)
         self._scheduler.start()
         self.engine = engine

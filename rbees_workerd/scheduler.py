@@ -27,7 +27,7 @@ from rbees_workerd.errors import RbeesError
 log = logging.getLogger("rbees_workerd.scheduler")
 
 
-@dataclass
+@dataclass(slots=True)
 class JobOutput:
     """One job's part of one step: the token ids it sampled (in order) and its end, if it ended."""
 

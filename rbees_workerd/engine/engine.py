@@ -73,6 +73,7 @@ class Sequence:
     cached: int = 0  # tokens already in the KV cache
     held: str = ""  # decoded text not yet emitted: it may be the start of a stop string
     cancelled: bool = False
+    ended: bool = False  # finished (_finish): no longer active
     t_start: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
     greedy_row: SamplingRow | None = None  # (Engine._sampling_row)
@@ -117,6 +118,7 @@ class Engine:
         self.context_length = model.context_length
         self._free = list(range(self.slots - 1, -1, -1))
         self._active: dict[int, Sequence] = {}
+        self._prefilling: dict[int, Sequence] = {}  # the active ones whose prompt is not all in the cache yet
         self._ids = itertools.count(1)
         self._queued: _Queued | None = None  # see step
 
@@ -212,6 +214,7 @@ class Engine:
             uniforms=SeededUniforms(params.seed),
         )
         self._active[seq.id] = seq
+        self._prefilling[seq.id] = seq
         return seq
 
     def cancel(self, seq_id: Hashable) -> None:
@@ -246,19 +249,20 @@ class Engine:
     def _batch(self, fed: _Queued | None) -> _Batch:
         """The next step's tokens: one for every decoding sequence (those sampled by `fed`, in its order,
         their tokens still on the device; else each one's last token), then prompt chunks."""
-        b = _Batch(feed=None if fed is None else fed.picks)
-        decoding = fed.sampled if fed is not None else [s for s in self._active.values() if not s.prefilling]
+        if fed is not None:
+            decoding = fed.sampled
+            tokens = [0] * len(decoding)  # (fed on the device)
+        else:
+            decoding = [s for s in self._active.values() if not s.prefilling]
+            tokens = [s.generated[-1] for s in decoding]
+        b = _Batch(fed.picks if fed is not None else None, tokens, [s.cached for s in decoding],
+                   [s.slot for s in decoding], list(range(len(decoding))), list(decoding))  # fmt: skip
         for seq in decoding:
-            b.rows.append(len(b.tokens))
-            b.sampled.append(seq)
-            b.tokens.append(0 if fed is not None else seq.generated[-1])
-            b.positions.append(seq.cached)
-            b.slots.append(seq.slot)
             seq.cached += 1
         budget = self.model.max_step_tokens - len(b.tokens)
-        for seq in self._active.values():
-            if not seq.prefilling or budget <= 0:
-                continue
+        for seq in list(self._prefilling.values()):
+            if budget <= 0:
+                break
             chunk = seq.prompt[seq.cached : seq.cached + budget]
             b.tokens.extend(chunk)
             b.positions.extend(range(seq.cached, seq.cached + len(chunk)))
@@ -266,6 +270,7 @@ class Engine:
             seq.cached += len(chunk)
             budget -= len(chunk)
             if not seq.prefilling:
+                del self._prefilling[seq.id]
                 b.rows.append(len(b.tokens) - 1)
                 b.sampled.append(seq)
         return b
@@ -282,19 +287,40 @@ class Engine:
 
     def _can_feed(self, queued: _Queued) -> bool:
         """Whether the next step can be queued before `queued`'s tokens are read: each sequence it
-        sampled goes on unless that token ends it, and its sampling needs no token history."""
-        return self.backend.queues_ahead and all(
-            self._active.get(s.id) is s and not s.cancelled and s.params.repetition_penalty == 1.0
-            and len(s.generated) + 1 < s.params.max_tokens and s.cached + 1 < self.context_length
-            for s in queued.sampled
-        )  # fmt: skip
+        sampled goes on unless that token ends it, and its sampling needs no token history. (A loop, not
+        all() over a generator: this runs for every sequence at every step, on the thread that owns the GPU.)"""
+        if not self.backend.queues_ahead:
+            return False
+        last = self.context_length - 1
+        for s in queued.sampled:
+            if s.ended or s.cancelled or s.cached >= last or len(s.generated) + 1 >= s.params.max_tokens:
+                return False
+            if s.params.repetition_penalty != 1.0:
+                return False
+        return True
 
     def _read(self, queued: _Queued) -> list[Event]:
-        """Accept `queued`'s tokens (waiting for them) for the sequences still active."""
+        """Accept `queued`'s tokens (waiting for them) for the sequences still active. (One loop for the
+        whole step, the token-id-only case inline: this runs for every sequence at every step, on the
+        thread that owns the GPU.)"""
         events: list[Event] = []
+        active, eos, ctx = self._active, self.tokenizer.eos_ids, self.context_length
         for seq, token in zip(queued.sampled, queued.picks.ids().tolist(), strict=True):
-            if self._active.get(seq.id) is seq:
-                events.extend(self._accept(seq, int(token)))
+            if active.get(seq.id) is not seq:
+                continue
+            if seq.t_first is None:
+                seq.t_first = time.perf_counter()
+            if token in eos:
+                events.extend(self._flush_and_finish(seq, "EOS"))
+                continue
+            seq.generated.append(token)
+            if seq.decoder is not None:
+                events.extend(self._accept_text(seq, token))
+                continue
+            n = len(seq.generated)
+            events.append(TokenEvent(seq.id, token, "", n - 1))
+            if n >= seq.params.max_tokens or seq.cached >= ctx:
+                events.append(self._finish(seq, "MAX_TOKENS"))
         return events
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
@@ -320,19 +346,12 @@ class Engine:
             seq.greedy_row = row
         return row
 
-    def _accept(self, seq: Sequence, token: int) -> list[Event]:
-        if seq.t_first is None:
-            seq.t_first = time.perf_counter()
-        if token in self.tokenizer.eos_ids:
-            return self._flush_and_finish(seq, "EOS")
-        seq.generated.append(token)
-        if seq.decoder is None:  # token ids only
-            events: list[Event] = [TokenEvent(seq.id, token, "", len(seq.generated) - 1)]
-            if len(seq.generated) >= seq.params.max_tokens or seq.cached >= self.context_length:
-                events.append(self._finish(seq, "MAX_TOKENS"))
-            return events
+    def _accept_text(self, seq: Sequence, token: int) -> list[Event]:
+        """The events of a detokenizing sequence's new token (appended to `generated`): its text, held back
+        where it may start a stop string, and the end a stop string or the length limit makes."""
+        assert seq.decoder is not None
         text, stop = self._stop_scan(seq, seq.decoder.push(token))
-        events = [TokenEvent(seq.id, token, text, len(seq.generated) - 1)]
+        events: list[Event] = [TokenEvent(seq.id, token, text, len(seq.generated) - 1)]
         if stop is not None:
             events.append(self._finish(seq, "STOP_SEQUENCE", stop))
         elif len(seq.generated) >= seq.params.max_tokens or seq.cached >= self.context_length:
@@ -374,6 +393,8 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: StopReason, stop: str | None = None) -> FinishEvent:
         del self._active[seq.id]
+        self._prefilling.pop(seq.id, None)
+        seq.ended = True
         self._free.append(seq.slot)
         now = time.perf_counter()
         first = seq.t_first or now

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 StopReason = Literal["MAX_TOKENS", "EOS", "STOP_SEQUENCE", "CANCELLED", "ERROR"]
 # What Engine.load is doing: preparing the weights, then its warm-up's two passes (see Engine.warm_up).
@@ -25,9 +25,10 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class TokenEvent:
-    """A sampled token. `text` is the newly completed UTF-8 text (may be empty mid-character)."""
+class TokenEvent(NamedTuple):
+    """A sampled token. `text` is the newly completed UTF-8 text (may be empty mid-character). A named tuple:
+    one is made for every sequence at every step, on the thread that owns the GPU (a frozen dataclass took
+    0.38 us to make, this 0.16)."""
 
     seq_id: Hashable  # the engine's number for the sequence, or the id its caller gave (the worker's job_id)
     token_id: int
