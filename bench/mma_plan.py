@@ -3,6 +3,7 @@
     python bench/mma_plan.py --shape llama-3.1-8b --tokens 64,512 [--nj 1,2,4,8] [--splits 1,2,4,8] [--json]
     python bench/mma_plan.py --shape llama-3.1-8b --warm --nj 8    # compile the kernels only (run several at once)
     python bench/mma_plan.py --slots 1:3,2:3,4:3,8:3 ...             # other blocks an SM (mma.SLOTS)
+    python bench/mma_plan.py --hmma-registers 128 --tokens 512 ...   # hmma_kernel's register bound
 
 Every product of one layer of the shape in llama.cpp's Q4_K_M mix (two layers: one whose attn_v and
 ffn_down get Q6_K, one whose do not), its weights random blocks of those types (gguf_shapes), its input
@@ -86,11 +87,14 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--slots", default="", help="blocks an SM by token tiles, e.g. 1:3,2:3,4:3,8:3 (mma.SLOTS; "
                     "give each setting its own NUMBA_CACHE_DIR: the cache does not key on the register bound)")
+    ap.add_argument("--hmma-registers", type=int, help="hmma_kernel's register bound (hmma.REGISTERS; a Numba "
+                    "cache of its own for each, as for --slots)")
     ap.add_argument("--warm", action="store_true", help="compile the kernels only")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     shape = gguf_shapes.SHAPES[a.shape]
     mma.SLOTS.update({int(nj): int(n) for nj, n in (p.split(":") for p in a.slots.split(",") if p)})
+    hmma.REGISTERS = a.hmma_registers or hmma.REGISTERS
     be = cb.CudaBackend(0)
     chosen_plan = mma.plan
     forced: list[tuple[int, int]] = [(0, 0)]

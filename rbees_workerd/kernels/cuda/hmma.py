@@ -21,6 +21,7 @@ from rbees_workerd.kernels.cuda.device import (
     DEVICE,
     EXACT,
     JIT,
+    SIM,
     bits_from_f32,
     block_max,
     copies_landed,
@@ -69,6 +70,9 @@ NJ = TOKEN_TILES[-1]  # 8-token tiles a block (the simulator's largest: 2)
 # H100, 8B shape: at 64 tokens mma_kernel's 4-tile blocks win (q+k+v 53 us against 70), at 512 this
 # kernel does, on every product (a 512-token prefill +19% tokens/s).
 MIN_TOKENS = 65
+# ptxas's register bound for hmma_kernel (None: its own choice, 193-197 at 8 token tiles, so 2 blocks an SM;
+# bench/mma_plan.py --hmma-registers sweeps others: 128 gives 4 blocks an SM, see docs/benchmarks.md)
+REGISTERS: int | None = None
 
 
 def plan(t_count: int, row_tiles: int, k: int, qt: int, sms: int) -> tuple[int, int]:
@@ -186,7 +190,7 @@ def hmma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
             if c * kg + gi >= groups:
                 graw[gi], sraw[gi] = uint32(0), uint32(0)
 
-    @cuda.jit(**JIT)
+    @cuda.jit(**JIT, **({} if SIM or REGISTERS is None else {"max_registers": REGISTERS}))
     def kernel(xh, xs, m0, m1, m2, n0, n1, n2, flags, part, count):
         w0, g0_, s0, o0, b0 = m0
         w1, g1, s1, o1, b1 = m1
