@@ -319,6 +319,23 @@ def fetch_norm(nw, qt, it, nwv):
 
 
 @cuda.jit(**DEVICE)
+def load_item(x, t, it, inv, norm, nw, nwv, write_h, hout, qt, wv):
+    """Item it's 8 inputs of token t (elem(qt, it % 4, 0 .. 7) of its 32-block) into wv, normalized where norm
+    (nwv: the norm's weights of the thread's first item, fetched here for the others) and written to hout
+    where write_h."""
+    g = it >> 2  # (shifts and masks: the compiler does not know that it is not negative)
+    q = it & 3
+    if norm and it != cuda.threadIdx.x:
+        fetch_norm(nw, qt, it, nwv)
+    for j in range(8):
+        c = uint32(g * 32 + elem(qt, q, j))
+        v = x[uint32(t), c] * inv * nwv[j] if norm else x[uint32(t), c]
+        if write_h:
+            hout[uint32(t), c] = v
+        wv[j] = v
+
+
+@cuda.jit(**DEVICE)
 def stage_q8(x, t, items, inv, norm, nw, nwv, write_h, hout, qt, rnd, xw, xd, xs, scratch, wv):
     """Token t's input (normalized where norm) rounded to Q8 blocks, a thread per item, into xw/xd/xs.
 
@@ -334,15 +351,9 @@ def stage_q8(x, t, items, inv, norm, nw, nwv, write_h, hout, qt, rnd, xw, xd, xs
         q = it & 3
         amax = float32(0.0)
         if it < items:  # (one branch for the item: the 8 loads go out together)
-            if norm and it != cuda.threadIdx.x:
-                fetch_norm(nw, qt, it, nwv)
+            load_item(x, t, it, inv, norm, nw, nwv, write_h, hout, qt, wv)
             for j in range(8):
-                c = uint32(g * 32 + elem(qt, q, j))
-                v = x[uint32(t), c] * inv * nwv[j] if norm else x[uint32(t), c]
-                if write_h:
-                    hout[uint32(t), c] = v
-                wv[j] = v
-                amax = max(amax, abs(v))
+                amax = max(amax, abs(wv[j]))
         else:
             for j in range(8):
                 wv[j] = float32(0.0)

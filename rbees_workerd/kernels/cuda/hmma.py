@@ -32,22 +32,16 @@ from rbees_workerd.kernels.cuda.device import (
     inv_rms,
     mma_f16,
     pack_f16,
-    put4,
     shared2,
     shared4,
 )  # fmt: skip
 from rbees_workerd.kernels.cuda.formats import (
-    OFFSET,
     Q6_K,
     Q8_0,
-    ROUND_Q8_1,
     WORDS,
-    elem,
     fetch_norm,
     group_item,
-    load_scales,
-    rounding,
-    scales_of,
+    load_item,
     signed_six,
 )  # fmt: skip
 from rbees_workerd.kernels.cuda.mma import (
@@ -60,6 +54,8 @@ from rbees_workerd.kernels.cuda.mma import (
     WARPS,
     _block_rows,
     _pitch,
+    row_scales,
+    stage_range,
     stage_sender,
     tile_stores,
 )  # fmt: skip
@@ -100,16 +96,7 @@ def stage_f16(x, t, items, inv, norm, nw, nwv, write_h, hout, qt, up, xh, wv):
     """Token t's input (normalized where norm) times up as float16 pairs in stage_q8's item order: item i's
     8 values (elem(qt, i % 4, 0 .. 7) of its 32-block) in words 4 i .. 4 i + 3, a thread per item."""
     for it in range(cuda.threadIdx.x, items, cuda.blockDim.x):
-        g = it >> 2
-        q = it & 3
-        if norm and it != cuda.threadIdx.x:
-            fetch_norm(nw, qt, it, nwv)
-        for j in range(8):
-            c = uint32(g * 32 + elem(qt, q, j))
-            v = x[uint32(t), c] * inv * nwv[j] if norm else x[uint32(t), c]
-            if write_h:
-                hout[uint32(t), c] = v
-            wv[j] = v
+        load_item(x, t, it, inv, norm, nw, nwv, write_h, hout, qt, wv)
         for m in range(4):
             xh[uint32(4 * it + m)] = pack_f16(wv[2 * m] * up, wv[2 * m + 1] * up)
 
@@ -162,8 +149,6 @@ def hmma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
     fragments of its rows from item l % 4 of each 32-block (group_item's two words: elements 0-3 and 4-7 of
     the item, as the k columns 2 (l % 4), + 1, + 8, + 9 of two 16-column products) and loads its token's four
     input words of the same item as the B fragments of both."""
-    q8_1 = rounding(qt) == ROUND_Q8_1
-    off = float32(OFFSET.get(qt, 0.0))
     halves = qt == Q6_K
     signed = halves or qt == Q8_0
     words = WORDS[qt]
@@ -179,16 +164,7 @@ def hmma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
 
     send = stage_sender(qt, kg, wide, bn, 16, xp)
     stores = tile_stores(nj, True)
-
-    @cuda.jit(**DEVICE)
-    def load_row_scales(c, gs, sb, row, groups, graw, sraw):
-        """Stage c's raw scale fields of row `row` (load_scales; past K: zeros) into registers, in flight
-        while the stage before is multiplied."""
-        for gi in range(kg):
-            g = min(c * kg + gi, groups - 1)
-            graw[gi], sraw[gi] = load_scales(qt, gs, sb, row, g)
-            if c * kg + gi >= groups:
-                graw[gi], sraw[gi] = uint32(0), uint32(0)
+    load_row_scales, put_row_scales = row_scales(qt, kg)
 
     @cuda.jit(**JIT, **({} if SIM or REGISTERS is None else {"max_registers": REGISTERS}))
     def kernel(xh, xs, m0, m1, m2, n0, n1, n2, flags, part, count):
@@ -220,21 +196,12 @@ def hmma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
         for i in range(acc_n):
             acc[i] = 0.0
         grid_ready()
-        chunks = (groups + kg - 1) // kg
-        split = cuda.gridDim.z
-        z = cuda.blockIdx.z
-        c_first = (chunks * z) // split
-        c_end = (chunks * (z + 1)) // split
+        c_first, c_end = stage_range(groups, kg)
         if c_first < c_end:
             send(c_first, w, row_words, row, xh, t0, n_tok, groups, wsh, xsh)
             load_row_scales(c_first, gs, sb, row, groups, graw, sraw)
         for c in range(c_first, c_end):
-            for gi in range(kg):
-                s_lo, s_hi, mn = scales_of(qt, graw[gi], sraw[gi])
-                sv[2 * gi] = s_lo
-                sv[2 * gi + 1] = s_hi if halves else (mn if q8_1 else s_lo * off)
-            for h in range(kg // 2):
-                put4(ssh, tid * 2 * kg + 4 * h, sv[4 * h], sv[4 * h + 1], sv[4 * h + 2], sv[4 * h + 3])
+            put_row_scales(graw, sraw, sv, ssh)
             if c + 1 < c_end:
                 send(c + 1, w, row_words, row, xh, t0, n_tok, groups, wsh, xsh)
                 load_row_scales(c + 1, gs, sb, row, groups, graw, sraw)

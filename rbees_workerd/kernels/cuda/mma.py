@@ -172,6 +172,46 @@ def tile_stores(nj: int, scaled: bool):  # noqa: ANN201
     return stores
 
 
+def row_scales(qt: int, kg: int):  # noqa: ANN201
+    """(load, put) for stages of kg 32-blocks of weight type qt, a thread a row:
+    load(c, gs, sb, row, groups, graw, sraw): stage c's raw scale fields of row `row` (load_scales; past K:
+    zeros) into registers, in flight while the stage before is multiplied;
+    put(graw, sraw, sv, ssh): when the stage comes, each 32-block's scale and its min or offset term (Q6_K:
+    its two halves' scales) as floats into ssh at the thread's row (sv: kg * 2 floats of scratch)."""
+    q8_1 = rounding(qt) == ROUND_Q8_1
+    off = float32(OFFSET.get(qt, 0.0))
+    halves = qt == Q6_K
+
+    @cuda.jit(**DEVICE)
+    def load(c, gs, sb, row, groups, graw, sraw):
+        g0 = c * kg
+        for gi in range(kg):
+            g = min(g0 + gi, groups - 1)
+            graw[gi], sraw[gi] = load_scales(qt, gs, sb, row, g)
+            if g0 + gi >= groups:  # (the raw fields of a zero scale)
+                graw[gi], sraw[gi] = uint32(0), uint32(0)
+
+    @cuda.jit(**DEVICE)
+    def put(graw, sraw, sv, ssh):
+        for gi in range(kg):
+            s_lo, s_hi, mn = scales_of(qt, graw[gi], sraw[gi])
+            sv[2 * gi] = s_lo
+            sv[2 * gi + 1] = s_hi if halves else (mn if q8_1 else s_lo * off)
+        for h in range(kg // 2):
+            put4(ssh, cuda.threadIdx.x * 2 * kg + 4 * h, sv[4 * h], sv[4 * h + 1], sv[4 * h + 2], sv[4 * h + 3])
+
+    return load, put
+
+
+@cuda.jit(**DEVICE)
+def stage_range(groups, kg):
+    """This block's stages of kg 32-blocks [first, end): its part of K's when K is split along z."""
+    chunks = (groups + kg - 1) // kg
+    split = cuda.gridDim.z
+    z = cuda.blockIdx.z
+    return (chunks * z) // split, (chunks * (z + 1)) // split
+
+
 @functools.cache
 def prep_q8_kernel(qt: int):  # noqa: ANN201
     """Many tokens' inputs normalized and rounded to Q8 once, for mma_kernel, in vec_kernel's staged
@@ -237,6 +277,7 @@ def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
 
     send = stage_sender(qt, kg, wide, bn, 8, xp)
     stores = tile_stores(nj, False)
+    put_row_scales = row_scales(qt, kg)[1]
 
     @cuda.jit(**DEVICE)
     def load_stage_scales(c, gs, sb, row, xd, xs, t0, n_tok, groups, graw, sraw, draw, eraw):
@@ -245,8 +286,8 @@ def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
         multiplied, turned into floats and stored when the stage comes (mma_kernel). Past K: zeros."""
         tid = cuda.threadIdx.x
         g0 = c * kg
-        for gi in range(kg):
-            g = min(g0 + gi, groups - 1)
+        for gi in range(kg):  # (row_scales' load, written out: called, it moved ptxas's uniform work on Q5_0
+            g = min(g0 + gi, groups - 1)  # onto the vector pipes, +150 SEL/IMAD, offline sm_90)
             graw[gi], sraw[gi] = load_scales(qt, gs, sb, row, g)
             if g0 + gi >= groups:  # (the raw fields of a zero scale)
                 graw[gi], sraw[gi] = uint32(0), uint32(0)
@@ -294,21 +335,12 @@ def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
         for i in range(acc_n):
             acc[i] = 0.0
         grid_ready()
-        chunks = (groups + kg - 1) // kg
-        split = cuda.gridDim.z
-        z = cuda.blockIdx.z
-        c_first = (chunks * z) // split
-        c_end = (chunks * (z + 1)) // split
+        c_first, c_end = stage_range(groups, kg)
         if c_first < c_end:  # stage c_first: its copies sent, its scales loaded
             send(c_first, w, row_words, row, xw, t0, n_tok, groups, wsh, xsh)
             load_stage_scales(c_first, gs, sb, row, xd, xs, t0, n_tok, groups, graw, sraw, draw, eraw)
         for c in range(c_first, c_end):
-            for gi in range(kg):  # the stage's scales, into shared memory (its words are on their way)
-                s_lo, s_hi, mn = scales_of(qt, graw[gi], sraw[gi])
-                sv[2 * gi] = s_lo
-                sv[2 * gi + 1] = s_hi if halves else (mn if q8_1 else s_lo * off)
-            for h in range(kg // 2):
-                put4(ssh, tid * 2 * kg + 4 * h, sv[4 * h], sv[4 * h + 1], sv[4 * h + 2], sv[4 * h + 3])
+            put_row_scales(graw, sraw, sv, ssh)  # the stage's scales, into shared memory (its words are on their way)
             for u in range(dn):
                 p = tid + THREADS * u
                 if p < kg * bn:
