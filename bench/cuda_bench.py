@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--gemm-min-tokens", type=int)
     ap.add_argument("--vec-max-tokens", type=int)
+    ap.add_argument("--hmma-min-tokens", type=int, help="tuning: hmma.MIN_TOKENS")
     ap.add_argument("--vec-warps", type=int, help="tuning: gemv.VEC_WARPS")
     ap.add_argument("--block-warps", type=int, help="tuning: gemv.BLOCK_WARPS")
     ap.add_argument("--long-block-warps", type=int, help="tuning: gemv.LONG_BLOCK_WARPS")
@@ -107,13 +108,15 @@ def main() -> None:
     ap.add_argument("--no-overlap", action="store_true")
     ap.add_argument("--no-pipeline", action="store_true")
     args = ap.parse_args()
-    from rbees_workerd.kernels.cuda import backend, gemv
+    from rbees_workerd.kernels.cuda import backend, gemv, hmma
 
     backend.PROGRAMMATIC = not args.no_overlap
     if args.gemm_min_tokens is not None:
         backend.GEMM_MIN_TOKENS = args.gemm_min_tokens
     if args.vec_max_tokens is not None:
         gemv.VEC_MAX_TOKENS = args.vec_max_tokens
+    if args.hmma_min_tokens is not None:
+        hmma.MIN_TOKENS = args.hmma_min_tokens
     for name in ("vec_warps", "block_warps", "long_block_warps", "fetch_regs"):
         if getattr(args, name) is not None:
             setattr(gemv, name.upper(), getattr(args, name))

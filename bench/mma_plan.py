@@ -4,13 +4,14 @@
     python bench/mma_plan.py --shape llama-3.1-8b --warm --nj 8    # compile the kernels only (run several at once)
     python bench/mma_plan.py --slots 1:3,2:3,4:3,8:3 ...             # other blocks an SM (mma.SLOTS)
     python bench/mma_plan.py --hmma-registers 128 --tokens 512 ...   # hmma_kernel's register bound
+    python bench/mma_plan.py --hmma-min-tokens 1 --tokens 64 ...     # hmma_kernel at fewer tokens too
 
 Every product of one layer of the shape in llama.cpp's Q4_K_M mix (two layers: one whose attn_v and
 ffn_down get Q6_K, one whose do not), its weights random blocks of those types (gguf_shapes), its input
 random. A plan's time is the median over `--repeat` replays of a CUDA graph of `--reps` launches of the
 product alone; the input's preparation is timed the same way, apart. Steps of hmma.MIN_TOKENS tokens or more
-time hmma_kernel (float16), fewer mma_kernel (int8), as the backend launches them. `*` marks the plan `mma.plan`
-chooses. Plans whose split leaves a part less than a stage of K, or
+time hmma_kernel (float16), fewer mma_kernel (int8), as the backend launches them. `*` marks the plan that
+`hmma.plan` or `mma.plan` chooses. Plans whose split leaves a part less than a stage of K, or
 whose partial sums exceed mma.PART_BYTES, are skipped.
 """
 
@@ -89,14 +90,17 @@ def main() -> None:
                     "give each setting its own NUMBA_CACHE_DIR: the cache does not key on the register bound)")
     ap.add_argument("--hmma-registers", type=int, help="hmma_kernel's register bound (hmma.REGISTERS; a Numba "
                     "cache of its own for each, as for --slots)")
+    ap.add_argument("--hmma-min-tokens", type=int, help="steps of this many tokens or more take hmma_kernel "
+                    "(hmma.MIN_TOKENS)")
     ap.add_argument("--warm", action="store_true", help="compile the kernels only")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     shape = gguf_shapes.SHAPES[a.shape]
     mma.SLOTS.update({int(nj): int(n) for nj, n in (p.split(":") for p in a.slots.split(",") if p)})
     hmma.REGISTERS = a.hmma_registers or hmma.REGISTERS
+    hmma.MIN_TOKENS = a.hmma_min_tokens or hmma.MIN_TOKENS
     be = cb.CudaBackend(0)
-    chosen_plan = mma.plan
+    chosen_plans = (mma.plan, hmma.plan)
     forced: list[tuple[int, int]] = [(0, 0)]
     mma.plan = hmma.plan = lambda t, rt, k, qt, sms: forced[0]  # (the backend's launches, with the plan under test)
     rng = np.random.default_rng(0)
@@ -112,7 +116,7 @@ def main() -> None:
             x = be.vector(rng.standard_normal((t, k)).astype(np.float32))
             prods = [backend.Product(w, be.zeros((t, w.shape[0]))) for w in weights]
             ns = [w.shape[0] for w in weights] + [0] * (3 - len(weights))
-            want = chosen_plan(t, mma.row_tiles(*ns), k, qt, be.sms)
+            want = chosen_plans[t >= hmma.MIN_TOKENS](t, mma.row_tiles(*ns), k, qt, be.sms)
             njs = [int(v) for v in a.nj.split(",")]
             plans = {(nj, int(v)) for nj in njs for v in a.splits.split(",")} | ({want} if want[0] in njs else set())
             for nj, split in sorted(plans):

@@ -7,7 +7,8 @@
 # Q05_S: the 0.5B run's time limit (its kernels compile on a cold cache); WARM=N: N warm starts of an 8B worker (after
 # llama.cpp's 8B figures, WARM_S seconds at most);
 # ALT_FILES: the .alt tree's models (l8b q05; their batches B8, B05); LLAMA_R: llama-bench's repetitions;
-# ENVS: space-separated NAME=VALUE[@NAME=VALUE] settings the 8B is run under again;
+# ENVS: space-separated NAME=VALUE[@NAME=VALUE] settings the 8B is run under again; ARGS8 / ARGS05: space-separated
+# cuda_bench.py options (@ between several) the 8B's batches B8A (64) / the 0.5B's B05A (64,256) are run with again;
 # SWEEP: tuning variants of the one-token product on the 8B shape. TEST_N above 2 starves llama.cpp's build
 # (2026-12-06: unfinished after 6 minutes beside `-n 8`). ALT: a second tree to time beside this one in the same
 # call (`mkdir .alt && git archive BRANCH | tar -x -C .alt`, `/.alt/` in .git/info/exclude, carry ".alt").
@@ -27,12 +28,18 @@ done
 for v in ${ENVS:-}; do  # the 8B again under environment settings (e.g. ENVS="NAME=VALUE@OTHER=VALUE"), same tree and cache
   echo "== rbees 8B $v"; env ${v//@/ } timeout 150 python3 bench/cuda_bench.py /root/m/l8b.gguf --batches ${B8:-1,64} --steps 64 --repeat 3 --json 2>&1 | tail -1 | tee -a $OUT/envs_l8b.log
 done
+for a in ${ARGS8:-}; do  # the 8B's batches again with options of cuda_bench.py (e.g. ARGS8="--hmma-min-tokens=33")
+  echo "== rbees 8B $a"; timeout 150 python3 bench/cuda_bench.py /root/m/l8b.gguf --batches ${B8A:-64} --steps 64 --repeat 3 --json ${a//@/ } 2>&1 | tail -1 | tee -a $OUT/args_l8b.log
+done
 if [ -d .alt ]; then  # the other tree's engine on the same files, same call
   for f in ${ALT_FILES:-l8b q05}; do echo "== alt $f"; b=$B05; [ $f = l8b ] && b=$B8
     (cd .alt && PYTHONPATH=/root/dev/site:$R/.alt timeout 150 python3 bench/cuda_bench.py \
     /root/m/$f.gguf --batches ${b:-1,64} --steps 64 --repeat 3 --json 2>&1 | tail -1 | tee -a $OUT/alt.log); done
 fi
 echo "== rbees 0.5B"; timeout ${Q05_S:-80} python3 bench/cuda_bench.py /root/m/q05.gguf --batches ${B05:-1,64,256} --steps 64 --repeat 3 --json 2>&1 | tail -2 | tee $OUT/rbees_q05.log
+for a in ${ARGS05:-}; do  # the same for the 0.5B (its batches B05A)
+  echo "== rbees 0.5B $a"; timeout 120 python3 bench/cuda_bench.py /root/m/q05.gguf --batches ${B05A:-64,256} --steps 64 --repeat 3 --json ${a//@/ } 2>&1 | tail -1 | tee -a $OUT/args_q05.log
+done
 [ -n "$SERVE" ] && bash bench/gpu/serve.sh
 [ -d /root/llama ] || { echo "left $(left) (no llama.cpp: .llama-src not carried)"; exit 0; }
 while [ ! -f /root/build.rc ] && [ $(left) -gt 50 ]; do sleep 2; done; echo "build rc $(cat /root/build.rc 2>/dev/null) left $(left)"

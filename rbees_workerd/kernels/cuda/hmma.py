@@ -61,25 +61,42 @@ from rbees_workerd.kernels.cuda.mma import (
 )  # fmt: skip
 
 KG = 2  # 32-blocks a stage: the tokens' float16 words take twice the shared memory of Q8's
-NJ = TOKEN_TILES[-1]  # 8-token tiles a block (the simulator's largest: 2)
+NJ = TOKEN_TILES[-1]  # the most 8-token tiles a block (the simulator's largest: 2); plan also takes half
+SLOTS = 2  # hmma_kernel blocks an SM holds (ptxas takes 157-204 registers; bounded to 128 the products were
+# 4-19% slower on the H100: docs/benchmarks.md, 2026-12-06, tenth session)
 # Products of this many tokens or more take hmma_kernel: past the 64 tokens of mma_kernel's largest blocks.
-# H100, 8B shape: at 64 tokens mma_kernel's 4-tile blocks win (q+k+v 53 us against 70), at 512 this
-# kernel does, on every product (a 512-token prefill +19% tokens/s).
+# H100, 8B shape: at 512 tokens this kernel wins every product (a 512-token prefill +19% tokens/s).
 MIN_TOKENS = 65
-# ptxas's register bound for hmma_kernel (None: its own choice, 193-197 at 8 token tiles, so 2 blocks an SM;
-# bench/mma_plan.py --hmma-registers sweeps others: 128 gives 4 blocks an SM, see docs/benchmarks.md)
+# ptxas's register bound for hmma_kernel (None: its own choice; bench/mma_plan.py --hmma-registers sweeps others)
 REGISTERS: int | None = None
+# plan's cost model, in units of a 32-block of one token tile, fitted to bench/mma_plan.py's sweep of the 8B's
+# products at 64 and 512 tokens on the H100 (2026-12-06, tenth session): its choices take 0.9% more time than
+# the best plan of each
+_BLOCK = 400  # a block's start and stores
+_STAGE = 4  # a stage's copies, scales and barriers
+_REDUCE = 2  # a part of K, a token tile: the split's last block adds it
 
 
 def plan(t_count: int, row_tiles: int, k: int, qt: int, sms: int) -> tuple[int, int]:
-    """(nj, split) for hmma_kernel: NJ token tiles a block (each weight's conversion shared by the most
-    tokens: in the H200 sweep of 2026-12-06 the fastest at 512 tokens on every 8B product), K split so that
-    the blocks about fill the multiprocessors once."""
-    tiles = -(-t_count // (8 * NJ)) * row_tiles
-    split = max(1, min(-(-(k // 32) // KG), round(sms / tiles)))
-    while split > 1 and split * t_count * BM * row_tiles * 4 > PART_BYTES:
-        split -= 1
-    return NJ, split
+    """(nj, split) for hmma_kernel: NJ or NJ / 2 token tiles a block and K in `split` parts, the cheapest
+    by mma.plan's kind of model: waves of SLOTS blocks an SM times a block's walk, plus the parts' sums.
+    More token tiles share each weight's conversion; fewer make more blocks, which a 64-token step's
+    products of few rows need (H100: o at 64 tokens 42 us with 4 tiles and K in 4 parts, 53 with 8)."""
+    chunks = -(-(k // 32) // KG)
+    rows = BM * row_tiles
+
+    def tiles(nj: int) -> int:
+        return -(-t_count // (8 * nj)) * row_tiles
+
+    def cost(nj: int, split: int) -> float:
+        waves = -(-tiles(nj) * split // (SLOTS * sms))
+        return waves * (_BLOCK + -(-chunks // split) * (_STAGE + nj)) + (_REDUCE * split * nj if split > 1 else 0)
+
+    def fits(nj: int, split: int) -> bool:
+        return split == 1 or (tiles(nj) < 2 * SLOTS * sms and split * t_count * rows * 4 <= PART_BYTES)
+
+    plans = [(nj, split) for nj in (NJ // 2, NJ) for split in range(1, chunks + 1) if fits(nj, split)]
+    return min(plans, key=lambda p: (cost(*p), p[1]))
 
 
 @cuda.jit(**DEVICE)
@@ -154,7 +171,9 @@ def hmma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
     words = WORDS[qt]
     kg = KG
     wide = wide and kg * words % 4 == 0  # (16-byte copies of a stage's row words: Q5_x's 10 words take single ones)
-    xp = 16 * kg + 8  # a token's staged input words in a stage (+ 8: its 16-byte fragment loads spread over banks)
+    # a token's staged input words in a stage, a pitch of 16 mod 32: the 16-byte fragment loads of a quarter
+    # warp (two tokens, four items each) then fall in all 32 banks (8 mod 32 cost 5% at 512 tokens, H100)
+    xp = 16 * kg + (16 - 16 * kg) % 32
     pitch = _pitch(kg * words)
     bn = 8 * nj
     acc_n = MI * nj * 4
