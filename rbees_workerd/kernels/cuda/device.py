@@ -17,7 +17,7 @@ from numba import config, cuda, float32, int32, types, uint32
 if not config.ENABLE_CUDASIM:
     from llvmlite import ir
     from numba.cuda import cgutils
-    from numba.cuda.extending import intrinsic
+    from numba.cuda.extending import _Intrinsic, intrinsic
 
 SIM = bool(config.ENABLE_CUDASIM)
 JIT = {"cache": not SIM, "fastmath": True}
@@ -532,6 +532,15 @@ else:
         """The warp's 16 x 8 int32 product of int8 fragments over 16 columns (PTX mma m16n8k16 s8; the
         fragments as the simulator twin describes). scratch is the twin's."""
         return types.UniTuple(types.int32, 4)(a0, a1, b0, scratch), _mma(16, 2, 1)
+
+    # Each intrinsic named for good: Numba keys a kernel's disk cache on its closure pickled, where the device
+    # functions it holds pickle the intrinsics they call with their uuid, a random uuid1 unless set. Every
+    # process then missed the cache of every kernel holding such a function (mma_kernel, hmma_kernel,
+    # attention_seq_kernel) and compiled it again: a warm start took 29-35 s on the H100 (tenth session).
+    for _name, _value in list(globals().items()):
+        if isinstance(_value, _Intrinsic):
+            _value._set_uuid(f"rbees-{__name__}.{_name}")
+    del _name, _value
 
 
 @cuda.jit(**DEVICE)
