@@ -22,7 +22,10 @@ fi
 for v in ${VARIANTS:-base}; do for s in $SHAPES; do for nj in $NJ; do
   sweep 400 $v --shape $s --tokens ${TOKENS%%,*} --nj $nj --warm > $OUT/warm_${s}_${nj}_${v%%@*}.log 2>&1 &
 done; done; done
-wait; tail -3 $OUT/tests.log 2>/dev/null; echo "compiled after ${SECONDS} s"
+wait; echo "compiled after ${SECONDS} s"
+# (a call brings back 8 files: the warm-up logs go into one, and the tests' failures into the output)
+if [ -f $OUT/tests.log ]; then grep -E "^(FAILED|ERROR)|^E  |passed|failed" $OUT/tests.log | head -40; fi
+for f in $OUT/warm_*.log; do echo "== $f"; cat $f; done > $OUT/warm.log 2>/dev/null; rm -f $OUT/warm_*.log
 for v in ${VARIANTS:-base}; do for s in $SHAPES; do
   sweep ${SWEEP_S:-200} $v --shape $s --tokens $TOKENS --nj ${NJ// /,} --json > $OUT/plans_${s}_${v%%@*}.json \
     2> $OUT/plans_${s}_${v%%@*}.err

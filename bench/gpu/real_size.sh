@@ -20,7 +20,8 @@ cd /root/m
 [ -f q05.gguf ] || python3 $R/bench/gguf_shapes.py --shape qwen2.5-0.5b --mix q4_k_m --out q05.gguf --vocab-from $V 2>&1 | tail -1
 cd $R
 echo "== tests"; REQUIRE_REAL_GPU=1 timeout ${TEST_S:-170} python3 -m pytest -q -p no:cacheprovider ${TEST_N:+-n $TEST_N} \
-  tests/test_cuda_kernels.py tests/test_architectures.py::test_cuda_matches_cpu -k "${TESTS:-not nothing}" 2>&1 | tail -25 | tee $OUT/tests.log
+  tests/test_cuda_kernels.py tests/test_architectures.py::test_cuda_matches_cpu -k "${TESTS:-not nothing}" > /root/tests.log 2>&1
+grep -E "^(FAILED|ERROR)|^E  |passed|failed" /root/tests.log | head -40  # (the output: a call brings back 8 files)
 echo "== rbees 8B"; timeout 150 python3 bench/cuda_bench.py /root/m/l8b.gguf --batches ${B8:-1,64} --steps 64 --repeat 3 --json $BENCH_8B 2>&1 | tail -2 | tee $OUT/rbees_l8b.log
 for a in ${SWEEP:-}; do  # tuning variants of the one-token product, batch 1 (e.g. SWEEP="--fetch-regs=40 --long-block-warps=8")
   echo "== rbees 8B $a"; timeout 90 python3 bench/cuda_bench.py /root/m/l8b.gguf --batches 1 --steps 64 --repeat 3 --json $a 2>&1 | tail -1 | tee -a $OUT/sweep_l8b.log
