@@ -6,9 +6,8 @@ formats.stage_q8); each weight is made a float16 in registers as s * q + c (its 
 offset term, formats.scales_of) from its bits, and mma m16n8k16 float16 products sum into float32
 accumulators. Against mma_kernel's int8 products: no I2F, FMUL and FFMA per element and 32-block, no token
 scales, about 100 instructions a 32-block and warp instead of 310; the price is each weight rounded to float16
-(2^-11) and the input to float16 (11 bits, where Q8 keeps 8). Its blocks always take 8 token tiles (plan),
-which wants more tokens than a decode step of 64 streams has: below MIN_TOKENS, mma_kernel's smaller tiles
-fill the GPU better.
+(2^-11) and the input to float16 (11 bits, where Q8 keeps 8). Its blocks take 4 or 8 token tiles (plan);
+below MIN_TOKENS, mma_kernel's smaller tiles still fill the GPU better on the 0.5B shape.
 """
 
 from __future__ import annotations
@@ -65,7 +64,8 @@ NJ = TOKEN_TILES[-1]  # the most 8-token tiles a block (the simulator's largest:
 SLOTS = 2  # hmma_kernel blocks an SM holds (ptxas takes 157-204 registers; bounded to 128 the products were
 # 4-19% slower on the H100: docs/benchmarks.md, 2026-12-06, tenth session)
 # Products of this many tokens or more take hmma_kernel: past the 64 tokens of mma_kernel's largest blocks.
-# H100, 8B shape: at 512 tokens this kernel wins every product (a 512-token prefill +19% tokens/s).
+# H100, 8B shape: at 512 tokens this kernel wins every product (a 512-token prefill +19% tokens/s); from 33
+# tokens it gave the 8B's 64 streams +5.4% but the 0.5B's -41% (plan's few blocks for its K = 896).
 MIN_TOKENS = 65
 # ptxas's register bound for hmma_kernel (None: its own choice; bench/mma_plan.py --hmma-registers sweeps others)
 REGISTERS: int | None = None
