@@ -46,13 +46,13 @@ from rbees_workerd.kernels.cuda.formats import (
 from rbees_workerd.kernels.cuda.mma import (
     BM,
     MI,
-    PART_BYTES,
     PREP_THREADS,
     SCRATCH,
     TOKEN_TILES,
     WARPS,
     _block_rows,
     _pitch,
+    cheapest_plan,
     row_scales,
     stage_range,
     stage_sender,
@@ -77,26 +77,19 @@ _STAGE = 4  # a stage's copies, scales and barriers
 _REDUCE = 2  # a part of K, a token tile: the split's last block adds it
 
 
+@functools.cache  # (a step not captured in a graph plans each of its products)
 def plan(t_count: int, row_tiles: int, k: int, qt: int, sms: int) -> tuple[int, int]:
     """(nj, split) for hmma_kernel: NJ or NJ / 2 token tiles a block and K in `split` parts, the cheapest
-    by mma.plan's kind of model: waves of SLOTS blocks an SM times a block's walk, plus the parts' sums.
-    More token tiles share each weight's conversion; fewer make more blocks, which a 64-token step's
-    products of few rows need (H100: o at 64 tokens 42 us with 4 tiles and K in 4 parts, 53 with 8)."""
+    by mma.plan's model (mma.cheapest_plan) with SLOTS blocks an SM and this kernel's constants. More token
+    tiles share each weight's conversion; fewer make more blocks, which a 64-token step's products of few
+    rows need (H100: o at 64 tokens 42 us with 4 tiles and K in 4 parts, 53 with 8)."""
     chunks = -(-(k // 32) // KG)
-    rows = BM * row_tiles
 
-    def tiles(nj: int) -> int:
-        return -(-t_count // (8 * nj)) * row_tiles
+    def walk(nj: int, split: int) -> float:
+        return _BLOCK + -(-chunks // split) * (_STAGE + nj)
 
-    def cost(nj: int, split: int) -> float:
-        waves = -(-tiles(nj) * split // (SLOTS * sms))
-        return waves * (_BLOCK + -(-chunks // split) * (_STAGE + nj)) + (_REDUCE * split * nj if split > 1 else 0)
-
-    def fits(nj: int, split: int) -> bool:
-        return split == 1 or (tiles(nj) < 2 * SLOTS * sms and split * t_count * rows * 4 <= PART_BYTES)
-
-    plans = [(nj, split) for nj in (NJ // 2, NJ) for split in range(1, chunks + 1) if fits(nj, split)]
-    return min(plans, key=lambda p: (cost(*p), p[1]))
+    return cheapest_plan(t_count, row_tiles, chunks, sms, (NJ // 2, NJ), dict.fromkeys((NJ // 2, NJ), SLOTS), walk,
+                         _REDUCE)  # fmt: skip
 
 
 @cuda.jit(**DEVICE)

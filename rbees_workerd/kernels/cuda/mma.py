@@ -8,6 +8,7 @@ offset terms summed by tf32 mma products.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Mapping
 
 from numba import cuda, float32, int32, uint32
 
@@ -413,34 +414,48 @@ _BLOCK = 12000  # a block's start (the first stage in flight) and end (its store
 _REDUCE = 500  # the split's last block adding the parts: per part and 8-token tile
 
 
-@functools.cache  # (a step not captured in a graph plans each of its products)
-def plan(t_count: int, row_tiles: int, k: int, qt: int, sms: int) -> tuple[int, int]:
-    """(nj, split): mma_kernel's 8-token tiles a block and parts of K for a product of t_count tokens,
-    row_tiles tiles of BM rows of k elements of type qt, on a GPU of `sms` multiprocessors.
-
-    The kernel is bound by its warps' latencies, not by issue slots: a block takes about as long with
-    two others on its SM as alone, so a product costs its waves of SLOTS[nj] blocks an SM times a block's
-    instructions. More token tiles a block share the staging; more parts of K make more blocks of
-    shorter walks, which the split's last block pays for adding the parts. The cheapest plan wins. A
-    product of two waves of whole-K blocks or more is not split: its last wave is at most a third of
-    it, and the parts' sums would cross memory."""
-    kg = stage_groups(qt)
-    chunks = -(-(k // 32) // kg)
+def cheapest_plan(
+    t_count: int, row_tiles: int, chunks: int, sms: int, token_tiles: tuple[int, ...], slots: Mapping[int, int],
+    walk: Callable[[int, int], float], reduce: float,
+) -> tuple[int, int]:
+    """The cheapest (nj, split) of a tensor-core product (mma.plan's and hmma.plan's model): nj of token_tiles
+    8-token tiles a block, K's `chunks` stages in `split` parts; a product costs its waves of slots[nj]
+    blocks an SM times a block's walk(nj, split), plus reduce a part and token tile that the split's last
+    block pays for adding the parts. A product of two waves of whole-K blocks or more is not split: its last
+    wave is at most a third of it, and the parts' sums would cross memory; nor where the parts' sums would
+    exceed PART_BYTES. Ties go to the fewer parts."""
     rows = BM * row_tiles
 
     def tiles(nj: int) -> int:
         return -(-t_count // (8 * nj)) * row_tiles
 
     def cost(nj: int, split: int) -> float:
-        waves = -(-tiles(nj) * split // (SLOTS[nj] * sms))
-        block = _BLOCK + -(-chunks // split) * kg * (_STAGING + _TILE * nj)
-        return waves * block + (_REDUCE * split * nj if split > 1 else 0)
+        waves = -(-tiles(nj) * split // (slots[nj] * sms))
+        return waves * walk(nj, split) + (reduce * split * nj if split > 1 else 0)
 
     def fits(nj: int, split: int) -> bool:
-        return split == 1 or (tiles(nj) < 2 * SLOTS[nj] * sms and split * t_count * rows * 4 <= PART_BYTES)
+        return split == 1 or (tiles(nj) < 2 * slots[nj] * sms and split * t_count * rows * 4 <= PART_BYTES)
 
-    plans = [(nj, split) for nj in TOKEN_TILES for split in range(1, chunks + 1) if fits(nj, split)]
+    plans = [(nj, split) for nj in token_tiles for split in range(1, chunks + 1) if fits(nj, split)]
     return min(plans, key=lambda p: (cost(*p), p[1]))
+
+
+@functools.cache  # (a step not captured in a graph plans each of its products)
+def plan(t_count: int, row_tiles: int, k: int, qt: int, sms: int) -> tuple[int, int]:
+    """(nj, split): mma_kernel's 8-token tiles a block and parts of K for a product of t_count tokens,
+    row_tiles tiles of BM rows of k elements of type qt, on a GPU of `sms` multiprocessors (cheapest_plan).
+
+    The kernel is bound by its warps' latencies, not by issue slots: a block takes about as long with
+    two others on its SM as alone, so a product costs its waves of SLOTS[nj] blocks an SM times a block's
+    instructions. More token tiles a block share the staging; more parts of K make more blocks of
+    shorter walks, which the split's last block pays for adding the parts."""
+    kg = stage_groups(qt)
+    chunks = -(-(k // 32) // kg)
+
+    def walk(nj: int, split: int) -> float:
+        return _BLOCK + -(-chunks // split) * kg * (_STAGING + _TILE * nj)
+
+    return cheapest_plan(t_count, row_tiles, chunks, sms, TOKEN_TILES, SLOTS, walk, _REDUCE)
 
 
 def row_tiles(n0: int, n1: int, n2: int) -> int:
