@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--gemm-min-tokens", type=int)
     ap.add_argument("--vec-max-tokens", type=int)
     ap.add_argument("--hmma-min-tokens", type=int, help="tuning: hmma.MIN_TOKENS")
+    ap.add_argument("--overlap-many", action="store_true", help="tuning: backend.OVERLAP_MANY")
     ap.add_argument("--vec-warps", type=int, help="tuning: gemv.VEC_WARPS")
     ap.add_argument("--block-warps", type=int, help="tuning: gemv.BLOCK_WARPS")
     ap.add_argument("--long-block-warps", type=int, help="tuning: gemv.LONG_BLOCK_WARPS")
@@ -115,6 +116,7 @@ def main() -> None:
         backend.GEMM_MIN_TOKENS = args.gemm_min_tokens
     if args.vec_max_tokens is not None:
         gemv.VEC_MAX_TOKENS = args.vec_max_tokens
+    backend.OVERLAP_MANY = args.overlap_many
     if args.hmma_min_tokens is not None:
         hmma.MIN_TOKENS = args.hmma_min_tokens
     for name in ("vec_warps", "block_warps", "long_block_warps", "fetch_regs"):

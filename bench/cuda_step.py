@@ -28,7 +28,12 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prefill", type=int, default=0)
+    ap.add_argument("--hmma-min-tokens", type=int, help="tuning: hmma.MIN_TOKENS")
     args = ap.parse_args()
+    if args.hmma_min_tokens is not None:
+        from rbees_workerd.kernels.cuda import hmma
+
+        hmma.MIN_TOKENS = args.hmma_min_tokens
     b, n = args.batch, args.prefill
     engine = Engine.load(args.model, backend="cuda", slots=b, context_length=max(64, n), max_step_tokens=max(256, b, n))
     model, be = engine.model, engine.backend

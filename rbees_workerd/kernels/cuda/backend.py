@@ -42,6 +42,9 @@ warnings.filterwarnings("ignore", message=r"(\x1b\[1m)?Grid size \d+ will likely
 MAX_GRAPHS = 64  # captured step shapes kept (least recently used dropped)
 MAX_SEEN = 256  # step shapes run once and remembered, to be captured if they come again
 PROGRAMMATIC = True  # graphs' kernels launch while the one before runs (see _programmatic_edges)
+# tuning (cuda_bench.py --overlap-many): the many-token kernels (input preparation, mma, hmma, SwiGLU) take
+# programmatic edges too; off until measured on today's kernels (docs/benchmarks.md, 2026-12-07)
+OVERLAP_MANY = False
 GEMM_MIN_TOKENS = 16 if SIM else 32  # float weights: steps of this many tokens take the tiled GEMM (see _many_tokens)
 _STAGING = 1 << 20  # pinned bytes through which small uploads go asynchronously
 _OOM = 2  # CUDA_ERROR_OUT_OF_MEMORY
@@ -385,7 +388,8 @@ class CudaBackend(backend.Backend):
             for group in _groups([backend.Product(gate, ffn.act), backend.Product(up, ffn.up_out)], False):
                 launches += _product_launches(self, x, group, ffn.norm, MODE_ROWS, None)
             grid, block = _grid2(*ffn.act.shape)
-            launches.append(_Launch(ops.swiglu_kernel, grid, block, (ffn.act, ffn.up_out, ffn.act), overlap=False))
+            launches.append(_Launch(ops.swiglu_kernel, grid, block, (ffn.act, ffn.up_out, ffn.act),
+                                    overlap=OVERLAP_MANY))  # fmt: skip
         self._submit(launches)
         self.products(ffn.act, [backend.Product(ffn.down, ffn.out, accumulate=ffn.accumulate)])
 
@@ -533,8 +537,9 @@ class CudaBackend(backend.Backend):
         self._launch(launches, builder)
         builder.end_building()
         # measured on the H200: batch-1 decode 851 -> 1,096 tok/s with programmatic edges, but 256
-        # streams 45.5k -> 35.8k, a 512-token prompt 55k -> 49k, 8 and 16 streams 2-3% slower: only
-        # the steps of vec_kernel products (which load weights before grid_ready) get them
+        # streams 45.5k -> 35.8k, a 512-token prompt 55k -> 49k, 8 and 16 streams 2-3% slower (with the
+        # many-token kernels of then): only the steps of vec_kernel products (which load weights before
+        # grid_ready) get them, and the many-token ones where OVERLAP_MANY (not yet measured with today's)
         if PROGRAMMATIC and all(ln.overlap for ln in launches):
             _programmatic_edges(builder.graph_definition.handle)
         self._graphs[key] = builder.complete()
@@ -706,5 +711,5 @@ def _many_launches(be: CudaBackend, x: Any, qt: int, flags: int, mats: list[tupl
         args = (x_in, m0, m1, m2, *ns, part, count)
         launches.append(_Launch(gemm.gemm_kernel(qt, flags), (*tiles, split), (gemm.THREADS,), args))
     for ln in launches:
-        ln.overlap = False
+        ln.overlap = OVERLAP_MANY and formats.integer(qt)
     return launches
