@@ -1,6 +1,6 @@
-"""The worker's serving path alone: the real daemon (HTTP, scheduler thread, frames, SSE) and the real Engine,
+"""The worker's serving path alone: the real daemon (HTTP, engine process, frames, SSE) and the real Engine,
 over a device whose every step takes a fixed time (`--step-ms`, waited for with the GIL released as a GPU wait
-is) and does no math (bench/timed_engine.py).
+is) and does no math (bench/timed_engine.py, loaded by the engine process through Settings.engine_factory).
 
 What a GPU worker's users get is bounded by what this path delivers per step: with `--step-ms 3.9` and 64
 streams the engine gives 64 / 3.9 ms = 16,400 tokens/s (bench/cuda_bench.py's H100 figure at batch 64).
@@ -9,7 +9,8 @@ streams the engine gives 64 / 3.9 ms = 16,400 tokens/s (bench/cuda_bench.py's H1
 
 The same file runs against an older tree (PYTHONPATH=that tree) for before/after figures (with the Engine of
 that tree: before 2026-12-06's ninth session, this bench replaced the Engine itself, so the figures of those
-sessions leave out the engine's own Python).
+sessions leave out the engine's own Python). A tree whose engine ran in the worker's own process (before
+2026-12-07's engine process) takes its own copy of this file, which replaced Engine.load in that process.
 """
 
 from __future__ import annotations
@@ -22,28 +23,26 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from timed_engine import timed_engine  # noqa: E402
+from timed_engine import load_timed  # noqa: E402
 
 
 def serve(model: str, port: int, slots: int, step_ms: float) -> None:
-    """Run the real daemon with the real Engine over a timed device (timed_engine.py) in place of Engine.load."""
-    import rbees_workerd.engine.engine as engine_module
+    """Run the real daemon whose engine process loads the real Engine over a timed device (timed_engine.py) in
+    place of Engine.load."""
     from rbees_workerd.cli_serve import parse_settings
-    from rbees_workerd.engine.gguf import load_gguf
     from rbees_workerd.engine.tokenizer import Tokenizer
     from rbees_workerd.server import run
 
-    f = load_gguf(model)
-    tokenizer = Tokenizer.from_gguf(f.metadata)
-    f.close()
-    cycle = tokenizer.encode(" the keeper climbed the stairs of the lighthouse", add_special=False)
-    engine_module.Engine.load = classmethod(lambda cls, *a, **k: timed_engine(tokenizer, slots, step_ms / 1000, cycle))
+    cycle = Tokenizer.from_file(model).encode(" the keeper climbed the stairs of the lighthouse", add_special=False)
     argv = ["--worker-id", "serving-bench", "--model", model, "--port", str(port), "--slots", str(slots)]
-    sys.exit(run(parse_settings([*argv, "--log-level", "WARNING"])))
+    settings = parse_settings([*argv, "--log-level", "WARNING"])
+    sys.exit(run(replace(settings, engine_factory=partial(load_timed, step_ms / 1000, cycle))))
 
 
 def main() -> None:

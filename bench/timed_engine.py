@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 
 from rbees_workerd.engine.engine import Engine
+from rbees_workerd.engine.tokenizer import Tokenizer
 from rbees_workerd.kernels.backend import Picks
+from rbees_workerd.settings import Settings
 
 
 class _Picks(Picks):
@@ -75,3 +77,9 @@ def timed_engine(tokenizer: Any, slots: int, step_s: float, cycle: Sequence[int]
         weight_bytes=0, kv_cache_bytes=0,
     )  # fmt: skip
     return Engine(model, tokenizer, "timed")
+
+
+def load_timed(step_s: float, cycle: Sequence[int], settings: Settings, on_progress: Any) -> Engine:
+    """The worker's engine factory (Settings.engine_factory, a partial over step_s and cycle): a timed engine
+    with the model's tokenizer, of the worker's slots, loaded in its engine process."""
+    return timed_engine(Tokenizer.from_file(settings.model), settings.slots, step_s, cycle)

@@ -6,7 +6,8 @@
 Each start is a whole `rbees-workerd` process, timed from its launch until GET /health says Ready,
 then stopped with SIGTERM. The first start gets a new, empty cache folder; the `--warm` starts after
 it reuse that folder (with `--cache-dir`, only warm starts, on that folder). Also prints what /health
-reported (device, vram_bytes) on the last start, and the worker process's resident host memory then.
+reported (device, vram_bytes) on the last start, and the worker's resident host memory then (its process's
+and its children's: the engine's process holds the model).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def _start(args: argparse.Namespace, cache_dir: str) -> tuple[float, dict[str, o
     seconds = time.perf_counter() - t0
     try:
         health = httpx.get(f"{url}/health", timeout=5).json()
-        health["rss_bytes"] = psutil.Process(proc.pid).memory_info().rss
+        worker = psutil.Process(proc.pid)
+        health["rss_bytes"] = sum(p.memory_info().rss for p in [worker, *worker.children(recursive=True)])
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)

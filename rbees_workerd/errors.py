@@ -9,6 +9,7 @@ The CLI exits with `exit_code`, numbered as rbees-pool's exit codes (one table f
 
 from __future__ import annotations
 
+import copyreg
 from typing import Any
 
 from rbees_pool.exitcodes import ExitCode
@@ -29,6 +30,11 @@ class RbeesError(Exception):
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as its class and attributes, not by calling `__init__` again (FieldInvalid's takes three
+        arguments): a refusal raised in the engine process reaches the HTTP side as the same error."""
+        return copyreg.__newobj__, (type(self), *self.args), self.__dict__
 
     def to_dict(self) -> dict[str, object]:
         body: dict[str, object] = {"code": self.code, "message": self.message, "retriable": self.retriable}

@@ -2,7 +2,8 @@
 
 Named by Prometheus conventions: counters end in `_total` (prometheus-client adds it), gauges never do, no
 label is named like its metric, sizes are `_bytes`. The process's own CPU, memory and file descriptors
-(`process_*`) and the Python runtime (`python_info`) come with them.
+(`process_*`), the engine process's (`rbees_engine_process_*`, once it has loaded: the model's memory is
+there) and the Python runtime (`python_info`) come with them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ class WorkerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         ProcessCollector(registry=r)
+        self.engine_pid: int | None = None
+        # (the collector reads /proc/PID: no such file before the engine has loaded, and so no samples)
+        ProcessCollector(namespace="rbees_engine", pid=lambda: self.engine_pid, registry=r)
         PlatformCollector(registry=r)
         self.jobs_started = Counter("rbees_worker_jobs_started", "Jobs accepted into a slot", registry=r)
         self.jobs_completed = Counter(

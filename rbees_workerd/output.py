@@ -1,7 +1,7 @@
 """The serving side of each step: token ids in, SSE frames out, for every job of the step in one pass.
 
-The scheduler thread (which owns the engine) deals in token ids only; once per step it hands the whole
-step (`StepOutput`) to the event loop with one `call_soon_threadsafe`. `OutputProcessor.process` then,
+The scheduler (which owns the engine, in the engine process) deals in token ids only; once per step the
+whole step (`StepOutput`) reaches the event loop with one `call_soon_threadsafe`. `OutputProcessor.process` then,
 on the event loop, for each job of the step: detokenizes its tokens (incrementally, never splitting a
 UTF-8 character), matches its stop strings, updates the metrics, builds its frames as bytes (orjson for
 the text, no JSON encode of a whole dict per token), appends them to the job's outbox and wakes the job's

@@ -1,11 +1,13 @@
-"""The worker's lifecycle and its jobs, between the HTTP routes and the scheduler thread.
+"""The worker's lifecycle and its jobs, between the HTTP routes and the engine process.
 
 Starting -> Loading -> Ready (Executing while jobs run) -> Draining -> Stopped. No HTTP here:
 the routes call `start_job`/`cancel_job` and turn the errors raised into responses.
 
-A job is known by its job_id everywhere: this table, the scheduler, the engine. The scheduler thread
-hands each engine step to the event loop in one `call_soon_threadsafe` (`_on_step`); the output processor
-(output.py) turns it into frames in each job's outbox, which the job's stream (stream.py) writes out.
+The engine runs in a process of its own (engine_process.py); the tokenizer is here, built from the model
+file's metadata. A job is known by its job_id everywhere: this table, the scheduler, the engine. The engine
+process's reader thread hands each engine step to the event loop in one `call_soon_threadsafe` (`_on_step`);
+the output processor (output.py) turns it into frames in each job's outbox, which the job's stream
+(stream.py) writes out.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from rbees_workerd import logs
+from rbees_workerd.engine.tokenizer import Tokenizer
 from rbees_workerd.engine.types import GenerationParams, LoadPhase
+from rbees_workerd.engine_process import EngineInfo, EngineProcess
 from rbees_workerd.errors import AllSlotsBusy, Draining, FieldInvalid, InvalidParams, JobNotFound, NotReady
 from rbees_workerd.metrics import WorkerMetrics
 from rbees_workerd.output import OutputProcessor, TextStream, frame
-from rbees_workerd.scheduler import Admitted, Scheduler, StepOutput
+from rbees_workerd.scheduler import Admitted, StepOutput
 from rbees_workerd.schemas import ExecuteRequest, WorkerState
 from rbees_workerd.settings import Settings
 
@@ -99,7 +103,7 @@ class Job:
 
 
 class WorkerRuntime:
-    """Owns the engine (through the scheduler), the lifecycle state and the table of active jobs."""
+    """Owns the engine (through its process), the tokenizer, the lifecycle state and the table of active jobs."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -107,10 +111,11 @@ class WorkerRuntime:
         self.metrics.slots.set(settings.slots)
         self.load_progress = 0.0
         self.load_phase: LoadPhase | None = None  # what loading is doing now; None outside Loading
-        self.engine: Any = None
+        self.info: EngineInfo | None = None  # set once the engine is loaded
+        self.tokenizer: Tokenizer | None = None
         self.jobs: dict[str, Job] = {}
         self.loop: asyncio.AbstractEventLoop | None = None  # the event loop the jobs live on (see start_loading)
-        self._scheduler: Scheduler | None = None
+        self._engine: EngineProcess | None = None  # from the start of loading
         self.output = OutputProcessor(self, self.metrics)
         self._state = WorkerState.STARTING
         self._idle = asyncio.Event()
@@ -135,45 +140,39 @@ class WorkerRuntime:
 
     @property
     def slots_free(self) -> int:
-        return self.settings.slots - len(self.jobs) if self.engine is not None else 0
+        return self.settings.slots - len(self.jobs) if self.info is not None else 0
 
     # ---- loading
     def load(self, on_fatal: Callable[[BaseException], None]) -> None:
-        """Load the model and start the scheduler (blocking: run it off the event loop)."""
-        from rbees_workerd.engine.engine import Engine
-
+        """Start the engine process, build the tokenizer while it loads the model, and wait for it (blocking:
+        run it off the event loop). `on_fatal` is called, on another thread, if the engine dies later."""
         self._set_state(WorkerState.LOADING)
+        self._progress("loading", 0.0)  # (starting the engine process is part of it)
         s = self.settings
         t0 = time.perf_counter()
-        engine = Engine.load(
-            s.model,
-            backend=s.backend,
-            gpu=s.gpu,
-            threads=s.threads,
-            slots=s.slots,
-            context_length=s.context_length,
-            on_progress=self._progress,
-        )
-        memory = engine.backend.memory_bytes()
-        self.metrics.model_bytes.set(engine.model.weight_bytes)
-        self.metrics.kv_cache_bytes.set(engine.model.kv_cache_bytes)
-        self.metrics.vram_bytes.set(self.vram_bytes(engine))
-        gc.collect()  # the heap the load leaves (modules, kernels, tokenizer) frozen, as rbees-orcd's start-up:
+        self._engine = EngineProcess(s, self._on_step, on_fatal, self._progress)
+        self._engine.start()
+        self.tokenizer = Tokenizer.from_file(s.model)
+        info = self._engine.wait_loaded()
+        self.metrics.model_bytes.set(info.weight_bytes)
+        self.metrics.kv_cache_bytes.set(info.kv_cache_bytes)
+        self.metrics.vram_bytes.set(info.vram_bytes)
+        self.metrics.engine_pid = info.pid
+        gc.collect()  # the heap the start leaves (modules, the app, the tokenizer) frozen, as rbees-orcd's:
         gc.freeze()  # the collections while serving then walk only what the jobs make
-        self._scheduler = Scheduler(engine, self._on_step, on_fatal)
-        self._scheduler.start()
-        self.engine = engine
+        self.info = info
         self.load_progress, self.load_phase = 1.0, None
         self.metrics.load_progress.set(1.0)
         self._set_state(WorkerState.READY)
         log.info(
-            f"model {s.model_ref} loaded on {engine.backend.device} in {time.perf_counter() - t0:.1f}s",
+            f"model {s.model_ref} loaded on {info.device} in {time.perf_counter() - t0:.1f}s",
             extra={
                 "fields": {
                     "model_ref": s.model_ref,
-                    "memory_bytes": memory,
-                    "slots": engine.slots,
-                    "context_length": engine.context_length,
+                    "memory_bytes": info.memory_bytes,
+                    "slots": info.slots,
+                    "context_length": info.context_length,
+                    "engine_pid": info.pid,
                 }
             },
         )
@@ -188,20 +187,17 @@ class WorkerRuntime:
         """Where loading stands, for a refusal's message: `the model is loading (compiling kernels, 90%)`."""
         return f"the model is loading ({self.load_phase or 'starting'}, {self.load_progress:.0%})"
 
-    @staticmethod
-    def vram_bytes(engine: Any) -> int:
-        return engine.backend.memory_bytes() if engine.backend.name == "cuda" else 0
-
     def ready_payload(self) -> dict[str, object]:
-        s, e = self.settings, self.engine
+        s, info = self.settings, self.info
+        assert info is not None, "sent once loaded"
         return {
             "worker_id": s.worker_id,
             "url": s.url,
             "model_ref": s.model_ref,
-            "backend": e.backend.name,
-            "device": e.backend.device,
-            "vram_bytes": self.vram_bytes(e),
-            "slots_total": e.slots,
+            "backend": info.backend,
+            "device": info.device,
+            "vram_bytes": info.vram_bytes,
+            "slots_total": info.slots,
         }
 
     # ---- jobs
@@ -209,46 +205,46 @@ class WorkerRuntime:
         """Admit a job into a slot; raises NotReady, Draining, FieldInvalid, AllSlotsBusy."""
         if self._state in (WorkerState.DRAINING, WorkerState.STOPPED):
             raise Draining("the worker is shutting down and takes no new jobs")
-        if self.engine is None or self._scheduler is None:
+        info, tokenizer, engine = self.info, self.tokenizer, self._engine
+        if info is None or tokenizer is None or engine is None:
             raise NotReady(self.loading_status())
         if req.job_id in self.jobs:
             raise FieldInvalid("job_id", "unique", "a job with this id is already running on this worker")
-        if req.max_tokens > self.engine.context_length:
-            raise FieldInvalid("max_tokens", f"le={self.engine.context_length}", "max_tokens exceeds the model context")
+        context = info.context_length
+        if req.max_tokens > context:
+            raise FieldInvalid("max_tokens", f"le={context}", "max_tokens exceeds the model context")
         loop = asyncio.get_running_loop()
-        job = Job(req.job_id, TextStream(self.engine.tokenizer.stream_decoder(continuation=True), tuple(req.stop)))
+        job = Job(req.job_id, TextStream(tokenizer.stream_decoder(continuation=True), tuple(req.stop)))
         self.jobs[job.job_id] = job  # reserve the id while the prompt is tokenized and submitted
         self._jobs_changed()
         future: Future[Admitted] | None = None
         admission: asyncio.Future[Admitted] = loop.create_future()
         try:
-            ids = await asyncio.to_thread(self.engine.tokenizer.encode, req.prompt)
-            if len(ids) >= self.engine.context_length:
+            ids = await asyncio.to_thread(tokenizer.encode, req.prompt)
+            if len(ids) >= context:
                 raise FieldInvalid(
-                    "prompt",
-                    f"tokens<{self.engine.context_length}",
-                    f"the prompt has {len(ids)} tokens; the context holds {self.engine.context_length}",
+                    "prompt", f"tokens<{context}", f"the prompt has {len(ids)} tokens; the context holds {context}"
                 )
-            future = self._scheduler.submit(job.job_id, ids, _params(req))
-            # called on the scheduler thread as it admits the job: queued on the loop before that step's
-            # output, so the job is set up (and its started frame first in its outbox) before any token
+            future = engine.submit(job.job_id, ids, _params(req))
+            # called on the engine process's reader thread as the engine admits the job: queued on the loop
+            # before that step's output, so the job is set up (and its started frame first) before any token
             future.add_done_callback(lambda f: _call_soon(loop, self._admitted, job, f, admission))
             await admission
         except BaseException as e:
             self.forget(job)
             if future is not None and future.done() and not future.cancelled() and future.exception() is None:
-                self._scheduler.cancel(job.job_id)  # admitted just as the client went away
+                engine.cancel(job.job_id)  # admitted just as the client went away
             if isinstance(e, AllSlotsBusy | FieldInvalid):
                 self.metrics.jobs_rejected.labels(e.code).inc()
             if isinstance(e, InvalidParams) and not isinstance(e, FieldInvalid):
                 raise FieldInvalid("prompt", "engine", e.message) from e
             raise
         if job.cancel_requested:
-            self._scheduler.cancel(job.job_id)
+            engine.cancel(job.job_id)
         return job
 
     def _admitted(self, job: Job, future: Future[Admitted], admission: asyncio.Future[Admitted]) -> None:
-        """On the loop: the scheduler took the job (or refused it)."""
+        """On the loop: the engine took the job (or refused it)."""
         error = future.exception()
         if error is not None:
             if not admission.done():
@@ -274,7 +270,7 @@ class WorkerRuntime:
             admission.set_result(admitted)
 
     def _on_step(self, step: StepOutput) -> None:
-        """On the scheduler thread: the step goes to the loop in one wake-up, its frames built there."""
+        """On the engine process's reader thread: the step goes to the loop in one wake-up, its frames built there."""
         if self.loop is not None:
             _call_soon(self.loop, self.output.process, step)
 
@@ -288,8 +284,8 @@ class WorkerRuntime:
 
     def cancel_in_engine(self, job: Job) -> None:
         """End the job's sequence at the engine's next step (a stop string matched, or nobody listens)."""
-        if job.in_engine and self._scheduler is not None:
-            self._scheduler.cancel(job.job_id)
+        if job.in_engine and self._engine is not None:
+            self._engine.cancel(job.job_id)
 
     def abandon_job(self, job: Job) -> None:
         """The client went away mid-stream: cancel the sequence so its slot frees at the next step. The job
@@ -325,8 +321,8 @@ class WorkerRuntime:
                 await asyncio.wait_for(self._idle.wait(), 10.0)
 
     def stop(self) -> None:
-        if self._scheduler is not None:
-            self._scheduler.stop(timeout=10.0)
+        if self._engine is not None:
+            self._engine.stop(timeout=10.0)
         self._set_state(WorkerState.STOPPED)
 
 
@@ -366,9 +362,9 @@ def start_loading(runtime: WorkerRuntime, on_fatal: Callable[[BaseException], No
         try:
             runtime.load(on_fatal)
         except BaseException as e:  # noqa: BLE001 - handed to the event loop, which reports it
-            loop.call_soon_threadsafe(settle, e)
+            _call_soon(loop, settle, e)
         else:
-            loop.call_soon_threadsafe(settle, None)
+            _call_soon(loop, settle, None)
 
     threading.Thread(target=run, name="rbees-load", daemon=True).start()
     return done

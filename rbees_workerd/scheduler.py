@@ -1,10 +1,10 @@
-"""The one thread that owns the engine.
+"""The one thread that owns the engine (in the worker, inside the engine process: engine_process.py).
 
-The engine is not thread-safe, so the HTTP side never touches it: it sends submissions and cancels
+The engine is not thread-safe, so nothing else touches it: submissions and cancels come
 through a queue, and this thread runs `engine.step()` (one batched forward over every active sequence)
 for as long as there is work. It deals in token ids only: each step's tokens and ends, for every job
-at once, go out as one `StepOutput` to one callback (the worker hands it to its event loop in one
-wake-up; detokenizing, stop strings, metrics and SSE frames happen there, see output.py). A request
+at once, go out as one `StepOutput` to one callback (sent to the worker, which hands it to its event
+loop in one wake-up; detokenizing, stop strings, metrics and SSE frames happen there, see output.py). A request
 that arrives mid-generation is submitted between two steps and joins the next one.
 
 Sequences are named by the caller's id (the worker's job_id) all the way into the engine.
@@ -16,7 +16,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +38,8 @@ class JobOutput:
 
 @dataclass
 class StepOutput:
-    """Everything one engine step produced, stamped when the step returned (perf_counter)."""
+    """Everything one engine step produced, stamped when the step returned (perf_counter: CLOCK_MONOTONIC on
+    Linux, so a stamp taken in the engine process compares with the worker's own clock)."""
 
     at: float
     jobs: list[JobOutput]
@@ -48,13 +49,33 @@ class StepOutput:
 
 @dataclass(frozen=True)
 class Admitted:
-    """A submission the engine took: its prompt length and when it entered the engine (perf_counter)."""
+    """A submission the engine took: its prompt length and when it entered the engine (perf_counter, as
+    StepOutput.at)."""
 
     prompt_tokens: int
     at: float
 
 
 OnStep = Callable[[StepOutput], None]
+
+
+def error_ends(job_ids: Iterable[str], error: BaseException) -> list[JobOutput]:
+    """The error end of every job still in an engine that failed: each one's stream ends with an error frame."""
+    return [
+        JobOutput(
+            job_id,
+            finish=FinishEvent(
+                seq_id=job_id,
+                stop_reason="ERROR",
+                tokens_out=0,
+                prompt_tokens=0,
+                prefill_time_ms=0.0,
+                decode_time_ms=0.0,
+                error=f"the engine failed ({type(error).__name__})",
+            ),
+        )
+        for job_id in job_ids
+    ]
 
 
 @dataclass
@@ -75,8 +96,8 @@ class _Stop:
 
 
 class Scheduler:
-    """Runs the engine in a dedicated thread; `submit` and `cancel` may be called from any thread.
-    `on_step` is called on the scheduler thread once per step that produced tokens or ends."""
+    """Runs the engine in a thread of its own (`start`) or the caller's (`run`); `submit` and `cancel` may be
+    called from any thread. `on_step` is called on that thread once per step that produced tokens or ends."""
 
     def __init__(self, engine: Any, on_step: OnStep, on_fatal: Callable[[BaseException], None]) -> None:
         self._engine = engine
@@ -84,7 +105,7 @@ class Scheduler:
         self._on_fatal = on_fatal
         self._commands: queue.SimpleQueue[_Submit | _Cancel | _Stop] = queue.SimpleQueue()
         self._running: set[str] = set()  # job ids in the engine (no state: the engine and the runtime keep it)
-        self._thread = threading.Thread(target=self._run, name="rbees-scheduler", daemon=True)
+        self._thread = threading.Thread(target=self.run, name="rbees-scheduler", daemon=True)
         self._stopped = threading.Event()
 
     @property
@@ -114,7 +135,8 @@ class Scheduler:
             self._thread.join(timeout)
 
     # ---- the scheduler thread ------------------------------------------------------------
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Step the engine on the calling thread until `stop` (or the engine fails)."""
         try:
             self._engine.backend.enter_thread()
             self._loop()
@@ -177,21 +199,7 @@ class Scheduler:
         self._on_step(StepOutput(now, list(outputs.values()), now - t0, len(self._running)))
 
     def _fail_all(self, error: BaseException) -> None:
-        ends = [
-            JobOutput(
-                job_id,
-                finish=FinishEvent(
-                    seq_id=job_id,
-                    stop_reason="ERROR",
-                    tokens_out=0,
-                    prompt_tokens=0,
-                    prefill_time_ms=0.0,
-                    decode_time_ms=0.0,
-                    error=f"the engine failed ({type(error).__name__})",
-                ),
-            )
-            for job_id in self._running
-        ]
+        ends = error_ends(self._running, error)
         self._running.clear()
         if ends:
             self._on_step(StepOutput(time.perf_counter(), ends))

@@ -209,15 +209,15 @@ def create_app(runtime: WorkerRuntime) -> FastAPI:
     @app.get("/health")
     async def health() -> Health:
         """Liveness and capacity; always answers while the process runs (unauthenticated)."""
-        engine = runtime.engine
+        info = runtime.info
         state = runtime.state
         return Health(
             status=state.health_status,
             state=state,
             model=settings.model_ref,
             backend=settings.backend,
-            device=engine.backend.device if engine is not None else None,
-            vram_bytes=runtime.vram_bytes(engine) if engine is not None else 0,
+            device=info.device if info is not None else None,
+            vram_bytes=info.vram_bytes if info is not None else 0,
             slots_total=settings.slots,
             slots_free=runtime.slots_free,
         )
@@ -265,11 +265,11 @@ def create_app(runtime: WorkerRuntime) -> FastAPI:
 
 async def _with_chat_prompt(runtime: WorkerRuntime, body: ExecuteRequest) -> ExecuteRequest:
     """The request with its chat messages rendered into the prompt by the model's own chat template."""
-    if runtime.engine is None:
+    if runtime.info is None or runtime.tokenizer is None:
         raise NotReady(runtime.loading_status())
     messages = [m.model_dump() for m in body.messages]
     try:
-        prompt = await asyncio.to_thread(runtime.engine.tokenizer.apply_chat_template, messages)
+        prompt = await asyncio.to_thread(runtime.tokenizer.apply_chat_template, messages)
     except InvalidParams as e:
         raise FieldInvalid("messages", "chat_template", e.message) from e
     return body.model_copy(update={"prompt": prompt, "messages": None})
@@ -388,13 +388,15 @@ async def _serve(settings: Settings, sock: socket.socket) -> int:
         await asyncio.sleep(0.01)
     log.info(f"listening on {settings.url}", extra={"fields": {"url": settings.url}})
     bring_up = asyncio.create_task(_bring_up(runtime, outcome))
-    code = await outcome
-    bring_up.cancel()
-    if code == 0:
-        await runtime.drain(settings.drain_timeout_s)
-    server.should_exit = True
-    await serving
-    runtime.stop()
+    try:
+        code = await outcome
+        bring_up.cancel()
+        if code == 0:
+            await runtime.drain(settings.drain_timeout_s)
+        server.should_exit = True
+        await serving
+    finally:
+        runtime.stop()  # the engine process too: multiprocessing's exit handler would wait for it
     log.info(f"stopped (exit {code})", extra={"fields": {"exit_code": code}})
     return code
 

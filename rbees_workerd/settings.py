@@ -11,14 +11,18 @@ import json
 import os
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from rbees_pool.exitcodes import ExitCode
 from rbees_workerd.errors import RbeesError
+
+if TYPE_CHECKING:
+    from rbees_workerd.engine.engine import Engine
+    from rbees_workerd.engine.types import LoadPhase
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -47,6 +51,9 @@ class Settings:
     api_token: str | None
     log_level: str
     drain_timeout_s: float
+    # Not an option: what the engine process calls in place of Engine.load (bench/serving_path.py's timed
+    # engine). It is pickled to that process: a module-level function of a module it imports, or a partial of one.
+    engine_factory: Callable[[Settings, Callable[[LoadPhase, float], None]], Engine] | None = None
 
     @property
     def url(self) -> str:

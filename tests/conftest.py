@@ -71,11 +71,6 @@ def requantized(model_path, tmp_path_factory) -> Callable[[str], Path]:
 @pytest.fixture(scope="session")
 def tokenizer(model_path: Path) -> Tokenizer:
     """The real model's tokenizer."""
-    from rbees_workerd.engine.gguf import load_gguf  # (after NUMBA_CACHE_DIR above: the package reads it)
-    from rbees_workerd.engine.tokenizer import Tokenizer
+    from rbees_workerd.engine.tokenizer import Tokenizer  # (after NUMBA_CACHE_DIR above: the package reads it)
 
-    f = load_gguf(model_path)
-    try:
-        return Tokenizer.from_gguf(f.metadata)
-    finally:
-        f.close()
+    return Tokenizer.from_file(model_path)

@@ -22,6 +22,7 @@ import re
 from collections.abc import Sequence
 from enum import IntEnum
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -29,6 +30,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
+from rbees_workerd.engine.gguf import load_gguf
 from rbees_workerd.errors import InvalidParams, ModelLoadError
 
 _SPM_SPACE = "\u2581"
@@ -160,6 +162,16 @@ class Tokenizer:
     def from_gguf(cls, metadata: dict[str, Any]) -> Tokenizer:
         """Build from GGUFFile.metadata; raises ModelLoadError for a vocabulary it cannot use."""
         return _build(metadata)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Tokenizer:
+        """Build from a GGUF file's metadata alone (the worker's, beside its engine process: the weights stay
+        unread in the map); raises ModelLoadError."""
+        f = load_gguf(path)
+        try:
+            return cls.from_gguf(f.metadata)
+        finally:
+            f.close()
 
     def token_text(self, token_id: int) -> str:
         """The vocabulary entry of a token as the model file spells it."""
