@@ -6,8 +6,8 @@ process with threads) loads the engine and runs the Scheduler on it, on the thre
 keeps HTTP, the job table, the tokenizer and the metrics. One duplex pipe carries small pickled tuples: each
 submit and each cancel one message, each engine step one message with every job's token ids and ends.
 
-`EngineProcess` is what the runtime sees: the Scheduler's interface (submit, cancel, stop, active_jobs, with
-on_step called once a step, on its reader thread, and on_fatal when the engine is gone).
+`EngineProcess` is what the runtime sees: the Scheduler's interface (submit, cancel, stop, with on_step called
+once a step, on its reader thread, and on_fatal when the engine is gone).
 
 Clocks: Admitted.at and StepOutput.at are the child's time.perf_counter(). On Linux that is CLOCK_MONOTONIC, one
 clock for every process of the machine, so the worker subtracts its own perf_counter() readings from them.
@@ -96,10 +96,6 @@ class EngineProcess:
         self._closed = False  # the child is gone (or never came): submits are refused at once
         self._stopping = False
         self._reader = threading.Thread(target=self._read, name="rbees-engine-reader", daemon=True)
-
-    @property
-    def active_jobs(self) -> int:
-        return len(self._running)
 
     def start(self) -> None:
         """Start the child, which begins loading the engine at once (see `wait_loaded`)."""
