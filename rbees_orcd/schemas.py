@@ -14,7 +14,7 @@ from pydantic_core import PydanticCustomError
 
 from rbees_orcd.registry import State
 from rbees_orcd.tasks import Status
-from rbees_workerd.schemas import MAX_PROMPT_CHARS, MAX_STOP_STRINGS, MAX_TOKENS, Generation, StopString
+from rbees_workerd.schemas import MAX_PROMPT_CHARS, MAX_STOP_STRINGS, MAX_TOKENS, Generation, StopString, json_number
 
 WorkerId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
 ModelRef = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")]
@@ -57,8 +57,8 @@ class WorkerReady(BaseModel):
     model_ref: ModelRef
     backend: Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9._-]+$")]
     device: Annotated[str, Field(max_length=256), AfterValidator(_utf8)] | None = None
-    vram_bytes: Annotated[int, Field(ge=0, le=2**53)] = 0  # exact as a JSON number (a double) too
-    slots_total: Annotated[int, Field(ge=1, le=4096)]
+    vram_bytes: json_number(int, ge=0, le=2**53) = 0  # exact as a JSON number (a double) too
+    slots_total: json_number(int, ge=1, le=4096)
 
 
 class WorkerAdd(BaseModel):
@@ -140,12 +140,15 @@ class OpenAIMessage(BaseModel):
     name: str | None = None
 
 
+# JSON's true and false only (pydantic would take "yes" and 1)
+Bool = Annotated[bool, Field(strict=True)]
+
+
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None
-Number = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class OpenAIRequest(BaseModel):
@@ -155,20 +158,20 @@ class OpenAIRequest(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: ModelRef
-    max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] | None = None
-    temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[Number, Field(ge=0, le=1)] | None = None
+    max_tokens: json_number(int, ge=1, le=MAX_TOKENS) | None = None
+    temperature: json_number(float, ge=0, le=2) | None = None
+    top_p: json_number(float, ge=0, le=1) | None = None
     stop: Stop = None
-    seed: Annotated[int, Field(ge=0, le=2**53)] | None = None
-    stream: bool = False
+    seed: json_number(int, ge=0, le=2**53) | None = None
+    stream: Bool = False
     stream_options: StreamOptions | None = None
-    n: Annotated[int, Field(ge=1, le=1)] = 1
+    n: json_number(int, ge=1, le=1) = 1
     user: Annotated[str, Field(max_length=256)] | None = None
 
 
 class ChatCompletionRequest(OpenAIRequest):
     messages: Annotated[list[OpenAIMessage], Field(min_length=1, max_length=64)]
-    max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] | None = None
+    max_completion_tokens: json_number(int, ge=1, le=MAX_TOKENS) | None = None
     logprobs: Literal[False] | None = None
     tools: Annotated[list[Any], Field(max_length=0)] | None = None
 

@@ -25,7 +25,7 @@ def _json_number(value: object) -> object:
     return value
 
 
-def _number(kind: type, **limits: float) -> Any:
+def json_number(kind: type, **limits: float) -> Any:
     """A JSON number field: "0.5" or true is a wrong type (pydantic would coerce them); 3.0 is a valid
     integer (JSON Schema says so), 2.5 is not. The limits come first so that the schema shows them."""
     return Annotated[kind, Field(**limits), BeforeValidator(_json_number)]
@@ -66,14 +66,14 @@ class Generation(BaseModel):
     # None only when left out (an explicit null is a wrong type): the schema's oneOf asks for one of them
     prompt: Prompt = None  # type: ignore[assignment]
     messages: Messages = None  # type: ignore[assignment]
-    max_tokens: _number(int, ge=1, le=MAX_TOKENS)
-    temperature: _number(float, ge=0, le=2) = 1.0
-    top_p: _number(float, ge=0, le=1) = 1.0
-    top_k: _number(int, ge=0, le=1_000_000) = 0
-    min_p: _number(float, ge=0, le=1) = 0.0
-    repetition_penalty: _number(float, gt=0, le=10) = 1.0
+    max_tokens: json_number(int, ge=1, le=MAX_TOKENS)
+    temperature: json_number(float, ge=0, le=2) = 1.0
+    top_p: json_number(float, ge=0, le=1) = 1.0
+    top_k: json_number(int, ge=0, le=1_000_000) = 0
+    min_p: json_number(float, ge=0, le=1) = 0.0
+    repetition_penalty: json_number(float, gt=0, le=10) = 1.0
     # 2**53: the largest bound that a JSON number (a double to many clients) states exactly
-    seed: _number(int, ge=0, le=2**53) | None = None
+    seed: json_number(int, ge=0, le=2**53) | None = None
     stop: Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] = []
 
     @model_validator(mode="after")

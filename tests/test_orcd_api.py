@@ -261,10 +261,16 @@ INVALID: list[tuple[str, str, Any, str]] = [
     ("/v1/chat/completions", "logprobs", _chat(logprobs=True), "logprobs"),
     ("/v1/chat/completions", "max_tokens 5000", _chat(max_tokens=5000), "max_tokens"),
     ("/v1/chat/completions", "stop too long", _chat(stop="é" * 51), "stop"),
+    ("/v1/chat/completions", "max_tokens true", _chat(max_tokens=True), "max_tokens"),
+    ("/v1/chat/completions", "temperature as text", _chat(temperature="0.5"), "temperature"),
+    ("/v1/chat/completions", "stream as text", _chat(stream="yes"), "stream"),
+    ("/v1/chat/completions", "include_usage 1", _chat(stream=True, stream_options={"include_usage": 1}),
+     "stream_options"),
     ("/v1/completions", "no prompt", {"model": MODEL}, "prompt"),
     ("/v1/completions", "two prompts", {"model": MODEL, "prompt": [SECRET_PROMPT, "b"]}, "prompt"),
     ("/v1/completions", "echo", {"model": MODEL, "prompt": SECRET_PROMPT, "echo": True}, "echo"),
     ("/v1/completions", "top_p -1", {"model": MODEL, "prompt": SECRET_PROMPT, "top_p": -1}, "top_p"),
+    ("/v1/completions", "seed as text", {"model": MODEL, "prompt": SECRET_PROMPT, "seed": "7"}, "seed"),
 ]
 
 
@@ -412,6 +418,18 @@ def test_manual_registration_asks_the_worker(fuzzed: Orcd, worker: dict[str, Any
     missing = httpx.delete(f"{fuzzed.url}/v2/workers/w-gone")
     assert missing.status_code == 404 and missing.json()["code"] == "WORKER_NOT_FOUND"
     assert set(workers(fuzzed.url)) == {worker["worker_id"]}
+
+
+@pytest.mark.parametrize("fields", [{"vram_bytes": False}, {"slots_total": "2"}, {"slots_total": 1.5},
+                                    {"slots_total": 0}], ids=str)  # fmt: skip
+def test_a_ready_callback_of_wrong_types_is_refused(fuzzed: Orcd, fields: dict[str, Any]) -> None:
+    """JSON types as the schema states them: false is no number and "2" no integer (pydantic would coerce them)."""
+    worker_id = f"w-typed-{free_port()}"
+    ready = {"worker_id": worker_id, "url": f"http://127.0.0.1:{free_port()}", "model_ref": "m", "backend": "cpu",
+             "slots_total": 1, **fields}  # fmt: skip
+    r = httpx.post(f"{fuzzed.url}/v2/workers/ready", json=ready)
+    assert r.status_code == 400 and [e["field"] for e in r.json()["errors"]] == list(fields), r.text
+    assert worker_id not in workers(fuzzed.url)
 
 
 WITH_BODY = [("/v2/workers/ready", "POST"), ("/v2/workers", "POST"), ("/v2/tasks", "POST"),
