@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from rbees_workerd.engine.types import StopReason
+from rbees_workerd.errors import Internal, RbeesError
 from rbees_workerd.metrics import WorkerMetrics
 from rbees_workerd.scheduler import JobOutput, StepOutput
 
@@ -151,7 +152,7 @@ class OutputProcessor:
 
     def _end(
         self, job: Job, frames: list[bytes], reason: StopReason, at: float, stop: str | None = None,
-        error: str | None = None,
+        error: RbeesError | None = None,
     ) -> None:  # fmt: skip
         """The job's metrics frame and its end (or error) frame; the job's stream closes after them."""
         m = self._metrics
@@ -180,12 +181,10 @@ class OutputProcessor:
             )
         )
         if reason == "ERROR":
-            body: dict[str, object] = {
-                "type": "error",
-                "code": "INTERNAL",
-                "message": error or "generation failed",
-                "retriable": True,
-            }
+            failure = error or Internal("generation failed")
+            # retriable whatever the error: the job failed with this worker's engine, not for what it asked
+            body: dict[str, object] = {"type": "error", "code": failure.code, "message": failure.message,
+                                       "retriable": True}  # fmt: skip
         else:
             body = {"type": "end", "tokens_out": n, "decode_time_ms": round(decode_s * 1000, 2), "stop_reason": reason}
             if stop is not None:

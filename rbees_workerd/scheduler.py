@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rbees_workerd.engine.types import FinishEvent, GenerationParams, TokenEvent
-from rbees_workerd.errors import RbeesError
+from rbees_workerd.errors import Internal, RbeesError
 
 log = logging.getLogger("rbees_workerd.scheduler")
 
@@ -60,7 +60,9 @@ OnStep = Callable[[StepOutput], None]
 
 
 def error_ends(job_ids: Iterable[str], error: BaseException) -> list[JobOutput]:
-    """The error end of every job still in an engine that failed: each one's stream ends with an error frame."""
+    """The error end of every job still in an engine that failed: each one's stream ends with an error frame,
+    of the error's code and message where it is an RbeesError (a CUDA_ERROR reaches the client as one)."""
+    failure = error if isinstance(error, RbeesError) else Internal(f"the engine failed ({type(error).__name__})")
     return [
         JobOutput(
             job_id,
@@ -71,7 +73,7 @@ def error_ends(job_ids: Iterable[str], error: BaseException) -> list[JobOutput]:
                 prompt_tokens=0,
                 prefill_time_ms=0.0,
                 decode_time_ms=0.0,
-                error=f"the engine failed ({type(error).__name__})",
+                error=failure,
             ),
         )
         for job_id in job_ids
@@ -141,7 +143,8 @@ class Scheduler:
             self._engine.backend.enter_thread()
             self._loop()
         except BaseException as e:  # noqa: BLE001 - the engine failed; every job must hear of it
-            log.exception("the engine failed; failing every active job", extra={"fields": {"code": "INTERNAL"}})
+            code = e.code if isinstance(e, RbeesError) else Internal.code
+            log.exception("the engine failed; failing every active job", extra={"fields": {"code": code}})
             self._fail_all(e)
             self._on_fatal(e)
         finally:

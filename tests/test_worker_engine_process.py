@@ -128,13 +128,36 @@ def test_a_killed_engine_ends_every_stream_with_an_error_and_the_worker_exits(tm
             assert error == {
                 "type": "error",
                 "code": "INTERNAL",
-                "message": "the engine failed (EngineDied)",
+                "message": "the engine process exited with code -9",
                 "retriable": True,
             }
         assert daemon.proc.wait(30) == 1
     errors = _error_lines(daemon)
     assert any(e["code"] == "INTERNAL" and e.get("exit_code") == -9 for e in errors), errors
     assert {e["job_id"] for e in errors if e.get("stop_reason") == "ERROR"} == {"doomed-1", "doomed-2"}
+
+
+def test_an_engine_that_raises_in_a_step_ends_every_stream_with_its_error_and_the_worker_exits(
+    tmp_path: Path,
+) -> None:
+    """A step that raises in the engine process (CudaError, as a GPU fault would): every running job's stream
+    ends with that error's code and message, the engine's traceback is logged, and the worker exits 1."""
+    with (
+        run_daemon(tmp_path, "--slots", "2", "--context-length", "256", failing_after=12) as daemon,
+        httpx.Client(base_url=daemon.url, timeout=30) as a,
+        httpx.Client(base_url=daemon.url, timeout=30) as b,
+        a.stream("POST", "/execute", json=execute_body("faulted-1", prompt=LONG, max_tokens=200)) as r1,
+        b.stream("POST", "/execute", json=execute_body("faulted-2", prompt=LONG, max_tokens=200)) as r2,
+    ):
+        ends = [list(read_frames(r))[-2:] for r in (r1, r2)]
+        for metrics, error in ends:
+            assert metrics["type"] == "metrics" and 0 < metrics["tokens_out"] < 200, metrics
+            assert error["type"] == "error" and error["code"] == "CUDA_ERROR", error
+            assert "illegal memory access" in error["message"]
+        assert daemon.proc.wait(30) == 1
+    errors = _error_lines(daemon)
+    assert any(e["code"] == "CUDA_ERROR" and "illegal memory access" in e.get("exc", "") for e in errors), errors
+    assert {e["job_id"] for e in errors if e.get("stop_reason") == "ERROR"} == {"faulted-1", "faulted-2"}
 
 
 def test_an_engine_killed_while_loading_fails_the_load(tmp_path: Path) -> None:

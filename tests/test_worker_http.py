@@ -424,7 +424,7 @@ def test_metrics_count_jobs_tokens_and_latencies(worker: Daemon) -> None:
 
 def test_metrics_follow_prometheus_conventions(worker: Daemon, model_path: Path) -> None:
     """Gauges without `_total`, no label named like its metric, the weights apart from the KV cache, and the
-    process's own metrics."""
+    metrics of both processes: the HTTP server's and the engine's, which holds the weights."""
     families = list(text_string_to_metric_families(httpx.get(f"{worker.url}/metrics").text))
     assert families
     for family in families:
@@ -439,8 +439,9 @@ def test_metrics_follow_prometheus_conventions(worker: Daemon, model_path: Path)
     assert _metric(worker.url, "rbees_worker_kv_cache_bytes") == cache
     weights = _metric(worker.url, "rbees_worker_model_bytes")
     assert file_weights * 0.8 < weights < file_weights * 2.5  # prepared weights, without the cache or scratch
-    assert _metric(worker.url, "process_resident_memory_bytes") > weights
-    assert _metric(worker.url, "process_open_fds") > 0
+    assert _metric(worker.url, "rbees_engine_process_resident_memory_bytes") > weights
+    assert _metric(worker.url, "process_resident_memory_bytes") > 0
+    assert _metric(worker.url, "process_open_fds") > 0 and _metric(worker.url, "rbees_engine_process_open_fds") > 0
     assert _metric(worker.url, "python_info") == 1
 
 

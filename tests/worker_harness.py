@@ -79,12 +79,49 @@ class Daemon:
         return self.proc.returncode
 
 
+def failing_engine(after_steps: int, settings: Any, on_progress: Any) -> Any:
+    """Settings.engine_factory of a real engine whose steps raise CudaError from the step after `after_steps`:
+    a GPU fault in the middle of serving, which no CPU run can produce."""
+    from rbees_workerd.engine.engine import Engine
+    from rbees_workerd.errors import CudaError
+
+    engine = Engine.load(settings.model, slots=settings.slots, context_length=settings.context_length,
+                         on_progress=on_progress)  # fmt: skip
+    step, done = engine.step, [0]
+
+    def failing_step() -> Any:
+        done[0] += 1
+        if done[0] > after_steps:
+            raise CudaError("CUDA failed while running a step: an illegal memory access was encountered")
+        return step()
+
+    engine.step = failing_step
+    return engine
+
+
+# `python -c` this with the daemon's arguments: rbees-workerd whose engine process loads failing_engine
+_FAILING_MAIN = """import sys
+from dataclasses import replace
+from functools import partial
+from rbees_workerd.cli_serve import parse_settings
+from rbees_workerd.server import run
+from worker_harness import failing_engine
+sys.exit(run(replace(parse_settings(sys.argv[2:]), engine_factory=partial(failing_engine, int(sys.argv[1])))))
+"""
+
+
 @contextlib.contextmanager
-def run_daemon(tmp: Path, *args: str, wait_ready: bool = True, **env: str) -> Iterator[Daemon]:
-    """Start `rbees-workerd` on a free port with the test model; always stopped on exit."""
+def run_daemon(
+    tmp: Path, *args: str, wait_ready: bool = True, failing_after: int | None = None, **env: str
+) -> Iterator[Daemon]:
+    """Start `rbees-workerd` on a free port with the test model (with `failing_after`: its engine is
+    failing_engine's); always stopped on exit."""
     port = free_port()
     log_path = tmp / f"worker-{port}.log"
     cmd = daemon_command("--worker-id", "w-test", "--model", str(MODEL), "--port", str(port), *args)
+    if failing_after is not None:
+        cmd = [sys.executable, "-c", _FAILING_MAIN, str(failing_after), *cmd[1:]]
+        env.setdefault("PYTHONPATH", os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=daemon_env(**env), cwd=REPO)
     daemon = Daemon(proc, f"http://127.0.0.1:{port}", log_path)

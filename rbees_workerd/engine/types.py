@@ -6,6 +6,8 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
+from rbees_workerd.errors import RbeesError
+
 StopReason = Literal["MAX_TOKENS", "EOS", "STOP_SEQUENCE", "CANCELLED", "ERROR"]
 # What Engine.load is doing: preparing the weights, then its warm-up's two passes (see Engine.warm_up).
 LoadPhase = Literal["loading", "compiling kernels", "warming up"]
@@ -47,7 +49,7 @@ class FinishEvent:
     prefill_time_ms: float
     decode_time_ms: float
     stop_sequence: str | None = None
-    error: str | None = None
+    error: RbeesError | None = None  # why a sequence ended with ERROR: its code and message reach the client
 
 
 Event = TokenEvent | FinishEvent
