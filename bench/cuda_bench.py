@@ -18,11 +18,15 @@ the one from the one-token-per-block kernel to the few-token kernel, --vec-warps
 inputs) and registers of prefetched weights
 (tuning); --no-overlap captures
 graphs without programmatic dependent launch (each kernel starts when the one before has ended).
+--sweep runs the decode batches again for each combination of tuning values, on the one loaded model
+(an 8B shape loads in 30-60 s), its graphs captured anew for each: e.g.
+`--sweep overlap_many=0,1 hmma_min_tokens=65,33` gives four `decode_b64_tok_s[overlap_many=1,...]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -89,6 +93,33 @@ def prefill_tok_s(engine: Engine, prompt: int, repeat: int) -> float:
     return prompt / _median_time(run, repeat)
 
 
+def _sweep_settings(specs: list[str]) -> list[dict[str, int]]:
+    """Every combination of `name=v1,v2` (names of _SETTINGS)."""
+    axes = []
+    for spec in specs:
+        name, _, values = spec.partition("=")
+        if name not in _SETTINGS or not values:
+            raise SystemExit(f"--sweep takes NAME=V1,V2 with NAME one of {sorted(_SETTINGS)}, got {spec!r}")
+        axes.append([(name, int(v)) for v in values.split(",")])
+    return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def _apply(settings: dict[str, int]) -> None:
+    for name, value in settings.items():
+        module, attr, kind = _SETTINGS[name]
+        setattr(module(), attr, kind(value))
+
+
+def _module(name: str):  # noqa: ANN202
+    return lambda: __import__(f"rbees_workerd.kernels.cuda.{name}", fromlist=[name])
+
+
+# --sweep's names: (module, attribute, type)
+_SETTINGS = {"overlap_many": (_module("backend"), "OVERLAP_MANY", bool),
+             "programmatic": (_module("backend"), "PROGRAMMATIC", bool),
+             "hmma_min_tokens": (_module("hmma"), "MIN_TOKENS", int)}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
@@ -108,7 +139,9 @@ def main() -> None:
     ap.add_argument("--fetch-regs", type=int, help="tuning: gemv.FETCH_REGS")
     ap.add_argument("--no-overlap", action="store_true")
     ap.add_argument("--no-pipeline", action="store_true")
+    ap.add_argument("--sweep", nargs="*", default=[], metavar="NAME=V1,V2", help=f"one of {sorted(_SETTINGS)}")
     args = ap.parse_args()
+    sweep = _sweep_settings(args.sweep)
     from rbees_workerd.kernels.cuda import backend, gemv, hmma
 
     backend.PROGRAMMATIC = not args.no_overlap
@@ -134,6 +167,13 @@ def main() -> None:
     result[f"prefill_{args.prompt}_tok_s"] = round(prefill_tok_s(engine, args.prompt, args.repeat), 1)
     for b in batches:
         result[f"decode_b{b}_tok_s"] = round(decode_tok_s(engine, b, args.steps, args.repeat, not args.no_pipeline), 1)
+    for settings in sweep:
+        _apply(settings)
+        engine.backend.forget_graphs()
+        tag = ",".join(f"{k}={v}" for k, v in settings.items())
+        for b in batches:
+            tok_s = decode_tok_s(engine, b, args.steps, args.repeat, not args.no_pipeline)
+            result[f"decode_b{b}_tok_s[{tag}]"] = round(tok_s, 1)
     if args.json:
         print(json.dumps(result))
     else:

@@ -546,6 +546,10 @@ class CudaBackend(backend.Backend):
         if len(self._graphs) > MAX_GRAPHS:
             self._graphs.popitem(last=False)
 
+    def forget_graphs(self) -> None:
+        """Drop every captured graph (tuning tools that change how steps are lowered: bench/cuda_bench.py --sweep)."""
+        self._graphs.clear()
+        self._seen.clear()
 
     def _seen_before(self, key: Hashable) -> bool:
         """Whether key has come before (the last MAX_SEEN keys are remembered)."""
