@@ -119,6 +119,17 @@ def _dev(be: CudaBackend, a: np.ndarray):  # noqa: ANN202
     return d
 
 
+def _dev_cache(be: CudaBackend, values: np.ndarray):  # noqa: ANN202
+    """A KV cache on the device (Backend.kv_dtype: float16 bits) of float16 values."""
+    return _dev(be, values.astype(np.float16).view(be.kv_dtype))
+
+
+def _host(be: CudaBackend, a) -> np.ndarray:  # noqa: ANN001
+    """A device array on the host, a KV cache's float16 bits as their float32 values."""
+    h = be.download(a)
+    return h.view(np.float16).astype(np.float32) if h.dtype == be.kv_dtype != np.float32 else h
+
+
 def _close(got: np.ndarray, ref: np.ndarray, rtol: float = 1e-4) -> None:
     np.testing.assert_allclose(got, ref, rtol=rtol, atol=rtol * np.abs(ref).max())
 
@@ -373,7 +384,7 @@ def test_qkv_products_rotate_and_store(be, t, types, neox):
     ws = {nm: be.weight(int(types[i]), shapes[nm], raws[nm]) for i, nm in enumerate("qkv")}
     x, hh = _dev(be, x0), _dev(be, np.zeros_like(x0))
     q, k, v = (_dev(be, np.full((t, n, e), np.nan, np.float32)) for n in (h, g, g))
-    ck, cv, sd, pd = _dev(be, cache0[0]), _dev(be, cache0[1]), _dev(be, slots), _dev(be, pos)
+    ck, cv, sd, pd = _dev_cache(be, cache0[0]), _dev_cache(be, cache0[1]), _dev(be, slots), _dev(be, pos)
     prods = [Product(ws["q"], q.reshape(t, -1)), Product(ws["k"], k.reshape(t, -1), be.vector(bk)),
              Product(ws["v"], v.reshape(t, -1))]  # fmt: skip
     rope = RopeStore(q, k, v, ck, cv, sd, pd, 10000.0, neox)
@@ -390,8 +401,8 @@ def test_qkv_products_rotate_and_store(be, t, types, neox):
     _close(be.download(v), rv)
     ref_ck, ref_cv = cache0[0].copy(), cache0[1].copy()
     ref_ck[slots, pos], ref_cv[slots, pos] = fp16(be.download(k)), fp16(be.download(v))
-    np.testing.assert_array_equal(be.download(ck), ref_ck)
-    np.testing.assert_array_equal(be.download(cv), ref_cv)
+    np.testing.assert_array_equal(_host(be, ck), ref_ck)
+    np.testing.assert_array_equal(_host(be, cv), ref_cv)
 
 
 @pytest.mark.parametrize("t", [1, GEMM_MIN_TOKENS + 1] if SIM else [1, 3, GEMM_MIN_TOKENS + 1])
@@ -410,9 +421,10 @@ def test_products_equal_the_cpu_backend(be, t):
         ws = {nm: b.weight(int(Q.Q4_1), shapes[nm], raws[nm]) for nm in "qkv"}
         wo = b.weight(int(Q.Q4_1), (256, h * e), wo_raw)
         up = (lambda a: _dev(be, a)) if b is be else (lambda a: a.copy())  # noqa: E731
+        up_cache = (lambda a: _dev_cache(be, a)) if b is be else (lambda a: a.copy())  # noqa: E731
         x, hh = up(x0), up(np.zeros_like(x0))
         q, k, v, att = (up(np.zeros((t, n, e), np.float32)) for n in (h, g, g, h))
-        ck, cv, sd, pd = up(cache0[0]), up(cache0[1]), up(slots), up(pos)
+        ck, cv, sd, pd = up_cache(cache0[0]), up_cache(cache0[1]), up(slots), up(pos)
 
         def step() -> None:
             prods = [Product(ws["q"], q.reshape(t, -1)), Product(ws["k"], k.reshape(t, -1), b.vector(bk)),
@@ -422,7 +434,7 @@ def test_products_equal_the_cpu_backend(be, t):
             b.products(att.reshape(t, -1), [Product(wo, x, accumulate=True)])
 
         b.run_step(("cpu-agreement", t), step)
-        return [a if b is cpu else be.download(a) for a in (q, k, v, ck, cv, att, x)]
+        return [a if b is cpu else _host(be, a) for a in (q, k, v, ck, cv, att, x)]
 
     for got, ref in zip(run(be), run(cpu), strict=True):
         _close(got, ref, 2e-4)
@@ -454,9 +466,10 @@ def test_rope_features_equal_the_cpu_backend(be, t, head_norm):
     def run(b) -> list[np.ndarray]:  # noqa: ANN001
         ws = {nm: b.weight(int(Q.Q8_0), shapes[nm], raws[nm]) for nm in "qkv"}
         up = (lambda a: _dev(be, a)) if b is be else (lambda a: a.copy())  # noqa: E731
+        up_cache = (lambda a: _dev_cache(be, a)) if b is be else (lambda a: a.copy())  # noqa: E731
         x, hh = up(x0), up(np.zeros_like(x0))
         q, k, v, att = (up(np.zeros((t, n, e), np.float32)) for n in (h, g, g, h))
-        ck, cv, sd, pd = up(cache0[0]), up(cache0[1]), up(slots), up(pos)
+        ck, cv, sd, pd = up_cache(cache0[0]), up_cache(cache0[1]), up(slots), up(pos)
         norms = (b.vector(qn0), b.vector(kn0), 1e-6) if head_norm else ()
         norms = norms or (None, None, 0.0)
         rope = RopeStore(q, k, v, ck, cv, sd, pd, 500.0, True, factors, 0.5, 1.2, *norms, 0.7)
@@ -467,7 +480,7 @@ def test_rope_features_equal_the_cpu_backend(be, t, head_norm):
             b.attention(q, ck, cv, sd, pd, att, False, 1.0)
 
         b.run_step(("rope-features", t, head_norm), step)
-        return [a if b is cpu else be.download(a) for a in (q, k, v, ck, cv, att)]
+        return [a if b is cpu else _host(be, a) for a in (q, k, v, ck, cv, att)]
 
     got, ref = run(be), run(cpu)
     for a, r in zip(got, ref, strict=True):
@@ -486,7 +499,7 @@ def test_rope_features_equal_the_cpu_backend(be, t, head_norm):
 
 def _attend_both(be, q, cache, slots, pos):  # noqa: ANN001, ANN202
     """Attend over caches that hold the step's k/v already, on the device and on the CPU."""
-    ck, cv = _dev(be, cache[0]), _dev(be, cache[1])
+    ck, cv = _dev_cache(be, cache[0]), _dev_cache(be, cache[1])
     out, ref = _dev(be, np.full_like(q, np.nan)), np.zeros_like(q)
     be.attention(_dev(be, q), ck, cv, _dev(be, slots), _dev(be, pos), out)
     cpu_ops.attention(q, cache[0], cache[1], slots, pos, ref)
@@ -538,7 +551,7 @@ def test_attention_prompt_chunk_matches_cpu(be, t, start, heads, e):
     pos = np.arange(start, start + t, dtype=np.int32)
     q = rng.standard_normal((t, heads[0], e)).astype(np.float32)
     cache = fp16(rng.standard_normal((2, 2, start + t + 2, heads[1], e))).astype(np.float32)
-    ck, cv, sd, pd = (_dev(be, a) for a in (cache[0], cache[1], slots, pos))
+    ck, cv, sd, pd = _dev_cache(be, cache[0]), _dev_cache(be, cache[1]), _dev(be, slots), _dev(be, pos)
     qd, tiled, per_token = _dev(be, q), *(_dev(be, np.full_like(q, np.nan)) for _ in "tp")
     be.attention(qd, ck, cv, sd, pd, tiled, one_sequence=True)
     be.attention(qd, ck, cv, sd, pd, per_token)

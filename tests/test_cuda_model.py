@@ -77,7 +77,7 @@ def test_same_seed_same_tokens(engines):
 
 
 def test_vram_check_refuses_absurd_context(model_path):
-    # the context is capped at the model's 8192: 4096 slots of it need ~190 GB of KV cache
+    # the context is capped at the model's 8192: 4096 slots of it need 773 GB of KV cache (float16)
     with pytest.raises(VramOOM, match="MiB free"):
         Engine.load(model_path, backend="cuda", slots=4096, context_length=10**9)
 

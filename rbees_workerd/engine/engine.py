@@ -153,7 +153,7 @@ class Engine:
                 raise InvalidParams("context length must be at least 1")
             be = make_backend(backend, gpu, threads)
             weights = sum(t.raw.nbytes for t in f.tensors.values())
-            cache = kv_cache_bytes(cfg, cache_slots(slots, be), ctx)
+            cache = kv_cache_bytes(cfg, cache_slots(slots, be), ctx, np.dtype(be.kv_dtype).itemsize)
             be.check_fits(weights + cache + scratch_bytes(cfg, max_step_tokens))
             model = Transformer(cfg, f, be, slots, ctx, max_step_tokens, lambda done: report("loading", done))
         finally:

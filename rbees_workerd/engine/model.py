@@ -35,7 +35,7 @@ class Layer:
     w_gate: Any
     w_up: Any
     w_down: Any
-    cache_k: Array  # [slots, context, G, E]
+    cache_k: Array  # [slots, context, G, E] of Backend.kv_dtype
     cache_v: Array
 
 
@@ -86,9 +86,9 @@ def cache_slots(slots: int, be: Backend) -> int:
     return slots + int(be.pads_steps)
 
 
-def kv_cache_bytes(cfg: ModelConfig, slots: int, context_length: int) -> int:
-    """The K and V caches of `slots` cache slots (cache_slots)."""
-    return 2 * 4 * cfg.n_layers * slots * context_length * cfg.n_kv_heads * cfg.head_dim
+def kv_cache_bytes(cfg: ModelConfig, slots: int, context_length: int, itemsize: int = 4) -> int:
+    """The K and V caches of `slots` cache slots (cache_slots), of `itemsize` bytes a value (Backend.kv_dtype's)."""
+    return 2 * itemsize * cfg.n_layers * slots * context_length * cfg.n_kv_heads * cfg.head_dim
 
 
 class Transformer:
@@ -142,7 +142,7 @@ class Transformer:
 
         def cache() -> Array:
             before = be.memory_bytes()
-            out = be.zeros((n_cache, context_length, cfg.n_kv_heads, cfg.head_dim))
+            out = be.zeros((n_cache, context_length, cfg.n_kv_heads, cfg.head_dim), be.kv_dtype)
             self.kv_cache_bytes += be.memory_bytes() - before
             return out
 

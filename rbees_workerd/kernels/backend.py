@@ -171,6 +171,9 @@ class Backend(ABC):
     # prompt lengths whose steps run kernels compiled apart (CUDA: the tensor-core product's size classes):
     # the engine's warm-up prefills one prompt of each, so that none compiles while requests are in flight
     warm_sizes: tuple[int, ...] = (1,)
+    # what the KV cache holds: float16 values in either case (llama.cpp's cache), as float32 (the CPU's
+    # kernels read them so) or as their bits (uint16, half the memory and the attention's reads: CUDA)
+    kv_dtype: Any = np.float32
 
     # ---- memory -----------------------------------------------------------------
     @abstractmethod

@@ -154,6 +154,7 @@ class CudaBackend(backend.Backend):
     name = "cuda"
     queues_ahead = not SIM  # (the simulator runs each kernel as it is launched)
     pads_steps = not SIM
+    kv_dtype = np.uint16
     # (1 token, each token-tile count of mma_kernel, hmma_kernel: the simulator's warm-up leaves out its 65 tokens)
     warm_sizes = (1, *(8 * nj for nj in mma.TOKEN_TILES), *(() if SIM else (hmma.MIN_TOKENS,)))
 

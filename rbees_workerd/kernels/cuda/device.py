@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import config, cuda, float32, int32, types, uint32
+from numba import config, cuda, float32, int32, types, uint16, uint32
 
 if not config.ENABLE_CUDASIM:
     from llvmlite import ir
@@ -176,6 +176,11 @@ if SIM:
         return np.float32(np.uint16(int(h) & 0xFFFF).view(np.float16))
 
     @cuda.jit(device=True)
+    def f16_bits(x):
+        """The bits of the float16 nearest to x (ties to even): what the KV cache holds."""
+        return np.float16(x).view(np.uint16)
+
+    @cuda.jit(device=True)
     def rint(x):
         """x rounded to the nearest integer, ties to even."""
         return np.float32(np.rint(x))
@@ -290,6 +295,11 @@ else:
     def fp16_round(x):
         """The float16 nearest to x (ties to even), as float32."""
         return half_bits_to_f32(uint32(cuda.libdevice.float2half_rn(x)))
+
+    @cuda.jit(**DEVICE)
+    def f16_bits(x):
+        """The bits of the float16 nearest to x (ties to even): what the KV cache holds."""
+        return uint16(cuda.libdevice.float2half_rn(x))
 
     @intrinsic
     def half_to_f32(typingctx, h):  # noqa: ANN001, ANN201

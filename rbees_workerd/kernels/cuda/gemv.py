@@ -36,6 +36,7 @@ from rbees_workerd.kernels.cuda.device import (
     EXACT,
     SIM,
     dp4a,
+    f16_bits,
     fp16_round,
     grid_ready,
     inv_rms,
@@ -360,5 +361,5 @@ def _store_pair(which, flags, t, pos, slot, ra, rb, a, b, c, s, o0, b0, o1, b1, 
     if which > 0:
         cache = cache_k if which == 1 else cache_v
         slot = uint32(slot)
-        cache[slot, uint32(pos), uint32(ra // hd), uint32(ra % hd)] = fp16_round(a)  # llama.cpp's cache is fp16
-        cache[slot, uint32(pos), uint32(rb // hd), uint32(rb % hd)] = fp16_round(b)
+        cache[slot, uint32(pos), uint32(ra // hd), uint32(ra % hd)] = f16_bits(a)  # float16, as llama.cpp's cache
+        cache[slot, uint32(pos), uint32(rb // hd), uint32(rb % hd)] = f16_bits(b)

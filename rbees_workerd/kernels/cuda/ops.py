@@ -11,8 +11,10 @@ from rbees_workerd.kernels.cuda.device import (
     DEVICE,
     JIT,
     SIM,
+    f16_bits,
     fp16_round,
     grid_ready,
+    half_to_f32,
     mma_f16,
     pack_f16,
     quad_max,
@@ -105,11 +107,11 @@ def rope_store_kernel(q, k, v, cache_k, cache_v, slots, positions, cos_t, sin_t,
             else:
                 h -= hq
                 _rotate(k, t, h, a, b, c, sn, scale, kn, head_norm, float32(1.0))
-                cache_k[s, pos, h, a] = fp16_round(k[t, h, a])  # llama.cpp's cache is fp16
-                cache_k[s, pos, h, b] = fp16_round(k[t, h, b])
+                cache_k[s, pos, h, a] = f16_bits(k[t, h, a])  # float16, as llama.cpp's cache
+                cache_k[s, pos, h, b] = f16_bits(k[t, h, b])
         else:
             j = i - n_rot
-            cache_v[s, pos, j // e, j % e] = fp16_round(v[t, j // e, j % e])
+            cache_v[s, pos, j // e, j % e] = f16_bits(v[t, j // e, j % e])
 
 
 @cuda.jit(**DEVICE)
@@ -209,7 +211,7 @@ def attention_kernel(e: int, r: int = 1, scale: float | None = None):  # noqa: A
             if p <= last:
                 for m in range(dr):
                     if full or lane + 32 * m < e:
-                        regs[u0 + u, m] = kv[p, uint32(lane + 32 * m)]
+                        regs[u0 + u, m] = half_to_f32(kv[p, uint32(lane + 32 * m)])
 
     @cuda.jit(**DEVICE)
     def stash(regs, ks):
@@ -378,7 +380,7 @@ def attention_seq_kernel(e: int, scale: float | None = None):  # noqa: ANN201, C
             row = i // (e // 2)
             d = 2 * (i % (e // 2))
             pos = min(c0 + row, n - 1)
-            ksh[row * kp + d // 2] = pack_f16(cache[s, pos, g, d], cache[s, pos, g, d + 1])
+            ksh[row * kp + d // 2] = uint32(cache[s, pos, g, d]) | uint32(cache[s, pos, g, d + 1]) << uint32(16)
         cuda.syncthreads()
 
     @cuda.jit(**DEVICE)
@@ -389,7 +391,7 @@ def attention_seq_kernel(e: int, scale: float | None = None):  # noqa: ANN201, C
             d = i % e
             j = i // e
             lo, hi = min(c0 + 2 * j, n - 1), min(c0 + 2 * j + 1, n - 1)
-            vt[d * vp + j] = pack_f16(cache[s, lo, g, d], cache[s, hi, g, d])
+            vt[d * vp + j] = uint32(cache[s, lo, g, d]) | uint32(cache[s, hi, g, d]) << uint32(16)
         cuda.syncthreads()
 
     @cuda.jit(**DEVICE)
