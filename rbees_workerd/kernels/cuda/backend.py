@@ -379,20 +379,24 @@ class CudaBackend(backend.Backend):
         self._submit(launches)
 
     def gated_ffn(self, x: Any, ffn: backend.GatedFFN) -> None:
-        gate, up = ffn.gate, ffn.up
-        few = not _many_tokens(gate.qt, x.shape[0])
-        if few and gate.qt == up.qt and gate.shape == up.shape:  # one launch: products and SwiGLU
+        gate, up, t_count = ffn.gate, ffn.up, x.shape[0]
+        down = backend.Product(ffn.down, ffn.out, accumulate=ffn.accumulate)
+        if not _many_tokens(gate.qt, t_count) and gate.qt == up.qt and gate.shape == up.shape:
             group: list[backend.Product | None] = [backend.Product(gate, ffn.act), backend.Product(up, None)]
-            launches = _product_launches(self, x, group, ffn.norm, MODE_SWIGLU, None)
-        else:
-            launches = []
-            for group in _groups([backend.Product(gate, ffn.act), backend.Product(up, ffn.up_out)], False):
-                launches += _product_launches(self, x, group, ffn.norm, MODE_ROWS, None)
-            grid, block = _grid2(*ffn.act.shape)
-            launches.append(_Launch(ops.swiglu_kernel, grid, block, (ffn.act, ffn.up_out, ffn.act),
-                                    overlap=OVERLAP_MANY))  # fmt: skip
+            self._submit(_product_launches(self, x, group, ffn.norm, MODE_SWIGLU, None))  # products and SwiGLU
+            self.products(ffn.act, [down])
+            return
+        launches = []
+        for group in _groups([backend.Product(gate, ffn.act), backend.Product(up, ffn.up_out)], False):
+            launches += _product_launches(self, x, group, ffn.norm, MODE_ROWS, None)
+        if _many_tokens(ffn.down.qt, t_count) and formats.integer(ffn.down.qt):
+            # SwiGLU in the down product's input preparation: a launch and a pass over the activations less
+            self._submit(launches + _product_launches(self, ffn.act, [down], None, MODE_ROWS, None, ffn.up_out))
+            return
+        grid, block = _grid2(*ffn.act.shape)
+        launches.append(_Launch(ops.swiglu_kernel, grid, block, (ffn.act, ffn.up_out, ffn.act), overlap=OVERLAP_MANY))
         self._submit(launches)
-        self.products(ffn.act, [backend.Product(ffn.down, ffn.out, accumulate=ffn.accumulate)])
+        self.products(ffn.act, [down])
 
     def attention(self, q, cache_k, cache_v, slots, positions, out, one_sequence=False, scale=None) -> None:  # noqa: ANN001
         t_count, heads, e = q.shape
@@ -615,10 +619,13 @@ def _product_launches(
     norm: backend.Norm | None,
     mode: int,
     rope: backend.RopeStore | None,
+    gated_by: Any = None,
 ) -> list[_Launch]:
     """The launches of one group of products (_groups) of x: for one or two tokens vec_kernel; for more the
     input prepared once and the tensor-core product (quantized weights), or for float weights rows_kernel
-    (a few tokens) or the tiled GEMM (_many_tokens). Each normalizes its input itself where `norm` says."""
+    (a few tokens) or the tiled GEMM (_many_tokens). Each normalizes its input itself where `norm` says.
+    `gated_by` (the up product's output; many tokens of an integer type only): the input is SwiGLU of x and
+    it, which the input's preparation computes and writes back to x."""
     present = [p for p in group if p is not None]
     qt, k = present[0].weight.qt, present[0].weight.shape[1]
     flags = ACCUMULATE if present[0].accumulate else 0
@@ -639,7 +646,7 @@ def _product_launches(
     nw, eps, hout = (be._dummy_v, np.float32(0.0), be._dummy_f) if norm is None else \
         (norm.weight, np.float32(norm.eps), norm.out)  # fmt: skip
     if _many_tokens(qt, t_count):
-        return _many_launches(be, x, qt, flags, mats, ns, norm is not None, nw, eps, hout)
+        return _many_launches(be, x, qt, flags, mats, ns, norm is not None, nw, eps, hout, gated_by)
     if norm is not None:
         flags |= NORM
     if t_count <= gemv.VEC_MAX_TOKENS:
@@ -672,10 +679,16 @@ def _many_tokens(qt: int, t_count: int) -> bool:
 
 
 def _many_launches(be: CudaBackend, x: Any, qt: int, flags: int, mats: list[tuple[Any, ...]], ns: list[int],
-                   norm: bool, nw: Any, eps: np.float32, hout: Any) -> list[_Launch]:  # fmt: skip
-    """Many tokens: the input normalized and rounded once by a launch of its own, then the product."""
+                   norm: bool, nw: Any, eps: np.float32, hout: Any, gated_by: Any = None) -> list[_Launch]:  # fmt: skip
+    """Many tokens: the input normalized (or gated) and rounded once by a launch of its own, then the product."""
     t_count, k = x.shape
     m0, m1, m2 = mats
+    gated = gated_by is not None
+    if gated and not formats.integer(qt):
+        raise InvalidParams(f"a gated input takes an integer weight type's preparation, not type {qt}'s")
+    if gated:
+        hout = x  # (the activation written back, as swiglu_kernel leaves it)
+    prep_args = (x, gated_by if gated else x, norm, nw, eps, hout)
     if formats.integer(qt):
         row_tiles = mma.row_tiles(*ns)
         if t_count >= hmma.MIN_TOKENS:  # float16 inputs and weights (hmma.py)
@@ -683,7 +696,7 @@ def _many_launches(be: CudaBackend, x: Any, qt: int, flags: int, mats: list[tupl
             if key not in be._act_bufs:
                 be._act_bufs[key] = (be.zeros((t_count, k // 2), np.uint32), be.zeros((t_count,)))
             inputs = be._act_bufs[key]
-            prep = _Launch(hmma.prep_f16_kernel(qt), (t_count,), (mma.PREP_THREADS,), (x, norm, nw, eps, hout, *inputs))
+            prep = _Launch(hmma.prep_f16_kernel(qt, gated), (t_count,), (mma.PREP_THREADS,), (*prep_args, *inputs))
             nj, split = hmma.plan(t_count, row_tiles, k, qt, be.sms)
             kernel = hmma.hmma_kernel(qt, nj, mma.wide_rows(qt, k))
         else:  # Q8 inputs and int8 weights (mma.py)
@@ -692,7 +705,7 @@ def _many_launches(be: CudaBackend, x: Any, qt: int, flags: int, mats: list[tupl
                 be._act_bufs[key] = (be.zeros((t_count, k // 4), np.int32), be.zeros((t_count, k // 32)),
                                      be.zeros((t_count, k // 32)))  # fmt: skip
             inputs = be._act_bufs[key]
-            prep = _Launch(mma.prep_q8_kernel(qt), (t_count,), (mma.PREP_THREADS,), (x, norm, nw, eps, hout, *inputs))
+            prep = _Launch(mma.prep_q8_kernel(qt, gated), (t_count,), (mma.PREP_THREADS,), (*prep_args, *inputs))
             nj, split = mma.plan(t_count, row_tiles, k, qt, be.sms)
             kernel = mma.mma_kernel(qt, nj, mma.wide_rows(qt, k))
         tiles = (math.ceil(t_count / (8 * nj)), row_tiles)

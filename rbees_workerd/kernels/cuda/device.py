@@ -554,6 +554,13 @@ else:
 
 
 @cuda.jit(**DEVICE)
+def silu_mul(g, u):
+    """SwiGLU's silu(g) * u, for each kernel that applies it (the one-token gated products, swiglu_kernel, the
+    down product's input preparation), so that they round alike."""
+    return g / (float32(1.0) + math.exp(-g)) * u
+
+
+@cuda.jit(**DEVICE)
 def inv_rms(x, t, k, eps, scratch):
     """1 / sqrt(mean(x[t, :k]^2) + eps), called by a whole warp (k the row's length: a constant
     where the kernel is compiled for it, which folds the bounds away).

@@ -47,6 +47,7 @@ from rbees_workerd.kernels.cuda.device import (
     quad_max,
     quad_sum,
     rint,
+    silu_mul,
     warp_max,
     warp_sum,
 )  # fmt: skip
@@ -319,25 +320,31 @@ def fetch_norm(nw, qt, it, nwv):
 
 
 @cuda.jit(**DEVICE)
-def load_item(x, t, it, inv, norm, nw, nwv, write_h, hout, qt, wv):
+def load_item(x, t, it, inv, norm, nw, nwv, write_h, hout, qt, wv, up, gated):
     """Item it's 8 inputs of token t (elem(qt, it % 4, 0 .. 7) of its 32-block) into wv, normalized where norm
-    (nwv: the norm's weights of the thread's first item, fetched here for the others) and written to hout
-    where write_h."""
+    (nwv: the norm's weights of the thread's first item, fetched here for the others), or where gated the
+    SwiGLU of x (the gate) and up; written to hout where write_h (gated: in place, each element by the
+    thread that read it)."""
     g = it >> 2  # (shifts and masks: the compiler does not know that it is not negative)
     q = it & 3
     if norm and it != cuda.threadIdx.x:
         fetch_norm(nw, qt, it, nwv)
     for j in range(8):
         c = uint32(g * 32 + elem(qt, q, j))
-        v = x[uint32(t), c] * inv * nwv[j] if norm else x[uint32(t), c]
+        v = x[uint32(t), c]
+        if gated:
+            v = silu_mul(v, up[uint32(t), c])
+        elif norm:
+            v = v * inv * nwv[j]
         if write_h:
             hout[uint32(t), c] = v
         wv[j] = v
 
 
 @cuda.jit(**DEVICE)
-def stage_q8(x, t, items, inv, norm, nw, nwv, write_h, hout, qt, rnd, xw, xd, xs, scratch, wv):
-    """Token t's input (normalized where norm) rounded to Q8 blocks, a thread per item, into xw/xd/xs.
+def stage_q8(x, t, items, inv, norm, nw, nwv, write_h, hout, qt, rnd, xw, xd, xs, scratch, wv, up, gated):
+    """Token t's input (normalized where norm; load_item's SwiGLU of x and up where gated) rounded to Q8
+    blocks, a thread per item, into xw/xd/xs.
 
     nwv holds the norm's weights of the thread's first item (fetch_norm), loaded before grid_ready where
     the kernel can. A thread loads its item's 8 inputs and rounds them with the 3 threads of the same
@@ -351,7 +358,7 @@ def stage_q8(x, t, items, inv, norm, nw, nwv, write_h, hout, qt, rnd, xw, xd, xs
         q = it & 3
         amax = float32(0.0)
         if it < items:  # (one branch for the item: the 8 loads go out together)
-            load_item(x, t, it, inv, norm, nw, nwv, write_h, hout, qt, wv)
+            load_item(x, t, it, inv, norm, nw, nwv, write_h, hout, qt, wv, up, gated)
             for j in range(8):
                 amax = max(amax, abs(wv[j]))
         else:

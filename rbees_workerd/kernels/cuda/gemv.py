@@ -175,7 +175,7 @@ def vec_kernel(qt: int, k: int, mode: int, flags: int, ns: tuple[int, int, int],
         inv = inv_rms(x, t, k, eps, scratch) if norm else float32(1.0)
         if is_int:
             stage_q8(x, t, items, inv, norm, nw, nwv, norm and cuda.blockIdx.x == 0, hout, qt, rnd, xw, xd, xs,
-                     scratch, wv)  # fmt: skip
+                     scratch, wv, x, False)  # fmt: skip
             cuda.syncthreads()
         else:
             for i in range(ni):

@@ -33,6 +33,7 @@ from rbees_workerd.kernels.cuda.device import (
     pack_f16,
     shared2,
     shared4,
+    silu_mul,
 )  # fmt: skip
 from rbees_workerd.kernels.cuda.formats import (
     Q6_K,
@@ -102,22 +103,24 @@ def token_scale(amax):
 
 
 @cuda.jit(**DEVICE)
-def stage_f16(x, t, items, inv, norm, nw, nwv, write_h, hout, qt, up, xh, wv):
-    """Token t's input (normalized where norm) times up as float16 pairs in stage_q8's item order: item i's
-    8 values (elem(qt, i % 4, 0 .. 7) of its 32-block) in words 4 i .. 4 i + 3, a thread per item."""
+def stage_f16(x, t, items, inv, norm, nw, nwv, write_h, hout, qt, scale, xh, wv, up, gated):
+    """Token t's input (normalized where norm; load_item's SwiGLU of x and up where gated) times scale as
+    float16 pairs in stage_q8's item order: item i's 8 values (elem(qt, i % 4, 0 .. 7) of its 32-block) in
+    words 4 i .. 4 i + 3, a thread per item."""
     for it in range(cuda.threadIdx.x, items, cuda.blockDim.x):
-        load_item(x, t, it, inv, norm, nw, nwv, write_h, hout, qt, wv)
+        load_item(x, t, it, inv, norm, nw, nwv, write_h, hout, qt, wv, up, gated)
         for m in range(4):
-            xh[uint32(4 * it + m)] = pack_f16(wv[2 * m] * up, wv[2 * m + 1] * up)
+            xh[uint32(4 * it + m)] = pack_f16(wv[2 * m] * scale, wv[2 * m + 1] * scale)
 
 
 @functools.cache
-def prep_f16_kernel(qt: int):  # noqa: ANN201
-    """Many tokens' inputs normalized, scaled by a power of two (token_scale) and rounded to float16 once,
-    for hmma_kernel (stage_f16); xs[t] the scale back. One block per token."""
+def prep_f16_kernel(qt: int, gated: bool = False):  # noqa: ANN201
+    """Many tokens' inputs normalized (or gated: SwiGLU of x and up, written back to x), scaled by a power of
+    two (token_scale) and rounded to float16 once, for hmma_kernel (stage_f16); xs[t] the scale back. One
+    block per token."""
 
     @cuda.jit(**EXACT)
-    def kernel(x, norm, nw, eps, hout, xh, xs):
+    def kernel(x, up, norm, nw, eps, hout, xh, xs):
         scratch = cuda.shared.array(PREP_THREADS, float32)
         wv = cuda.local.array(8, float32)
         nwv = cuda.local.array(8, float32)
@@ -129,12 +132,17 @@ def prep_f16_kernel(qt: int):  # noqa: ANN201
         inv = inv_rms(x, t, k, eps, scratch) if norm else float32(1.0)
         amax = float32(0.0)
         for c in range(cuda.threadIdx.x, k, cuda.blockDim.x):
-            amax = max(amax, abs(x[uint32(t), uint32(c)] * inv * nw[uint32(c)] if norm else x[uint32(t), uint32(c)]))
+            v = x[uint32(t), uint32(c)]
+            if gated:
+                v = silu_mul(v, up[uint32(t), uint32(c)])
+            elif norm:
+                v = v * inv * nw[uint32(c)]
+            amax = max(amax, abs(v))
         cuda.syncthreads()  # (inv_rms's scratch)
-        up, down = token_scale(block_max(amax, scratch))
+        scale, back = token_scale(block_max(amax, scratch))
         if cuda.threadIdx.x == 0:
-            xs[t] = down
-        stage_f16(x, t, k // 8, inv, norm, nw, nwv, norm, hout, qt, up, xh[t], wv)
+            xs[t] = back
+        stage_f16(x, t, k // 8, inv, norm, nw, nwv, norm or gated, hout, qt, scale, xh[t], wv, up, gated)
 
     return kernel
 

@@ -214,14 +214,14 @@ def stage_range(groups, kg):
 
 
 @functools.cache
-def prep_q8_kernel(qt: int):  # noqa: ANN201
-    """Many tokens' inputs normalized and rounded to Q8 once, for mma_kernel, in vec_kernel's staged
-    layout (stage_q8, the item order of weight type qt): xw[t] the int8 values four a word, xd[t]
-    and xs[t] each 32-block's scale and sum term. One block per token."""
+def prep_q8_kernel(qt: int, gated: bool = False):  # noqa: ANN201
+    """Many tokens' inputs normalized (or gated: SwiGLU of x and up, written back to x) and rounded to Q8
+    once, for mma_kernel, in vec_kernel's staged layout (stage_q8, the item order of weight type qt): xw[t]
+    the int8 values four a word, xd[t] and xs[t] each 32-block's scale and sum term. One block per token."""
     rnd = rounding(qt)
 
     @cuda.jit(**EXACT)
-    def kernel(x, norm, nw, eps, hout, xw, xd, xs):
+    def kernel(x, up, norm, nw, eps, hout, xw, xd, xs):
         scratch = cuda.shared.array(PREP_THREADS, float32)
         wv = cuda.local.array(8, float32)
         nwv = cuda.local.array(8, float32)
@@ -230,7 +230,8 @@ def prep_q8_kernel(qt: int):  # noqa: ANN201
             fetch_norm(nw, qt, cuda.threadIdx.x, nwv)
         grid_ready()
         inv = inv_rms(x, t, x.shape[1], eps, scratch) if norm else float32(1.0)
-        stage_q8(x, t, x.shape[1] // 8, inv, norm, nw, nwv, norm, hout, qt, rnd, xw[t], xd[t], xs[t], scratch, wv)
+        stage_q8(x, t, x.shape[1] // 8, inv, norm, nw, nwv, norm or gated, hout, qt, rnd, xw[t], xd[t], xs[t],
+                 scratch, wv, up, gated)  # fmt: skip
 
     return kernel
 

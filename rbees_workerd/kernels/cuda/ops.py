@@ -19,6 +19,7 @@ from rbees_workerd.kernels.cuda.device import (
     pack_f16,
     quad_max,
     quad_sum,
+    silu_mul,
     warp_max,
     warp_sum,
 )  # fmt: skip
@@ -521,8 +522,7 @@ def swiglu_kernel(gate, up, out):
     grid_ready()
     i, j = cuda.grid(2)
     if i < gate.shape[0] and j < gate.shape[1]:
-        g = gate[i, j]
-        out[i, j] = g / (float32(1.0) + math.exp(-g)) * up[i, j]
+        out[i, j] = silu_mul(gate[i, j], up[i, j])
 
 
 @cuda.jit(**JIT)

@@ -9,11 +9,9 @@ MODE_QKV: q, k and v, a pair of rows at a time, rotated by RoPE and stored in th
 
 from __future__ import annotations
 
-import math
-
 from numba import cuda, float32, uint32
 
-from rbees_workerd.kernels.cuda.device import DEVICE
+from rbees_workerd.kernels.cuda.device import DEVICE, silu_mul
 
 MODE_ROWS, MODE_SWIGLU, MODE_QKV = 0, 1, 2
 # flags of a launch
@@ -53,7 +51,7 @@ def store(which, mode, flags, t, r, a, b, o0, b0, o1, b1, o2, b2, res):
             a += b0[r]
         if flags & BIAS[1]:
             b += b1[r]
-        o0[t, r] = a / (float32(1.0) + math.exp(-a)) * b
+        o0[t, r] = silu_mul(a, b)
     elif which == 0:
         o0[t, r] = (a + b0[r] if flags & BIAS[0] else a) + res
     elif which == 1:
