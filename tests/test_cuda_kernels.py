@@ -319,7 +319,8 @@ def _norm_ref(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
 
 
 # under the slow simulator: SwiGLU fused into the one-token (K-quants) and few-token (float weights) products,
-# the activation apart from the tensor-core products (K-quants at three tokens) and the float GEMM
+# into the down product's input preparation of the tensor-core products (K-quants at three tokens), and apart
+# from the float GEMM
 _SIM_FFN = {(Q.Q4_K, 1), (Q.Q4_K, 3), (Q.Q4_1, 2), (Q.BF16, 3), (Q.BF16, GEMM_MIN_TOKENS + 1)}
 
 
@@ -327,10 +328,22 @@ _SIM_FFN = {(Q.Q4_K, 1), (Q.Q4_K, 3), (Q.Q4_1, 2), (Q.BF16, 3), (Q.BF16, GEMM_MI
 @pytest.mark.parametrize(("gate_t", "down_t"), [(Q.Q4_K, Q.Q6_K), (Q.Q4_1, Q.Q4_1), (Q.BF16, Q.F16)],
                          ids=["q4_k-q6_k", "q4_1", "bf16-f16"])  # fmt: skip
 def test_gated_ffn_with_norm_and_residual(be, t, gate_t, down_t):
-    """x += down(silu(gate(n)) * up(n)), n = rmsnorm(x): SwiGLU fused into the product for few tokens,
-    apart for many; each stage against the reference on the device's own input to it."""
+    """x += down(silu(gate(n)) * up(n)), n = rmsnorm(x): SwiGLU fused into the product for few tokens, into
+    the down product's input preparation for many (integer types), apart for the float GEMM; each stage
+    against the reference on the device's own input to it."""
     if SIM and (gate_t, t) not in _SIM_FFN:
         pytest.skip("the simulator runs each kernel family's fusion once")
+    _check_gated_ffn(be, t, gate_t, down_t)
+
+
+def test_gated_ffn_on_the_float16_tensor_cores(be, monkeypatch):
+    """As above with hmma_kernel from three tokens (the simulator's steps stop short of hmma.MIN_TOKENS): the
+    normalized and the gated float16 input preparations."""
+    monkeypatch.setattr(hmma, "MIN_TOKENS", 3)
+    _check_gated_ffn(be, 3 if SIM else 33, Q.Q4_K, Q.Q6_K)
+
+
+def _check_gated_ffn(be, t, gate_t, down_t) -> None:  # noqa: ANN001
     rng = np.random.default_rng(9)
     d, f = 256, 256
     raws = {"gate": random_matrix(gate_t, f, d, rng)[0], "up": random_matrix(gate_t, f, d, rng)[0],
@@ -343,7 +356,7 @@ def test_gated_ffn_with_norm_and_residual(be, t, gate_t, down_t):
     x, h = _dev(be, x0), _dev(be, np.full((t, d), np.nan, np.float32))
     act, up = (_dev(be, np.full((t, f), np.nan, np.float32)) for _ in "au")
     ffn = GatedFFN(Norm(be.vector(nw0), 1e-5, h), ws["gate"], ws["up"], ws["down"], act, up, x)
-    be.run_step(("ffn-test", t, gate_t), lambda: be.gated_ffn(x, ffn))
+    be.run_step(("ffn-test", t, gate_t, hmma.MIN_TOKENS), lambda: be.gated_ffn(x, ffn))
     n = _norm_ref(x0, nw0, 1e-5)
     g, u = ref_product(gate_t, raws["gate"], n), ref_product(gate_t, raws["up"], n)
     got_act = be.download(act)
