@@ -117,7 +117,8 @@ def _module(name: str):  # noqa: ANN202
 # --sweep's names: (module, attribute, type)
 _SETTINGS = {"overlap_many": (_module("backend"), "OVERLAP_MANY", bool),
              "programmatic": (_module("backend"), "PROGRAMMATIC", bool),
-             "hmma_min_tokens": (_module("hmma"), "MIN_TOKENS", int)}  # fmt: skip
+             "hmma_min_tokens": (_module("hmma"), "MIN_TOKENS", int),
+             "hmma_long_k_min_tokens": (_module("hmma"), "LONG_K_MIN_TOKENS", int)}  # fmt: skip
 
 
 def main() -> None:

@@ -156,7 +156,8 @@ class CudaBackend(backend.Backend):
     pads_steps = not SIM
     kv_dtype = np.uint16
     # (1 token, each token-tile count of mma_kernel, hmma_kernel: the simulator's warm-up leaves out its 65 tokens)
-    warm_sizes = (1, *(8 * nj for nj in mma.TOKEN_TILES), *(() if SIM else (hmma.MIN_TOKENS,)))
+    warm_sizes = (1, *(8 * nj for nj in mma.TOKEN_TILES),
+                  *(() if SIM else sorted({hmma.MIN_TOKENS, hmma.LONG_K_MIN_TOKENS})))  # fmt: skip
 
     def __init__(self, gpu: int = 0) -> None:
         with _cuda_errors(f"opening GPU {gpu}"):
@@ -691,7 +692,7 @@ def _many_launches(be: CudaBackend, x: Any, qt: int, flags: int, mats: list[tupl
     prep_args = (x, gated_by if gated else x, norm, nw, eps, hout)
     if formats.integer(qt):
         row_tiles = mma.row_tiles(*ns)
-        if t_count >= hmma.MIN_TOKENS:  # float16 inputs and weights (hmma.py)
+        if hmma.takes(t_count, k):  # float16 inputs and weights (hmma.py)
             key = ("f16", _ptr(x), qt)
             if key not in be._act_bufs:
                 be._act_bufs[key] = (be.zeros((t_count, k // 2), np.uint32), be.zeros((t_count,)))
