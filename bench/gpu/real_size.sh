@@ -9,7 +9,8 @@
 # ALT_FILES: the .alt tree's models (l8b q05; their batches B8, B05); LLAMA_R: llama-bench's repetitions;
 # ENVS: space-separated NAME=VALUE[@NAME=VALUE] settings the 8B is run under again; ARGS8 / ARGS05: space-separated
 # cuda_bench.py options (@ between several) the 8B's batches B8A (64) / the 0.5B's B05A (64,256) are run with again;
-# SWEEP: tuning variants of the one-token product on the 8B shape. TEST_N above 2 starves llama.cpp's build
+# SWEEP: tuning variants of the one-token product on the 8B shape. BENCH_8B / BENCH_05: cuda_bench.py options of the
+# main 8B / 0.5B runs (e.g. --sweep NAME=V1,V2: each combination's decode on the one load); S8: the 8B run's limit. TEST_N above 2 starves llama.cpp's build
 # (2026-12-06: unfinished after 6 minutes beside `-n 8`). ALT: a second tree to time beside this one in the same
 # call (`mkdir .alt && git archive BRANCH | tar -x -C .alt`, `/.alt/` in .git/info/exclude, carry ".alt").
 source bench/gpu/setup.sh
@@ -22,7 +23,7 @@ cd $R
 echo "== tests"; REQUIRE_REAL_GPU=1 timeout ${TEST_S:-170} python3 -m pytest -q -p no:cacheprovider ${TEST_N:+-n $TEST_N} \
   tests/test_cuda_kernels.py tests/test_architectures.py::test_cuda_matches_cpu -k "${TESTS:-not nothing}" > /root/tests.log 2>&1
 grep -E "^(FAILED|ERROR)|^E  |passed|failed" /root/tests.log | head -40  # (the output: a call brings back 8 files)
-echo "== rbees 8B"; timeout 150 python3 bench/cuda_bench.py /root/m/l8b.gguf --batches ${B8:-1,64} --steps 64 --repeat 3 --json $BENCH_8B 2>&1 | tail -2 | tee $OUT/rbees_l8b.log
+echo "== rbees 8B"; timeout ${S8:-150} python3 bench/cuda_bench.py /root/m/l8b.gguf --batches ${B8:-1,64} --steps 64 --repeat 3 --json $BENCH_8B 2>&1 | tail -2 | tee $OUT/rbees_l8b.log
 for a in ${SWEEP:-}; do  # tuning variants of the one-token product, batch 1 (e.g. SWEEP="--fetch-regs=40 --long-block-warps=8")
   echo "== rbees 8B $a"; timeout 90 python3 bench/cuda_bench.py /root/m/l8b.gguf --batches 1 --steps 64 --repeat 3 --json $a 2>&1 | tail -1 | tee -a $OUT/sweep_l8b.log
 done
@@ -37,7 +38,7 @@ if [ -d .alt ]; then  # the other tree's engine on the same files, same call
     (cd .alt && PYTHONPATH=/root/dev/site:$R/.alt timeout 150 python3 bench/cuda_bench.py \
     /root/m/$f.gguf --batches ${b:-1,64} --steps 64 --repeat 3 --json 2>&1 | tail -1 | tee -a $OUT/alt.log); done
 fi
-echo "== rbees 0.5B"; timeout ${Q05_S:-80} python3 bench/cuda_bench.py /root/m/q05.gguf --batches ${B05:-1,64,256} --steps 64 --repeat 3 --json 2>&1 | tail -2 | tee $OUT/rbees_q05.log
+echo "== rbees 0.5B"; timeout ${Q05_S:-80} python3 bench/cuda_bench.py /root/m/q05.gguf --batches ${B05:-1,64,256} --steps 64 --repeat 3 --json $BENCH_05 2>&1 | tail -2 | tee $OUT/rbees_q05.log
 for a in ${ARGS05:-}; do  # the same for the 0.5B (its batches B05A)
   echo "== rbees 0.5B $a"; timeout 120 python3 bench/cuda_bench.py /root/m/q05.gguf --batches ${B05A:-64,256} --steps 64 --repeat 3 --json ${a//@/ } 2>&1 | tail -1 | tee -a $OUT/args_q05.log
 done

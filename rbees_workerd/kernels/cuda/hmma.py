@@ -114,32 +114,35 @@ def token_scale(amax):
 
 
 @cuda.jit(**DEVICE)
-def stage_f16(x, t, items, inv, norm, nw, nwv, write_h, hout, qt, scale, xh, wv, up, gated):
-    """Token t's input (normalized where norm; load_item's SwiGLU of x and up where gated) times scale as
-    float16 pairs in stage_q8's item order: item i's 8 values (elem(qt, i % 4, 0 .. 7) of its 32-block) in
-    words 4 i .. 4 i + 3, a thread per item."""
+def stage_f16(x, t, items, inv, norm, nw, nwv, write_h, hout, qt, scale, xh, wv):
+    """Token t's input (normalized where norm) times scale as float16 pairs in stage_q8's item order: item i's
+    8 values (elem(qt, i % 4, 0 .. 7) of its 32-block) in words 4 i .. 4 i + 3, a thread per item."""
     for it in range(cuda.threadIdx.x, items, cuda.blockDim.x):
-        load_item(x, t, it, inv, norm, nw, nwv, write_h, hout, qt, wv, up, gated)
+        load_item(x, t, it, inv, norm, nw, nwv, write_h, hout, qt, wv, x, False)
         for m in range(4):
             xh[uint32(4 * it + m)] = pack_f16(wv[2 * m] * scale, wv[2 * m + 1] * scale)
 
 
 @cuda.jit(**DEVICE)
 def _input_max(x, up, t, k, inv, norm, nw, gated):
-    """This thread's largest |input| of token t, the input as load_item makes it (normalized or gated), over a
-    stride of the block: UNROLL strides' loads in flight at a time (one at a time, a 14,336-wide row took 28
-    round trips to memory)."""
+    """This thread's largest |input| of token t over a stride of the block, the input as load_item makes it:
+    normalized, or gated (SwiGLU of x and up, written back to x here, once, for stage_f16 to take as it is).
+    UNROLL strides' loads in flight at a time: one at a time, a 14,336-wide row took 28 round trips."""
     xv = cuda.local.array(UNROLL, float32)
     wv = cuda.local.array(UNROLL, float32)
     amax = float32(0.0)
     for c0 in range(cuda.threadIdx.x, k, cuda.blockDim.x * UNROLL):
         for u in range(UNROLL):
-            c = uint32(min(c0 + cuda.blockDim.x * u, k - 1))  # (past the row: its last element again)
+            c = uint32(min(c0 + cuda.blockDim.x * u, k - 1))  # (past the row: its last element, left unused)
             xv[u] = x[uint32(t), c]
             wv[u] = up[uint32(t), c] if gated else (nw[c] if norm else float32(1.0))
         for u in range(UNROLL):
+            c = c0 + cuda.blockDim.x * u
             v = silu_mul(xv[u], wv[u]) if gated else (xv[u] * inv * wv[u] if norm else xv[u])
-            amax = max(amax, abs(v))
+            if c < k:
+                if gated:
+                    x[uint32(t), uint32(c)] = v
+                amax = max(amax, abs(v))
     return amax
 
 
@@ -161,11 +164,11 @@ def prep_f16_kernel(qt: int, gated: bool = False):  # noqa: ANN201
         grid_ready()
         inv = inv_rms(x, t, k, eps, scratch) if norm else float32(1.0)
         amax = _input_max(x, up, t, k, inv, norm, nw, gated)
-        cuda.syncthreads()  # (inv_rms's scratch)
+        cuda.syncthreads()  # (inv_rms's scratch; the gated input written back)
         scale, back = token_scale(block_max(amax, scratch))
         if cuda.threadIdx.x == 0:
             xs[t] = back
-        stage_f16(x, t, k // 8, inv, norm, nw, nwv, norm or gated, hout, qt, scale, xh[t], wv, up, gated)
+        stage_f16(x, t, k // 8, inv, norm, nw, nwv, norm, hout, qt, scale, xh[t], wv)
 
     return kernel
 

@@ -203,7 +203,8 @@ def attention_kernel(e: int, r: int = 1, scale: float | None = None):  # noqa: A
     @cuda.jit(**DEVICE)
     def load_rows(cache, sg, p0, stride, last, rows, regs, u0):
         """Start loading rows p0 + w + stride * u of cache[s, :, g] (sg = (s, g); none past last) into
-        regs[u0 + u]: warp w's rows, its lanes across the dimensions."""
+        regs[u0 + u]: warp w's rows, its lanes across the dimensions, as the cache's float16 bits (made floats
+        where they are used: a conversion here would wait for the load, which must stay in flight)."""
         w = uint32(cuda.threadIdx.x) // 32
         lane = uint32(cuda.threadIdx.x) % 32
         kv = cache[sg[0], :, sg[1]]  # [position, dimension]: one multiply a row
@@ -212,7 +213,7 @@ def attention_kernel(e: int, r: int = 1, scale: float | None = None):  # noqa: A
             if p <= last:
                 for m in range(dr):
                     if full or lane + 32 * m < e:
-                        regs[u0 + u, m] = half_to_f32(kv[p, uint32(lane + 32 * m)])
+                        regs[u0 + u, m] = kv[p, uint32(lane + 32 * m)]
 
     @cuda.jit(**DEVICE)
     def stash(regs, ks):
@@ -223,7 +224,7 @@ def attention_kernel(e: int, r: int = 1, scale: float | None = None):  # noqa: A
         for u in range(kr):
             for m in range(dr):
                 if full or lane + 32 * m < e:
-                    ks[uint32(w + warps * u), uint32(lane + 32 * m)] = regs[u, m]
+                    ks[uint32(w + warps * u), uint32(lane + 32 * m)] = half_to_f32(regs[u, m])
         cuda.syncthreads()
 
     @cuda.jit(**JIT, **_ATT_FIT)
@@ -236,9 +237,10 @@ def attention_kernel(e: int, r: int = 1, scale: float | None = None):  # noqa: A
         red64 = cuda.shared.array((r, warps), float64)
         scratch = cuda.shared.array(scratch_n, float32)
         scratch64 = cuda.shared.array(scratch_n, float64)
-        regs = cuda.local.array((kr, dr), float32)
+        regs = cuda.local.array((kr, dr), uint32)  # the next K tile's float16 bits
         qv = cuda.local.array(qper, float32)
-        vb = cuda.local.array((vrows2, dr), float32)  # this batch's V rows, then the next batch's
+        vb = cuda.local.array((vrows2, dr), uint32)  # this batch's V rows' float16 bits, then the next batch's
+        wt = cuda.local.array(r, float32)
         dot = cuda.local.array(r, float32)
         best = cuda.local.array(r, float32)
         inv = cuda.local.array(r, float32)
@@ -313,9 +315,11 @@ def attention_kernel(e: int, r: int = 1, scale: float | None = None):  # noqa: A
                             p = b0 + w + warps * u
                             if p < c1:
                                 for j in range(r):
-                                    wt = sc[j, uint32(p - c0)]
-                                    for m in range(dr):
-                                        acc[j, m] += wt * vb[u, m]
+                                    wt[j] = sc[j, uint32(p - c0)]
+                                for m in range(dr):
+                                    vv = half_to_f32(vb[u, m])
+                                    for j in range(r):
+                                        acc[j, m] += wt[j] * vv
                         for u in range(vrows):
                             for m in range(dr):
                                 vb[u, m] = vb[vrows + u, m]
