@@ -20,7 +20,7 @@ inputs) and registers of prefetched weights
 graphs without programmatic dependent launch (each kernel starts when the one before has ended).
 --sweep runs the decode batches again for each combination of tuning values, on the one loaded model
 (an 8B shape loads in 30-60 s), its graphs captured anew for each: e.g.
-`--sweep overlap_many=0,1 hmma_min_tokens=65,33` gives four `decode_b64_tok_s[overlap_many=1,...]`.
+`--sweep programmatic=0,1 hmma_large_min_tokens=65,33` gives four `decode_b64_tok_s[programmatic=1,...]`.
 """
 
 from __future__ import annotations
@@ -115,10 +115,9 @@ def _module(name: str):  # noqa: ANN202
 
 
 # --sweep's names: (module, attribute, type)
-_SETTINGS = {"overlap_many": (_module("backend"), "OVERLAP_MANY", bool),
-             "programmatic": (_module("backend"), "PROGRAMMATIC", bool),
+_SETTINGS = {"programmatic": (_module("backend"), "PROGRAMMATIC", bool),
              "hmma_min_tokens": (_module("hmma"), "MIN_TOKENS", int),
-             "hmma_long_k_min_tokens": (_module("hmma"), "LONG_K_MIN_TOKENS", int)}  # fmt: skip
+             "hmma_large_min_tokens": (_module("hmma"), "LARGE_MIN_TOKENS", int)}  # fmt: skip
 
 
 def main() -> None:
@@ -133,7 +132,6 @@ def main() -> None:
     ap.add_argument("--gemm-min-tokens", type=int)
     ap.add_argument("--vec-max-tokens", type=int)
     ap.add_argument("--hmma-min-tokens", type=int, help="tuning: hmma.MIN_TOKENS")
-    ap.add_argument("--overlap-many", action="store_true", help="tuning: backend.OVERLAP_MANY")
     ap.add_argument("--vec-warps", type=int, help="tuning: gemv.VEC_WARPS")
     ap.add_argument("--block-warps", type=int, help="tuning: gemv.BLOCK_WARPS")
     ap.add_argument("--long-block-warps", type=int, help="tuning: gemv.LONG_BLOCK_WARPS")
@@ -150,7 +148,6 @@ def main() -> None:
         backend.GEMM_MIN_TOKENS = args.gemm_min_tokens
     if args.vec_max_tokens is not None:
         gemv.VEC_MAX_TOKENS = args.vec_max_tokens
-    backend.OVERLAP_MANY = args.overlap_many
     if args.hmma_min_tokens is not None:
         hmma.MIN_TOKENS = args.hmma_min_tokens
     for name in ("vec_warps", "block_warps", "long_block_warps", "fetch_regs"):

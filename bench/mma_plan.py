@@ -116,7 +116,7 @@ def main() -> None:
             x = be.vector(rng.standard_normal((t, k)).astype(np.float32))
             prods = [backend.Product(w, be.zeros((t, w.shape[0]))) for w in weights]
             ns = [w.shape[0] for w in weights] + [0] * (3 - len(weights))
-            want = chosen_plans[hmma.takes(t, k)](t, mma.row_tiles(*ns), k, qt, be.sms)
+            want = chosen_plans[hmma.takes(t, sum(ns), k)](t, mma.row_tiles(*ns), k, qt, be.sms)
             njs = [int(v) for v in a.nj.split(",")]
             plans = {(nj, int(v)) for nj in njs for v in a.splits.split(",")} | ({want} if want[0] in njs else set())
             for nj, split in sorted(plans):

@@ -42,9 +42,6 @@ warnings.filterwarnings("ignore", message=r"(\x1b\[1m)?Grid size \d+ will likely
 MAX_GRAPHS = 64  # captured step shapes kept (least recently used dropped)
 MAX_SEEN = 256  # step shapes run once and remembered, to be captured if they come again
 PROGRAMMATIC = True  # graphs' kernels launch while the one before runs (see _programmatic_edges)
-# tuning (cuda_bench.py --overlap-many): the many-token kernels (input preparation, mma, hmma, SwiGLU) take
-# programmatic edges too; off until measured on today's kernels (docs/benchmarks.md, 2026-12-07)
-OVERLAP_MANY = False
 GEMM_MIN_TOKENS = 16 if SIM else 32  # float weights: steps of this many tokens take the tiled GEMM (see _many_tokens)
 _STAGING = 1 << 20  # pinned bytes through which small uploads go asynchronously
 _OOM = 2  # CUDA_ERROR_OUT_OF_MEMORY
@@ -157,7 +154,7 @@ class CudaBackend(backend.Backend):
     kv_dtype = np.uint16
     # (1 token, each token-tile count of mma_kernel, hmma_kernel: the simulator's warm-up leaves out its 65 tokens)
     warm_sizes = (1, *(8 * nj for nj in mma.TOKEN_TILES),
-                  *(() if SIM else sorted({hmma.MIN_TOKENS, hmma.LONG_K_MIN_TOKENS})))  # fmt: skip
+                  *(() if SIM else sorted({hmma.MIN_TOKENS, hmma.LARGE_MIN_TOKENS})))  # fmt: skip
 
     def __init__(self, gpu: int = 0) -> None:
         with _cuda_errors(f"opening GPU {gpu}"):
@@ -395,7 +392,7 @@ class CudaBackend(backend.Backend):
             self._submit(launches + _product_launches(self, ffn.act, [down], None, MODE_ROWS, None, ffn.up_out))
             return
         grid, block = _grid2(*ffn.act.shape)
-        launches.append(_Launch(ops.swiglu_kernel, grid, block, (ffn.act, ffn.up_out, ffn.act), overlap=OVERLAP_MANY))
+        launches.append(_Launch(ops.swiglu_kernel, grid, block, (ffn.act, ffn.up_out, ffn.act), overlap=False))
         self._submit(launches)
         self.products(ffn.act, [down])
 
@@ -543,9 +540,9 @@ class CudaBackend(backend.Backend):
         self._launch(launches, builder)
         builder.end_building()
         # measured on the H200: batch-1 decode 851 -> 1,096 tok/s with programmatic edges, but 256
-        # streams 45.5k -> 35.8k, a 512-token prompt 55k -> 49k, 8 and 16 streams 2-3% slower (with the
-        # many-token kernels of then): only the steps of vec_kernel products (which load weights before
-        # grid_ready) get them, and the many-token ones where OVERLAP_MANY (not yet measured with today's)
+        # streams 45.5k -> 35.8k, a 512-token prompt 55k -> 49k, 8 and 16 streams 2-3% slower; again with
+        # today's many-token kernels (H100, 2026-12-07: the 8B's 64 streams -4.7%, the 0.5B's 256 -4.4%): only
+        # the steps of vec_kernel products (which load weights before grid_ready) get them
         if PROGRAMMATIC and all(ln.overlap for ln in launches):
             _programmatic_edges(builder.graph_definition.handle)
         self._graphs[key] = builder.complete()
@@ -692,7 +689,7 @@ def _many_launches(be: CudaBackend, x: Any, qt: int, flags: int, mats: list[tupl
     prep_args = (x, gated_by if gated else x, norm, nw, eps, hout)
     if formats.integer(qt):
         row_tiles = mma.row_tiles(*ns)
-        if hmma.takes(t_count, k):  # float16 inputs and weights (hmma.py)
+        if hmma.takes(t_count, sum(ns), k):  # float16 inputs and weights (hmma.py)
             key = ("f16", _ptr(x), qt)
             if key not in be._act_bufs:
                 be._act_bufs[key] = (be.zeros((t_count, k // 2), np.uint32), be.zeros((t_count,)))
@@ -730,5 +727,5 @@ def _many_launches(be: CudaBackend, x: Any, qt: int, flags: int, mats: list[tupl
         args = (x_in, m0, m1, m2, *ns, part, count)
         launches.append(_Launch(gemm.gemm_kernel(qt, flags), (*tiles, split), (gemm.THREADS,), args))
     for ln in launches:
-        ln.overlap = OVERLAP_MANY and formats.integer(qt)
+        ln.overlap = False
     return launches

@@ -69,16 +69,20 @@ SLOTS = 2  # hmma_kernel blocks an SM holds (ptxas takes 157-204 registers; boun
 # H100, 8B shape: at 512 tokens this kernel wins every product (a 512-token prefill +19% tokens/s); from 33
 # tokens it gave the 8B's 64 streams +5.4% but the 0.5B's -41% (plan's few blocks for its K = 896).
 MIN_TOKENS = 65
-# Products of a long K (the 8B's 4,096 and 14,336) may take it from fewer tokens: from 33, every product of the
-# 8B's 64-token steps on it gave +5.4% (H100, tenth session), where the 0.5B (K = 896 but for its down) lost 41%.
-# Not yet measured apart: MIN_TOKENS until it is (bench/cuda_bench.py --sweep hmma_long_k_min_tokens=65,33).
-LONG_K = 4096
-LONG_K_MIN_TOKENS = 65
+# Large products (LARGE rows and K or more: the 8B's but v alone) take it from LARGE_MIN_TOKENS. H100, 8B shape,
+# 64 streams: +5.4% with every product on it from 33 tokens (tenth session), +4.6% with those of K >= 4,096 (the
+# same call as the 0.5B's 64 streams -12.5% with its ffn_down, 896 x 4,864, on it: 2026-12-07). One at a time
+# (tenth session), the 8B's products at 64 tokens were all faster on it but v alone (1,024 rows: 40.5 against
+# 39.2 us).
+LARGE = 4096
+LARGE_MIN_TOKENS = 33
 
 
-def takes(t_count: int, k: int) -> bool:
-    """Whether a product of t_count tokens of inputs of length k takes hmma_kernel (else mma_kernel)."""
-    return t_count >= (min(MIN_TOKENS, LONG_K_MIN_TOKENS) if k >= LONG_K else MIN_TOKENS)
+def takes(t_count: int, rows: int, k: int) -> bool:
+    """Whether a product of t_count tokens, `rows` rows (its launch's matrices together) and inputs of length k
+    takes hmma_kernel (else mma_kernel)."""
+    large = rows >= LARGE and k >= LARGE
+    return t_count >= (min(MIN_TOKENS, LARGE_MIN_TOKENS) if large else MIN_TOKENS)
 # ptxas's register bound for hmma_kernel (None: its own choice; bench/mma_plan.py --hmma-registers sweeps others)
 REGISTERS: int | None = None
 # plan's cost model, in units of a 32-block of one token tile, fitted to bench/mma_plan.py's sweep of the 8B's
