@@ -22,9 +22,11 @@ os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".numba-cache"))
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The simulator run of the CUDA kernel tests keeps a core busy for many minutes: when its test is
-    selected, start it now, beside the rest of the suite, and put its test last, where it collects the result."""
+    selected, start it now, beside the rest of the suite, and put its test last, where it collects the result.
+    Not in pytest-xdist's workers: each collects every test, and only the one that is given it would use the
+    run (the test starts its own then)."""
     sim = [item for item in items if item.name == TEST_NAME]
-    if sim and importlib.util.find_spec("numba_cuda") is not None:
+    if sim and importlib.util.find_spec("numba_cuda") is not None and not hasattr(config, "workerinput"):
         items[:] = [item for item in items if item.name != TEST_NAME] + sim
         config.stash[SIM_RUN] = SimulatorRun()
 
