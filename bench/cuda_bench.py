@@ -26,6 +26,7 @@ graphs without programmatic dependent launch (each kernel starts when the one be
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import json
 import statistics
@@ -107,17 +108,13 @@ def _sweep_settings(specs: list[str]) -> list[dict[str, int]]:
 def _apply(settings: dict[str, int]) -> None:
     for name, value in settings.items():
         module, attr, kind = _SETTINGS[name]
-        setattr(module(), attr, kind(value))
+        setattr(importlib.import_module(f"rbees_workerd.kernels.cuda.{module}"), attr, kind(value))
 
 
-def _module(name: str):  # noqa: ANN202
-    return lambda: __import__(f"rbees_workerd.kernels.cuda.{name}", fromlist=[name])
-
-
-# --sweep's names: (module, attribute, type)
-_SETTINGS = {"programmatic": (_module("backend"), "PROGRAMMATIC", bool),
-             "hmma_min_tokens": (_module("hmma"), "MIN_TOKENS", int),
-             "hmma_large_min_tokens": (_module("hmma"), "LARGE_MIN_TOKENS", int)}  # fmt: skip
+# --sweep's names: (module of rbees_workerd.kernels.cuda, attribute, type)
+_SETTINGS = {"programmatic": ("backend", "PROGRAMMATIC", bool),
+             "hmma_min_tokens": ("hmma", "MIN_TOKENS", int),
+             "hmma_large_min_tokens": ("hmma", "LARGE_MIN_TOKENS", int)}  # fmt: skip
 
 
 def main() -> None:

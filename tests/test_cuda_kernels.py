@@ -127,7 +127,7 @@ def _dev_cache(be: CudaBackend, values: np.ndarray):  # noqa: ANN202
 def _host(be: CudaBackend, a) -> np.ndarray:  # noqa: ANN001
     """A device array on the host, a KV cache's float16 bits as their float32 values."""
     h = be.download(a)
-    return h.view(np.float16).astype(np.float32) if h.dtype == be.kv_dtype != np.float32 else h
+    return h.view(np.float16).astype(np.float32) if h.dtype == np.uint16 else h
 
 
 def _close(got: np.ndarray, ref: np.ndarray, rtol: float = 1e-4) -> None:

@@ -682,9 +682,9 @@ def _many_launches(be: CudaBackend, x: Any, qt: int, flags: int, mats: list[tupl
     t_count, k = x.shape
     m0, m1, m2 = mats
     gated = gated_by is not None
-    if gated and not formats.integer(qt):
-        raise InvalidParams(f"a gated input takes an integer weight type's preparation, not type {qt}'s")
     if gated:
+        if not formats.integer(qt):
+            raise InvalidParams(f"a gated input takes an integer weight type's preparation, not type {qt}'s")
         hout = x  # (the activation written back, as swiglu_kernel leaves it)
     prep_args = (x, gated_by if gated else x, norm, nw, eps, hout)
     if formats.integer(qt):

@@ -76,13 +76,6 @@ MIN_TOKENS = 65
 # 39.2 us).
 LARGE = 4096
 LARGE_MIN_TOKENS = 33
-
-
-def takes(t_count: int, rows: int, k: int) -> bool:
-    """Whether a product of t_count tokens, `rows` rows (its launch's matrices together) and inputs of length k
-    takes hmma_kernel (else mma_kernel)."""
-    large = rows >= LARGE and k >= LARGE
-    return t_count >= (min(MIN_TOKENS, LARGE_MIN_TOKENS) if large else MIN_TOKENS)
 # ptxas's register bound for hmma_kernel (None: its own choice; bench/mma_plan.py --hmma-registers sweeps others)
 REGISTERS: int | None = None
 # plan's cost model, in units of a 32-block of one token tile, fitted to bench/mma_plan.py's sweep of the 8B's
@@ -91,6 +84,13 @@ REGISTERS: int | None = None
 _BLOCK = 400  # a block's start and stores
 _STAGE = 4  # a stage's copies, scales and barriers
 _REDUCE = 2  # a part of K, a token tile: the split's last block adds it
+
+
+def takes(t_count: int, rows: int, k: int) -> bool:
+    """Whether a product of t_count tokens, `rows` rows (its launch's matrices together) and inputs of length k
+    takes hmma_kernel (else mma_kernel)."""
+    large = rows >= LARGE and k >= LARGE
+    return t_count >= (min(MIN_TOKENS, LARGE_MIN_TOKENS) if large else MIN_TOKENS)
 
 
 @functools.cache  # (a step not captured in a graph plans each of its products)
