@@ -243,13 +243,18 @@ def test_tensor_core_product_of_three_matrices(be, monkeypatch, qtype):
             _close(be.download(out), ref_product(qtype, raw, x) + bias)
 
 
+@pytest.mark.parametrize("ahead", [0, 3], ids=["", "ahead-3"])
 @pytest.mark.parametrize("qtype", _MMA_TYPES, ids=lambda q: q.name)
-def test_float16_tensor_core_product(be, monkeypatch, qtype):
+def test_float16_tensor_core_product(be, monkeypatch, qtype, ahead):
     """hmma_kernel: many tokens, K split and whole, both token tiles a block that plan takes, rows and tokens past
     the tiles, against the float64 product (the input and each weight rounded to float16 on the way: within
     1e-3 of the largest output). Tokens of inputs past float16's range (1e5) and far below it (1e-6) come out
-    alike: each token's input is scaled by a power of two first."""
+    alike: each token's input is scaled by a power of two first. On a GPU also with L2 prefetches 3 stages
+    ahead (the simulator has no L2: the same kernel)."""
+    if SIM and ahead:
+        pytest.skip("the simulator's prefetch does nothing")
     monkeypatch.setattr(hmma, "MIN_TOKENS", 0)
+    monkeypatch.setattr(hmma, "AHEAD", ahead)
     plans = {GEMM_MIN_TOKENS + 1: (hmma.NJ, 1), 8 * hmma.NJ + 5: (hmma.NJ // 2, 2)}
     monkeypatch.setattr(hmma, "plan", lambda t, *_: plans[t])
     rng = np.random.default_rng(12)
@@ -261,7 +266,7 @@ def test_float16_tensor_core_product(be, monkeypatch, qtype):
         x[1] *= 1e5
         x[2] *= 1e-6
         out = _dev(be, np.full((t, n), np.nan, np.float32))
-        be.run_step(("hmma-test", t, qtype), lambda: be.products(_dev(be, x), [Product(wd, out)]))  # noqa: B023
+        be.run_step(("hmma-test", t, qtype, ahead), lambda: be.products(_dev(be, x), [Product(wd, out)]))  # noqa: B023
         got, ref = be.download(out), x.astype(np.float64) @ w.astype(np.float64).T
         for sel in ([1], [2], [0, *range(3, t)]):
             _close(got[sel], ref[sel], rtol=1e-3)
@@ -533,16 +538,16 @@ def test_attention_causal_gqa_per_slot_matches_cpu(be):
 
 # the per-token kernel past one chunk of scores (three sweeps over the chunks, recomputing the scores), at a
 # chunk's end and on a short context; one block per query head, or one per KV head serving its 3 query heads
-# (SmolLM2's grouping); a head size that leaves lanes of the weighted sum idle, and Llama's 128 (2 query heads a KV
-# head: Llama 3's 4 take more shared memory than a block has with a chunk's scores, and are served one a block)
+# (SmolLM2's grouping), Llama 3's 4 of head size 128 (a smaller K tile beside their scores), or Qwen2.5-0.5B's 7
+# (more (position, head) pairs a tile than threads); a head size that leaves lanes of the weighted sum idle
 @pytest.mark.parametrize("grouped", [False, True], ids=["head-per-block", "kv-head-per-block"])
-@pytest.mark.parametrize("e", [40, 128])
+@pytest.mark.parametrize("e", [16, 40, 128])
 def test_attention_long_context_and_grouped_heads_match_cpu(be, monkeypatch, grouped, e):
-    if SIM and e == 128 and not grouped:
-        pytest.skip("the simulator covers head size 128 once")
+    if SIM and e != 40 and not grouped:
+        pytest.skip("the simulator covers head sizes 16 and 128 grouped only")
     monkeypatch.setattr(ops, "ATT_GROUP_MIN_BLOCKS", 0 if grouped else 1 << 30)
     rng = np.random.default_rng(8)
-    n_heads, g = (6, 2) if e == 40 else (4, 2)
+    n_heads, g = {16: (14, 2), 40: (6, 2), 128: (8, 2)}[e]
     assert ops.attention_heads_per_block(3, n_heads, g, e) == (n_heads // g if grouped else 1)
     slots = np.array([2, 0, 1], np.int32)
     pos = np.array([ATT_CHUNK + ATT_KT + 4, 1, ATT_CHUNK - 1], np.int32)
@@ -550,6 +555,20 @@ def test_attention_long_context_and_grouped_heads_match_cpu(be, monkeypatch, gro
     cache = fp16(rng.standard_normal((2, 3, ATT_CHUNK + ATT_KT + 8, g, e))).astype(np.float32)
     out, ref = _attend_both(be, q, cache, slots, pos)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_groups_llama3_and_qwen_heads_at_the_gpus_sizes(monkeypatch):
+    # the GPU's tile, chunk and warps (the simulator's are smaller): 4 heads of 128 a block take a K tile of 32
+    # positions beside their 1,024 scores; 7 of 64, one of 64; from 128 blocks of (token, KV head) on
+    for name, value in {"ATT_KT": 128, "ATT_CHUNK": 1024, "ATT_WARPS": 8, "ATT_VROWS": 8}.items():
+        monkeypatch.setattr(ops, name, value)
+    assert ops._att_shape(128, 1) == (64, 4)
+    assert ops._att_shape(128, 4) == (32, 2)
+    assert ops._att_shape(64, 7) == (64, 4)
+    assert ops._att_shape(128, 16) is None  # (16 heads' scores alone take 64 KB)
+    assert ops.attention_heads_per_block(64, 32, 8, 128) == 4
+    assert ops.attention_heads_per_block(1, 32, 8, 128) == 1
+    assert ops.attention_heads_per_block(64, 14, 2, 64) == 7
 
 
 # a prompt chunk of one slot takes the tiled kernel: from position 0, and after earlier chunks with a tile and a

@@ -133,11 +133,14 @@ def _across_warps(vals, red, scratch, r, take_max):
 
 
 def _att_shape(e: int, r: int) -> tuple[int, int] | None:
-    """attention_kernel's K tile (positions of about 32 KB of shared memory) and the V rows a warp loads a
-    batch (fewer for wider heads and for several heads a block: registers), both powers of two; None
-    where the scores and the tile do not fit in shared memory."""
+    """attention_kernel's K tile (positions of about 32 KB of shared memory, halved while r heads' scores
+    leave it too little) and the V rows a warp loads a batch (fewer for wider heads and for several heads a
+    block: registers), both powers of two; None where the scores and the tile do not fit in shared memory."""
     kt = min(ATT_KT, 1 << (ATT_KT * 64 // e).bit_length() - 1)
-    kt = max(kt, 1 << (ATT_WARPS * r - 1).bit_length())  # the warps' parts of the output fit in the tile
+    least = 1 << (ATT_WARPS * r - 1).bit_length()  # the warps' parts of the output fit in the tile
+    kt = max(kt, least)
+    while kt > least and r * ATT_CHUNK * 4 + kt * (e + 1) * 4 > ATT_SHARED:
+        kt //= 2  # (Llama 3's 4 heads of 128 a block: a tile of 32 positions beside the scores)
     budget = (ATT_VROWS * 4 if r == 1 else ATT_VROWS * 2) // (1 if e % 32 == 0 else 2)  # V registers a thread
     vrows = 1 << max(1, min(ATT_VROWS, budget // (2 * -(-e // 32)))).bit_length() - 1
     if r * ATT_CHUNK * 4 + kt * (e + 1) * 4 > ATT_SHARED or ATT_CHUNK % kt or ATT_CHUNK % (ATT_WARPS * vrows):
@@ -154,16 +157,26 @@ def attention_heads_per_block(t_count: int, heads: int, kv_heads: int, e: int) -
 
 
 @functools.cache
-def _dot_row(e: int, r: int):  # noqa: ANN202
-    """A device function dot[j] += qs[j, i] * ks[row, i] for i = 0 .. e - 1 in order and j < r, written out:
-    Numba keeps a loop over e (not unrolled), whose index arithmetic costs more than the products."""
-    lines = ["def dot_row(ks, qs, row, dot):"]
-    for i in range(e):
-        lines.append(f"    k = ks[row, {i}]")
-        lines += [f"    dot[{j}] += qs[{j}, {i}] * k" for j in range(r)]
+def _dot_row(e: int):  # noqa: ANN202
+    """A device function: the sum of qs[j, i] * ks[row, i] for i = 0 .. e - 1, in order, written out: Numba
+    keeps a loop over e (not unrolled), whose index arithmetic costs more than the products."""
+    lines = ["def dot_row(ks, qs, row, j):", "    d = qs[j, 0] * ks[row, 0]"]
+    lines += [f"    d += qs[j, {i}] * ks[row, {i}]" for i in range(1, e)]
+    lines.append("    return d")
     scope: dict = {}
-    exec("\n".join(lines), scope)  # noqa: S102 - generated from the two integers above
+    exec("\n".join(lines), scope)  # noqa: S102 - generated from the integer above
     return cuda.jit(**DEVICE)(scope["dot_row"])
+
+
+@cuda.jit(**DEVICE)
+def _pick(vals, r, j):
+    """vals[j] of a local array of r values, by selects: an index not known when compiled would move the
+    array to local memory."""
+    v = vals[0]
+    for i in range(1, r):
+        if i == j:
+            v = vals[i]
+    return v
 
 
 @functools.cache
@@ -176,7 +189,7 @@ def attention_kernel(e: int, r: int = 1, scale: float | None = None):  # noqa: A
     already), scores dot * (1 / sqrt(e)) in float32, the softmax sum in float64.
     Scores: K tiles of kt positions are read coalesced (a warp a row) into shared memory, the next
     tile's loads in flight while this one is scored, and one thread scores one position against
-    the r queries, summing over the dimensions in order like the CPU and attention_seq_kernel.
+    one of the r queries, summing over the dimensions in order like the CPU and attention_seq_kernel.
     Max and sum reduce through warp shuffles and one exchange between the warps. Weighted sum:
     lanes across the dimensions, each warp vrows positions a batch, the next batch's loads in
     flight; the first batch of V rows loads with the first K tile, the second once the scores are
@@ -197,7 +210,7 @@ def attention_kernel(e: int, r: int = 1, scale: float | None = None):  # noqa: A
     vrows2 = 2 * vrows
     full = e % 32 == 0
     scratch_n = nt if SIM else 1  # the simulator's warp reductions go through shared memory
-    dot_row = _dot_row(e, r)
+    dot_row = _dot_row(e)
     scale = float32(1.0 / math.sqrt(e) if scale is None else scale)
 
     @cuda.jit(**DEVICE)
@@ -241,7 +254,6 @@ def attention_kernel(e: int, r: int = 1, scale: float | None = None):  # noqa: A
         qv = cuda.local.array(qper, float32)
         vb = cuda.local.array((vrows2, dr), uint32)  # this batch's V rows' float16 bits, then the next batch's
         wt = cuda.local.array(r, float32)
-        dot = cuda.local.array(r, float32)
         best = cuda.local.array(r, float32)
         inv = cuda.local.array(r, float32)
         tot = cuda.local.array(r, float64)
@@ -283,18 +295,19 @@ def attention_kernel(e: int, r: int = 1, scale: float | None = None):  # noqa: A
                             nxt = 0
                         if nxt < n:
                             load_rows(cache_k, sg, nxt, warps, last, kr, regs, 0)
-                        p = t0 + tid
-                        if tid < kt and p < c1:
-                            for j in range(r):
-                                dot[j] = float32(0.0)
-                            dot_row(ks, qs, tid, dot)
-                            for j in range(r):
-                                score = dot[j] * scale
+                        for i in range(tid, kt * r, nt):  # a thread a (position, head) of the tile
+                            pos = i % kt
+                            jj = i // kt
+                            p = t0 + pos
+                            if p < c1:
+                                score = dot_row(ks, qs, pos, jj) * scale
                                 if sweep == 0:
-                                    sc[j, uint32(p - c0)] = score
-                                    best[j] = max(best[j], score)
+                                    sc[jj, uint32(p - c0)] = score
+                                    for j in range(r):
+                                        if j == jj:
+                                            best[j] = max(best[j], score)
                                 else:
-                                    sc[j, uint32(p - c0)] = math.exp(score - best[j])
+                                    sc[jj, uint32(p - c0)] = math.exp(score - _pick(best, r, jj))
                     if sweep > 0:
                         cuda.syncthreads()  # below, a thread takes other positions than it scored
                 if sweep == 1:
