@@ -114,7 +114,9 @@ def _apply(settings: dict[str, int]) -> None:
 # --sweep's names: (module of rbees_workerd.kernels.cuda, attribute, type)
 _SETTINGS = {"programmatic": ("backend", "PROGRAMMATIC", bool),
              "hmma_min_tokens": ("hmma", "MIN_TOKENS", int),
-             "hmma_large_min_tokens": ("hmma", "LARGE_MIN_TOKENS", int)}  # fmt: skip
+             "hmma_large_min_tokens": ("hmma", "LARGE_MIN_TOKENS", int),
+             "hmma_ahead": ("hmma", "AHEAD", int),
+             "att_group_min_blocks": ("ops", "ATT_GROUP_MIN_BLOCKS", int)}  # fmt: skip
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 # (SERVE=1): the serving path on the Qwen2.5-0.5B shape (Q4_K_M mix). The engine's own figures (cuda_bench.py,
 # ENGINE=0 skips them), then a CUDA worker (--slots 256) streamed over HTTP by bench/worker_http.py while py-spy
 # samples it, then (ORCD=1) rbees-orcd in front of that worker and in front of bench/orcd_relay.py's synthetic source.
+# The worker's serving stack is not on the device: make .whl with `device-prep.sh MODEL orjson uvloop httptools py-spy`.
 [ -n "$NUMBA_CACHE_DIR" ] || source bench/gpu/setup.sh
 R=$PWD; M=/root/m/q05.gguf
 [ -f $M ] || python3 bench/gguf_shapes.py --shape qwen2.5-0.5b --mix q4_k_m --out $M --vocab-from $R/${VOCAB:-.devdata/vocab.gguf} | tail -1

@@ -1,7 +1,7 @@
 # Sourced at the start of a device call (see real_size.sh): wheels from .whl (shared/tools/device-prep.sh), PYTHONPATH,
 # a Numba cache under /root, and llama.cpp (.llama-src, shared/tools/llama-cuda-src.sh) building in the background.
 mkdir -p /root/dev /root/m /root/out
-if [ -d .whl ]; then cp -r .whl /root/dev/whl; fi
+if [ -d .whl ]; then mkdir -p /root/dev/whl && cp .whl/*.whl /root/dev/whl/; fi  # (cp -r into an existing folder nests it)
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /root/dev/site /root/dev/whl/*.whl 2>/dev/null
 export PYTHONPATH=/root/dev/site:$PWD NUMBA_CACHE_DIR=/root/numba-cache PYTHONUNBUFFERED=1
 # (a call's background jobs end with it: a build that a call started and did not finish goes on in the next one)

@@ -694,9 +694,10 @@ def _many_launches(be: CudaBackend, x: Any, qt: int, flags: int, mats: list[tupl
             if key not in be._act_bufs:
                 be._act_bufs[key] = (be.zeros((t_count, k // 2), np.uint32), be.zeros((t_count,)))
             inputs = be._act_bufs[key]
-            prep = _Launch(hmma.prep_f16_kernel(qt, gated), (t_count,), (mma.PREP_THREADS,), (*prep_args, *inputs))
+            per = -(-(k // 8) // mma.PREP_THREADS)  # items a thread
+            prep = _Launch(hmma.prep_f16_kernel(qt, gated, per), (t_count,), (mma.PREP_THREADS,), (*prep_args, *inputs))
             nj, split = hmma.plan(t_count, row_tiles, k, qt, be.sms)
-            kernel = hmma.hmma_kernel(qt, nj, mma.wide_rows(qt, k))
+            kernel = hmma.hmma_kernel(qt, nj, mma.wide_rows(qt, k), hmma.AHEAD)
         else:  # Q8 inputs and int8 weights (mma.py)
             key = ("q8", _ptr(x), qt)
             if key not in be._act_bufs:

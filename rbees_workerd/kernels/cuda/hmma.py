@@ -13,6 +13,7 @@ below MIN_TOKENS, mma_kernel's smaller tiles still fill the GPU better on the 0.
 from __future__ import annotations
 
 import functools
+import math
 
 from numba import cuda, float32, int32, uint32
 
@@ -21,28 +22,27 @@ from rbees_workerd.kernels.cuda.device import (
     EXACT,
     JIT,
     SIM,
-    UNROLL,
     bits_from_f32,
-    block_max,
     copies_landed,
     copies_sent,
     dequant_f16x2,
     f32_from_bits,
     grid_ready,
-    inv_rms,
     mma_f16,
     pack_f16,
+    prefetch_l2,
     shared2,
     shared4,
     silu_mul,
+    warp_max,
+    warp_sum,
 )  # fmt: skip
 from rbees_workerd.kernels.cuda.formats import (
     Q6_K,
     Q8_0,
     WORDS,
-    fetch_norm,
+    elem,
     group_item,
-    load_item,
     signed_six,
 )  # fmt: skip
 from rbees_workerd.kernels.cuda.mma import (
@@ -61,6 +61,7 @@ from rbees_workerd.kernels.cuda.mma import (
     tile_stores,
 )  # fmt: skip
 
+PREP_WARPS = PREP_THREADS // 32  # (prep_f16_kernel's exchange between its warps)
 KG = 2  # 32-blocks a stage: the tokens' float16 words take twice the shared memory of Q8's
 NJ = TOKEN_TILES[-1]  # the most 8-token tiles a block (the simulator's largest: 2); plan also takes half
 SLOTS = 2  # hmma_kernel blocks an SM holds (ptxas takes 157-204 registers; bounded to 128 the products were
@@ -76,6 +77,9 @@ MIN_TOKENS = 65
 # 39.2 us).
 LARGE = 4096
 LARGE_MIN_TOKENS = 33
+# stages ahead of its copies that hmma_kernel asks L2 for each row's words and scales (0: none). In a step,
+# its weights come from DRAM, where bench/mma_plan.py's sweeps of one product at a time found them in L2
+AHEAD = 0
 # ptxas's register bound for hmma_kernel (None: its own choice; bench/mma_plan.py --hmma-registers sweeps others)
 REGISTERS: int | None = None
 # plan's cost model, in units of a 32-block of one token tile, fitted to bench/mma_plan.py's sweep of the 8B's
@@ -117,62 +121,80 @@ def token_scale(amax):
     return f32_from_bits(uint32(s) << uint32(23)), f32_from_bits(uint32(254 - s) << uint32(23))
 
 
-@cuda.jit(**DEVICE)
-def stage_f16(x, t, items, inv, norm, nw, nwv, write_h, hout, qt, scale, xh, wv):
-    """Token t's input (normalized where norm) times scale as float16 pairs in stage_q8's item order: item i's
-    8 values (elem(qt, i % 4, 0 .. 7) of its 32-block) in words 4 i .. 4 i + 3, a thread per item."""
-    for it in range(cuda.threadIdx.x, items, cuda.blockDim.x):
-        load_item(x, t, it, inv, norm, nw, nwv, write_h, hout, qt, wv, x, False)
-        for m in range(4):
-            xh[uint32(4 * it + m)] = pack_f16(wv[2 * m] * scale, wv[2 * m + 1] * scale)
-
-
-@cuda.jit(**DEVICE)
-def _input_max(x, up, t, k, inv, norm, nw, gated):
-    """This thread's largest |input| of token t over a stride of the block, the input as load_item makes it:
-    normalized, or gated (SwiGLU of x and up, written back to x here, once, for stage_f16 to take as it is).
-    UNROLL strides' loads in flight at a time: one at a time, a 14,336-wide row took 28 round trips."""
-    xv = cuda.local.array(UNROLL, float32)
-    wv = cuda.local.array(UNROLL, float32)
-    amax = float32(0.0)
-    for c0 in range(cuda.threadIdx.x, k, cuda.blockDim.x * UNROLL):
-        for u in range(UNROLL):
-            c = uint32(min(c0 + cuda.blockDim.x * u, k - 1))  # (past the row: its last element, left unused)
-            xv[u] = x[uint32(t), c]
-            wv[u] = up[uint32(t), c] if gated else (nw[c] if norm else float32(1.0))
-        for u in range(UNROLL):
-            c = c0 + cuda.blockDim.x * u
-            v = silu_mul(xv[u], wv[u]) if gated else (xv[u] * inv * wv[u] if norm else xv[u])
-            if c < k:
-                if gated:
-                    x[uint32(t), uint32(c)] = v
-                amax = max(amax, abs(v))
-    return amax
-
-
 @functools.cache
-def prep_f16_kernel(qt: int, gated: bool = False):  # noqa: ANN201
+def prep_f16_kernel(qt: int, gated: bool = False, per: int = 1):  # noqa: ANN201
     """Many tokens' inputs normalized (or gated: SwiGLU of x and up, written back to x), scaled by a power of
-    two (token_scale) and rounded to float16 once, for hmma_kernel (stage_f16); xs[t] the scale back. One
-    block per token."""
+    two (token_scale) and rounded to float16 once for hmma_kernel, in formats.stage_q8's item order (item i's
+    8 values, elem(qt, i % 4, 0 .. 7) of its 32-block, in words 4 i .. 4 i + 3); xs[t] the scale back.
+
+    One block per token, `per` items a thread (K / 8 / PREP_THREADS, rounded up), held in registers from
+    their one load to the stores: one memory round trip and one exchange between the warps, which sums the
+    squares and takes the largest |x * w| together (inv > 0 then scales that to the largest input). Three
+    passes over the row, each with its own round trips and a barrier a halving, took 12-15 us a token row
+    of the 8B shape (H100, 2026-12-07)."""
 
     @cuda.jit(**EXACT)
     def kernel(x, up, norm, nw, eps, hout, xh, xs):
         scratch = cuda.shared.array(PREP_THREADS, float32)
-        wv = cuda.local.array(8, float32)
-        nwv = cuda.local.array(8, float32)
-        t = cuda.blockIdx.x
+        sums = cuda.shared.array(PREP_WARPS, float32)
+        peaks = cuda.shared.array(PREP_WARPS, float32)
+        xv = cuda.local.array((per, 8), float32)
+        wv = cuda.local.array((per, 8), float32)  # the norm's weights, or where gated the up product
+        t = uint32(cuda.blockIdx.x)
+        tid = cuda.threadIdx.x
         k = x.shape[1]
-        if norm and cuda.threadIdx.x < k // 8:
-            fetch_norm(nw, qt, cuda.threadIdx.x, nwv)
+        items = k // 8
+        for u in range(per):
+            it = tid + cuda.blockDim.x * u
+            if norm and it < items:
+                for j in range(8):
+                    wv[u, j] = nw[uint32((it >> 2) * 32 + elem(qt, it & 3, j))]
         grid_ready()
-        inv = inv_rms(x, t, k, eps, scratch) if norm else float32(1.0)
-        amax = _input_max(x, up, t, k, inv, norm, nw, gated)
-        cuda.syncthreads()  # (inv_rms's scratch; the gated input written back)
-        scale, back = token_scale(block_max(amax, scratch))
-        if cuda.threadIdx.x == 0:
+        for u in range(per):  # (no stores among the loads: they go out together)
+            it = tid + cuda.blockDim.x * u
+            if it < items:
+                for j in range(8):
+                    c = uint32((it >> 2) * 32 + elem(qt, it & 3, j))
+                    xv[u, j] = x[t, c]
+                    if gated:
+                        wv[u, j] = up[t, c]
+        ss = float32(0.0)
+        peak = float32(0.0)
+        for u in range(per):
+            it = tid + cuda.blockDim.x * u
+            if it < items:
+                for j in range(8):
+                    v = xv[u, j]
+                    if gated:
+                        v = silu_mul(v, wv[u, j])
+                        x[t, uint32((it >> 2) * 32 + elem(qt, it & 3, j))] = v
+                        xv[u, j] = v
+                    ss += v * v
+                    peak = max(peak, abs(v * wv[u, j]) if norm else abs(v))
+        ss = warp_sum(ss, scratch)
+        peak = warp_max(peak, scratch)
+        if tid % 32 == 0:
+            sums[tid // 32] = ss
+            peaks[tid // 32] = peak
+        cuda.syncthreads()
+        ss = sums[0]
+        peak = peaks[0]
+        for i in range(1, cuda.blockDim.x // 32):  # (every thread in the same order: the same sum)
+            ss += sums[i]
+            peak = max(peak, peaks[i])
+        inv = float32(1.0 / math.sqrt(ss / k + eps)) if norm else float32(1.0)
+        scale, back = token_scale(peak * inv)
+        if tid == 0:
             xs[t] = back
-        stage_f16(x, t, k // 8, inv, norm, nw, nwv, norm, hout, qt, scale, xh[t], wv)
+        for u in range(per):
+            it = tid + cuda.blockDim.x * u
+            if it < items:
+                if norm:
+                    for j in range(8):
+                        xv[u, j] = xv[u, j] * inv * wv[u, j]
+                        hout[t, uint32((it >> 2) * 32 + elem(qt, it & 3, j))] = xv[u, j]
+                for m in range(4):
+                    xh[t, uint32(4 * it + m)] = pack_f16(xv[u, 2 * m] * scale, xv[u, 2 * m + 1] * scale)
 
     return kernel
 
@@ -191,12 +213,13 @@ def _halves(word, signed, s2, c2):
 
 
 @functools.cache
-def hmma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
+def hmma_kernel(qt: int, nj: int, wide: bool, ahead: int = 0):  # noqa: ANN201
     """Many tokens of float16 inputs (prep_f16_kernel) times up to three matrices of weight type qt: the
     blocks, stages, copies and stores of mma.mma_kernel, with float16 fragments. Lane l makes the A
     fragments of its rows from item l % 4 of each 32-block (group_item's two words: elements 0-3 and 4-7 of
     the item, as the k columns 2 (l % 4), + 1, + 8, + 9 of two 16-column products) and loads its token's four
-    input words of the same item as the B fragments of both."""
+    input words of the same item as the B fragments of both. ahead > 0: each thread asks L2 for its row's
+    words and scales of the stage that many ahead (AHEAD), so that the stage's copies find them there."""
     halves = qt == Q6_K
     signed = halves or qt == Q8_0
     words = WORDS[qt]
@@ -257,6 +280,11 @@ def hmma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
                 load_row_scales(c + 1, gs, sb, row, groups, graw, sraw)
             else:
                 copies_sent()
+            if ahead and c + ahead < c_end:
+                g = (c + ahead) * kg
+                prefetch_l2(w, row, g * words)
+                prefetch_l2(w, row, min(g * words + kg * words - 1, row_words - 1))  # (Q6_K's span two sectors)
+                prefetch_l2(gs, row, g)
             copies_landed()
             cuda.syncthreads()
             wb = (c % 2) * w_buf
