@@ -9,7 +9,10 @@ every process on the host shares). The client opens `--streams` streams at once,
 through the orchestrator (`/v2/tasks` + its events, or `/v1/completions` with `stream`), and records each
 token's delay from its stamp, and each stream's first token from its request. Rounds alternate the paths.
 Then the source emits as fast as it can (`--capacity-tokens` per stream) and the orchestrator's relay rate is
-its tokens over its own CPU seconds (psutil), i.e. tokens/s on one core, and over the wall time.
+its tokens over its own CPU seconds (psutil), i.e. tokens/s on one core, and over the wall time. The paced
+rounds report the orchestrator's CPU per token too (its CPU seconds in the round over the round's tokens, the
+tasks' start and end included): the figure that sets how long the last of a step's 64 frames waits, and one
+that a busy host disturbs less than the delays.
 
     ... bench/orcd_relay.py --worker http://127.0.0.1:8188 --tokens 128
 
@@ -310,7 +313,9 @@ def main() -> None:
             for path in paced:
                 cpu0 = sum(process.cpu_times()[:2])
                 row = asyncio.run(_level(path, args.streams, args.tokens, ports, model))
-                row["orcd_cpu_share"] = (sum(process.cpu_times()[:2]) - cpu0) / row["wall_s"]
+                cpu = sum(process.cpu_times()[:2]) - cpu0
+                row["orcd_cpu_share"] = cpu / row["wall_s"]
+                row["orcd_cpu_us_per_token"] = cpu * 1e6 / row["tokens"]
                 paced[path].append(row)
         assert httpx.delete(f"{orcd_url}/v2/workers/paced").status_code == 204
         register = {"worker_id": "flat", "url": f"http://127.0.0.1:{flat_port}"}
@@ -335,15 +340,15 @@ def main() -> None:
           f"({args.streams * args.step_rate:,.0f} tok/s offered); medians of {args.rounds} rounds")  # fmt: skip
     print(
         "| path | tok/s | token delay p50 (ms) | p99 (ms) | token gap p50 (ms) | p99 (ms) | first token p50 (ms) "
-        "| p99 (ms) | orcd CPU |"
+        "| p99 (ms) | orcd CPU | orcd CPU per token (µs) |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for path, rows in paced.items():
         print(f"| {path} | {sum(r['tokens'] for r in rows) / sum(r['wall_s'] for r in rows):,.0f} | "
               f"{_fmt(_median(rows, 'delay_p50_ms'), 2)} | {_fmt(_median(rows, 'delay_p99_ms'), 2)} | "
               f"{_fmt(_median(rows, 'gap_p50_ms'), 2)} | {_fmt(_median(rows, 'gap_p99_ms'), 2)} | "
               f"{_fmt(_median(rows, 'ttft_p50_ms'), 1)} | {_fmt(_median(rows, 'ttft_p99_ms'), 1)} | "
-              f"{_median(rows, 'orcd_cpu_share'):.0%} |")  # fmt: skip
+              f"{_median(rows, 'orcd_cpu_share'):.0%} | {_median(rows, 'orcd_cpu_us_per_token'):.1f} |")  # fmt: skip
     base = paced["direct"]
 
     def added(rows: list[dict[str, Any]], key: str, digits: int) -> str:

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from rbees_orcd import openai_api
 from rbees_orcd.errors import (
@@ -54,7 +55,7 @@ from rbees_orcd.schemas import (
     WorkerView,
 )
 from rbees_orcd.settings import Settings
-from rbees_orcd.sse import SseStream
+from rbees_orcd.sse import SERVER_SEND, SseStream
 from rbees_orcd.tasks import Task, sse_frames
 from rbees_workerd.schemas import ErrorBody, ValidationErrors
 from rbees_workerd.server import CorrelationMiddleware, internal_error, openapi_without_422
@@ -142,6 +143,14 @@ def _errors_doc(*statuses: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
+class _App(FastAPI):
+    """FastAPI that keeps the server's own `send` in the scope, for the event streams' body (see sse.py)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[SERVER_SEND] = send
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings) -> FastAPI:
     orcd = build(settings)
     scheduler, registry = orcd.scheduler, orcd.registry
@@ -157,7 +166,7 @@ def create_app(settings: Settings) -> FastAPI:
             await orcd.relay.close()
             registry.close()
 
-    app = FastAPI(
+    app = _App(
         title="rbees-orcd",
         version="0.1.0",
         description="Routes requests to rbees workers, queues them and relays their token streams.",
@@ -322,7 +331,7 @@ def create_app(settings: Settings) -> FastAPI:
             task.readers -= 1
             abandon_if_unread(task)
 
-        return SseStream(_event_chunks(task, start), leave)
+        return SseStream(task, start, sse_frames, leave)
 
     @app.post(
         "/v2/tasks/{job_id}/cancel", status_code=202, dependencies=secured, responses=_errors_doc(*auth, 404, 409)
@@ -388,19 +397,3 @@ def _resume_index(last_event_id: str | None) -> int:
         message = "Last-Event-ID must be the id of an event of this task"
         raise InvalidParams(message, [{"field": "Last-Event-ID", "constraint": "event id", "message": message}])
     return value + 1
-
-
-async def _event_chunks(task: Task, start: int) -> AsyncIterator[bytes]:
-    """Everything published from `start` on, as it comes, until the task's last event."""
-    position = start
-    while True:
-        if position < len(task.events):
-            chunk = sse_frames(task, position)
-            position = len(task.events)
-            yield chunk
-        elif task.ended:
-            return
-        else:
-            await task.wait_beyond(position)
-
-

@@ -5,10 +5,11 @@ Per-worker series are read from the registry at scrape time, so a removed worker
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from rbees_orcd.registry import Registry
@@ -46,6 +47,20 @@ class _Live(Collector):
         yield slots
 
 
+class _Relayed(Collector):
+    """Token events relayed, by model: a plain count the relay adds to for each read from a worker (a counter's
+    lock and checks, at every token of every stream, cost more than the rest of the relay's bookkeeping)."""
+
+    def __init__(self, counts: dict[str, int]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        relayed = CounterMetricFamily("rbees_orcd_tokens_relayed", "Token events relayed", labels=["model"])
+        for model, n in sorted(self._counts.items()):
+            relayed.add_metric([model], n)
+        yield relayed
+
+
 class OrcdMetrics:
     def __init__(self, registry: Registry, queue_depths: Callable[[], dict[str, int]]) -> None:
         self.registry = CollectorRegistry()
@@ -60,13 +75,14 @@ class OrcdMetrics:
             buckets=_DISPATCH_BUCKETS,
             registry=r,
         )
-        self.tokens_relayed = Counter("rbees_orcd_tokens_relayed", "Token events relayed", ["model"], registry=r)
+        self.tokens_relayed: defaultdict[str, int] = defaultdict(int)  # by model; see _Relayed
         self.tasks_ended = Counter("rbees_orcd_tasks_ended", "Tasks ended", ["model", "status"], registry=r)
         self.retries = Counter("rbees_orcd_retries", "Tasks moved off a worker before their first token", registry=r)
         self.worker_failures = Counter(
             "rbees_orcd_worker_failures", "Workers marked unhealthy", ["worker_id"], registry=r
         )
         r.register(_Live(registry, queue_depths))
+        r.register(_Relayed(self.tokens_relayed))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

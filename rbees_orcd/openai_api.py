@@ -9,7 +9,6 @@ A client that hangs up cancels its task.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +38,7 @@ from rbees_orcd.schemas import (
     OpenAIRequest,
     TextCompletion,
 )
-from rbees_orcd.sse import SseStream, past_queued, unless_disconnected
+from rbees_orcd.sse import Render, SseStream, past_queued, unless_disconnected
 from rbees_orcd.tasks import Task
 
 CHAT_MAX_TOKENS = 256
@@ -48,6 +47,7 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "inval
           405: "invalid_request_error", 409: "invalid_request_error", 429: "rate_limit_error"}  # fmt: skip
 _EVENT_ERRORS: dict[str, type[OrcdError]] = {c.code: c for c in (QueueTimeout, ShuttingDown, WorkerFailed, WorkerLost)}
 ERROR_DOC = {"model": OpenAIError}
+_MARK = "\x00"  # stands for a token's text in the encoded chunk it is cut out of
 
 
 def error_response(error: OrcdError) -> JSONResponse:
@@ -90,6 +90,13 @@ class _Shape:
         if text is not None:
             delta["content"] = text
         return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    def token_chunk(self, usage: Any) -> tuple[bytes, bytes]:
+        """A token's stream chunk (`data: ...`) as the bytes before and after its text's JSON string. The chunks
+        of a stream's tokens differ only in their text, the last string in them: they are encoded once."""
+        doc = orjson.dumps(self.document([self.choice(_MARK, None, chunk=True)], chunk=True, usage=usage))
+        head, _, tail = doc.rpartition(orjson.dumps(_MARK))
+        return b"data: " + head, tail + b"\n\n"
 
     def document(self, choices: list[dict[str, Any]], *, chunk: bool, usage: Any = None) -> dict[str, Any]:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
@@ -167,7 +174,7 @@ def router(scheduler: Scheduler, registry: Registry) -> APIRouter:
             choice = shape.choice(text, _finish_reason(task), chunk=False)
             return JSONResponse(shape.document([choice], chunk=False, usage=_usage(task)))
         usage = body.stream_options is not None and body.stream_options.include_usage
-        return SseStream(_chunks(task, shape, usage), lambda: cancel(task))
+        return SseStream(task, 1, _stream_render(shape, usage), lambda: cancel(task))  # 1: past `queued`
 
     @api.post("/chat/completions", responses=_answer_doc(ChatCompletion))
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any:
@@ -193,20 +200,19 @@ def router(scheduler: Scheduler, registry: Registry) -> APIRouter:
     return api
 
 
-async def _chunks(task: Task, shape: _Shape, include_usage: bool) -> AsyncIterator[bytes]:
-    """The task's events from its start on, as OpenAI stream chunks, then `[DONE]`."""
+def _stream_render(shape: _Shape, include_usage: bool) -> Render:
+    """The task's events from an index on as OpenAI stream chunks, then `[DONE]` after its end."""
     usage: Any = None if include_usage else False  # with include_usage every chunk carries "usage": null
+    token_head, token_tail = shape.token_chunk(usage)
 
     def data(doc: dict[str, Any]) -> bytes:
         return b"data: " + orjson.dumps(doc) + b"\n\n"
 
-    position = 1  # past `queued`
-    out: list[bytes] = []
-    while True:
-        for kind, _, document, text in task.events[position:]:
+    def render(task: Task, start: int) -> bytes:
+        out: list[bytes] = []
+        for kind, _, document, text in task.events[start:]:
             if kind == "token":
-                out.append(data(shape.document([shape.choice(text, None, chunk=True)], chunk=True,
-                                               usage=usage)))  # fmt: skip
+                out.append(token_head + orjson.dumps(text) + token_tail)
             elif kind == "started" and shape.chat:  # the assistant's role comes first
                 out.append(data(shape.document([shape.choice(None, None, chunk=True, first=True)], chunk=True,
                                                usage=usage)))  # fmt: skip
@@ -220,10 +226,6 @@ async def _chunks(task: Task, shape: _Shape, include_usage: bool) -> AsyncIterat
                 error = event_error(document)
                 detail = {"message": error.message, "type": "server_error", "param": None, "code": error.code}
                 out.append(data({"error": detail}))
-        position = len(task.events)
-        if out:
-            yield b"".join(out)
-            out.clear()
-        if task.ended and position == len(task.events):
-            return
-        await task.wait_beyond(position)
+        return b"".join(out)
+
+    return render

@@ -133,7 +133,7 @@ class _Stream:
         self._relay = relay
         self._task = task
         self._worker = worker
-        self._tokens = relay._metrics.tokens_relayed.labels(task.model)
+        self._relayed = relay._metrics.tokens_relayed
         self._started: dict[str, Any] | None = None
         self._pending = b""  # the start of a frame whose end has not come yet
         self._outcome: Finished | None = None
@@ -202,7 +202,7 @@ class _Stream:
                 break
         if relayed:
             task.tokens_out += relayed
-            self._tokens.inc(relayed)
+            self._relayed[task.model] += relayed
         return self._outcome is not None
 
     def _flush_started(self) -> None:

@@ -1,33 +1,74 @@
-"""A `text/event-stream` response that tells its owner when it ends, however it ends.
+"""A task's events as a `text/event-stream` response, written as they are published: the relay's hot path.
 
-Starlette cancels a streaming response whose client hangs up; the generator may then never be resumed
-to run its own `finally`, so the clean-up (a reader leaving, a job to cancel) runs here instead.
+Every token wakes the response's own loop once, and that loop writes everything published since in one body
+message, straight to the server's `send` (kept in the scope by the app, see SERVER_SEND), past the middlewares:
+they only look at a response's start message, which still goes through them (the correlation id header). A
+StreamingResponse would add, for each frame, an async generator step and a coroutine per middleware, and a
+task group to watch for the client hanging up; here a watcher that waits for that sets a flag and wakes the
+loop. The clean-up (a reader leaving, a job to cancel) runs however the response ends.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
-from starlette.responses import StreamingResponse
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from rbees_orcd.tasks import Task
 
+SERVER_SEND = "rbees.server_send"
+"""The scope key of the server's own `send`, which the app keeps there before its middlewares wrap it."""
 
-class SseStream(StreamingResponse):
-    def __init__(self, chunks: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
-        super().__init__(
-            chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        )
+Render = Callable[[Task, int], bytes]
+"""The task's events from an index on, as the body to write."""
+
+
+class SseStream(Response):
+    def __init__(self, task: Task, start: int, render: Render, on_close: Callable[[], None]) -> None:
+        self.status_code = 200
+        self.media_type = "text/event-stream"  # not the class's: the routes' documented errors are JSON
+        self.background = None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._task = task
+        self._start = start
+        self._render = render
         self._on_close = on_close
+        self._gone = False  # the client hung up
+        self._waiter: asyncio.Future[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watcher = asyncio.get_running_loop().create_task(self._watch(receive))
         try:
-            await super().__call__(scope, receive, send)
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            await self._stream(scope[SERVER_SEND])
         finally:
+            watcher.cancel()
             self._on_close()
+
+    async def _stream(self, send: Send) -> None:
+        task, position = self._task, self._start
+        while not self._gone:
+            published = len(task.events)
+            if position < published:
+                body = self._render(task, position)
+                position = published
+                if body:
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+            elif task.ended:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            else:
+                self._waiter = task.next_publish()
+                await self._waiter
+
+    async def _watch(self, receive: Receive) -> None:
+        await until_disconnected(receive)
+        self._gone = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
 
 async def until_disconnected(receive: Receive) -> None:

@@ -98,12 +98,16 @@ class Task:
             if not waiter.done():
                 waiter.set_result(None)
 
+    def next_publish(self) -> asyncio.Future[None]:
+        """A future done at the next event; its owner may also end its wait by setting it (or cancelling it)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        return waiter
+
     async def wait_beyond(self, count: int) -> None:
         """Return once more than `count` events exist or the task has ended."""
         while len(self.events) <= count and not self.ended:
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            await waiter
+            await self.next_publish()
 
     async def wait_ended(self) -> None:
         while not self.ended:
@@ -132,8 +136,8 @@ class Task:
 
 
 def sse_frames(task: Task, start: int) -> bytes:
-    """The task's events from index `start` as SSE, each with its `id:`."""
-    return b"".join(b"id: %d\ndata: %s\n\n" % (i, raw) for i, (_, raw, _, _) in enumerate(task.events[start:], start))
+    """The task's events from index `start` as SSE, each with its `id:` and the worker's document as it came."""
+    return b"".join([b"id: %d\ndata: %s\n\n" % (i, raw) for i, (_, raw, _, _) in enumerate(task.events[start:], start)])
 
 
 def end_event(stop_reason: str, tokens_out: int = 0) -> Event:

@@ -1,5 +1,5 @@
 """The orchestrator's parts that need no worker: configuration, token files, the registry file, the CLI's
-refusals, and the task event log's readers."""
+refusals, the task event log's readers, and the OpenAI chunks' encoding."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ import socket
 import sqlite3
 import subprocess
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 from orcd_harness import ORCD
 
+from rbees_orcd.openai_api import _Shape
 from rbees_orcd.registry import Registry, Worker
 from rbees_orcd.settings import SettingsError, read_api_token, read_worker_tokens, split_bind
 from rbees_orcd.tasks import Task, event, sse_frames, token_event
@@ -144,3 +147,14 @@ def test_the_tokens_of_a_log_leave_the_garbage_collectors_sight() -> None:
     task.publish(token_event(b'{"type":"token","t":"a","i":0}', "a"))
     gc.collect()
     assert [gc.is_tracked(entry) for entry in task.events] == [True, False]
+
+
+@pytest.mark.parametrize("chat", [True, False])
+@pytest.mark.parametrize("usage", [None, False])
+def test_a_token_chunk_is_the_encoded_chunk_document(chat: bool, usage: Any) -> None:
+    """The stream's token chunks are cut from one encoded document: each must be that document, encoded."""
+    shape = _Shape(chat, "chatcmpl-1\x00", 'smol\x00"model', 1700000000)  # the cut-out mark in the id and model too
+    head, tail = shape.token_chunk(usage)
+    for text in ["", " Paris", 'a "quote" \\ back\nslash', "\x00", "\u2028é😀", "\ud7ff"]:
+        document = shape.document([shape.choice(text, None, chunk=True)], chunk=True, usage=usage)
+        assert head + orjson.dumps(text) + tail == b"data: " + orjson.dumps(document) + b"\n\n"
