@@ -109,6 +109,7 @@ def _apply(settings: dict[str, int]) -> None:
     for name, value in settings.items():
         module, attr, kind = _SETTINGS[name]
         setattr(importlib.import_module(f"rbees_workerd.kernels.cuda.{module}"), attr, kind(value))
+    importlib.import_module("rbees_workerd.kernels.cuda.hmma").plan.cache_clear()  # (kept by their arguments)
 
 
 # --sweep's names: (module of rbees_workerd.kernels.cuda, attribute, type)
@@ -116,6 +117,7 @@ _SETTINGS = {"programmatic": ("backend", "PROGRAMMATIC", bool),
              "hmma_min_tokens": ("hmma", "MIN_TOKENS", int),
              "hmma_large_min_tokens": ("hmma", "LARGE_MIN_TOKENS", int),
              "hmma_ahead": ("hmma", "AHEAD", int),
+             "hmma_slots": ("hmma", "SLOTS", int),
              "att_group_min_blocks": ("ops", "ATT_GROUP_MIN_BLOCKS", int)}  # fmt: skip
 
 

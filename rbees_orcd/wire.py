@@ -29,7 +29,7 @@ class StreamResponse(asyncio.Protocol):
     """A worker's answer: `status` once open, then its body, handed to a consumer as it arrives."""
 
     def __init__(self) -> None:
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._transport: asyncio.Transport | None = None
         self._consumer: Consumer | None = None
         self._early: list[bytes] = []  # body that came before a consumer did
@@ -44,18 +44,23 @@ class StreamResponse(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        assert self._parser is not None
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as e:
             self._fail(WireError(f"the worker's answer is not HTTP: {e}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # (the parser holds this protocol: a cycle that would wait in the oldest generation for a full
+        # collection, whose pauses hold up every stream; asyncio calls nothing here after this)
+        self._parser = None
         if not (self._complete or self._satisfied):
             reason = f"the connection to the worker broke: {exc}" if exc else "the worker closed it mid-answer"
             self._fail(WireError(reason))
 
     # httptools' callbacks
     def on_headers_complete(self) -> None:
+        assert self._parser is not None
         self.status = self._parser.get_status_code()
         self._wake()
 
