@@ -18,9 +18,11 @@ the one from the one-token-per-block kernel to the few-token kernel, --vec-warps
 inputs) and registers of prefetched weights
 (tuning); --no-overlap captures
 graphs without programmatic dependent launch (each kernel starts when the one before has ended).
---sweep runs the decode batches again for each combination of tuning values, on the one loaded model
-(an 8B shape loads in 30-60 s), its graphs captured anew for each: e.g.
+--sweep runs the prefill and the decode batches again for each combination of tuning values, on the one
+loaded model (an 8B shape loads in 30-60 s), its graphs captured anew for each: e.g.
 `--sweep programmatic=0,1 hmma_large_min_tokens=65,33` gives four `decode_b64_tok_s[programmatic=1,...]`.
+--variant NAME=V[,NAME=V] (again for more) runs them once more with those values, the others as they were
+at the start.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import itertools
 import json
 import statistics
 import time
+from types import ModuleType
 
 import numpy as np
 import psutil
@@ -95,20 +98,31 @@ def prefill_tok_s(engine: Engine, prompt: int, repeat: int) -> float:
 
 
 def _sweep_settings(specs: list[str]) -> list[dict[str, int]]:
-    """Every combination of `name=v1,v2` (names of _SETTINGS)."""
+    """Every combination of `name=v1,v2` (names of _SETTINGS); none without specs."""
     axes = []
     for spec in specs:
         name, _, values = spec.partition("=")
         if name not in _SETTINGS or not values:
             raise SystemExit(f"--sweep takes NAME=V1,V2 with NAME one of {sorted(_SETTINGS)}, got {spec!r}")
         axes.append([(name, int(v)) for v in values.split(",")])
-    return [dict(combo) for combo in itertools.product(*axes)]
+    return [dict(combo) for combo in itertools.product(*axes)] if axes else []
+
+
+def _variant(spec: str) -> dict[str, int]:
+    """`name=v,name=v` (names of _SETTINGS) as settings."""
+    pairs = [item.partition("=") for item in spec.split(",")]
+    if any(name not in _SETTINGS or not value for name, _, value in pairs):
+        raise SystemExit(f"--variant takes NAME=V[,NAME=V] with NAMEs of {sorted(_SETTINGS)}, got {spec!r}")
+    return {name: int(value) for name, _, value in pairs}
+
+
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(f"rbees_workerd.kernels.cuda.{_SETTINGS[name][0]}")
 
 
 def _apply(settings: dict[str, int]) -> None:
     for name, value in settings.items():
-        module, attr, kind = _SETTINGS[name]
-        setattr(importlib.import_module(f"rbees_workerd.kernels.cuda.{module}"), attr, kind(value))
+        setattr(_module(name), _SETTINGS[name][1], _SETTINGS[name][2](value))
     importlib.import_module("rbees_workerd.kernels.cuda.hmma").plan.cache_clear()  # (kept by their arguments)
 
 
@@ -118,6 +132,7 @@ _SETTINGS = {"programmatic": ("backend", "PROGRAMMATIC", bool),
              "hmma_large_min_tokens": ("hmma", "LARGE_MIN_TOKENS", int),
              "hmma_ahead": ("hmma", "AHEAD", int),
              "hmma_slots": ("hmma", "SLOTS", int),
+             "hmma_lean": ("hmma", "LEAN", bool),
              "att_group_min_blocks": ("ops", "ATT_GROUP_MIN_BLOCKS", int)}  # fmt: skip
 
 
@@ -140,8 +155,9 @@ def main() -> None:
     ap.add_argument("--no-overlap", action="store_true")
     ap.add_argument("--no-pipeline", action="store_true")
     ap.add_argument("--sweep", nargs="*", default=[], metavar="NAME=V1,V2", help=f"one of {sorted(_SETTINGS)}")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=V[,NAME=V]")
     args = ap.parse_args()
-    sweep = _sweep_settings(args.sweep)
+    runs = _sweep_settings(args.sweep) + [_variant(v) for v in args.variant]
     from rbees_workerd.kernels.cuda import backend, gemv, hmma
 
     backend.PROGRAMMATIC = not args.no_overlap
@@ -166,10 +182,12 @@ def main() -> None:
     result[f"prefill_{args.prompt}_tok_s"] = round(prefill_tok_s(engine, args.prompt, args.repeat), 1)
     for b in batches:
         result[f"decode_b{b}_tok_s"] = round(decode_tok_s(engine, b, args.steps, args.repeat, not args.no_pipeline), 1)
-    for settings in sweep:
-        _apply(settings)
+    start = {name: getattr(_module(name), _SETTINGS[name][1]) for name in _SETTINGS}
+    for settings in runs:
+        _apply({**start, **settings})
         engine.backend.forget_graphs()
         tag = ",".join(f"{k}={v}" for k, v in settings.items())
+        result[f"prefill_{args.prompt}_tok_s[{tag}]"] = round(prefill_tok_s(engine, args.prompt, args.repeat), 1)
         for b in batches:
             tok_s = decode_tok_s(engine, b, args.steps, args.repeat, not args.no_pipeline)
             result[f"decode_b{b}_tok_s[{tag}]"] = round(tok_s, 1)

@@ -158,6 +158,10 @@ if SIM:
         """The simulator's copies are done when issued."""
 
     @cuda.jit(device=True)
+    def copies_all_landed():
+        """The simulator's copies are done when issued."""
+
+    @cuda.jit(device=True)
     def prefetch_l2(src, r, c):
         """The simulator has no cache to fill."""
 
@@ -504,6 +508,12 @@ else:
         """Waits for this thread's groups of copies but the last one sent (PTX cp.async.wait_group 1):
         with two stages in flight, the older one has landed (for the other threads: after a barrier)."""
         return types.none(), _asm_statement("cp.async.wait_group 1;")
+
+    @intrinsic
+    def copies_all_landed(typingctx):  # noqa: ANN001, ANN201
+        """Waits for all of this thread's groups of copies (PTX cp.async.wait_group 0): with one stage in
+        flight at the wait, it has landed (for the other threads: after a barrier)."""
+        return types.none(), _asm_statement("cp.async.wait_group 0;")
 
     @intrinsic
     def prefetch_l2(typingctx, src, r, c):  # noqa: ANN001, ANN201
