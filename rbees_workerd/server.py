@@ -43,7 +43,7 @@ from rbees_workerd.schemas import (
     ValidationErrors,
 )
 from rbees_workerd.settings import Settings
-from rbees_workerd.stream import JobStream
+from rbees_workerd.stream import JobStream, with_server_send
 
 log = logging.getLogger("rbees_workerd.server")
 
@@ -374,7 +374,11 @@ def _settle(outcome: asyncio.Future[int], code: int) -> None:
 async def _serve(settings: Settings, sock: socket.socket) -> int:
     runtime = WorkerRuntime(settings)
     config = uvicorn.Config(
-        create_app(runtime), log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5
+        with_server_send(create_app(runtime)),
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=5,
     )
     server = _Server(config)
     loop = asyncio.get_running_loop()

@@ -383,6 +383,22 @@ def test_a_request_joins_a_running_generation(worker: Daemon) -> None:
     assert long_frames[-1]["type"] == "end" and long_frames[-1]["tokens_out"] in range(4, 81)
 
 
+def test_the_stream_s_headers(worker: Daemon) -> None:
+    """The stream's start goes through the middlewares (its correlation id) and its body straight to the server
+    (stream.py): the headers are a StreamingResponse's, and the body is chunked and complete."""
+    body = execute_body("job-headers", max_tokens=3)
+    with (
+        httpx.Client(timeout=120) as client,
+        client.stream("POST", f"{worker.url}/execute", json=body, headers={"X-Correlation-Id": "corr-sse"}) as r,
+    ):
+        frames = list(read_frames(r))
+    assert r.status_code == 200 and r.headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"
+    assert r.headers["x-correlation-id"] == "corr-sse" and r.headers["transfer-encoding"] == "chunked"
+    assert "content-length" not in r.headers
+    assert [f["type"] for f in frames] == ["started", "token", "token", "token", "metrics", "end"]
+
+
 def test_correlation_id_is_echoed_and_logged_without_the_prompt(worker: Daemon, client: httpx.Client) -> None:
     frames = stream_job(
         worker.url,
