@@ -160,7 +160,7 @@ class ExecuteFastPath:
         headers: dict[bytes, bytes] = {}
         for name, value in scope["headers"]:
             headers.setdefault(name, value)  # the first of a repeated header, as Starlette reads it
-        if not headers.get(b"content-type", b"").startswith(b"application/json"):
+        if headers.get(b"content-type", b"").partition(b";")[0].strip().lower() != b"application/json":
             return None
         expected = self._authorization
         if expected is not None and not hmac.compare_digest(headers.get(b"authorization", b""), expected):
