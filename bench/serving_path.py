@@ -7,6 +7,10 @@ streams the engine gives 64 / 3.9 ms = 16,400 tokens/s (bench/cuda_bench.py's H1
 
     python bench/serving_path.py --step-ms 3.9 --levels 1,16,64 --max-tokens 128
 
+On a machine of few cores the bench client, the HTTP process and the engine process take turns on them, so each
+level also reports each process's CPU time per token (psutil, user + system, over the level): the HTTP process's
+figure is what the serving path costs, whatever the client's share of the cores.
+
 The same file runs against an older tree (PYTHONPATH=that tree) for before/after figures (with the Engine of
 that tree: before 2026-12-06's ninth session, this bench replaced the Engine itself, so the figures of those
 sessions leave out the engine's own Python). A tree whose engine ran in the worker's own process (before
@@ -16,16 +20,19 @@ sessions leave out the engine's own Python). A tree whose engine ran in the work
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import signal
 import socket
+import statistics
 import sys
 import time
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from typing import Any
+
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -63,7 +70,7 @@ def main() -> None:
     import subprocess
 
     import httpx
-    from worker_http import run_level
+    from worker_http import measure
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,8 +87,9 @@ def main() -> None:
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
-        asyncio.run(run_level(url, max(levels), 8))  # warm-up
-        rounds = [[asyncio.run(run_level(url, c, args.max_tokens)) for c in levels] for _ in range(args.rounds)]
+        measure(url, max(levels), 8)  # warm-up
+        processes = _processes(proc.pid)
+        rounds = [[_timed_level(processes, url, c, args.max_tokens) for c in levels] for _ in range(args.rounds)]
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
@@ -90,10 +98,39 @@ def main() -> None:
         runs = sorted((r[i] for r in rounds), key=lambda r: r["decode_aggregate_tokens_per_sec"])
         med = runs[len(runs) // 2]
         row = {k: med[k] for k in ("concurrency", "aggregate_tokens_per_sec", "decode_aggregate_tokens_per_sec",
-                                   "ttft_ms_mean", "ttft_ms_max")}  # fmt: skip
+                                   "ttft_ms_mean", "ttft_ms_p50", "ttft_ms_max")}  # fmt: skip
+        row.update({k: statistics.median(r[k] for r in runs) for k in _CPU_KEYS})  # each its own median of the rounds
         row["engine_tokens_per_sec"] = round(engine_ceiling * level, 1)
         row["decode_share_of_engine"] = round(med["decode_aggregate_tokens_per_sec"] / (engine_ceiling * level), 3)
+        # the engine's own pace (each stream's metrics frame, first token to last, stamped in the engine process):
+        # below 1 where the engine itself was slowed, not only the path from it to the client
+        row["engine_own_share"] = round(med["engine_reported_tokens_per_sec"] / engine_ceiling, 3)
         print(json.dumps(row))
+
+
+_CPU_KEYS = tuple(f"{name}_cpu_us_per_token" for name in ("http", "engine", "client"))
+
+
+def _processes(daemon_pid: int) -> dict[str, psutil.Process]:
+    """The daemon (HTTP), its engine process (its one spawned child) and this one (the client)."""
+    daemon = psutil.Process(daemon_pid)
+    (engine,) = [p for p in daemon.children() if "spawn_main" in " ".join(p.cmdline())]
+    return {"http": daemon, "engine": engine, "client": psutil.Process()}
+
+
+def _timed_level(processes: dict[str, psutil.Process], url: str, concurrency: int, max_tokens: int) -> dict[str, Any]:
+    """One level's run, with the CPU time each process spent in it per token delivered."""
+    from worker_http import measure
+
+    def cpu() -> dict[str, float]:
+        return {name: sum(p.cpu_times()[:2]) for name, p in processes.items()}
+
+    before = cpu()
+    result: dict[str, Any] = measure(url, concurrency, max_tokens)
+    after = cpu()
+    for name, key in zip(processes, _CPU_KEYS, strict=True):
+        result[key] = round((after[name] - before[name]) / result["tokens"] * 1e6, 1)
+    return result
 
 
 if __name__ == "__main__":

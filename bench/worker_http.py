@@ -22,34 +22,80 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import SplitResult, urlsplit
 
+import httptools
 import httpx
+import orjson
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle. Once upon a time,"
 
 
-async def _one_stream(client: httpx.AsyncClient, job_id: str, max_tokens: int) -> dict[str, float]:
-    body = {"job_id": job_id, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0}
+class _Response:
+    """httptools' callbacks for one /execute response: its body's SSE events, split and each
+    `data:` line parsed as it arrives (chunked decoding is httptools', in C)."""
+
+    def __init__(self, on_frame: Callable[[dict[str, Any]], None]) -> None:
+        self._on_frame = on_frame
+        self._pending = b""  # the start of an event whose blank line has not arrived yet
+        self.complete = False
+
+    def on_body(self, body: bytes) -> None:
+        events = (self._pending + body).split(b"\n\n")
+        self._pending = events.pop()
+        for event in events:
+            for line in event.split(b"\n"):
+                if line.startswith(b"data: "):
+                    self._on_frame(orjson.loads(line[6:]))
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+async def _one_stream(url: SplitResult, job_id: str, max_tokens: int) -> dict[str, float]:
+    """One /execute stream on a connection of its own, read without an HTTP client library: at 256 streams
+    httpx took 55 us of the client's CPU a token (bench/serving_path.py), as much as the worker's serving
+    path and engine together many times over, so that the client, not the worker, set the figure."""
+    body = orjson.dumps({"job_id": job_id, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0})
+    head = (f"POST /execute HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")  # fmt: skip
     t0 = time.perf_counter()
-    first = last = None
+    first = last = 0.0
     tokens = 0
     engine_rate = 0.0
-    async with client.stream("POST", "/execute", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            frame = json.loads(line[6:])
-            if frame["type"] == "token":
-                last = time.perf_counter()
-                first = first or last
-                tokens += 1
-            elif frame["type"] == "metrics":
-                engine_rate = frame["tokens_per_sec"]
-    assert first is not None and last is not None
+
+    def on_frame(frame: dict[str, Any]) -> None:
+        nonlocal first, last, tokens, engine_rate
+        if frame["type"] == "token":
+            last = time.perf_counter()
+            first = first or last
+            if frame["i"] != tokens:
+                raise RuntimeError(f"{job_id}: token frame {frame['i']} where {tokens} was due")
+            tokens += 1
+        elif frame["type"] == "metrics":
+            engine_rate = frame["tokens_per_sec"]
+        elif frame["type"] == "error":
+            raise RuntimeError(f"{job_id}: {frame['code']}: {frame['message']}")
+
+    response = _Response(on_frame)
+    parser = httptools.HttpResponseParser(response)
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    try:
+        writer.write(head.encode() + body)
+        while not response.complete:
+            data = await reader.read(1 << 16)
+            if not data:
+                raise ConnectionError("the worker closed the stream before its end")
+            parser.feed_data(data)
+            if parser.get_status_code() != 200:
+                raise RuntimeError(f"/execute answered {parser.get_status_code()}")
+    finally:
+        writer.close()
+    assert tokens, "no token frame"
     return {
         "ttft_s": first - t0,
         "tokens": tokens,
@@ -61,19 +107,24 @@ async def _one_stream(client: httpx.AsyncClient, job_id: str, max_tokens: int) -
     }
 
 
+def measure(url: str, concurrency: int, max_tokens: int) -> dict[str, float]:
+    """`run_level` on an event loop of its own (uvloop's where installed, as the worker's)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(run_level(url, concurrency, max_tokens))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(run_level(url, concurrency, max_tokens))
+
+
 async def run_level(url: str, concurrency: int, max_tokens: int) -> dict[str, float]:
     """`concurrency` streams started together; aggregate tokens/s over the wall time of the level."""
-    # httpx keeps at most 100 connections by default: the streams past them would wait for a free one
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        t0 = time.perf_counter()
-        results = await asyncio.gather(
-            *(
-                _one_stream(client, f"bench-{concurrency}-{i}-{time.monotonic_ns()}", max_tokens)
-                for i in range(concurrency)
-            )
-        )
-        wall = time.perf_counter() - t0
+    where = urlsplit(url)
+    t0 = time.perf_counter()
+    results = await asyncio.gather(
+        *(_one_stream(where, f"bench-{concurrency}-{i}-{time.monotonic_ns()}", max_tokens) for i in range(concurrency))
+    )
+    wall = time.perf_counter() - t0
     total = sum(r["tokens"] for r in results)
     # decode phase: the tokens after each stream's first, over the span from the first first token to the last token
     span = max(r["last_at"] for r in results) - min(r["first_at"] for r in results)
@@ -182,10 +233,10 @@ def main() -> None:
     if url is None:
         proc, url = start_daemon(args.model, args.slots or max(levels), args.context_length)
     try:
-        asyncio.run(run_level(url, 1, 8))  # warm-up: first-call compilation and caches
-        asyncio.run(run_level(url, max(levels), 8))
+        measure(url, 1, 8)  # warm-up: first-call compilation and caches
+        measure(url, max(levels), 8)
         # the levels interleaved, `rounds` times: a busy neighbour on a shared host then slows all of them alike
-        rounds = [[asyncio.run(run_level(url, c, args.max_tokens)) for c in levels] for _ in range(args.rounds)]
+        rounds = [[measure(url, c, args.max_tokens) for c in levels] for _ in range(args.rounds)]
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)

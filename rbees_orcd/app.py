@@ -55,10 +55,11 @@ from rbees_orcd.schemas import (
     WorkerView,
 )
 from rbees_orcd.settings import Settings
-from rbees_orcd.sse import SERVER_SEND, SseStream
+from rbees_orcd.sse import SseStream
 from rbees_orcd.tasks import Task, sse_frames
 from rbees_workerd.schemas import ErrorBody, ValidationErrors
 from rbees_workerd.server import CorrelationMiddleware, internal_error, openapi_without_422
+from rbees_workerd.stream import SERVER_SEND
 
 log = logging.getLogger("rbees_orcd.app")
 

@@ -18,9 +18,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from rbees_orcd.tasks import Task
-
-SERVER_SEND = "rbees.server_send"
-"""The scope key of the server's own `send`, which the app keeps there before its middlewares wrap it."""
+from rbees_workerd.stream import SERVER_SEND, until_disconnected
 
 Render = Callable[[Task, int], bytes]
 """The task's events from an index on, as the body to write."""
@@ -69,12 +67,6 @@ class SseStream(Response):
         self._gone = True
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
-
-
-async def until_disconnected(receive: Receive) -> None:
-    """Return when the client hangs up (the request body has been read already)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 async def unless_disconnected(receive: Receive, waiting: Any) -> bool:

@@ -383,6 +383,46 @@ def test_a_request_joins_a_running_generation(worker: Daemon) -> None:
     assert long_frames[-1]["type"] == "end" and long_frames[-1]["tokens_out"] in range(4, 81)
 
 
+def test_the_stream_s_headers(worker: Daemon) -> None:
+    """The stream's start goes through the middlewares (its correlation id) and its body straight to the server
+    (stream.py): the headers are a StreamingResponse's, and the body is chunked and complete."""
+    body = execute_body("job-headers", max_tokens=3)
+    with (
+        httpx.Client(timeout=120) as client,
+        client.stream("POST", f"{worker.url}/execute", json=body, headers={"X-Correlation-Id": "corr-sse"}) as r,
+    ):
+        frames = list(read_frames(r))
+    assert r.status_code == 200 and r.headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"
+    assert r.headers["x-correlation-id"] == "corr-sse" and r.headers["transfer-encoding"] == "chunked"
+    assert "content-length" not in r.headers
+    assert [f["type"] for f in frames] == ["started", "token", "token", "token", "metrics", "end"]
+
+
+def test_the_fast_path_and_the_fastapi_route_stream_alike(worker: Daemon) -> None:
+    """A body of type application/json takes server.ExecuteFastPath; one of another JSON type (which FastAPI
+    reads as JSON too) takes the FastAPI route: the same greedy request streams the same frames either way."""
+
+    def run(job_id: str, headers: dict[str, str]) -> list[dict[str, Any]]:
+        raw = json.dumps(execute_body(job_id, max_tokens=5)).encode()
+        with (
+            httpx.Client(timeout=120) as client,
+            client.stream("POST", f"{worker.url}/execute", content=raw, headers=headers) as r,
+        ):
+            assert r.status_code == 200 and r.headers["content-type"] == "text/event-stream; charset=utf-8"
+            assert r.headers["x-correlation-id"] == job_id
+            return list(read_frames(r))
+
+    fast = run("path-fast", {"Content-Type": "application/json", "X-Correlation-Id": "path-fast"})
+    routed = run("path-routed", {"Content-Type": "application/vnd.rbees+json", "X-Correlation-Id": "path-routed"})
+
+    def comparable(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        drop = {"job_id", "started_at", "decode_time_ms", "tokens_per_sec", "time_to_first_token_ms", "prefill_time_ms"}
+        return [{k: v for k, v in f.items() if k not in drop} for f in frames]
+
+    assert comparable(fast) == comparable(routed) and [f["type"] for f in fast][-2:] == ["metrics", "end"]
+
+
 def test_correlation_id_is_echoed_and_logged_without_the_prompt(worker: Daemon, client: httpx.Client) -> None:
     frames = stream_job(
         worker.url,
