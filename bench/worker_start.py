@@ -17,6 +17,7 @@ import contextlib
 import json
 import signal
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -56,11 +57,14 @@ def main() -> None:
     given = contextlib.nullcontext(args.cache_dir) if args.cache_dir else None
     with given or tempfile.TemporaryDirectory(prefix="rbees-numba-") as cache_dir:
         cold = None if given else _start(args, cache_dir)[0]
+        if cold is not None:
+            print(f"cold start to Ready: {cold:.2f} s", file=sys.stderr, flush=True)  # (each as it comes: minutes)
         warm = []
         health: dict[str, object] = {}
         for _ in range(args.warm):
             seconds, health = _start(args, cache_dir)
             warm.append(seconds)
+            print(f"warm start to Ready: {seconds:.2f} s", file=sys.stderr, flush=True)
         cache_mb = sum(f.stat().st_size for f in Path(cache_dir).rglob("*") if f.is_file()) / 1e6
     report = {
         "backend": args.backend,
