@@ -130,9 +130,7 @@ def _apply(settings: dict[str, int]) -> None:
 _SETTINGS = {"programmatic": ("backend", "PROGRAMMATIC", bool),
              "hmma_min_tokens": ("hmma", "MIN_TOKENS", int),
              "hmma_large_min_tokens": ("hmma", "LARGE_MIN_TOKENS", int),
-             "hmma_ahead": ("hmma", "AHEAD", int),
              "hmma_slots": ("hmma", "SLOTS", int),
-             "hmma_lean": ("hmma", "LEAN", bool),
              "att_group_min_blocks": ("ops", "ATT_GROUP_MIN_BLOCKS", int)}  # fmt: skip
 
 

@@ -243,19 +243,13 @@ def test_tensor_core_product_of_three_matrices(be, monkeypatch, qtype):
             _close(be.download(out), ref_product(qtype, raw, x) + bias)
 
 
-@pytest.mark.parametrize(("ahead", "lean"), [(0, False), (3, False), (0, True)], ids=["", "ahead-3", "lean"])
 @pytest.mark.parametrize("qtype", _MMA_TYPES, ids=lambda q: q.name)
-def test_float16_tensor_core_product(be, monkeypatch, qtype, ahead, lean):
+def test_float16_tensor_core_product(be, monkeypatch, qtype):
     """hmma_kernel: many tokens, K split and whole, both token tiles a block that plan takes, rows and tokens past
     the tiles, against the float64 product (the input and each weight rounded to float16 on the way: within
     1e-3 of the largest output). Tokens of inputs past float16's range (1e5) and far below it (1e-6) come out
-    alike: each token's input is scaled by a power of two first. Also with L2 prefetches 3 stages ahead (on a
-    GPU: the simulator has no L2), and with one barrier a stage (the simulator: K-quants)."""
-    if SIM and (ahead or (lean and qtype not in KQUANTS)):
-        pytest.skip("the simulator's prefetch does nothing; it runs the lean stages for the K-quants")
+    alike: each token's input is scaled by a power of two first."""
     monkeypatch.setattr(hmma, "MIN_TOKENS", 0)
-    monkeypatch.setattr(hmma, "AHEAD", ahead)
-    monkeypatch.setattr(hmma, "LEAN", lean)
     plans = {GEMM_MIN_TOKENS + 1: (hmma.NJ, 1), 8 * hmma.NJ + 5: (hmma.NJ // 2, 2)}
     monkeypatch.setattr(hmma, "plan", lambda t, *_: plans[t])
     rng = np.random.default_rng(12)
@@ -267,7 +261,7 @@ def test_float16_tensor_core_product(be, monkeypatch, qtype, ahead, lean):
         x[1] *= 1e5
         x[2] *= 1e-6
         out = _dev(be, np.full((t, n), np.nan, np.float32))
-        be.run_step(("hmma-test", t, qtype, ahead, lean), lambda: be.products(_dev(be, x), [Product(wd, out)]))  # noqa: B023
+        be.run_step(("hmma-test", t, qtype), lambda: be.products(_dev(be, x), [Product(wd, out)]))  # noqa: B023
         got, ref = be.download(out), x.astype(np.float64) @ w.astype(np.float64).T
         for sel in ([1], [2], [0, *range(3, t)]):
             _close(got[sel], ref[sel], rtol=1e-3)

@@ -697,7 +697,7 @@ def _many_launches(be: CudaBackend, x: Any, qt: int, flags: int, mats: list[tupl
             per = -(-(k // 8) // mma.PREP_THREADS)  # items a thread
             prep = _Launch(hmma.prep_f16_kernel(qt, gated, per), (t_count,), (mma.PREP_THREADS,), (*prep_args, *inputs))
             nj, split = hmma.plan(t_count, row_tiles, k, qt, be.sms)
-            kernel = hmma.hmma_kernel(qt, nj, mma.wide_rows(qt, k), hmma.AHEAD, hmma.LEAN)
+            kernel = hmma.hmma_kernel(qt, nj, mma.wide_rows(qt, k))
         else:  # Q8 inputs and int8 weights (mma.py)
             key = ("q8", _ptr(x), qt)
             if key not in be._act_bufs:

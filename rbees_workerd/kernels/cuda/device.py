@@ -158,14 +158,6 @@ if SIM:
         """The simulator's copies are done when issued."""
 
     @cuda.jit(device=True)
-    def copies_all_landed():
-        """The simulator's copies are done when issued."""
-
-    @cuda.jit(device=True)
-    def prefetch_l2(src, r, c):
-        """The simulator has no cache to fill."""
-
-    @cuda.jit(device=True)
     def f32_from_bits(bits):
         return np.uint32(int(bits) & 0xFFFFFFFF).view(np.float32)
 
@@ -508,25 +500,6 @@ else:
         """Waits for this thread's groups of copies but the last one sent (PTX cp.async.wait_group 1):
         with two stages in flight, the older one has landed (for the other threads: after a barrier)."""
         return types.none(), _asm_statement("cp.async.wait_group 1;")
-
-    @intrinsic
-    def copies_all_landed(typingctx):  # noqa: ANN001, ANN201
-        """Waits for all of this thread's groups of copies (PTX cp.async.wait_group 0): with one stage in
-        flight at the wait, it has landed (for the other threads: after a barrier)."""
-        return types.none(), _asm_statement("cp.async.wait_group 0;")
-
-    @intrinsic
-    def prefetch_l2(typingctx, src, r, c):  # noqa: ANN001, ANN201
-        """A hint that src[r, c] is read soon: the memory system brings its sector into L2 (PTX
-        prefetch.global.L2) while the thread goes on; nothing waits for it, nor faults."""
-
-        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-            ptr = _element_ptr(context, builder, sig.args[0], args[0], sig.args[1:], args[1:])
-            fn = ir.FunctionType(ir.VoidType(), [ptr.type])
-            builder.call(ir.InlineAsm(fn, "prefetch.global.L2 [$0];", "l", side_effect=True), [ptr])
-            return context.get_dummy_value()
-
-        return types.none(src, r, c), codegen
 
     @intrinsic
     def dp4a(typingctx, a, b, c):  # noqa: ANN001, ANN201

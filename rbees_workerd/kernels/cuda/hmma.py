@@ -23,7 +23,6 @@ from rbees_workerd.kernels.cuda.device import (
     JIT,
     SIM,
     bits_from_f32,
-    copies_all_landed,
     copies_landed,
     copies_sent,
     dequant_f16x2,
@@ -31,7 +30,6 @@ from rbees_workerd.kernels.cuda.device import (
     grid_ready,
     mma_f16,
     pack_f16,
-    prefetch_l2,
     shared2,
     shared4,
     silu_mul,
@@ -78,10 +76,6 @@ MIN_TOKENS = 65
 # 39.2 us).
 LARGE = 4096
 LARGE_MIN_TOKENS = 33
-# stages ahead of its copies that hmma_kernel asks L2 for each row's words and scales (0: none). In a step,
-# its weights come from DRAM, where bench/mma_plan.py's sweeps of one product at a time found them in L2
-AHEAD = 0
-LEAN = False  # hmma_kernel's stages with one barrier each (see there), until measured
 # ptxas's register bound for hmma_kernel (None: its own choice; bench/mma_plan.py --hmma-registers sweeps others)
 REGISTERS: int | None = None
 # plan's cost model, in units of a 32-block of one token tile, fitted to bench/mma_plan.py's sweep of the 8B's
@@ -215,15 +209,12 @@ def _halves(word, signed, s2, c2):
 
 
 @functools.cache
-def hmma_kernel(qt: int, nj: int, wide: bool, ahead: int = 0, lean: bool = False):  # noqa: ANN201, C901
+def hmma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
     """Many tokens of float16 inputs (prep_f16_kernel) times up to three matrices of weight type qt: the
     blocks, stages, copies and stores of mma.mma_kernel, with float16 fragments. Lane l makes the A
     fragments of its rows from item l % 4 of each 32-block (group_item's two words: elements 0-3 and 4-7 of
     the item, as the k columns 2 (l % 4), + 1, + 8, + 9 of two 16-column products) and loads its token's four
-    input words of the same item as the B fragments of both. ahead > 0: each thread asks L2 for its row's
-    words and scales of the stage that many ahead (AHEAD), so that the stage's copies find them there.
-    lean (LEAN): one barrier a stage instead of two, the next stage's copies sent after it (the stage before
-    is then done with their buffers) and the scales in two buffers as the words are."""
+    input words of the same item as the B fragments of both."""
     halves = qt == Q6_K
     signed = halves or qt == Q8_0
     words = WORDS[qt]
@@ -237,7 +228,6 @@ def hmma_kernel(qt: int, nj: int, wide: bool, ahead: int = 0, lean: bool = False
     acc_n = MI * nj * 4
     w_size, s_size, x_size, a_size = 2 * BM * pitch, BM * kg * 2, 2 * bn * xp, 8 * MI
     s_row, w_buf, x_buf = 2 * kg, BM * pitch, bn * xp
-    s_all = s_size * (2 if lean else 1)  # (lean: two buffers of scales, as the stage's words have)
     assert w_size >= WARPS * 32 * 8  # (the results leave through wsh)
 
     send = stage_sender(qt, kg, wide, bn, 16, xp)
@@ -250,7 +240,7 @@ def hmma_kernel(qt: int, nj: int, wide: bool, ahead: int = 0, lean: bool = False
         w1, g1, s1, o1, b1 = m1
         w2, g2, s2, o2, b2 = m2
         wsh = cuda.shared.array(w_size, uint32)
-        ssh = cuda.shared.array(s_all, float32)  # each (row, 32-block): its scale and its term (Q6_K: two scales)
+        ssh = cuda.shared.array(s_size, float32)  # each (row, 32-block): its scale and its term (Q6_K: two scales)
         xsh = cuda.shared.array(x_size, uint32)
         scratch = cuda.shared.array((SCRATCH, 6), uint32)
         last = cuda.shared.array(1, int32)
@@ -279,26 +269,14 @@ def hmma_kernel(qt: int, nj: int, wide: bool, ahead: int = 0, lean: bool = False
             send(c_first, w, row_words, row, xh, t0, n_tok, groups, wsh, xsh)
             load_row_scales(c_first, gs, sb, row, groups, graw, sraw)
         for c in range(c_first, c_end):
-            sa = (c % 2) * s_size if lean else 0
-            put_row_scales(graw, sraw, sv, ssh, sa)
-            if lean:
-                copies_all_landed()
-            else:
-                if c + 1 < c_end:
-                    send(c + 1, w, row_words, row, xh, t0, n_tok, groups, wsh, xsh)
-                    load_row_scales(c + 1, gs, sb, row, groups, graw, sraw)
-                else:
-                    copies_sent()
-                copies_landed()
-            cuda.syncthreads()
-            if lean and c + 1 < c_end:  # (every warp is past the stage before: its buffers are free)
+            put_row_scales(graw, sraw, sv, ssh)
+            if c + 1 < c_end:
                 send(c + 1, w, row_words, row, xh, t0, n_tok, groups, wsh, xsh)
                 load_row_scales(c + 1, gs, sb, row, groups, graw, sraw)
-            if ahead and c + ahead < c_end:
-                g = (c + ahead) * kg
-                prefetch_l2(w, row, g * words)
-                prefetch_l2(w, row, min(g * words + kg * words - 1, row_words - 1))  # (Q6_K's span two sectors)
-                prefetch_l2(gs, row, g)
+            else:
+                copies_sent()
+            copies_landed()
+            cuda.syncthreads()
             wb = (c % 2) * w_buf
             xb = (c % 2) * x_buf
             for gi in range(kg):
@@ -306,7 +284,7 @@ def hmma_kernel(qt: int, nj: int, wide: bool, ahead: int = 0, lean: bool = False
                     for h in range(2):
                         r = wr + 16 * i + gq + 8 * h
                         lo, hi = group_item(qt, wsh, wb + r * pitch + gi * words, tq)
-                        s_a, s_b = shared2(ssh, sa + 2 * (r * kg + gi))
+                        s_a, s_b = shared2(ssh, 2 * (r * kg + gi))
                         p_a = pack_f16(s_a, s_a)
                         p_b = pack_f16(s_b, s_b)
                         if halves:
@@ -325,10 +303,7 @@ def hmma_kernel(qt: int, nj: int, wide: bool, ahead: int = 0, lean: bool = False
                         acc[k], acc[k + 1], acc[k + 2], acc[k + 3] = mma_f16(
                             afr[8 * i + 4], afr[8 * i + 5], afr[8 * i + 6], afr[8 * i + 7], x2, x3,
                             acc[k], acc[k + 1], acc[k + 2], acc[k + 3], scratch)  # fmt: skip
-            if not lean:
-                cuda.syncthreads()
-        if lean:
-            cuda.syncthreads()  # (the stores take wsh)
+            cuda.syncthreads()
         stores(acc, wsh, which, first, n, n0, n1, t0, n_tok, flags, part, count, last, xs, o0, b0, o1, b1, o2, b2)
 
     return kernel

@@ -177,8 +177,8 @@ def row_scales(qt: int, kg: int):  # noqa: ANN201
     """(load, put) for stages of kg 32-blocks of weight type qt, a thread a row:
     load(c, gs, sb, row, groups, graw, sraw): stage c's raw scale fields of row `row` (load_scales; past K:
     zeros) into registers, in flight while the stage before is multiplied;
-    put(graw, sraw, sv, ssh, base): when the stage comes, each 32-block's scale and its min or offset term (Q6_K:
-    its two halves' scales) as floats into ssh from base at the thread's row (sv: kg * 2 floats of scratch)."""
+    put(graw, sraw, sv, ssh): when the stage comes, each 32-block's scale and its min or offset term (Q6_K:
+    its two halves' scales) as floats into ssh at the thread's row (sv: kg * 2 floats of scratch)."""
     q8_1 = rounding(qt) == ROUND_Q8_1
     off = float32(OFFSET.get(qt, 0.0))
     halves = qt == Q6_K
@@ -193,14 +193,13 @@ def row_scales(qt: int, kg: int):  # noqa: ANN201
                 graw[gi], sraw[gi] = uint32(0), uint32(0)
 
     @cuda.jit(**DEVICE)
-    def put(graw, sraw, sv, ssh, base):
+    def put(graw, sraw, sv, ssh):
         for gi in range(kg):
             s_lo, s_hi, mn = scales_of(qt, graw[gi], sraw[gi])
             sv[2 * gi] = s_lo
             sv[2 * gi + 1] = s_hi if halves else (mn if q8_1 else s_lo * off)
         for h in range(kg // 2):
-            at = base + cuda.threadIdx.x * 2 * kg + 4 * h
-            put4(ssh, at, sv[4 * h], sv[4 * h + 1], sv[4 * h + 2], sv[4 * h + 3])
+            put4(ssh, cuda.threadIdx.x * 2 * kg + 4 * h, sv[4 * h], sv[4 * h + 1], sv[4 * h + 2], sv[4 * h + 3])
 
     return load, put
 
@@ -343,7 +342,7 @@ def mma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
             send(c_first, w, row_words, row, xw, t0, n_tok, groups, wsh, xsh)
             load_stage_scales(c_first, gs, sb, row, xd, xs, t0, n_tok, groups, graw, sraw, draw, eraw)
         for c in range(c_first, c_end):
-            put_row_scales(graw, sraw, sv, ssh, 0)  # the stage's scales, into shared memory (its words on their way)
+            put_row_scales(graw, sraw, sv, ssh)  # the stage's scales, into shared memory (its words are on their way)
             for u in range(dn):
                 p = tid + THREADS * u
                 if p < kg * bn:
