@@ -25,7 +25,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive, Scope, Send
 
 from rbees_orcd import openai_api
 from rbees_orcd.errors import (
@@ -59,7 +58,6 @@ from rbees_orcd.sse import SseStream
 from rbees_orcd.tasks import Task, sse_frames
 from rbees_workerd.schemas import ErrorBody, ValidationErrors
 from rbees_workerd.server import CorrelationMiddleware, internal_error, openapi_without_422
-from rbees_workerd.stream import SERVER_SEND
 
 log = logging.getLogger("rbees_orcd.app")
 
@@ -144,14 +142,6 @@ def _errors_doc(*statuses: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
-class _App(FastAPI):
-    """FastAPI that keeps the server's own `send` in the scope, for the event streams' body (see sse.py)."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope[SERVER_SEND] = send
-        await super().__call__(scope, receive, send)
-
-
 def create_app(settings: Settings) -> FastAPI:
     orcd = build(settings)
     scheduler, registry = orcd.scheduler, orcd.registry
@@ -167,7 +157,7 @@ def create_app(settings: Settings) -> FastAPI:
             await orcd.relay.close()
             registry.close()
 
-    app = _App(
+    app = FastAPI(
         title="rbees-orcd",
         version="0.1.0",
         description="Routes requests to rbees workers, queues them and relays their token streams.",

@@ -21,6 +21,7 @@ import uvicorn
 
 from rbees_orcd.app import create_app
 from rbees_orcd.settings import Settings
+from rbees_workerd.stream import with_server_send
 
 log = logging.getLogger("rbees_orcd.server")
 
@@ -46,7 +47,7 @@ class _Server(uvicorn.Server):
 
 def serve(settings: Settings, sock: socket.socket) -> int:
     config = uvicorn.Config(
-        create_app(settings),
+        with_server_send(create_app(settings)),  # (the event streams' body goes straight to uvicorn: sse.py)
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=5,

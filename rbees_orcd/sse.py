@@ -1,7 +1,7 @@
 """A task's events as a `text/event-stream` response, written as they are published: the relay's hot path.
 
 Every token wakes the response's own loop once, and that loop writes everything published since in one body
-message, straight to the server's `send` (kept in the scope by the app, see SERVER_SEND), past the middlewares:
+message, straight to the server's `send` (kept in the scope by `with_server_send`, as served), past the middlewares:
 they only look at a response's start message, which still goes through them (the correlation id header). A
 StreamingResponse would add, for each frame, an async generator step and a coroutine per middleware, and a
 task group to watch for the client hanging up; here a watcher that waits for that sets a flag and wakes the
@@ -41,7 +41,7 @@ class SseStream(Response):
         watcher = asyncio.get_running_loop().create_task(self._watch(receive))
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            await self._stream(scope[SERVER_SEND])
+            await self._stream(scope.get(SERVER_SEND, send))  # (as rbees_workerd.stream.JobStream)
         finally:
             watcher.cancel()
             self._on_close()
