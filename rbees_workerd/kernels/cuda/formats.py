@@ -313,10 +313,17 @@ def round_lane(v, rnd, scratch):
 
 
 @cuda.jit(**DEVICE)
+def item_col(qt, it, j):
+    """The column of stage_q8's item it's j-th input: elem(qt, it % 4, j) of its 32-block (shifts and masks:
+    the compiler does not know that it is not negative)."""
+    return uint32((it >> 2) * 32 + elem(qt, it & 3, j))
+
+
+@cuda.jit(**DEVICE)
 def fetch_norm(nw, qt, it, nwv):
     """The norm's weights of item it of stage_q8 into nwv."""
     for j in range(8):
-        nwv[j] = nw[uint32((it >> 2) * 32 + elem(qt, it & 3, j))]
+        nwv[j] = nw[item_col(qt, it, j)]
 
 
 @cuda.jit(**DEVICE)

@@ -40,8 +40,8 @@ from rbees_workerd.kernels.cuda.formats import (
     Q6_K,
     Q8_0,
     WORDS,
-    elem,
     group_item,
+    item_col,
     signed_six,
 )  # fmt: skip
 from rbees_workerd.kernels.cuda.mma import (
@@ -144,13 +144,13 @@ def prep_f16_kernel(qt: int, gated: bool = False, per: int = 1):  # noqa: ANN201
             it = tid + cuda.blockDim.x * u
             if norm and it < items:
                 for j in range(8):
-                    wv[u, j] = nw[uint32((it >> 2) * 32 + elem(qt, it & 3, j))]
+                    wv[u, j] = nw[item_col(qt, it, j)]
         grid_ready()
         for u in range(per):  # (no stores among the loads: they go out together)
             it = tid + cuda.blockDim.x * u
             if it < items:
                 for j in range(8):
-                    c = uint32((it >> 2) * 32 + elem(qt, it & 3, j))
+                    c = item_col(qt, it, j)
                     xv[u, j] = x[t, c]
                     if gated:
                         wv[u, j] = up[t, c]
@@ -163,7 +163,7 @@ def prep_f16_kernel(qt: int, gated: bool = False, per: int = 1):  # noqa: ANN201
                     v = xv[u, j]
                     if gated:
                         v = silu_mul(v, wv[u, j])
-                        x[t, uint32((it >> 2) * 32 + elem(qt, it & 3, j))] = v
+                        x[t, item_col(qt, it, j)] = v
                         xv[u, j] = v
                     ss += v * v
                     peak = max(peak, abs(v * wv[u, j]) if norm else abs(v))
@@ -188,7 +188,7 @@ def prep_f16_kernel(qt: int, gated: bool = False, per: int = 1):  # noqa: ANN201
                 if norm:
                     for j in range(8):
                         xv[u, j] = xv[u, j] * inv * wv[u, j]
-                        hout[t, uint32((it >> 2) * 32 + elem(qt, it & 3, j))] = xv[u, j]
+                        hout[t, item_col(qt, it, j)] = xv[u, j]
                 for m in range(4):
                     xh[t, uint32(4 * it + m)] = pack_f16(xv[u, 2 * m] * scale, xv[u, 2 * m + 1] * scale)
 
