@@ -48,6 +48,10 @@ def serve(
     context_length: Annotated[
         int | None, typer.Option("--context-length", help="Tokens per slot (default: the model's, at most 4096).")
     ] = None,
+    step_tokens: Annotated[
+        int | None,
+        typer.Option("--step-tokens", help="Tokens one engine step takes at most (default: 8 a slot, 256 to 2048)."),
+    ] = None,
     callback_url: Annotated[
         str | None, typer.Option("--callback-url", help="POST the ready callback here once the model is loaded.")
     ] = None,

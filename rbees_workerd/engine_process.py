@@ -284,6 +284,7 @@ def _load_engine(settings: Settings, on_progress: OnProgress) -> Engine:
         threads=s.threads,
         slots=s.slots,
         context_length=s.context_length,
+        max_step_tokens=s.step_tokens,
         on_progress=on_progress,
     )
 

@@ -47,6 +47,7 @@ class Settings:
     threads: int | None
     slots: int
     context_length: int | None
+    step_tokens: int | None
     callback_url: str | None
     api_token: str | None
     log_level: str
@@ -76,6 +77,7 @@ CONFIG_KEYS = {
     "threads": int,
     "slots": int,
     "context_length": int,
+    "step_tokens": int,
     "callback_url": str,
     "api_token_file": str,
     "log_level": str,
@@ -173,6 +175,9 @@ def build_settings(values: Mapping[str, Any], bind_port_wins: bool) -> Settings:
     context_length = get("context_length")
     if context_length is not None:
         _check_range("--context-length", context_length, 16, 1 << 20)
+    step = get("step_tokens")
+    if step is not None:
+        _check_range("--step-tokens", step, 16, 1 << 16)
     threads = get("threads")
     if threads is not None:
         _check_range("--threads", threads, 1, 4096)
@@ -191,6 +196,7 @@ def build_settings(values: Mapping[str, Any], bind_port_wins: bool) -> Settings:
         threads=threads,
         slots=_check_range("--slots", get("slots", 4), 1, 256),
         context_length=context_length,
+        step_tokens=step,
         callback_url=callback_url,
         api_token=_read_token(str(token_file).strip()) if token_file else None,
         log_level=log_level,

@@ -14,7 +14,7 @@ from unittest import mock
 import pytest
 from ggufgen import write_tiny_model
 
-from rbees_workerd.engine.engine import Engine
+from rbees_workerd.engine.engine import Engine, step_tokens
 from rbees_workerd.engine.model import padded, padded_sizes
 from rbees_workerd.engine.types import Event, FinishEvent, GenerationParams, TokenEvent
 from rbees_workerd.kernels.cpu.backend import CpuBackend
@@ -78,9 +78,12 @@ def _run(
         step += 1
         assert step < 500
     limit = engine.model.max_step_tokens
-    # padded: every step of several sequences (all slots held or not), to its size; a padded step's one shape
+    # padded: every step of several sequences (all slots held or not), to its size; a padded step's one shape,
+    # with a logit row a token up to one a slot
     assert all(n == (padded(a, limit) if pads and not one else a) for a, (n, _, one) in zip(asked, ran, strict=True))
-    assert all(rows == n for a, (n, rows, _) in zip(asked, ran, strict=True) if n > a)
+    rows_limit = engine.model.max_logit_rows
+    assert rows_limit == 4
+    assert all(rows == min(n, rows_limit) for a, (n, rows, _) in zip(asked, ran, strict=True) if n > a)
     return events, fed, sum(n > a for a, (n, _, _) in zip(asked, ran, strict=True)), [key[:2] for key in ran]
 
 
@@ -106,8 +109,8 @@ def test_queued_steps_give_every_sequence_the_same_events(tiny: Path) -> None:
 
 @pytest.mark.parametrize("queues_ahead", [False, True])
 def test_padded_steps_give_every_sequence_the_same_events(tiny: Path, queues_ahead: bool) -> None:
-    """Steps of several sequences padded to `padded` sizes, as many logit rows as tokens (extra tokens in
-    the model's pad slot, extra logit rows copies of the last), with and without queued steps, also while
+    """Steps of several sequences padded to `padded` sizes, as many logit rows as tokens up to the slots (extra
+    tokens in the model's pad slot, extra logit rows copies of the last), with and without queued steps, also while
     every slot generates: the same events as unpadded steps."""
     want, _, unpadded, _ = _run(tiny, queues_ahead=False)
     got, _, padded_steps, _ = _run(tiny, queues_ahead=queues_ahead, pads=True)
@@ -125,15 +128,18 @@ def test_warm_up_runs_every_padded_size_twice_in_the_pad_slot(tiny: Path) -> Non
     limit = Engine.load(tiny, slots=4, context_length=48).model.max_step_tokens
     sizes = padded_sizes(limit)
     assert {4, 8, 16, 32, 48, 64, limit} <= set(sizes)
-    assert all(ran.count((size, size)) >= 2 for size in sizes)
+    assert all(ran.count((size, min(size, 4))) >= 2 for size in sizes)
 
 
 def test_a_step_holds_a_prompt_token_for_every_slot(tiny: Path) -> None:
-    """The default step budget of an engine of many slots is two tokens a slot: a burst of short prompts on
-    every slot is prefilled in one step (with 256 tokens, only the first 128 two-token prompts of 160 were)."""
+    """The default step budget of an engine of many slots is eight tokens a slot, up to 2,048: a burst of short
+    prompts on every slot is prefilled in one step (with 256 tokens, only the first 128 two-token prompts of 160
+    were)."""
     engine = Engine.load(tiny, slots=160, context_length=48)
-    assert engine.model.max_step_tokens == 320
+    assert engine.model.max_step_tokens == 1280
+    assert engine.model.max_logit_rows == 192  # (the padded size of 160 rows)
     assert Engine.load(tiny, slots=4, context_length=48).model.max_step_tokens == 256
+    assert step_tokens(256) == 2048 and step_tokens(32) == 256
     for i in range(160):
         engine.submit([1 + i % 7, 2], GenerationParams(max_tokens=3, temperature=0.0))
     sampled = {e.seq_id for e in engine.step()}  # (a token, or an end at a first token of end of text)

@@ -48,6 +48,7 @@ def test_defaults(parse_settings) -> None:
         None,
     )
     assert (s.log_level, s.drain_timeout_s, s.url) == ("INFO", 30.0, "http://127.0.0.1:8100")
+    assert s.step_tokens is None  # (the engine's step_tokens of the slots)
 
 
 def test_command_line_beats_environment_beats_config_file(parse_settings, tmp_path: Path) -> None:
@@ -63,6 +64,7 @@ def test_command_line_beats_environment_beats_config_file(parse_settings, tmp_pa
                 "bind": "10.0.0.1",
                 "model_ref": "from-file",
                 "drain_timeout": 2,
+                "step_tokens": 1024,
             }
         )
     )
@@ -71,7 +73,8 @@ def test_command_line_beats_environment_beats_config_file(parse_settings, tmp_pa
     assert s.slots == 8 and s.model_ref == "smollm2-135m"  # command line
     assert s.gpu == 2 and s.host == "0.0.0.0" and s.api_token == "tok-123"  # environment
     assert s.port == 8100  # --port beats the port in WORKER_BIND_ADDR
-    assert s.log_level == "DEBUG" and s.drain_timeout_s == 2.0  # config file
+    assert s.log_level == "DEBUG" and s.drain_timeout_s == 2.0 and s.step_tokens == 1024  # config file
+    assert parse_settings([*BASE, "--step-tokens", "4096"], env={}).step_tokens == 4096
     assert s.url.startswith("http://") and s.url.endswith(":8100") and "0.0.0.0" not in s.url
 
 
@@ -119,6 +122,7 @@ def _bad(tmp: Path) -> dict[str, tuple[list[str], dict[str, str], str]]:
         "bad backend": ([*BASE, "--backend", "tpu"], {}, "--backend must be cpu or cuda"),
         "zero slots": ([*BASE, "--slots", "0"], {}, "--slots must be between"),
         "tiny context": ([*BASE, "--context-length", "2"], {}, "--context-length must be between"),
+        "tiny step": ([*BASE, "--step-tokens", "8"], {}, "--step-tokens must be between 16 and 65536"),
         "bad bind": ([*BASE, "--bind", "a:b:c d"], {}, "invalid bind address"),
         "token file missing": ([*BASE, "--api-token-file", str(tmp / "none")], {}, "cannot read API token file"),
         "token file from env missing": (BASE, {"WORKER_API_TOKEN_FILE": str(tmp / "none")}, "cannot read API"),
@@ -159,3 +163,16 @@ def test_threads_like_generate_and_bench(parse_settings, tmp_path: Path) -> None
     assert parse_settings([*BASE, "--config", str(config)], env={}).threads == 3
     with pytest.raises(SettingsError, match="--threads must be between 1 and"):
         parse_settings([*BASE, "--threads", "0"], env={})
+
+
+def test_the_engine_takes_the_step_budget_of_the_settings(parse_settings, tmp_path: Path) -> None:
+    """--step-tokens reaches the engine the worker loads; without it the engine's default for the slots."""
+    from ggufgen import write_tiny_model
+
+    from rbees_workerd.engine_process import _load_engine
+
+    tiny = str(write_tiny_model(tmp_path / "tiny.gguf"))
+    argv = ["--worker-id", "w1", "--model", tiny, "--port", "8100", "--slots", "64"]
+    engine = _load_engine(parse_settings([*argv, "--step-tokens", "96"], env={}), lambda phase, done: None)
+    assert engine.model.max_step_tokens == 96
+    assert _load_engine(parse_settings(argv, env={}), lambda phase, done: None).model.max_step_tokens == 512

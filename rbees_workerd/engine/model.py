@@ -106,6 +106,9 @@ class Transformer:
         self.slots, self.context_length, self.max_step_tokens = slots, context_length, max_step_tokens
         # on a backend that pads steps, one slot more in the caches, which no sequence holds: their extra tokens
         self.pad_slot = slots if be.pads_steps else None
+        # a padded step's logit rows: one a slot at most (a step samples each sequence once), as many as its tokens
+        # below that (so that each padded size is one shape)
+        self.max_logit_rows = padded(max(slots, 3), max_step_tokens)
         n_cache = cache_slots(slots, be)
         t = f.tensors
 
@@ -205,13 +208,15 @@ class Transformer:
         the last token's: one row of the output product keeps every step's shapes non-empty.
 
         With `pad` on a backend that captures steps per shape, a step of several sequences is padded to
-        one of a few sizes (`padded`), with as many logit rows as tokens: the extra tokens are token 0 at
+        one of a few sizes (`padded`), with as many logit rows as tokens up to `max_logit_rows` (a padded
+        slot count: a larger step, which holds prompt tokens, samples no more): the extra tokens are token 0 at
         position 0 of `pad_slot`, which no sequence holds (so a step is padded when every slot generates,
         too), the extra logit rows copies of the last; every row is computed on its own, so the real rows'
         logits are those of the unpadded step. (Padding the rows to sizes of their own made a pair of
         sizes a step's shape: at 256 streams most steps then came in shapes seen once or twice, each run
         launch by launch before its graph was captured; so did the steps of a full worker while the pad
-        slot was a free one: 256 streams on 256 slots, H100, 2026-12-06.)"""
+        slot was a free one: 256 streams on 256 slots, H100, 2026-12-06. A row a token to 2,048 would
+        take the output product 2,048 rows and the logits 1.2 GB on a 152k vocabulary.)"""
         if len(logit_rows) == 0:
             logit_rows = np.array([len(tokens) - 1], np.int32)
         n, r = len(tokens), len(logit_rows)
@@ -225,7 +230,8 @@ class Transformer:
             extra = big_n - n
             tokens, positions = np.pad(tokens, (0, extra)), np.pad(positions, (0, extra))
             slots = np.concatenate([slots, np.full(extra, self.pad_slot, np.int32)])
-            logit_rows = np.pad(logit_rows, (0, big_n - r), mode="edge")
+            rows = min(big_n, self.max_logit_rows) if r <= self.max_logit_rows else big_n
+            logit_rows = np.pad(logit_rows, (0, rows - r), mode="edge")
         views = self._step_views(len(tokens), len(logit_rows), r)
         self.be.upload(np.concatenate([tokens, positions, slots, logit_rows]), views[0])
         if feed is not None:
