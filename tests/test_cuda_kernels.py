@@ -267,6 +267,31 @@ def test_float16_tensor_core_product(be, monkeypatch, qtype):
             _close(got[sel], ref[sel], rtol=1e-3)
 
 
+@pytest.mark.parametrize("kernel", ["mma", "hmma"])
+def test_split_products_add_their_parts_bias_and_residual(be, monkeypatch, kernel):
+    """A product split over K in several parts, with a bias and
+    a residual add (out += x @ w.T + b), tokens and rows past the tiles: the parts, bias and residual of every
+    output, whichever block of the split comes last."""
+    monkeypatch.setattr(hmma, "MIN_TOKENS", 0 if kernel == "hmma" else 1 << 30)
+    split = 5
+    nj = hmma.NJ if kernel == "hmma" else TOKEN_TILES[-1]
+    monkeypatch.setattr(hmma if kernel == "hmma" else mma, "plan", lambda *_: (nj, split))
+    rng = np.random.default_rng(13)
+    t, n, k = 8 * nj + 3, 20, 768  # (K: 6 stages of mma_kernel, 12 of hmma_kernel; both at least `split`)
+    raw, w = random_matrix(Q.Q4_K, n, k, rng)
+    wd = be.weight(int(Q.Q4_K), (n, k), raw)
+    x = rng.standard_normal((t, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    res = rng.standard_normal((t, n)).astype(np.float32)
+    out = _dev(be, res)
+    product = Product(wd, out, be.vector(bias), accumulate=True)
+    be.run_step((f"{kernel}-split-test", t), lambda: be.products(_dev(be, x), [product]))
+    if kernel == "hmma":  # (float16 roundings of the input and weights: within 1e-3 of the largest output)
+        _close(be.download(out), res + x.astype(np.float64) @ w.astype(np.float64).T + bias, rtol=1e-3)
+    else:  # (the input rounded to Q8 as llama.cpp's is)
+        _close(be.download(out), res + ref_product(Q.Q4_K, raw, x) + bias)
+
+
 @pytest.mark.parametrize("sms", [4, 132])
 def test_plan_fills_the_gpu_within_its_bounds(sms):
     """mma.plan's choice for products from one row tile to thousands, few tokens to a prompt: a kernel that

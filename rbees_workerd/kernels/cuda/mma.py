@@ -46,7 +46,7 @@ from rbees_workerd.kernels.cuda.formats import (
     signed_six,
     stage_q8,
 )  # fmt: skip
-from rbees_workerd.kernels.cuda.outputs import MODE_ROWS, last_of_split, residual, split_sum, store
+from rbees_workerd.kernels.cuda.outputs import MODE_ROWS, last_of_split, residual, store
 
 WARPS = 1 if SIM else 4  # warps per block of mma_kernel, one above the other
 MI = 2  # a warp's rows: MI 16-row tensor-core tiles (its tokens: the block's, nj 8-token tiles)
@@ -130,8 +130,12 @@ def tile_stores(nj: int, scaled: bool):  # noqa: ANN201
     b2): a block's accumulators (its warps' MI 16-row tiles by nj 8-token tiles, as mma leaves them) out
     through wsh, a warp's 32 rows x 8 tokens at a time, each lane a row: stored (outputs.store), or where
     K is split, written to part and summed by the split's last block. scaled: each token's results times
-    xs[t] (hmma_kernel's token scales)."""
+    xs[t] (hmma_kernel's token scales).
 
+    A lane's global loads of 8 tokens (their scales, residuals, parts) come before any of its stores to
+    memory, in loops that unroll: a load after a store to the same array cannot be moved above it, so a
+    load and a store a token made each token wait for its load (the split's last block: 64 tokens of L2
+    round trips, one after another, on every split product's tail)."""
     @cuda.jit(**DEVICE)
     def stores(acc, wsh, which, first, n, n0, n1, t0, n_tok, flags, part, count, last, xs, o0, b0, o1, b1, o2, b2):
         tid = cuda.threadIdx.x
@@ -143,6 +147,7 @@ def tile_stores(nj: int, scaled: bool):  # noqa: ANN201
         at = (n0 if which > 0 else 0) + (n1 if which > 1 else 0)  # the matrix's first row in part
         r = first + (tid // 32) * 16 * MI + lane  # the row this lane writes, of each 8-token tile of the warp's
         ot = (tid // 32) * 32 * 8
+        v = cuda.local.array(8, float32)
         for j in range(nj):  # (a loop with stores does not unroll: the accumulators are indexed in one of
             for jj in range(nj):  # its own, which does, as an index that is not constant would put them all
                 if jj == j:  # in local memory)
@@ -151,26 +156,42 @@ def tile_stores(nj: int, scaled: bool):  # noqa: ANN201
                             bits = bits_from_f32(acc[(i * nj + jj) * 4 + q])
                             wsh[ot + (16 * i + gq + 8 * (q // 2)) * 8 + 2 * tq + q % 2] = bits
             cuda.syncthreads()
+            t8 = t0 + 8 * j
             for e in range(8):
-                t = t0 + 8 * j + e
-                if r < n and t < n_tok:
-                    out = f32_from_bits(wsh[ot + lane * 8 + e])
-                    if scaled:
-                        out *= xs[t]
-                    if split > 1:
-                        part[z, t, at + r] = out
-                    else:
-                        store(which, MODE_ROWS, flags, t, r, out, float32(0.0), o0, b0, o1, b1, o2, b2,
-                              residual(flags, which, t, r, o0, o1, o2))  # fmt: skip
+                v[e] = f32_from_bits(wsh[ot + lane * 8 + e])
+                if scaled:
+                    v[e] *= xs[min(t8 + e, n_tok - 1)]
+            if split > 1:
+                for e in range(8):
+                    if r < n and t8 + e < n_tok:
+                        part[z, t8 + e, at + r] = v[e]
+            else:
+                _row_sums(v, which, r, n, t8, n_tok, flags, o0, b0, o1, b1, o2, b2)
             cuda.syncthreads()
         if split > 1 and last_of_split(count, split, last):  # the last block of the tile adds the parts
-            for t in range(t0, min(t0 + 8 * nj, n_tok)):
-                if r < n:
-                    v = split_sum(part, split, t, at + r)
-                    store(which, MODE_ROWS, flags, t, r, v, float32(0.0), o0, b0, o1, b1, o2, b2,
-                          residual(flags, which, t, r, o0, o1, o2))  # fmt: skip
+            for j in range(nj):
+                t8 = t0 + 8 * j
+                for e in range(8):
+                    v[e] = float32(0.0)
+                for zz in range(split):  # (in the order of z: the sum does not depend on which block came last)
+                    for e in range(8):  # (8 tokens at once: a round trip a part; 64 at once took 178-254 registers)
+                        v[e] += part[zz, min(t8 + e, n_tok - 1), at + min(r, n - 1)]
+                _row_sums(v, which, r, n, t8, n_tok, flags, o0, b0, o1, b1, o2, b2)
 
     return stores
+
+
+@cuda.jit(**DEVICE)
+def _row_sums(v, which, r, n, t8, n_tok, flags, o0, b0, o1, b1, o2, b2):
+    """A lane's results v[0 .. 7] of row r, tokens t8 .. t8 + 7, stored (outputs.store) with their residuals,
+    which are all loaded first."""
+    res = cuda.local.array(8, float32)
+    rr = min(r, n - 1)
+    for e in range(8):
+        res[e] = residual(flags, which, min(t8 + e, n_tok - 1), rr, o0, o1, o2)
+    for e in range(8):
+        if r < n and t8 + e < n_tok:
+            store(which, MODE_ROWS, flags, t8 + e, r, v[e], float32(0.0), o0, b0, o1, b1, o2, b2, res[e])
 
 
 def row_scales(qt: int, kg: int):  # noqa: ANN201
