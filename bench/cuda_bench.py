@@ -123,7 +123,9 @@ def _module(name: str) -> ModuleType:
 def _apply(settings: dict[str, int]) -> None:
     for name, value in settings.items():
         setattr(_module(name), _SETTINGS[name][1], _SETTINGS[name][2](value))
-    importlib.import_module("rbees_workerd.kernels.cuda.hmma").plan.cache_clear()  # (kept by their arguments)
+    hmma = importlib.import_module("rbees_workerd.kernels.cuda.hmma")
+    hmma.plan.cache_clear()  # (kept by their arguments)
+    hmma.hmma_kernel.cache_clear()  # (built with UNROLL_GROUPS's value)
 
 
 # --sweep's names: (module of rbees_workerd.kernels.cuda, attribute, type)
@@ -131,6 +133,7 @@ _SETTINGS = {"programmatic": ("backend", "PROGRAMMATIC", bool),
              "hmma_min_tokens": ("hmma", "MIN_TOKENS", int),
              "hmma_large_min_tokens": ("hmma", "LARGE_MIN_TOKENS", int),
              "hmma_slots": ("hmma", "SLOTS", int),
+             "hmma_unroll": ("hmma", "UNROLL_GROUPS", bool),
              "att_group_min_blocks": ("ops", "ATT_GROUP_MIN_BLOCKS", int)}  # fmt: skip
 
 

@@ -243,13 +243,17 @@ def test_tensor_core_product_of_three_matrices(be, monkeypatch, qtype):
             _close(be.download(out), ref_product(qtype, raw, x) + bias)
 
 
+@pytest.mark.parametrize("unroll", [False, True], ids=["loop", "unrolled"])
 @pytest.mark.parametrize("qtype", _MMA_TYPES, ids=lambda q: q.name)
-def test_float16_tensor_core_product(be, monkeypatch, qtype):
+def test_float16_tensor_core_product(be, monkeypatch, request, qtype, unroll):
     """hmma_kernel: many tokens, K split and whole, both token tiles a block that plan takes, rows and tokens past
     the tiles, against the float64 product (the input and each weight rounded to float16 on the way: within
     1e-3 of the largest output). Tokens of inputs past float16's range (1e5) and far below it (1e-6) come out
-    alike: each token's input is scaled by a power of two first."""
+    alike: each token's input is scaled by a power of two first. A stage's 32-blocks in a loop or unrolled."""
     monkeypatch.setattr(hmma, "MIN_TOKENS", 0)
+    monkeypatch.setattr(hmma, "UNROLL_GROUPS", unroll)
+    hmma.hmma_kernel.cache_clear()  # (kernels of the other setting; cleared again after the test)
+    request.addfinalizer(hmma.hmma_kernel.cache_clear)
     plans = {GEMM_MIN_TOKENS + 1: (hmma.NJ, 1), 8 * hmma.NJ + 5: (hmma.NJ // 2, 2)}
     monkeypatch.setattr(hmma, "plan", lambda t, *_: plans[t])
     rng = np.random.default_rng(12)
@@ -261,7 +265,7 @@ def test_float16_tensor_core_product(be, monkeypatch, qtype):
         x[1] *= 1e5
         x[2] *= 1e-6
         out = _dev(be, np.full((t, n), np.nan, np.float32))
-        be.run_step(("hmma-test", t, qtype), lambda: be.products(_dev(be, x), [Product(wd, out)]))  # noqa: B023
+        be.run_step(("hmma-test", t, qtype, unroll), lambda: be.products(_dev(be, x), [Product(wd, out)]))  # noqa: B023
         got, ref = be.download(out), x.astype(np.float64) @ w.astype(np.float64).T
         for sel in ([1], [2], [0, *range(3, t)]):
             _close(got[sel], ref[sel], rtol=1e-3)
@@ -269,9 +273,8 @@ def test_float16_tensor_core_product(be, monkeypatch, qtype):
 
 @pytest.mark.parametrize("kernel", ["mma", "hmma"])
 def test_split_products_add_their_parts_bias_and_residual(be, monkeypatch, kernel):
-    """A product split over K in several parts, with a bias and
-    a residual add (out += x @ w.T + b), tokens and rows past the tiles: the parts, bias and residual of every
-    output, whichever block of the split comes last."""
+    """A product split over K in five parts, with a bias and a residual add (out += x @ w.T + b), tokens and rows
+    past the tiles: the parts, bias and residual of every output, whichever block of the split comes last."""
     monkeypatch.setattr(hmma, "MIN_TOKENS", 0 if kernel == "hmma" else 1 << 30)
     split = 5
     nj = hmma.NJ if kernel == "hmma" else TOKEN_TILES[-1]

@@ -16,6 +16,7 @@ import functools
 import math
 
 from numba import cuda, float32, int32, uint32
+from numba.cuda.misc.special import literal_unroll
 
 from rbees_workerd.kernels.cuda.device import (
     DEVICE,
@@ -76,6 +77,9 @@ MIN_TOKENS = 65
 # 39.2 us).
 LARGE = 4096
 LARGE_MIN_TOKENS = 33
+# a stage's KG 32-blocks unrolled (literal_unroll): the same instructions, the second block's shared loads and
+# conversions free to go beside the first one's mma; 202 registers against 168 (Q4_K, 8 token tiles, sm_90)
+UNROLL_GROUPS = False
 # ptxas's register bound for hmma_kernel (None: its own choice; bench/mma_plan.py --hmma-registers sweeps others)
 REGISTERS: int | None = None
 # plan's cost model, in units of a 32-block of one token tile, fitted to bench/mma_plan.py's sweep of the 8B's
@@ -219,6 +223,8 @@ def hmma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
     signed = halves or qt == Q8_0
     words = WORDS[qt]
     kg = KG
+    stage_groups = tuple(range(kg))
+    unroll = UNROLL_GROUPS  # (a closure's value: Numba's cache keys on it, not on a global's)
     wide = wide and kg * words % 4 == 0  # (16-byte copies of a stage's row words: Q5_x's 10 words take single ones)
     # a token's staged input words in a stage, a pitch of 16 mod 32: the 16-byte fragment loads of a quarter
     # warp (two tokens, four items each) then fall in all 32 banks (8 mod 32 cost 5% at 512 tokens, H100)
@@ -233,6 +239,33 @@ def hmma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
     send = stage_sender(qt, kg, wide, bn, 16, xp)
     stores = tile_stores(nj, True)
     load_row_scales, put_row_scales = row_scales(qt, kg)
+
+    @cuda.jit(**DEVICE)
+    def group(gi, wsh, ssh, xsh, wb, xb, wr, gq, tq, afr, acc, scratch):
+        """32-block gi of the stage in buffers wb, xb: the warp's A fragments made from it, then its mma."""
+        for i in range(MI):  # the warp's A fragments: two 16-column tiles (the item's lo and hi words)
+            for h in range(2):
+                r = wr + 16 * i + gq + 8 * h
+                lo, hi = group_item(qt, wsh, wb + r * pitch + gi * words, tq)
+                s_a, s_b = shared2(ssh, 2 * (r * kg + gi))
+                p_a = pack_f16(s_a, s_a)
+                p_b = pack_f16(s_b, s_b)
+                if halves:
+                    afr[8 * i + h], afr[8 * i + 2 + h] = _halves(signed_six(lo), True, p_a, uint32(0))
+                    afr[8 * i + 4 + h], afr[8 * i + 6 + h] = _halves(signed_six(hi), True, p_b, uint32(0))
+                else:
+                    afr[8 * i + h], afr[8 * i + 2 + h] = _halves(lo, signed, p_a, p_b)
+                    afr[8 * i + 4 + h], afr[8 * i + 6 + h] = _halves(hi, signed, p_a, p_b)
+        for j in range(nj):
+            x0, x1, x2, x3 = shared4(xsh, xb + (8 * j + gq) * xp + 16 * gi + 4 * tq)
+            for i in range(MI):
+                k = (i * nj + j) * 4
+                acc[k], acc[k + 1], acc[k + 2], acc[k + 3] = mma_f16(
+                    afr[8 * i], afr[8 * i + 1], afr[8 * i + 2], afr[8 * i + 3], x0, x1,
+                    acc[k], acc[k + 1], acc[k + 2], acc[k + 3], scratch)  # fmt: skip
+                acc[k], acc[k + 1], acc[k + 2], acc[k + 3] = mma_f16(
+                    afr[8 * i + 4], afr[8 * i + 5], afr[8 * i + 6], afr[8 * i + 7], x2, x3,
+                    acc[k], acc[k + 1], acc[k + 2], acc[k + 3], scratch)  # fmt: skip
 
     @cuda.jit(**JIT, **({} if SIM or REGISTERS is None else {"max_registers": REGISTERS}))
     def kernel(xh, xs, m0, m1, m2, n0, n1, n2, flags, part, count):
@@ -279,30 +312,12 @@ def hmma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
             cuda.syncthreads()
             wb = (c % 2) * w_buf
             xb = (c % 2) * x_buf
-            for gi in range(kg):
-                for i in range(MI):  # the warp's A fragments: two 16-column tiles (the item's lo and hi words)
-                    for h in range(2):
-                        r = wr + 16 * i + gq + 8 * h
-                        lo, hi = group_item(qt, wsh, wb + r * pitch + gi * words, tq)
-                        s_a, s_b = shared2(ssh, 2 * (r * kg + gi))
-                        p_a = pack_f16(s_a, s_a)
-                        p_b = pack_f16(s_b, s_b)
-                        if halves:
-                            afr[8 * i + h], afr[8 * i + 2 + h] = _halves(signed_six(lo), True, p_a, uint32(0))
-                            afr[8 * i + 4 + h], afr[8 * i + 6 + h] = _halves(signed_six(hi), True, p_b, uint32(0))
-                        else:
-                            afr[8 * i + h], afr[8 * i + 2 + h] = _halves(lo, signed, p_a, p_b)
-                            afr[8 * i + 4 + h], afr[8 * i + 6 + h] = _halves(hi, signed, p_a, p_b)
-                for j in range(nj):
-                    x0, x1, x2, x3 = shared4(xsh, xb + (8 * j + gq) * xp + 16 * gi + 4 * tq)
-                    for i in range(MI):
-                        k = (i * nj + j) * 4
-                        acc[k], acc[k + 1], acc[k + 2], acc[k + 3] = mma_f16(
-                            afr[8 * i], afr[8 * i + 1], afr[8 * i + 2], afr[8 * i + 3], x0, x1,
-                            acc[k], acc[k + 1], acc[k + 2], acc[k + 3], scratch)  # fmt: skip
-                        acc[k], acc[k + 1], acc[k + 2], acc[k + 3] = mma_f16(
-                            afr[8 * i + 4], afr[8 * i + 5], afr[8 * i + 6], afr[8 * i + 7], x2, x3,
-                            acc[k], acc[k + 1], acc[k + 2], acc[k + 3], scratch)  # fmt: skip
+            if unroll:
+                for gi in literal_unroll(stage_groups):
+                    group(gi, wsh, ssh, xsh, wb, xb, wr, gq, tq, afr, acc, scratch)
+            else:
+                for gi in range(kg):
+                    group(gi, wsh, ssh, xsh, wb, xb, wr, gq, tq, afr, acc, scratch)
             cuda.syncthreads()
         stores(acc, wsh, which, first, n, n0, n1, t0, n_tok, flags, part, count, last, xs, o0, b0, o1, b1, o2, b2)
 
