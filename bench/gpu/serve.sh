@@ -8,7 +8,7 @@
 R=$PWD; M=/root/m/q05.gguf
 [ -f $M ] || python3 bench/gguf_shapes.py --shape qwen2.5-0.5b --mix q4_k_m --out $M --vocab-from $R/${VOCAB:-.devdata/vocab.gguf} | tail -1
 if [ "${ENGINE:-1}" = 1 ]; then
-  echo "== engine 0.5B"; timeout 150 python3 bench/cuda_bench.py $M --batches 1,16,64,256 --steps 64 --repeat 3 --json 2>&1 | tail -1 | tee $OUT/engine_q05.log
+  echo "== engine 0.5B"; timeout 150 python3 bench/cuda_bench.py $M --batches ${ENGINE_BATCHES:-1,16,64,256} --steps 64 --repeat 3 --json 2>&1 | tail -1 | tee $OUT/engine_q05.log
 fi
 for st in ${STEP_TOKENS:-default}; do  # (STEP_TOKENS="512 2048": a worker of each --step-tokens in turn)
 python3 -m rbees_workerd.cli serve --worker-id g --model $M --port 8188 --slots 256 --context-length 512 \
