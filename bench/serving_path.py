@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from timed_engine import load_timed  # noqa: E402
 
 
-def serve(model: str, port: int, slots: int, step_ms: float) -> None:
+def serve(model: str, port: int, slots: int, step_ms: float, token_ms: float, step_tokens: int | None) -> None:
     """Run the real daemon whose engine process loads the real Engine over a timed device (timed_engine.py) in
     place of Engine.load."""
     from rbees_workerd.cli_serve import parse_settings
@@ -48,14 +48,18 @@ def serve(model: str, port: int, slots: int, step_ms: float) -> None:
 
     cycle = Tokenizer.from_file(model).encode(" the keeper climbed the stairs of the lighthouse", add_special=False)
     argv = ["--worker-id", "serving-bench", "--model", model, "--port", str(port), "--slots", str(slots)]
+    argv += ["--step-tokens", str(step_tokens)] if step_tokens else []
     settings = parse_settings([*argv, "--log-level", "WARNING"])
-    sys.exit(run(replace(settings, engine_factory=partial(load_timed, step_ms / 1000, cycle))))
+    factory = partial(load_timed, step_ms / 1000, cycle, token_s=token_ms / 1000)
+    sys.exit(run(replace(settings, engine_factory=factory)))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(REPO / "models-cache" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
     p.add_argument("--step-ms", type=float, default=3.9)
+    p.add_argument("--token-ms", type=float, default=0.0, help="a step's time per token, beside --step-ms")
+    p.add_argument("--step-tokens", type=int, help="the worker's --step-tokens (default: its own)")
     p.add_argument("--levels", default="1,16,64")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
@@ -65,7 +69,7 @@ def main() -> None:
     levels = [int(x) for x in args.levels.split(",")]
     slots = args.slots or max(levels)
     if args.serve:
-        serve(args.model, args.serve, slots, args.step_ms)
+        serve(args.model, args.serve, slots, args.step_ms, args.token_ms, args.step_tokens)
         return
     import subprocess
 
@@ -76,7 +80,8 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, __file__, "--serve", str(port), "--model", args.model, "--slots", str(slots),
-           "--step-ms", str(args.step_ms)]  # fmt: skip
+           "--step-ms", str(args.step_ms), "--token-ms", str(args.token_ms)]  # fmt: skip
+    cmd += ["--step-tokens", str(args.step_tokens)] if args.step_tokens else []
     proc = subprocess.Popen(cmd, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     try:
@@ -93,8 +98,8 @@ def main() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
-    engine_ceiling = 1000 / args.step_ms
     for i, level in enumerate(levels):
+        engine_ceiling = 1000 / (args.step_ms + args.token_ms * level)  # a stream's tokens/s: steps of `level` tokens
         runs = sorted((r[i] for r in rounds), key=lambda r: r["decode_aggregate_tokens_per_sec"])
         med = runs[len(runs) // 2]
         row = {k: med[k] for k in ("concurrency", "aggregate_tokens_per_sec", "decode_aggregate_tokens_per_sec",
