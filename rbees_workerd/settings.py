@@ -175,9 +175,10 @@ def build_settings(values: Mapping[str, Any], bind_port_wins: bool) -> Settings:
     context_length = get("context_length")
     if context_length is not None:
         _check_range("--context-length", context_length, 16, 1 << 20)
+    slots = _check_range("--slots", get("slots", 4), 1, 256)
     step = get("step_tokens")
     if step is not None:
-        _check_range("--step-tokens", step, 16, 1 << 16)
+        _check_range("--step-tokens", step, max(16, slots), 1 << 16)  # (a decode token for every slot)
     threads = get("threads")
     if threads is not None:
         _check_range("--threads", threads, 1, 4096)
@@ -194,7 +195,7 @@ def build_settings(values: Mapping[str, Any], bind_port_wins: bool) -> Settings:
         backend=backend,
         gpu=_check_range("--gpu", get("gpu", 0), 0, 1023),
         threads=threads,
-        slots=_check_range("--slots", get("slots", 4), 1, 256),
+        slots=slots,
         context_length=context_length,
         step_tokens=step,
         callback_url=callback_url,

@@ -17,6 +17,7 @@ from ggufgen import write_tiny_model
 from rbees_workerd.engine.engine import Engine, step_tokens
 from rbees_workerd.engine.model import padded, padded_sizes
 from rbees_workerd.engine.types import Event, FinishEvent, GenerationParams, TokenEvent
+from rbees_workerd.errors import InvalidParams
 from rbees_workerd.kernels.cpu.backend import CpuBackend
 
 GREEDY = GenerationParams(max_tokens=30, temperature=0.0)
@@ -140,6 +141,8 @@ def test_a_step_holds_a_prompt_token_for_every_slot(tiny: Path) -> None:
     assert engine.model.max_logit_rows == 192  # (the padded size of 160 rows)
     assert Engine.load(tiny, slots=4, context_length=48).model.max_step_tokens == 256
     assert step_tokens(256) == 2048 and step_tokens(32) == 256
+    with pytest.raises(InvalidParams, match="cannot hold a token for each of 64 slots"):
+        Engine.load(tiny, slots=64, context_length=48, max_step_tokens=32)
     for i in range(160):
         engine.submit([1 + i % 7, 2], GenerationParams(max_tokens=3, temperature=0.0))
     sampled = {e.seq_id for e in engine.step()}  # (a token, or an end at a first token of end of text)

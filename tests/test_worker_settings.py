@@ -123,6 +123,7 @@ def _bad(tmp: Path) -> dict[str, tuple[list[str], dict[str, str], str]]:
         "zero slots": ([*BASE, "--slots", "0"], {}, "--slots must be between"),
         "tiny context": ([*BASE, "--context-length", "2"], {}, "--context-length must be between"),
         "tiny step": ([*BASE, "--step-tokens", "8"], {}, "--step-tokens must be between 16 and 65536"),
+        "step under slots": ([*BASE, "--slots", "64", "--step-tokens", "32"], {}, "--step-tokens must be between 64"),
         "bad bind": ([*BASE, "--bind", "a:b:c d"], {}, "invalid bind address"),
         "token file missing": ([*BASE, "--api-token-file", str(tmp / "none")], {}, "cannot read API token file"),
         "token file from env missing": (BASE, {"WORKER_API_TOKEN_FILE": str(tmp / "none")}, "cannot read API"),

@@ -146,6 +146,8 @@ class Engine:
         if slots < 1:
             raise InvalidParams("slots must be at least 1")
         max_step_tokens = max_step_tokens or step_tokens(slots)
+        if max_step_tokens < slots:
+            raise InvalidParams(f"a step of {max_step_tokens} tokens cannot hold a token for each of {slots} slots")
         f = load_gguf(path)
         try:
             cfg = ModelConfig.from_gguf(f)

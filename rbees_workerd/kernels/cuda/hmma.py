@@ -78,7 +78,7 @@ MIN_TOKENS = 65
 LARGE = 4096
 LARGE_MIN_TOKENS = 33
 # a stage's KG 32-blocks unrolled (literal_unroll): the same instructions, the second block's shared loads and
-# conversions free to go beside the first one's mma; 202 registers against 168 (Q4_K, 8 token tiles, sm_90)
+# conversions free to go beside the first one's mma; 174 registers against 168 (Q4_K, 8 token tiles, sm_90)
 UNROLL_GROUPS = False
 # ptxas's register bound for hmma_kernel (None: its own choice; bench/mma_plan.py --hmma-registers sweeps others)
 REGISTERS: int | None = None
