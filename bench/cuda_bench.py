@@ -125,7 +125,6 @@ def _apply(settings: dict[str, int]) -> None:
         setattr(_module(name), _SETTINGS[name][1], _SETTINGS[name][2](value))
     hmma = importlib.import_module("rbees_workerd.kernels.cuda.hmma")
     hmma.plan.cache_clear()  # (kept by their arguments)
-    hmma.hmma_kernel.cache_clear()  # (built with UNROLL_GROUPS's value)
 
 
 # --sweep's names: (module of rbees_workerd.kernels.cuda, attribute, type)
@@ -133,8 +132,10 @@ _SETTINGS = {"programmatic": ("backend", "PROGRAMMATIC", bool),
              "hmma_min_tokens": ("hmma", "MIN_TOKENS", int),
              "hmma_large_min_tokens": ("hmma", "LARGE_MIN_TOKENS", int),
              "hmma_slots": ("hmma", "SLOTS", int),
-             "hmma_unroll": ("hmma", "UNROLL_GROUPS", bool),
-             "att_group_min_blocks": ("ops", "ATT_GROUP_MIN_BLOCKS", int)}  # fmt: skip
+             "att_group_min_blocks": ("ops", "ATT_GROUP_MIN_BLOCKS", int),
+             "dense": ("dense", "ON", bool),
+             "dense_min_tokens": ("dense", "MIN_TOKENS", int),
+             "dense_chunk_bytes": ("dense", "CHUNK_BYTES", int)}  # fmt: skip
 
 
 def main() -> None:

@@ -41,6 +41,7 @@ from rbees_workerd.kernels.cpu import ops as cpu_ops  # noqa: E402
 from rbees_workerd.kernels.cpu.backend import CpuBackend  # noqa: E402
 from rbees_workerd.kernels.cuda import (  # noqa: E402
     CudaBackend,
+    dense,
     formats,
     gemv,
     hmma,  # noqa: E402
@@ -243,17 +244,13 @@ def test_tensor_core_product_of_three_matrices(be, monkeypatch, qtype):
             _close(be.download(out), ref_product(qtype, raw, x) + bias)
 
 
-@pytest.mark.parametrize("unroll", [False, True], ids=["loop", "unrolled"])
 @pytest.mark.parametrize("qtype", _MMA_TYPES, ids=lambda q: q.name)
-def test_float16_tensor_core_product(be, monkeypatch, request, qtype, unroll):
+def test_float16_tensor_core_product(be, monkeypatch, qtype):
     """hmma_kernel: many tokens, K split and whole, both token tiles a block that plan takes, rows and tokens past
     the tiles, against the float64 product (the input and each weight rounded to float16 on the way: within
     1e-3 of the largest output). Tokens of inputs past float16's range (1e5) and far below it (1e-6) come out
-    alike: each token's input is scaled by a power of two first. A stage's 32-blocks in a loop or unrolled."""
+    alike: each token's input is scaled by a power of two first."""
     monkeypatch.setattr(hmma, "MIN_TOKENS", 0)
-    monkeypatch.setattr(hmma, "UNROLL_GROUPS", unroll)
-    hmma.hmma_kernel.cache_clear()  # (kernels of the other setting; cleared again after the test)
-    request.addfinalizer(hmma.hmma_kernel.cache_clear)
     plans = {GEMM_MIN_TOKENS + 1: (hmma.NJ, 1), 8 * hmma.NJ + 5: (hmma.NJ // 2, 2)}
     monkeypatch.setattr(hmma, "plan", lambda t, *_: plans[t])
     rng = np.random.default_rng(12)
@@ -265,7 +262,7 @@ def test_float16_tensor_core_product(be, monkeypatch, request, qtype, unroll):
         x[1] *= 1e5
         x[2] *= 1e-6
         out = _dev(be, np.full((t, n), np.nan, np.float32))
-        be.run_step(("hmma-test", t, qtype, unroll), lambda: be.products(_dev(be, x), [Product(wd, out)]))  # noqa: B023
+        be.run_step(("hmma-test", t, qtype), lambda: be.products(_dev(be, x), [Product(wd, out)]))  # noqa: B023
         got, ref = be.download(out), x.astype(np.float64) @ w.astype(np.float64).T
         for sel in ([1], [2], [0, *range(3, t)]):
             _close(got[sel], ref[sel], rtol=1e-3)
@@ -293,6 +290,36 @@ def test_split_products_add_their_parts_bias_and_residual(be, monkeypatch, kerne
         _close(be.download(out), res + x.astype(np.float64) @ w.astype(np.float64).T + bias, rtol=1e-3)
     else:  # (the input rounded to Q8 as llama.cpp's is)
         _close(be.download(out), res + ref_product(Q.Q4_K, raw, x) + bias)
+
+
+@pytest.mark.parametrize("qtype", _MMA_TYPES, ids=lambda q: q.name)
+def test_large_steps_take_cublas(be, monkeypatch, qtype):
+    """dense.py (a large step's products: a matrix's rows to float16, the GEMM, the stores): three matrices over
+    one input, the first in two chunks of rows, each with a bias and added to its output (the residual), tokens
+    of inputs past float16's range (1e5) and far below it (1e-6), against the float64 product (within 1e-3 of
+    the largest output: float16 inputs and weights)."""
+    assert dense.available(), "the simulator's NumPy stands in for cuBLAS; on a GPU, CuPy must be installed"
+    monkeypatch.setattr(dense, "ON", True)
+    monkeypatch.setattr(dense, "MIN_TOKENS", 16)  # (the simulator's few tokens)
+    monkeypatch.setattr(dense, "CHUNK_BYTES", 1)  # (chunks of 128 rows: the least)
+    for kernel in (hmma, mma):
+        monkeypatch.setattr(kernel, "plan", lambda *_: pytest.fail("a large step took mma or hmma"))
+    rng = np.random.default_rng(14)
+    t, k, ns = 19, 256 if qtype in KQUANTS else 96, (200, 60, 20)
+    mats = [random_matrix(qtype, n, k, rng) for n in ns]
+    ws = [be.weight(int(qtype), (n, k), raw) for n, (raw, _) in zip(ns, mats, strict=True)]
+    biases = [rng.standard_normal(n).astype(np.float32) for n in ns]
+    res = [rng.standard_normal((t, n)).astype(np.float32) for n in ns]
+    x = rng.standard_normal((t, k)).astype(np.float32)
+    x[1] *= 1e5
+    x[2] *= 1e-6
+    outs = [_dev(be, r) for r in res]
+    prods = [Product(w, o, be.vector(b), accumulate=True) for w, o, b in zip(ws, outs, biases, strict=True)]
+    be.run_step(("dense-test", qtype), lambda: be.products(_dev(be, x), prods))
+    for (_, w), out, r, b in zip(mats, outs, res, biases, strict=True):
+        got, ref = be.download(out), r + x.astype(np.float64) @ w.astype(np.float64).T + b
+        for sel in ([1], [2], [0, *range(3, t)]):
+            _close(got[sel], ref[sel], rtol=1e-3)
 
 
 @pytest.mark.parametrize("sms", [4, 132])

@@ -28,7 +28,7 @@ from numba.cuda.cudadrv import driver
 
 from rbees_workerd.errors import CudaError, InvalidParams, ModelLoadError, VramOOM
 from rbees_workerd.kernels import backend
-from rbees_workerd.kernels.cuda import formats, gemm, gemv, hmma, mma, ops, repack, rows, sample
+from rbees_workerd.kernels.cuda import dense, formats, gemm, gemv, hmma, mma, ops, repack, rows, sample
 from rbees_workerd.kernels.cuda.device import SIM
 from rbees_workerd.kernels.cuda.outputs import ACCUMULATE, BIAS, MODE_QKV, MODE_ROWS, MODE_SWIGLU, NORM
 
@@ -68,6 +68,7 @@ class _Launch:
     block: tuple[int, ...]
     args: tuple[Any, ...]
     overlap: bool = True  # False: not a decode kernel that loads its weights before grid_ready (see _replay)
+    graph: bool = True  # False: a library call (dense.Gemm), which a step's graph does not capture
 
 
 @dataclass
@@ -197,6 +198,8 @@ class CudaBackend(backend.Backend):
         self._no_rope = (dummy_c, dummy_c, self._dummy_count, self._dummy_count, self._dummy_f, self._dummy_f,
                          np.float32(1.0))  # fmt: skip
         self._rope_tables: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+        self._scratch_bufs: dict[str, Any] = {}  # see _scratch
+        self._gemm = dense.Gemm(0 if SIM else self._stream_handle)
 
     # ---- memory
     def check_fits(self, needed_bytes: int) -> None:
@@ -322,6 +325,16 @@ class CudaBackend(backend.Backend):
             self._act_bufs[key] = (self._act_bufs["part"][: split * tokens * rows].reshape(split, tokens, rows),
                                    self.zeros((tiles,), np.int32))  # fmt: skip
         return self._act_bufs[key]
+
+    def _scratch(self, name: str, shape: tuple[int, ...], dtype: Any) -> Any:
+        """A view of shape `shape` on the buffer `name`, which grows to the largest asked for: scratch of
+        launches that a step's graph never captures (their sizes follow each step's tokens)."""
+        n = math.prod(shape)
+        buf = self._scratch_bufs.get(name)
+        if buf is None or buf.size < n:
+            self._scratch_bufs.pop(name, None)  # (freed before the larger one is taken)
+            buf = self._scratch_bufs[name] = self.zeros((n,), dtype)
+        return buf[:n].reshape(shape)
 
     def memory_bytes(self) -> int:
         return self._bytes
@@ -533,7 +546,7 @@ class CudaBackend(backend.Backend):
             return
         launches = build()
         self._launch(launches)  # compiles on first use; capture needs compiled kernels
-        if SIM or not self._seen_before(key):
+        if SIM or not all(ln.graph for ln in launches) or not self._seen_before(key):
             return
         builder = self._core_stream.create_graph_builder()
         builder.begin_building()
@@ -668,6 +681,28 @@ def _product_launches(
     return [_Launch(rows.rows_kernel(qt, mode, flags), grid, (rows.BLOCK,), args, overlap=False)]
 
 
+def _dense_launches(be: CudaBackend, inputs: tuple[Any, Any], qt: int, flags: int, mats: list[tuple[Any, ...]],
+                    ns: list[int]) -> list[_Launch]:  # fmt: skip
+    """A large step's products through cuBLAS (dense.py), a matrix (or a chunk of its rows) at a time: the rows
+    converted to float16, the GEMM, the stores. inputs: prep_f16_kernel's float16 words and token scales."""
+    xh, xs = inputs
+    t_count, words = xh.shape
+    chunk = dense.chunk_rows(t_count, 2 * words)
+    launches = []
+    for i, ((w, gs, sb, out, bias), n) in enumerate(zip(mats, ns, strict=True)):
+        for r0 in range(0, n, chunk):
+            rows = min(chunk, n - r0)
+            wh = be._scratch("dense_w", (rows, words), np.uint32)
+            acc = be._scratch("dense_acc", (t_count, rows), np.float32)
+            args = (acc, xs, out, bias, r0, bool(flags & BIAS[i]), bool(flags & ACCUMULATE))
+            launches += [_Launch(dense.dequant_kernel(qt), (-(-rows * words // 4 // dense.THREADS),), (dense.THREADS,),
+                                 (w, gs, sb, r0, wh), overlap=False),
+                         _Launch(be._gemm, (), (), (xh, wh, acc), overlap=False, graph=False),
+                         _Launch(dense.finish_kernel, (-(-rows // dense.THREADS), t_count), (dense.THREADS,), args,
+                                 overlap=False)]  # fmt: skip
+    return launches
+
+
 def _many_tokens(qt: int, t_count: int) -> bool:
     """Whether a product of t_count tokens takes the many-token kernels: the tensor cores for the integer
     types from three tokens on (measured on the H100, Llama-3.1-8B shape, 16 tokens: the few-token kernel,
@@ -689,13 +724,16 @@ def _many_launches(be: CudaBackend, x: Any, qt: int, flags: int, mats: list[tupl
     prep_args = (x, gated_by if gated else x, norm, nw, eps, hout)
     if formats.integer(qt):
         row_tiles = mma.row_tiles(*ns)
-        if hmma.takes(t_count, sum(ns), k):  # float16 inputs and weights (hmma.py)
+        large = dense.takes(t_count)  # (cuBLAS: dense.py)
+        if large or hmma.takes(t_count, sum(ns), k):  # float16 inputs and weights (hmma.py)
             key = ("f16", _ptr(x), qt)
             if key not in be._act_bufs:
                 be._act_bufs[key] = (be.zeros((t_count, k // 2), np.uint32), be.zeros((t_count,)))
             inputs = be._act_bufs[key]
             per = -(-(k // 8) // mma.PREP_THREADS)  # items a thread
             prep = _Launch(hmma.prep_f16_kernel(qt, gated, per), (t_count,), (mma.PREP_THREADS,), (*prep_args, *inputs))
+            if large:
+                return [prep, *_dense_launches(be, inputs, qt, flags, mats, ns)]
             nj, split = hmma.plan(t_count, row_tiles, k, qt, be.sms)
             kernel = hmma.hmma_kernel(qt, nj, mma.wide_rows(qt, k))
         else:  # Q8 inputs and int8 weights (mma.py)

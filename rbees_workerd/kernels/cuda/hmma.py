@@ -16,7 +16,6 @@ import functools
 import math
 
 from numba import cuda, float32, int32, uint32
-from numba.cuda.misc.special import literal_unroll
 
 from rbees_workerd.kernels.cuda.device import (
     DEVICE,
@@ -77,9 +76,6 @@ MIN_TOKENS = 65
 # 39.2 us).
 LARGE = 4096
 LARGE_MIN_TOKENS = 33
-# a stage's KG 32-blocks unrolled (literal_unroll): the same instructions, the second block's shared loads and
-# conversions free to go beside the first one's mma; 174 registers against 168 (Q4_K, 8 token tiles, sm_90)
-UNROLL_GROUPS = False
 # ptxas's register bound for hmma_kernel (None: its own choice; bench/mma_plan.py --hmma-registers sweeps others)
 REGISTERS: int | None = None
 # plan's cost model, in units of a 32-block of one token tile, fitted to bench/mma_plan.py's sweep of the 8B's
@@ -223,8 +219,6 @@ def hmma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
     signed = halves or qt == Q8_0
     words = WORDS[qt]
     kg = KG
-    stage_groups = tuple(range(kg))
-    unroll = UNROLL_GROUPS  # (a closure's value: Numba's cache keys on it, not on a global's)
     wide = wide and kg * words % 4 == 0  # (16-byte copies of a stage's row words: Q5_x's 10 words take single ones)
     # a token's staged input words in a stage, a pitch of 16 mod 32: the 16-byte fragment loads of a quarter
     # warp (two tokens, four items each) then fall in all 32 banks (8 mod 32 cost 5% at 512 tokens, H100)
@@ -312,12 +306,8 @@ def hmma_kernel(qt: int, nj: int, wide: bool):  # noqa: ANN201
             cuda.syncthreads()
             wb = (c % 2) * w_buf
             xb = (c % 2) * x_buf
-            if unroll:
-                for gi in literal_unroll(stage_groups):
-                    group(gi, wsh, ssh, xsh, wb, xb, wr, gq, tq, afr, acc, scratch)
-            else:
-                for gi in range(kg):
-                    group(gi, wsh, ssh, xsh, wb, xb, wr, gq, tq, afr, acc, scratch)
+            for gi in range(kg):
+                group(gi, wsh, ssh, xsh, wb, xb, wr, gq, tq, afr, acc, scratch)
             cuda.syncthreads()
         stores(acc, wsh, which, first, n, n0, n1, t0, n_tok, flags, part, count, last, xs, o0, b0, o1, b1, o2, b2)
 
