@@ -733,6 +733,7 @@ def _many_launches(be: CudaBackend, x: Any, qt: int, flags: int, mats: list[tupl
             per = -(-(k // 8) // mma.PREP_THREADS)  # items a thread
             prep = _Launch(hmma.prep_f16_kernel(qt, gated, per), (t_count,), (mma.PREP_THREADS,), (*prep_args, *inputs))
             if large:
+                prep.overlap = False
                 return [prep, *_dense_launches(be, inputs, qt, flags, mats, ns)]
             nj, split = hmma.plan(t_count, row_tiles, k, qt, be.sms)
             kernel = hmma.hmma_kernel(qt, nj, mma.wide_rows(qt, k))
