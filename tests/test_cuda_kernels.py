@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -320,6 +322,15 @@ def test_large_steps_take_cublas(be, monkeypatch, qtype):
         got, ref = be.download(out), r + x.astype(np.float64) @ w.astype(np.float64).T + b
         for sel in ([1], [2], [0, *range(3, t)]):
             _close(got[sel], ref[sel], rtol=1e-3)
+
+
+@pytest.mark.parametrize(("value", "on"), [("1", True), ("0", False), ("", False)])
+def test_cublas_path_is_off_unless_the_environment_asks(value, on):
+    """RBEES_CUDA_DENSE=1 in a worker's environment turns dense.py on (measured slower so far: off by default)."""
+    code = "from rbees_workerd.kernels.cuda import dense; print(dense.ON)"
+    env = {**os.environ, "RBEES_CUDA_DENSE": value}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(on)
 
 
 @pytest.mark.parametrize("sms", [4, 132])

@@ -11,13 +11,15 @@ does not see. A matrix whose float16 rows or float32 sums would exceed CHUNK_BYT
 Off (ON) until measured faster than hmma_kernel: on an H100 (2026-12-07) a first version, three launches
 a chunk of 16 MB with every matrix of the launch as arguments, took the 8B's 512-token prefill to 965 tok/s
 against hmma_kernel's 8,435 (host-bound, by its reckoning: ~2,700 launches a step, none in a graph).
-`bench/cuda_bench.py --variant dense=1` measures it. Without CuPy (`available()`), hmma_kernel stays;
-in the simulator NumPy stands in for cuBLAS.
+`bench/cuda_bench.py --variant dense=1` measures it, and RBEES_CUDA_DENSE=1 turns it on in a worker (a
+burst's prompts over HTTP: bench/gpu/serve.sh). Without CuPy (`available()`), hmma_kernel stays; in the
+simulator NumPy stands in for cuBLAS.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import numpy as np
@@ -27,7 +29,7 @@ from rbees_workerd.errors import CudaError
 from rbees_workerd.kernels.cuda.device import JIT, SIM, grid_ready, pack_f16
 from rbees_workerd.kernels.cuda.formats import OFFSET, decode
 
-ON = False  # large steps' products through cuBLAS (where available)
+ON = os.environ.get("RBEES_CUDA_DENSE", "") == "1"  # large steps' products through cuBLAS (where available)
 MIN_TOKENS = 256  # products of this many tokens or more take this path
 CHUNK_BYTES = 128 << 20  # at most: a chunk's float16 weights, and its float32 sums
 THREADS = 256
