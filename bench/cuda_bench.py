@@ -123,8 +123,7 @@ def _module(name: str) -> ModuleType:
 def _apply(settings: dict[str, int]) -> None:
     for name, value in settings.items():
         setattr(_module(name), _SETTINGS[name][1], _SETTINGS[name][2](value))
-    hmma = importlib.import_module("rbees_workerd.kernels.cuda.hmma")
-    hmma.plan.cache_clear()  # (kept by their arguments)
+    importlib.import_module("rbees_workerd.kernels.cuda.hmma").plan.cache_clear()  # (kept by their arguments)
 
 
 # --sweep's names: (module of rbees_workerd.kernels.cuda, attribute, type)

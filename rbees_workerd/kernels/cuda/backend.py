@@ -694,12 +694,12 @@ def _dense_launches(be: CudaBackend, inputs: tuple[Any, Any], qt: int, flags: in
             rows = min(chunk, n - r0)
             wh = be._scratch("dense_w", (rows, words), np.uint32)
             acc = be._scratch("dense_acc", (t_count, rows), np.float32)
-            args = (acc, xs, out, bias, r0, bool(flags & BIAS[i]), bool(flags & ACCUMULATE))
+            own = (BIAS[0] if flags & BIAS[i] else 0) | (flags & ACCUMULATE)  # (its matrix's flags, as matrix 0's)
             launches += [_Launch(dense.dequant_kernel(qt), (-(-rows * words // 4 // dense.THREADS),), (dense.THREADS,),
-                                 (w, gs, sb, r0, wh), overlap=False),
-                         _Launch(be._gemm, (), (), (xh, wh, acc), overlap=False, graph=False),
-                         _Launch(dense.finish_kernel, (-(-rows // dense.THREADS), t_count), (dense.THREADS,), args,
-                                 overlap=False)]  # fmt: skip
+                                 (w, gs, sb, r0, wh)),
+                         _Launch(be._gemm, (), (), (xh, wh, acc), graph=False),
+                         _Launch(dense.finish_kernel, (-(-rows // dense.THREADS), t_count), (dense.THREADS,),
+                                 (acc, xs, out, bias, r0, own))]  # fmt: skip
     return launches
 
 
@@ -732,11 +732,9 @@ def _many_launches(be: CudaBackend, x: Any, qt: int, flags: int, mats: list[tupl
             inputs = be._act_bufs[key]
             per = -(-(k // 8) // mma.PREP_THREADS)  # items a thread
             prep = _Launch(hmma.prep_f16_kernel(qt, gated, per), (t_count,), (mma.PREP_THREADS,), (*prep_args, *inputs))
-            if large:
-                prep.overlap = False
-                return [prep, *_dense_launches(be, inputs, qt, flags, mats, ns)]
-            nj, split = hmma.plan(t_count, row_tiles, k, qt, be.sms)
-            kernel = hmma.hmma_kernel(qt, nj, mma.wide_rows(qt, k))
+            if not large:
+                nj, split = hmma.plan(t_count, row_tiles, k, qt, be.sms)
+                kernel = hmma.hmma_kernel(qt, nj, mma.wide_rows(qt, k))
         else:  # Q8 inputs and int8 weights (mma.py)
             key = ("q8", _ptr(x), qt)
             if key not in be._act_bufs:
@@ -746,10 +744,13 @@ def _many_launches(be: CudaBackend, x: Any, qt: int, flags: int, mats: list[tupl
             prep = _Launch(mma.prep_q8_kernel(qt, gated), (t_count,), (mma.PREP_THREADS,), (*prep_args, *inputs))
             nj, split = mma.plan(t_count, row_tiles, k, qt, be.sms)
             kernel = mma.mma_kernel(qt, nj, mma.wide_rows(qt, k))
-        tiles = (math.ceil(t_count / (8 * nj)), row_tiles)
-        part, count = be._split_buffers(split, t_count, sum(ns), tiles[0] * tiles[1])
-        args = (*inputs, m0, m1, m2, *ns, flags, part, count)
-        launches = [prep, _Launch(kernel, (*tiles, split), (mma.THREADS,), args)]
+        if large:
+            launches = [prep, *_dense_launches(be, inputs, qt, flags, mats, ns)]
+        else:
+            tiles = (math.ceil(t_count / (8 * nj)), row_tiles)
+            part, count = be._split_buffers(split, t_count, sum(ns), tiles[0] * tiles[1])
+            args = (*inputs, m0, m1, m2, *ns, flags, part, count)
+            launches = [prep, _Launch(kernel, (*tiles, split), (mma.THREADS,), args)]
     else:
         launches = []
         x_in = x

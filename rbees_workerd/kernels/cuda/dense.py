@@ -28,6 +28,7 @@ from numba import cuda, float32, uint32
 from rbees_workerd.errors import CudaError
 from rbees_workerd.kernels.cuda.device import JIT, SIM, grid_ready, pack_f16
 from rbees_workerd.kernels.cuda.formats import OFFSET, decode
+from rbees_workerd.kernels.cuda.outputs import MODE_ROWS, residual, store
 
 ON = os.environ.get("RBEES_CUDA_DENSE", "") == "1"  # large steps' products through cuBLAS (where available)
 MIN_TOKENS = 256  # products of this many tokens or more take this path
@@ -80,20 +81,16 @@ def dequant_kernel(qt: int):  # noqa: ANN201
 
 
 @cuda.jit(**JIT)
-def finish_kernel(acc, xs, out, bias, r0, biased, accumulate):
-    """out[t, r0 + c] = acc[t, c] times token t's scale back, plus the bias and the residual (out's value)
-    where asked (the order of outputs.store); a thread an element, a block row a token."""
+def finish_kernel(acc, xs, out, bias, r0, flags):
+    """out[t, r0 + c] = acc[t, c] times token t's scale back, stored by outputs.store as matrix 0 of a launch
+    with flags (its BIAS[0], ACCUMULATE); a thread an element, a block row a token."""
     grid_ready()
     t = cuda.blockIdx.y
     c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     if c < acc.shape[1]:
         r = r0 + c
-        v = acc[t, c] * xs[t]
-        if biased:
-            v += bias[r]
-        if accumulate:
-            v += out[t, r]
-        out[t, r] = v
+        store(0, MODE_ROWS, flags, t, r, acc[t, c] * xs[t], float32(0.0), out, bias, out, bias, out, bias,
+              residual(flags, 0, t, r, out, out, out))  # fmt: skip
 
 
 class Gemm:
