@@ -299,7 +299,8 @@ def test_large_steps_take_cublas(be, monkeypatch, qtype):
     """dense.py (a large step's products: a matrix's rows to float16, the GEMM, the stores): three matrices over
     one input, the first in two chunks of rows, each with a bias and added to its output (the residual), tokens
     of inputs past float16's range (1e5) and far below it (1e-6), against the float64 product (within 1e-3 of
-    the largest output: float16 inputs and weights)."""
+    the largest output: float16 inputs and weights). The step runs three times, the second captured into a
+    graph and the third replaying it on a new input: a GEMM the capture missed would leave the old sums."""
     assert dense.available(), "the simulator's NumPy stands in for cuBLAS; on a GPU, CuPy must be installed"
     monkeypatch.setattr(dense, "ON", True)
     monkeypatch.setattr(dense, "MIN_TOKENS", 16)  # (the simulator's few tokens)
@@ -312,16 +313,32 @@ def test_large_steps_take_cublas(be, monkeypatch, qtype):
     ws = [be.weight(int(qtype), (n, k), raw) for n, (raw, _) in zip(ns, mats, strict=True)]
     biases = [rng.standard_normal(n).astype(np.float32) for n in ns]
     res = [rng.standard_normal((t, n)).astype(np.float32) for n in ns]
-    x = rng.standard_normal((t, k)).astype(np.float32)
-    x[1] *= 1e5
-    x[2] *= 1e-6
+    xs = [rng.standard_normal((t, k)).astype(np.float32) for _ in range(2)]
+    for x in xs:
+        x[1] *= 1e5
+        x[2] *= 1e-6
     outs = [_dev(be, r) for r in res]
     prods = [Product(w, o, be.vector(b), accumulate=True) for w, o, b in zip(ws, outs, biases, strict=True)]
-    be.run_step(("dense-test", qtype), lambda: be.products(_dev(be, x), prods))
+    x_dev = _dev(be, xs[0])
+    for run in range(3):
+        if run == 2:
+            be.upload(xs[1], x_dev)
+        be.run_step(("dense-test", qtype), lambda: be.products(x_dev, prods))
     for (_, w), out, r, b in zip(mats, outs, res, biases, strict=True):
-        got, ref = be.download(out), r + x.astype(np.float64) @ w.astype(np.float64).T + b
+        w64 = w.astype(np.float64).T
+        got, ref = be.download(out), r + 2 * (xs[0].astype(np.float64) @ w64 + b) + xs[1] @ w64 + b
         for sel in ([1], [2], [0, *range(3, t)]):
             _close(got[sel], ref[sel], rtol=1e-3)
+
+
+def test_growing_scratch_drops_the_graphs_that_hold_it(be):
+    """dense.py's scratch is captured into the steps' graphs by address: a larger buffer replaces it only
+    with the graphs gone (a graph replayed on the freed one would write there); a smaller view keeps them."""
+    a = be._scratch("probe", (2, 4), np.float32)
+    be._graphs["step"] = "a graph holding a"
+    assert be._scratch("probe", (3,), np.float32).shape == (3,) and "step" in be._graphs
+    b = be._scratch("probe", (4, 4), np.float32)
+    assert b.shape == (4, 4) and a.shape == (2, 4) and "step" not in be._graphs
 
 
 @pytest.mark.parametrize(("value", "on"), [("1", True), ("0", False), ("", False)])

@@ -68,7 +68,6 @@ class _Launch:
     block: tuple[int, ...]
     args: tuple[Any, ...]
     overlap: bool = True  # False: not a decode kernel that loads its weights before grid_ready (see _replay)
-    graph: bool = True  # False: a library call (dense.Gemm), which a step's graph does not capture
 
 
 @dataclass
@@ -199,7 +198,7 @@ class CudaBackend(backend.Backend):
                          np.float32(1.0))  # fmt: skip
         self._rope_tables: dict[tuple[Any, ...], tuple[Any, Any]] = {}
         self._scratch_bufs: dict[str, Any] = {}  # see _scratch
-        self._gemm = dense.Gemm(0 if SIM else self._stream_handle)
+        self._gemm = dense.Gemm(0 if SIM else self._stream_handle, self.zeros)
 
     # ---- memory
     def check_fits(self, needed_bytes: int) -> None:
@@ -327,12 +326,17 @@ class CudaBackend(backend.Backend):
         return self._act_bufs[key]
 
     def _scratch(self, name: str, shape: tuple[int, ...], dtype: Any) -> Any:
-        """A view of shape `shape` on the buffer `name`, which grows to the largest asked for: scratch of
-        launches that a step's graph never captures (their sizes follow each step's tokens)."""
+        """A view of shape `shape` on the buffer `name`, which grows to the largest asked for (scratch whose
+        size follows each step's tokens). Growing drops the captured graphs, which hold the smaller one's
+        address, once the queued work is done with it."""
         n = math.prod(shape)
         buf = self._scratch_bufs.get(name)
         if buf is None or buf.size < n:
-            self._scratch_bufs.pop(name, None)  # (freed before the larger one is taken)
+            if buf is not None:
+                self.synchronize()
+                self.forget_graphs()
+                self._bytes -= buf.nbytes
+                del self._scratch_bufs[name]  # (freed before the larger one is taken)
             buf = self._scratch_bufs[name] = self.zeros((n,), dtype)
         return buf[:n].reshape(shape)
 
@@ -546,7 +550,7 @@ class CudaBackend(backend.Backend):
             return
         launches = build()
         self._launch(launches)  # compiles on first use; capture needs compiled kernels
-        if SIM or not all(ln.graph for ln in launches) or not self._seen_before(key):
+        if SIM or not self._seen_before(key):
             return
         builder = self._core_stream.create_graph_builder()
         builder.begin_building()
@@ -697,7 +701,7 @@ def _dense_launches(be: CudaBackend, inputs: tuple[Any, Any], qt: int, flags: in
             own = (BIAS[0] if flags & BIAS[i] else 0) | (flags & ACCUMULATE)  # (its matrix's flags, as matrix 0's)
             launches += [_Launch(dense.dequant_kernel(qt), (-(-rows * words // 4 // dense.THREADS),), (dense.THREADS,),
                                  (w, gs, sb, r0, wh)),
-                         _Launch(be._gemm, (), (), (xh, wh, acc), graph=False),
+                         _Launch(be._gemm, (), (), (xh, wh, acc)),
                          _Launch(dense.finish_kernel, (-(-rows // dense.THREADS), t_count), (dense.THREADS,),
                                  (acc, xs, out, bias, r0, own))]  # fmt: skip
     return launches

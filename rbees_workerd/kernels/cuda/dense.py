@@ -1,5 +1,5 @@
 """The products of large steps through cuBLAS, a matrix at a time: its rows converted to float16
-(dequant_kernel), one float16 GEMM with float32 sums (cublasGemmEx, through CuPy), then the stores
+(dequant_kernel), one float16 GEMM with float32 sums (cublasGemmEx), then the stores
 (finish_kernel: the tokens' scales, bias, residual).
 
 hmma_kernel converts each weight once per 64 tokens and multiplies on mma.sync; past a few hundred
@@ -8,16 +8,19 @@ times that rate (dense float16, H100). The input is hmma's (prep_f16_kernel: flo
 order, token t scaled by 1 / xs[t]); the weights are converted in the same order, which a dot product
 does not see. A matrix whose float16 rows or float32 sums would exceed CHUNK_BYTES goes in chunks of rows.
 
-Off (ON) until measured faster than hmma_kernel: on an H100 (2026-12-07) a first version, three launches
-a chunk of 16 MB with every matrix of the launch as arguments, took the 8B's 512-token prefill to 965 tok/s
-against hmma_kernel's 8,435 (host-bound, by its reckoning: ~2,700 launches a step, none in a graph).
-`bench/cuda_bench.py --variant dense=1` measures it, and RBEES_CUDA_DENSE=1 turns it on in a worker (a
-burst's prompts over HTTP: bench/gpu/serve.sh). Without CuPy (`available()`), hmma_kernel stays; in the
+Off (ON) until measured faster than hmma_kernel. On an H100 (2026-12-07), launched outside the steps' graphs,
+it was host-bound: the 8B's 512-token prefill 7,278 tok/s against hmma_kernel's 8,462, the 0.5B's 256
+streams 4,428 against 46,852 (a step's ~500 launches from Python). Its steps are now captured like the
+others, the GEMM included: cuBLAS is called through ctypes (found by cuda.pathfinder), because CuPy's
+wrapper does not support stream capture (its GEMM ran at once and left the graph empty). Not yet measured
+so. `bench/cuda_bench.py --variant dense=1` measures it, and RBEES_CUDA_DENSE=1 turns it on in a worker (a
+burst's prompts over HTTP: bench/gpu/serve.sh). Without cuBLAS (`available()`), hmma_kernel stays; in the
 simulator NumPy stands in for cuBLAS.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 from typing import Any
@@ -34,17 +37,31 @@ ON = os.environ.get("RBEES_CUDA_DENSE", "") == "1"  # large steps' products thro
 MIN_TOKENS = 256  # products of this many tokens or more take this path
 CHUNK_BYTES = 128 << 20  # at most: a chunk's float16 weights, and its float32 sums
 THREADS = 256
-_R_16F, _R_32F, _COMPUTE_32F, _DEFAULT_ALGO = 2, 0, 68, -1  # cudaDataType, cublasComputeType_t, cublasGemmAlgo_t
+WORKSPACE_BYTES = 32 << 20  # cuBLAS's workspace (32 MiB: NVIDIA's advice for Hopper)
+_OP_N, _OP_T, _R_16F, _R_32F, _COMPUTE_32F, _DEFAULT_ALGO = 0, 1, 2, 0, 68, -1  # cuBLAS's and CUDA's enums
 
-try:
-    from cupy_backends.cuda.libs import cublas as _cublas
-except ImportError:  # (a worker without CuPy keeps the tensor-core kernels)
-    _cublas = None
+
+@functools.cache
+def _cublas() -> ctypes.CDLL | None:
+    """libcublas, called through ctypes: CuPy's wrapper refuses stream capture (measured on the H100: a call
+    during capture ran at once and left the graph empty), and the steps' graphs must hold the GEMMs."""
+    try:
+        from cuda.pathfinder import load_nvidia_dynamic_lib
+
+        lib = ctypes.CDLL(load_nvidia_dynamic_lib("cublas").abs_path)
+    except (ImportError, RuntimeError, OSError):  # (a worker without cuBLAS keeps the tensor-core kernels)
+        return None
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.cublasCreate_v2.argtypes = [ctypes.POINTER(p)]
+    lib.cublasSetStream_v2.argtypes = [p, p]
+    lib.cublasSetWorkspace_v2.argtypes = [p, p, ctypes.c_size_t]
+    lib.cublasGemmEx.argtypes = [p, i, i, i, i, i, p, p, i, i, p, i, i, p, p, i, i, i, i]
+    return lib
 
 
 def available() -> bool:
-    """Whether the GEMM can run: cuBLAS through CuPy, or the simulator's NumPy."""
-    return SIM or _cublas is not None
+    """Whether the GEMM can run: cuBLAS, or the simulator's NumPy."""
+    return SIM or _cublas() is not None
 
 
 def takes(t_count: int) -> bool:
@@ -95,34 +112,50 @@ def finish_kernel(acc, xs, out, bias, r0, flags):
 
 class Gemm:
     """acc = xh @ wh.T in float32 (xh [T, K] and wh [rows, K] float16, two to a uint32 word; acc [T, rows]),
-    on the backend's stream; launched like a kernel (gemm[grid, block, stream](*args)), as the backend
-    queues its steps. Its calls are not captured into the steps' graphs."""
+    launched like a kernel (gemm[grid, block, stream](*args)) on the stream it is given: the backend's, or
+    the graph builder's while a step is captured (cuBLAS supports stream capture; its workspace is ours, so
+    that a captured call allocates nothing)."""
 
-    def __init__(self, stream_handle: int) -> None:
-        self._stream = stream_handle
+    def __init__(self, stream_handle: int, zeros: Any) -> None:
+        self._default = stream_handle
+        self._zeros = zeros  # the backend's allocator (its memory count), for the workspace
         self._handle = None
+        self._workspace = None
+        self._on = None  # the stream the handle is set to
         self._one = np.ones(1, np.float32)
         self._zero = np.zeros(1, np.float32)
 
     def __getitem__(self, config: Any) -> Any:
-        return self._run
+        stream = config[2]
+        handle = stream.__cuda_stream__()[1] if hasattr(stream, "__cuda_stream__") else self._default
+        return functools.partial(self._run, handle)
 
-    def _run(self, xh: Any, wh: Any, acc: Any) -> None:
+    def _run(self, stream: int, xh: Any, wh: Any, acc: Any) -> None:
         (t_count, words), rows = xh.shape, wh.shape[0]
         k = 2 * words
         if SIM:  # (NumPy in cuBLAS's place: float16 values, float32 sums)
             x = xh._ary.view(np.float16).astype(np.float32)
             acc._ary[:] = x @ wh._ary.view(np.float16).astype(np.float32).T
             return
-        try:
-            if self._handle is None:
-                self._handle = _cublas.create()
-                _cublas.setStream(self._handle, self._stream)
-            _cublas.gemmEx(self._handle, _cublas.CUBLAS_OP_T, _cublas.CUBLAS_OP_N, rows, t_count, k,
-                           self._one.ctypes.data, _addr(wh), _R_16F, k, _addr(xh), _R_16F, k,
-                           self._zero.ctypes.data, _addr(acc), _R_32F, rows, _COMPUTE_32F, _DEFAULT_ALGO)  # fmt: skip
-        except _cublas.CUBLASError as e:
-            raise CudaError(f"cuBLAS GEMM of {t_count} x {k} by {rows} rows failed: {e}") from e
+        lib = _cublas()
+        if self._handle is None:
+            self._workspace = self._zeros((WORKSPACE_BYTES // 4,), np.uint32)
+            self._handle = ctypes.c_void_p()
+            _check(lib.cublasCreate_v2(ctypes.byref(self._handle)), "creating a cuBLAS handle")
+        if self._on != stream:  # (setStream puts the handle back on cuBLAS's own workspace)
+            _check(lib.cublasSetStream_v2(self._handle, stream), "setting cuBLAS's stream")
+            _check(lib.cublasSetWorkspace_v2(self._handle, _addr(self._workspace), WORKSPACE_BYTES),
+                   "setting cuBLAS's workspace")  # fmt: skip
+            self._on = stream
+        status = lib.cublasGemmEx(self._handle, _OP_T, _OP_N, rows, t_count, k, self._one.ctypes.data, _addr(wh),
+                                  _R_16F, k, _addr(xh), _R_16F, k, self._zero.ctypes.data, _addr(acc), _R_32F, rows,
+                                  _COMPUTE_32F, _DEFAULT_ALGO)  # fmt: skip
+        _check(status, f"a cuBLAS GEMM of {t_count} x {k} by {rows} rows")
+
+
+def _check(status: int, doing: str) -> None:
+    if status:
+        raise CudaError(f"{doing} failed: cublasStatus_t {status}")
 
 
 def _addr(a: Any) -> int:
