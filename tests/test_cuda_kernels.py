@@ -301,7 +301,7 @@ def test_large_steps_take_cublas(be, monkeypatch, qtype):
     of inputs past float16's range (1e5) and far below it (1e-6), against the float64 product (within 1e-3 of
     the largest output: float16 inputs and weights). The step runs three times, the second captured into a
     graph and the third replaying it on a new input: a GEMM the capture missed would leave the old sums."""
-    assert dense.available(), "the simulator's NumPy stands in for cuBLAS; on a GPU, CuPy must be installed"
+    assert dense.available(), "the simulator's NumPy stands in for cuBLAS; on a GPU, cuda.pathfinder finds libcublas"
     monkeypatch.setattr(dense, "ON", True)
     monkeypatch.setattr(dense, "MIN_TOKENS", 16)  # (the simulator's few tokens)
     monkeypatch.setattr(dense, "CHUNK_BYTES", 1)  # (chunks of 128 rows: the least)
@@ -329,6 +329,19 @@ def test_large_steps_take_cublas(be, monkeypatch, qtype):
         got, ref = be.download(out), r + 2 * (xs[0].astype(np.float64) @ w64 + b) + xs[1] @ w64 + b
         for sel in ([1], [2], [0, *range(3, t)]):
             _close(got[sel], ref[sel], rtol=1e-3)
+
+
+def test_without_cublas_large_steps_keep_the_tensor_core_kernels(monkeypatch):
+    """A GPU machine without libcublas (cuda.pathfinder finds none) takes the hmma path, even with the cuBLAS
+    path on: `takes` is False rather than a failing step."""
+    monkeypatch.setattr(dense, "SIM", False)
+    monkeypatch.setattr(dense, "ON", True)
+    monkeypatch.setitem(sys.modules, "cuda.pathfinder", None)  # (import fails: no library to load)
+    dense._cublas.cache_clear()
+    try:
+        assert not dense.available() and not dense.takes(4096)
+    finally:
+        dense._cublas.cache_clear()
 
 
 def test_growing_scratch_drops_the_graphs_that_hold_it(be):
