@@ -29,7 +29,7 @@ from numba.cuda.cudadrv import driver
 from rbees_workerd.errors import CudaError, InvalidParams, ModelLoadError, VramOOM
 from rbees_workerd.kernels import backend
 from rbees_workerd.kernels.cuda import dense, formats, gemm, gemv, hmma, mma, ops, repack, rows, sample
-from rbees_workerd.kernels.cuda.device import SIM
+from rbees_workerd.kernels.cuda.device import SIM, address
 from rbees_workerd.kernels.cuda.outputs import ACCUMULATE, BIAS, MODE_QKV, MODE_ROWS, MODE_SWIGLU, NORM
 
 if not SIM:
@@ -123,9 +123,7 @@ class _DevicePicks(backend.Picks):
 
 def _ptr(a: Any) -> tuple[int, tuple[int, ...]]:
     """Identity of a device array view: its address and shape."""
-    if SIM:  # the simulator's arrays wrap a NumPy array and lack the CUDA interface
-        return a._ary.__array_interface__["data"][0], tuple(a.shape)
-    return a.__cuda_array_interface__["data"][0], tuple(a.shape)
+    return address(a), tuple(a.shape)
 
 
 _ELEMENTWISE = (1, 32) if SIM else (4, 64)
@@ -276,7 +274,7 @@ class CudaBackend(backend.Backend):
             stage = self._staging[self._staged : self._staged + n]
             stage[:] = host.reshape(-1).view(np.uint8)
             self._staged += -(-n // 256) * 256
-            _check(cu.cuMemcpyHtoDAsync(_ptr(out)[0], stage.ctypes.data, n, self._stream_handle))
+            _check(cu.cuMemcpyHtoDAsync(address(out), stage.ctypes.data, n, self._stream_handle))
 
     def download(self, a: Any) -> np.ndarray:
         with _cuda_errors("copying from the GPU"):
@@ -284,7 +282,7 @@ class CudaBackend(backend.Backend):
                 h = a.copy_to_host(stream=self._stream)
             else:
                 h = np.empty(a.shape, a.dtype)
-                _check(cu.cuMemcpyDtoHAsync(h.ctypes.data, _ptr(a)[0], h.nbytes, self._stream_handle))
+                _check(cu.cuMemcpyDtoHAsync(h.ctypes.data, address(a), h.nbytes, self._stream_handle))
             self.synchronize()
         return h
 
@@ -513,7 +511,7 @@ class CudaBackend(backend.Backend):
             count = self.zeros((r_count,), np.int32)
             ids = self.zeros((r_count,), np.int32)
             dummy = self.zeros((1, sample.HEAD), np.int32)
-            bufs = _ArgmaxBufs(acc, count, ids, dummy, _ptr(ids)[0])
+            bufs = _ArgmaxBufs(acc, count, ids, dummy, address(ids))
             self._sample_bufs[key] = bufs
         return bufs
 

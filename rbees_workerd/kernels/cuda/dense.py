@@ -29,7 +29,7 @@ import numpy as np
 from numba import cuda, float32, uint32
 
 from rbees_workerd.errors import CudaError
-from rbees_workerd.kernels.cuda.device import JIT, SIM, grid_ready, pack_f16
+from rbees_workerd.kernels.cuda.device import JIT, SIM, address, grid_ready, pack_f16
 from rbees_workerd.kernels.cuda.formats import OFFSET, decode
 from rbees_workerd.kernels.cuda.outputs import MODE_ROWS, residual, store
 
@@ -144,11 +144,11 @@ class Gemm:
             _check(lib.cublasCreate_v2(ctypes.byref(self._handle)), "creating a cuBLAS handle")
         if self._on != stream:  # (setStream puts the handle back on cuBLAS's own workspace)
             _check(lib.cublasSetStream_v2(self._handle, stream), "setting cuBLAS's stream")
-            _check(lib.cublasSetWorkspace_v2(self._handle, _addr(self._workspace), WORKSPACE_BYTES),
+            _check(lib.cublasSetWorkspace_v2(self._handle, address(self._workspace), WORKSPACE_BYTES),
                    "setting cuBLAS's workspace")  # fmt: skip
             self._on = stream
-        status = lib.cublasGemmEx(self._handle, _OP_T, _OP_N, rows, t_count, k, self._one.ctypes.data, _addr(wh),
-                                  _R_16F, k, _addr(xh), _R_16F, k, self._zero.ctypes.data, _addr(acc), _R_32F, rows,
+        status = lib.cublasGemmEx(self._handle, _OP_T, _OP_N, rows, t_count, k, self._one.ctypes.data, address(wh),
+                                  _R_16F, k, address(xh), _R_16F, k, self._zero.ctypes.data, address(acc), _R_32F, rows,
                                   _COMPUTE_32F, _DEFAULT_ALGO)  # fmt: skip
         _check(status, f"a cuBLAS GEMM of {t_count} x {k} by {rows} rows")
 
@@ -156,7 +156,3 @@ class Gemm:
 def _check(status: int, doing: str) -> None:
     if status:
         raise CudaError(f"{doing} failed: cublasStatus_t {status}")
-
-
-def _addr(a: Any) -> int:
-    return a.__cuda_array_interface__["data"][0]

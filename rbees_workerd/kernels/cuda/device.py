@@ -10,6 +10,7 @@ block, so both variants are valid.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from numba import config, cuda, float32, int32, types, uint16, uint32
@@ -27,6 +28,14 @@ DEVICE = {"device": True} if SIM else {"device": True, "forceinline": True}
 FULL_MASK = 0xFFFFFFFF
 UNROLL = 4  # strided loops step this many strides at a time: their loads are then in flight together
 NORM_SPAN = 4 if SIM else 32  # elements a lane of inv_rms loads at once
+
+
+def address(a: Any) -> int:
+    """A device array's address, for driver and library calls (the simulator's arrays wrap a NumPy array and
+    lack the CUDA interface)."""
+    if SIM:
+        return a._ary.__array_interface__["data"][0]
+    return a.__cuda_array_interface__["data"][0]
 
 
 if SIM:
