@@ -304,6 +304,8 @@ def test_large_steps_take_cublas(be, monkeypatch, qtype):
     assert dense.available(), "the simulator's NumPy stands in for cuBLAS; on a GPU, cuda.pathfinder finds libcublas"
     monkeypatch.setattr(dense, "ON", True)
     monkeypatch.setattr(dense, "MIN_TOKENS", 16)  # (the simulator's few tokens)
+    takes = dense.takes
+    monkeypatch.setattr(dense, "takes", lambda t_count, _: takes(t_count, True))  # (the first run's too)
     monkeypatch.setattr(dense, "CHUNK_BYTES", 1)  # (chunks of 128 rows: the least)
     for kernel in (hmma, mma):
         monkeypatch.setattr(kernel, "plan", lambda *_: pytest.fail("a large step took mma or hmma"))
@@ -339,7 +341,7 @@ def test_without_cublas_large_steps_keep_the_tensor_core_kernels(monkeypatch):
     monkeypatch.setitem(sys.modules, "cuda.pathfinder", None)  # (import fails: no library to load)
     dense._cublas.cache_clear()
     try:
-        assert not dense.available() and not dense.takes(4096)
+        assert not dense.available() and not dense.takes(4096, True)
     finally:
         dense._cublas.cache_clear()
 
@@ -354,9 +356,29 @@ def test_growing_scratch_drops_the_graphs_that_hold_it(be):
     assert b.shape == (4, 4) and a.shape == (2, 4) and "step" not in be._graphs
 
 
-@pytest.mark.parametrize(("value", "on"), [("1", True), ("0", False), ("", False)])
-def test_cublas_path_is_off_unless_the_environment_asks(value, on):
-    """RBEES_CUDA_DENSE=1 in a worker's environment turns dense.py on (measured slower so far: off by default)."""
+def test_a_step_that_runs_once_keeps_the_tensor_core_kernels(be, monkeypatch):
+    """A step's first run launches from Python, where cuBLAS's three launches a matrix cost more than they
+    save (a burst's prompts: measured on the H100), so it keeps the one-launch kernels; its second run, which
+    is captured into a graph, takes cuBLAS (the simulator lowers a repeated step the same way)."""
+    monkeypatch.setattr(dense, "ON", True)
+    monkeypatch.setattr(dense, "MIN_TOKENS", 16)
+    rng = np.random.default_rng(15)
+    t, k, ns = 17, 256, (256, 128)
+    taken = []
+    for kernel in (hmma, mma):  # (which of the two tensor-core kernels takes 17 tokens is theirs to say)
+        monkeypatch.setattr(kernel, "plan", lambda *a, f=kernel.plan: taken.append("mma") or f(*a))
+    monkeypatch.setattr(dense, "dequant_kernel", lambda qt, f=dense.dequant_kernel: taken.append("dense") or f(qt))
+    ws = [be.weight(int(Q.Q4_K), (n, k), random_matrix(Q.Q4_K, n, k, rng)[0]) for n in ns]
+    x = _dev(be, rng.standard_normal((t, k)).astype(np.float32))
+    step = [[Product(w, be.zeros((t, n)))] for w, n in zip(ws, ns, strict=True)]
+    for _ in range(2):
+        be.run_step("one-off-test", lambda: [be.products(x, p) for p in step])
+    assert taken == ["mma", "mma", "dense", "dense"]
+
+
+@pytest.mark.parametrize(("value", "on"), [("1", True), ("0", False), ("", True)])
+def test_cublas_path_is_on_unless_the_environment_asks(value, on):
+    """RBEES_CUDA_DENSE=0 in a worker's environment turns dense.py off (on by default: faster from 96 tokens)."""
     code = "from rbees_workerd.kernels.cuda import dense; print(dense.ON)"
     env = {**os.environ, "RBEES_CUDA_DENSE": value}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout

@@ -179,6 +179,7 @@ class CudaBackend(backend.Backend):
         self._bytes = 0
         self._staged = 0  # bytes of the pinned staging buffer in use since the last synchronization
         self._recording: list[Any] | None = None
+        self._repeats = False  # whether the step being built came before (and is captured now): see _replay
         self._graphs: OrderedDict[Hashable, Any] = OrderedDict()
         self._seen: OrderedDict[Hashable, None] = OrderedDict()  # see _seen_before
         self._sample_bufs: dict[tuple[Any, ...], Any] = {}
@@ -540,15 +541,20 @@ class CudaBackend(backend.Backend):
     def _replay(self, key: Hashable, build: Callable[[], list[_Launch]]) -> None:
         """Replay the graph captured for key, or build the launches and run them; capture them the
         second time the key comes. Steps of one-off shapes (a server's steps that mix prompt chunks
-        of arriving requests into the decodes) then cost their launches alone, not a capture too."""
+        of arriving requests into the decodes) then cost their launches alone, not a capture too, and
+        are lowered for few launches (self._repeats: dense.takes)."""
         graph = self._graphs.get(key)
         if graph is not None:
             self._graphs.move_to_end(key)
             graph.launch(self._core_stream)
             return
-        launches = build()
+        repeats = self._repeats = self._seen_before(key)  # (the simulator captures nothing, but lowers the same)
+        try:
+            launches = build()
+        finally:
+            self._repeats = False  # (ops launched outside a step run once)
         self._launch(launches)  # compiles on first use; capture needs compiled kernels
-        if SIM or not self._seen_before(key):
+        if SIM or not repeats:
             return
         builder = self._core_stream.create_graph_builder()
         builder.begin_building()
@@ -726,7 +732,7 @@ def _many_launches(be: CudaBackend, x: Any, qt: int, flags: int, mats: list[tupl
     prep_args = (x, gated_by if gated else x, norm, nw, eps, hout)
     if formats.integer(qt):
         row_tiles = mma.row_tiles(*ns)
-        large = dense.takes(t_count)  # (cuBLAS: dense.py)
+        large = dense.takes(t_count, be._repeats)  # (cuBLAS: dense.py)
         if large or hmma.takes(t_count, sum(ns), k):  # float16 inputs and weights (hmma.py)
             key = ("f16", _ptr(x), qt)
             if key not in be._act_bufs:

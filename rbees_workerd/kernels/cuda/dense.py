@@ -8,14 +8,16 @@ times that rate (dense float16, H100). The input is hmma's (prep_f16_kernel: flo
 order, token t scaled by 1 / xs[t]); the weights are converted in the same order, which a dot product
 does not see. A matrix whose float16 rows or float32 sums would exceed CHUNK_BYTES goes in chunks of rows.
 
-Off (ON) until measured faster than hmma_kernel. On an H100 (2026-12-07), launched outside the steps' graphs,
-it was host-bound: the 8B's 512-token prefill 7,278 tok/s against hmma_kernel's 8,462, the 0.5B's 256
-streams 4,428 against 46,852 (a step's ~500 launches from Python). Its steps are now captured like the
-others, the GEMM included: cuBLAS is called through ctypes (found by cuda.pathfinder), because CuPy's
-wrapper does not support stream capture (its GEMM ran at once and left the graph empty). Not yet measured
-so. `bench/cuda_bench.py --variant dense=1` measures it, and RBEES_CUDA_DENSE=1 turns it on in a worker (a
-burst's prompts over HTTP: bench/gpu/serve.sh). Without cuBLAS (`available()`), hmma_kernel stays; in the
-simulator NumPy stands in for cuBLAS.
+On by default (RBEES_CUDA_DENSE=0 turns it off) from MIN_TOKENS tokens. cuBLAS is called through ctypes
+(found by cuda.pathfinder), because CuPy's wrapper refuses stream capture, so that a repeated step's graph
+holds its GEMMs. So captured, on an H100 (2026-12-07, docs/benchmarks.md, seventeenth session): the 8B's
+512-token prefill 14,436 tok/s against hmma_kernel's 8,435 (llama.cpp 9,641); the 0.5B's 2,048-token prefill
+72,332 against 60,529, its 256 streams 59,107 against 46,627, 96 streams 29,632 against 24,982, 64 even.
+A step that runs once (a burst's prompts, whose shape never repeats) launches from Python, about three
+launches a matrix here against hmma_kernel's one: a worker whose one-off steps took this path answered 64
+new streams' first tokens after 118-131 ms instead of 21-24, so those steps keep hmma_kernel (`takes`).
+`bench/cuda_bench.py --variant dense=0` measures without it.
+Without cuBLAS (`available()`), hmma_kernel stays; in the simulator NumPy stands in for cuBLAS.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from rbees_workerd.kernels.cuda.device import JIT, SIM, address, grid_ready, pac
 from rbees_workerd.kernels.cuda.formats import OFFSET, decode
 from rbees_workerd.kernels.cuda.outputs import MODE_ROWS, residual, store
 
-ON = os.environ.get("RBEES_CUDA_DENSE", "") == "1"  # large steps' products through cuBLAS (where available)
-MIN_TOKENS = 256  # products of this many tokens or more take this path
+ON = os.environ.get("RBEES_CUDA_DENSE", "") != "0"  # large steps' products through cuBLAS (where available)
+MIN_TOKENS = 96  # products of this many tokens or more take this path (H100: 96 faster, 64 even)
 CHUNK_BYTES = 128 << 20  # at most: a chunk's float16 weights, and its float32 sums
 THREADS = 256
 WORKSPACE_BYTES = 32 << 20  # cuBLAS's workspace (32 MiB: NVIDIA's advice for Hopper)
@@ -64,9 +66,11 @@ def available() -> bool:
     return SIM or _cublas() is not None
 
 
-def takes(t_count: int) -> bool:
-    """Whether a product of t_count tokens of an integer type goes through cuBLAS."""
-    return ON and t_count >= MIN_TOKENS and available()
+def takes(t_count: int, repeats: bool) -> bool:
+    """Whether a product of t_count tokens of an integer type goes through cuBLAS: only in a step that came
+    before, which is captured and replayed; a step that runs once (a burst's prompts) launches from Python,
+    where this path's launches cost more than they save (module docstring)."""
+    return ON and repeats and t_count >= MIN_TOKENS and available()
 
 
 def chunk_rows(t_count: int, k: int) -> int:
