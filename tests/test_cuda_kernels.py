@@ -356,6 +356,29 @@ def test_growing_scratch_drops_the_graphs_that_hold_it(be):
     assert b.shape == (4, 4) and a.shape == (2, 4) and "step" not in be._graphs
 
 
+def test_dense_scratch_is_taken_whole_so_larger_steps_keep_the_graphs(be, monkeypatch):
+    """dense.py's scratch is taken at a chunk's most (CHUNK_BYTES) at once: grown step by step, it dropped the
+    captured graphs (and the steps seen once) at each larger step, so a worker's warm-up, which runs every padded
+    step size from the smallest, left the graphs of its last sizes only and a server's first steps launched
+    from Python."""
+    monkeypatch.setattr(dense, "ON", True)
+    monkeypatch.setattr(dense, "MIN_TOKENS", 16)
+    monkeypatch.setattr(dense, "CHUNK_BYTES", 1 << 16)  # (chunks of 128 rows of 256 columns, sums of 128 tokens)
+    monkeypatch.setattr(be, "_scratch_bufs", {})
+    dropped = []
+    monkeypatch.setattr(be, "forget_graphs", lambda: dropped.append(True))
+    taken = []
+    monkeypatch.setattr(dense, "dequant_kernel", lambda qt, f=dense.dequant_kernel: taken.append(qt) or f(qt))
+    rng = np.random.default_rng(16)
+    k, n = 256, 200
+    w = be.weight(int(Q.Q4_K), (n, k), random_matrix(Q.Q4_K, n, k, rng)[0])
+    for t in (17, 40, 100):
+        x, out = _dev(be, rng.standard_normal((t, k)).astype(np.float32)), be.zeros((t, n))
+        for _ in range(2):
+            be.run_step(("growing", t), lambda x=x, out=out: be.products(x, [Product(w, out)]))
+    assert len(taken) == 3 * 2 and not dropped  # (each size's second run: two chunks of rows)
+
+
 def test_a_step_that_runs_once_keeps_the_tensor_core_kernels(be, monkeypatch):
     """A step's first run launches from Python, where cuBLAS's three launches a matrix cost more than they
     save (a burst's prompts: measured on the H100), so it keeps the one-launch kernels; its second run, which

@@ -324,10 +324,10 @@ class CudaBackend(backend.Backend):
                                    self.zeros((tiles,), np.int32))  # fmt: skip
         return self._act_bufs[key]
 
-    def _scratch(self, name: str, shape: tuple[int, ...], dtype: Any) -> Any:
+    def _scratch(self, name: str, shape: tuple[int, ...], dtype: Any, reserve: int = 0) -> Any:
         """A view of shape `shape` on the buffer `name`, which grows to the largest asked for (scratch whose
-        size follows each step's tokens). Growing drops the captured graphs, which hold the smaller one's
-        address, once the queued work is done with it."""
+        size follows each step's tokens), and is taken at `reserve` elements at least. Growing drops the captured
+        graphs, which hold the smaller one's address, once the queued work is done with it."""
         n = math.prod(shape)
         buf = self._scratch_bufs.get(name)
         if buf is None or buf.size < n:
@@ -336,7 +336,7 @@ class CudaBackend(backend.Backend):
                 self.forget_graphs()
                 self._bytes -= buf.nbytes
                 del self._scratch_bufs[name]  # (freed before the larger one is taken)
-            buf = self._scratch_bufs[name] = self.zeros((n,), dtype)
+            buf = self._scratch_bufs[name] = self.zeros((max(n, reserve),), dtype)
         return buf[:n].reshape(shape)
 
     def memory_bytes(self) -> int:
@@ -700,8 +700,9 @@ def _dense_launches(be: CudaBackend, inputs: tuple[Any, Any], qt: int, flags: in
     for i, ((w, gs, sb, out, bias), n) in enumerate(zip(mats, ns, strict=True)):
         for r0 in range(0, n, chunk):
             rows = min(chunk, n - r0)
-            wh = be._scratch("dense_w", (rows, words), np.uint32)
-            acc = be._scratch("dense_acc", (t_count, rows), np.float32)
+            # (a chunk's most from the start: grown by the warm-up's steps, it dropped their graphs at each size)
+            wh = be._scratch("dense_w", (rows, words), np.uint32, dense.CHUNK_BYTES // 4)
+            acc = be._scratch("dense_acc", (t_count, rows), np.float32, dense.CHUNK_BYTES // 4)
             own = (BIAS[0] if flags & BIAS[i] else 0) | (flags & ACCUMULATE)  # (its matrix's flags, as matrix 0's)
             launches += [_Launch(dense.dequant_kernel(qt), (-(-rows * words // 4 // dense.THREADS),), (dense.THREADS,),
                                  (w, gs, sb, r0, wh)),
