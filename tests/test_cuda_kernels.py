@@ -296,11 +296,12 @@ def test_split_products_add_their_parts_bias_and_residual(be, monkeypatch, kerne
 
 @pytest.mark.parametrize("qtype", _MMA_TYPES, ids=lambda q: q.name)
 def test_large_steps_take_cublas(be, monkeypatch, qtype):
-    """dense.py (a large step's products: a matrix's rows to float16, the GEMM, the stores): three matrices over
-    one input, the first in two chunks of rows, each with a bias and added to its output (the residual), tokens
-    of inputs past float16's range (1e5) and far below it (1e-6), against the float64 product (within 1e-3 of
-    the largest output: float16 inputs and weights). The step runs three times, the second captured into a
-    graph and the third replaying it on a new input: a GEMM the capture missed would leave the old sums."""
+    """dense.py (a large step's products: the launch's matrices' rows to float16, the GEMM, the stores): three
+    matrices over one input as one of their 280 rows, in chunks of 128 (two of which span two matrices), each
+    with a bias and added to its output (the residual), tokens of inputs past float16's range (1e5) and far
+    below it (1e-6), against the float64 product (within 1e-3 of the largest output: float16 inputs and weights).
+    The step runs three times, the second captured into a graph and the third replaying it on a new input: a
+    GEMM the capture missed would leave the old sums."""
     assert dense.available(), "the simulator's NumPy stands in for cuBLAS; on a GPU, cuda.pathfinder finds libcublas"
     monkeypatch.setattr(dense, "ON", True)
     monkeypatch.setattr(dense, "MIN_TOKENS", 16)  # (the simulator's few tokens)

@@ -1,14 +1,19 @@
 # One device call (`run` with carry [".whl", ".devdata"], command `bash bench/gpu/serve.sh`), or part of real_size.sh
 # (SERVE=1): the serving path on the Qwen2.5-0.5B shape (Q4_K_M mix). The engine's own figures (cuda_bench.py,
-# ENGINE=0 skips them), then a CUDA worker (--slots 256) streamed over HTTP by bench/worker_http.py while py-spy
-# samples it (SPY_S seconds), once per --step-tokens of STEP_TOKENS (default: the worker's), then (ORCD=1)
-# rbees-orcd in front of that worker and in front of bench/orcd_relay.py's synthetic source.
+# ENGINE=0 skips them; ENGINE_STEPS: their --steps, 64); BURST=1: the levels through the engine alone
+# (bench/engine_burst.py: the HTTP figures' ceiling); then a CUDA worker (--slots 256) streamed over HTTP by
+# bench/worker_http.py while py-spy samples it (SPY_S seconds), once per --step-tokens of STEP_TOKENS (default: the
+# worker's), then (ORCD=1) rbees-orcd in front of that worker and in front of bench/orcd_relay.py's synthetic source.
 # The worker's serving stack is not on the device: make .whl with `device-prep.sh MODEL orjson uvloop httptools py-spy`.
 [ -n "$NUMBA_CACHE_DIR" ] || source bench/gpu/setup.sh
 R=$PWD; M=/root/m/q05.gguf
 [ -f $M ] || python3 bench/gguf_shapes.py --shape qwen2.5-0.5b --mix q4_k_m --out $M --vocab-from $R/${VOCAB:-.devdata/vocab.gguf} | tail -1
 if [ "${ENGINE:-1}" = 1 ]; then
-  echo "== engine 0.5B"; timeout 150 python3 bench/cuda_bench.py $M --batches ${ENGINE_BATCHES:-1,16,64,256} --steps 64 --repeat 3 --json 2>&1 | tail -1 | tee $OUT/engine_q05.log
+  echo "== engine 0.5B"; timeout 150 python3 bench/cuda_bench.py $M --batches ${ENGINE_BATCHES:-1,16,64,256} --steps ${ENGINE_STEPS:-64} --repeat 3 --json 2>&1 | tail -1 | tee $OUT/engine_q05.log
+fi
+if [ "${BURST:-0}" = 1 ]; then
+  echo "== engine burst 0.5B"; timeout 240 python3 bench/engine_burst.py $M --backend cuda --levels ${LEVELS:-1,16,64,256} \
+    --max-tokens 128 --rounds ${ROUNDS:-1} --json 2>&1 | tail -1 | tee $OUT/burst_q05.log
 fi
 for st in ${STEP_TOKENS:-default}; do  # (STEP_TOKENS="512 2048": a worker of each --step-tokens in turn)
 python3 -m rbees_workerd.cli serve --worker-id g --model $M --port 8188 --slots 256 --context-length 512 \

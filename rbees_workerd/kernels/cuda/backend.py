@@ -691,24 +691,26 @@ def _product_launches(
 
 def _dense_launches(be: CudaBackend, inputs: tuple[Any, Any], qt: int, flags: int, mats: list[tuple[Any, ...]],
                     ns: list[int]) -> list[_Launch]:  # fmt: skip
-    """A large step's products through cuBLAS (dense.py), a matrix (or a chunk of its rows) at a time: the rows
-    converted to float16, the GEMM, the stores. inputs: prep_f16_kernel's float16 words and token scales."""
+    """A large step's products through cuBLAS (dense.py): the launch's matrices as one of their rows one after
+    another, a chunk of those rows at a time: the rows converted to float16, the GEMM, the stores.
+    inputs: prep_f16_kernel's float16 words and token scales."""
     xh, xs = inputs
     t_count, words = xh.shape
-    chunk = dense.chunk_rows(t_count, 2 * words)
+    chunk, total = dense.chunk_rows(t_count, 2 * words), sum(ns)
+    weights = [a for m in mats for a in m[:3]]
+    outs = [a for m in mats for a in m[3:]]
+    n0, n1 = ns[0], ns[1]
     launches = []
-    for i, ((w, gs, sb, out, bias), n) in enumerate(zip(mats, ns, strict=True)):
-        for r0 in range(0, n, chunk):
-            rows = min(chunk, n - r0)
-            # (a chunk's most from the start: grown by the warm-up's steps, it dropped their graphs at each size)
-            wh = be._scratch("dense_w", (rows, words), np.uint32, dense.CHUNK_BYTES // 4)
-            acc = be._scratch("dense_acc", (t_count, rows), np.float32, dense.CHUNK_BYTES // 4)
-            own = (BIAS[0] if flags & BIAS[i] else 0) | (flags & ACCUMULATE)  # (its matrix's flags, as matrix 0's)
-            launches += [_Launch(dense.dequant_kernel(qt), (-(-rows * words // 4 // dense.THREADS),), (dense.THREADS,),
-                                 (w, gs, sb, r0, wh)),
-                         _Launch(be._gemm, (), (), (xh, wh, acc)),
-                         _Launch(dense.finish_kernel, (-(-rows // dense.THREADS), t_count), (dense.THREADS,),
-                                 (acc, xs, out, bias, r0, own))]  # fmt: skip
+    for g0 in range(0, total, chunk):
+        rows = min(chunk, total - g0)
+        # (a chunk's most from the start: grown by the warm-up's steps, it dropped their graphs at each size)
+        wh = be._scratch("dense_w", (rows, words), np.uint32, dense.CHUNK_BYTES // 4)
+        acc = be._scratch("dense_acc", (t_count, rows), np.float32, dense.CHUNK_BYTES // 4)
+        launches += [_Launch(dense.dequant_kernel(qt), (-(-rows * words // 4 // dense.THREADS),), (dense.THREADS,),
+                             (*weights, n0, n1, g0, wh)),
+                     _Launch(be._gemm, (), (), (xh, wh, acc)),
+                     _Launch(dense.finish_kernel, (-(-rows // dense.THREADS), t_count), (dense.THREADS,),
+                             (acc, xs, *outs, n0, n1, g0, flags))]  # fmt: skip
     return launches
 
 

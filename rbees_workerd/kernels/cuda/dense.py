@@ -1,21 +1,24 @@
-"""The products of large steps through cuBLAS, a matrix at a time: its rows converted to float16
-(dequant_kernel), one float16 GEMM with float32 sums (cublasGemmEx), then the stores
-(finish_kernel: the tokens' scales, bias, residual).
+"""The products of large steps through cuBLAS, a launch's matrices (up to three of one type over one input: q/k/v,
+gate/up) at a time, as one matrix of their rows one after another: those rows converted to float16
+(dequant_kernel), one float16 GEMM with float32 sums (cublasGemmEx), then the stores (finish_kernel: the tokens'
+scales, each matrix's bias and residual, to each matrix's output).
 
 hmma_kernel converts each weight once per 64 tokens and multiplies on mma.sync; past a few hundred
 tokens its conversions and its mma rate bound it, where cuBLAS's GEMMs run the tensor cores at several
 times that rate (dense float16, H100). The input is hmma's (prep_f16_kernel: float16 in stage_q8's item
 order, token t scaled by 1 / xs[t]); the weights are converted in the same order, which a dot product
-does not see. A matrix whose float16 rows or float32 sums would exceed CHUNK_BYTES goes in chunks of rows.
+does not see. Matrices whose float16 rows or float32 sums would exceed CHUNK_BYTES go in chunks of rows.
 
 On by default (RBEES_CUDA_DENSE=0 turns it off) from MIN_TOKENS tokens. cuBLAS is called through ctypes
 (found by cuda.pathfinder), because CuPy's wrapper refuses stream capture, so that a repeated step's graph
 holds its GEMMs. So captured, on an H100 (2026-12-07, docs/benchmarks.md, seventeenth session): the 8B's
 512-token prefill 14,436 tok/s against hmma_kernel's 8,435 (llama.cpp 9,641); the 0.5B's 2,048-token prefill
-72,332 against 60,529, its 256 streams 59,107 against 46,627, 96 streams 29,632 against 24,982, 64 even.
-A step that runs once (a burst's prompts, whose shape never repeats) launches from Python, about three
-launches a matrix here against hmma_kernel's one: a worker whose one-off steps took this path answered 64
-new streams' first tokens after 118-131 ms instead of 21-24, so those steps keep hmma_kernel (`takes`).
+72,332 against 60,529, its 256 streams 59,107 against 46,627, 96 streams 29,632 against 24,982, 64 even. (Those
+figures are of three launches a matrix; since 2026-12-07's eighteenth session a launch's matrices take three in
+all (q/k/v of one type nine to three, gate/up six to three): not measured yet.)
+A step that runs once (a burst's prompts, whose shape never repeats) launches from Python, three launches a
+chunk here against hmma_kernel's one: a worker whose one-off steps took this path answered 64 new streams'
+first tokens after 118-131 ms instead of 21-24, so those steps keep hmma_kernel (`takes`).
 `bench/cuda_bench.py --variant dense=0` measures without it.
 Without cuBLAS (`available()`), hmma_kernel stays; in the simulator NumPy stands in for cuBLAS.
 """
@@ -33,7 +36,7 @@ from numba import cuda, float32, uint32
 from rbees_workerd.errors import CudaError
 from rbees_workerd.kernels.cuda.device import JIT, SIM, address, grid_ready, pack_f16
 from rbees_workerd.kernels.cuda.formats import OFFSET, decode
-from rbees_workerd.kernels.cuda.outputs import MODE_ROWS, residual, store
+from rbees_workerd.kernels.cuda.outputs import MODE_ROWS, matrix_row, residual, store
 
 ON = os.environ.get("RBEES_CUDA_DENSE", "") != "0"  # large steps' products through cuBLAS (where available)
 MIN_TOKENS = 96  # products of this many tokens or more take this path (H100: 96 faster, 64 even)
@@ -81,12 +84,13 @@ def chunk_rows(t_count: int, k: int) -> int:
 
 @functools.cache
 def dequant_kernel(qt: int):  # noqa: ANN201
-    """wh[r] = row r0 + r of the matrix (words, gs, sb), as float16 in stage_q8's item order (words
-    4 it .. 4 it + 3: item it's 8 weights); a thread an item."""
+    """wh[r] = row g0 + r of a launch's matrices (m0, m1, m2: words, gs, sb) one after another (n0 and n1 rows
+    in the first two), as float16 in stage_q8's item order (words 4 it .. 4 it + 3: item it's 8 weights); a
+    thread an item."""
     off = float32(OFFSET.get(qt, 0.0))
 
     @cuda.jit(**JIT)
-    def kernel(words, gs, sb, r0, wh):
+    def kernel(w0, gs0, sb0, w1, gs1, sb1, w2, gs2, sb2, n0, n1, g0, wh):
         grid_ready()
         wv = cuda.local.array(8, float32)
         items = wh.shape[1] // 4
@@ -94,7 +98,11 @@ def dequant_kernel(qt: int):  # noqa: ANN201
         r = i // items
         it = i % items
         if r < wh.shape[0]:
-            decode(qt, words, gs, sb, off, r0 + r, it // 4, it % 4, wv, True)
+            which, row = matrix_row(g0 + r, n0, n1)
+            words = w0 if which == 0 else (w1 if which == 1 else w2)
+            gs = gs0 if which == 0 else (gs1 if which == 1 else gs2)
+            sb = sb0 if which == 0 else (sb1 if which == 1 else sb2)
+            decode(qt, words, gs, sb, off, row, it // 4, it % 4, wv, True)
             for m in range(4):
                 wh[r, uint32(4 * it + m)] = pack_f16(wv[2 * m], wv[2 * m + 1])
 
@@ -102,16 +110,17 @@ def dequant_kernel(qt: int):  # noqa: ANN201
 
 
 @cuda.jit(**JIT)
-def finish_kernel(acc, xs, out, bias, r0, flags):
-    """out[t, r0 + c] = acc[t, c] times token t's scale back, stored by outputs.store as matrix 0 of a launch
-    with flags (its BIAS[0], ACCUMULATE); a thread an element, a block row a token."""
+def finish_kernel(acc, xs, o0, b0, o1, b1, o2, b2, n0, n1, g0, flags):
+    """Column c of acc is row g0 + c of the launch's matrices one after another: its element of token t times
+    the token's scale back, stored by outputs.store with the launch's flags (BIAS, ACCUMULATE); a thread an
+    element, a block row a token."""
     grid_ready()
     t = cuda.blockIdx.y
     c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     if c < acc.shape[1]:
-        r = r0 + c
-        store(0, MODE_ROWS, flags, t, r, acc[t, c] * xs[t], float32(0.0), out, bias, out, bias, out, bias,
-              residual(flags, 0, t, r, out, out, out))  # fmt: skip
+        which, r = matrix_row(g0 + c, n0, n1)
+        store(which, MODE_ROWS, flags, t, r, acc[t, c] * xs[t], float32(0.0), o0, b0, o1, b1, o2, b2,
+              residual(flags, which, t, r, o0, o1, o2))
 
 
 class Gemm:
