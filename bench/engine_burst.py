@@ -4,9 +4,10 @@
 
 Each level submits that many copies of worker_http.py's prompt at once (greedy, token ids only) to the worker's
 own Scheduler over the worker's Engine (`--slots`, `--context-length` and the default step size of a worker
-started as bench/gpu/serve.sh starts one), and counts each stream's tokens as the scheduler hands them out.
-The figures are worker_http.py's: "aggregate" is every token over the level's wall time, "decode aggregate" the
-tokens after each stream's first over the span from the first first token to the last token.
+started as bench/gpu/serve.sh starts one), stepped on the thread that loaded it as in the engine process, and
+counts each stream's tokens as the scheduler hands them out. The figures are worker_http.py's: "aggregate" is
+every token over the level's wall time, "decode aggregate" the tokens after each stream's first over the span
+from the first first token to the last token.
 
 So the two benchmarks split the HTTP figure's share of bench/cuda_bench.py's:
 - this figure over cuda_bench's is what a burst's prompts and its ramp leave of the engine's decode rate (cuda_bench
@@ -19,6 +20,7 @@ interleaved; the median round of each level (by decode aggregate) is printed.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -110,16 +112,27 @@ def main() -> None:
     router = _Router()
     failed: list[BaseException] = []
     scheduler = Scheduler(engine, router.on_step, failed.append)
-    scheduler.start()
-    try:
-        for c in levels:  # warm-up
-            run_level(scheduler, router, prompt, c, 8, f"warm-{c}")
-        rounds = [[run_level(scheduler, router, prompt, c, args.max_tokens, f"r{r}-{c}") for c in levels]
-                  for r in range(args.rounds)]  # fmt: skip
-    finally:
-        scheduler.stop(60)
-    if failed:
-        raise SystemExit(f"the engine failed: {failed[0]!r}")
+    rounds: list[list[dict[str, float]]] = []
+
+    def levels_then_stop() -> None:
+        try:
+            for c in levels:  # warm-up
+                run_level(scheduler, router, prompt, c, 8, f"warm-{c}")
+            for r in range(args.rounds):
+                rounds.append([run_level(scheduler, router, prompt, c, args.max_tokens, f"r{r}-{c}") for c in levels])
+        except BaseException as e:  # noqa: BLE001 - reported once the scheduler has stopped
+            failed.append(e)
+        finally:
+            scheduler.stop()
+
+    gc.collect()  # as the engine process does once loaded
+    gc.freeze()
+    threading.Thread(target=levels_then_stop, name="bench-bursts", daemon=True).start()
+    # the steps on this thread, which loaded the engine, as in the engine process (engine_process.py: Numba's CPU
+    # kernels run on OpenMP teams per thread, and a second thread's team made a CPU step three times as long)
+    scheduler.run()
+    if failed or len(rounds) < args.rounds:
+        raise SystemExit(f"the bursts failed: {failed[0]!r}" if failed else "the bursts did not finish")
     key = "decode_aggregate_tokens_per_sec"
     results = [sorted((rnd[i] for rnd in rounds), key=lambda r: r[key])[len(rounds) // 2] for i in range(len(levels))]
     report = {"levels": results, "rounds": args.rounds, "prompt_tokens": len(prompt),
