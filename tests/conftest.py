@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from sim_run import SIM_RUN, TEST_NAME, SimulatorRun
+from sim_run import SIM_RUN, TEST_NAMES, SimulatorRun
 
 if TYPE_CHECKING:
     from rbees_workerd.engine.tokenizer import Tokenizer
@@ -21,13 +21,13 @@ os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".numba-cache"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The simulator run of the CUDA kernel tests keeps a core busy for many minutes: when its test is
-    selected, start it now, beside the rest of the suite, and put its test last, where it collects the result.
+    """The simulator run of the CUDA kernel tests keeps a core busy for many minutes: when a test of it is
+    selected, start it now, beside the rest of the suite, and put its tests last, where they collect the result.
     Not in pytest-xdist's workers: each collects every test, and only the one that is given it would use the
     run (the test starts its own then)."""
-    sim = [item for item in items if item.name == TEST_NAME]
+    sim = [item for item in items if item.name in TEST_NAMES]
     if sim and importlib.util.find_spec("numba_cuda") is not None and not hasattr(config, "workerinput"):
-        items[:] = [item for item in items if item.name != TEST_NAME] + sim
+        items[:] = [item for item in items if item.name not in TEST_NAMES] + sim
         config.stash[SIM_RUN] = SimulatorRun()
 
 
