@@ -23,8 +23,8 @@ os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".numba-cache"))
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The simulator run of the CUDA kernel tests keeps a core busy for many minutes: when a test of it is
     selected, start it now, beside the rest of the suite, and put its tests last, where they collect the result.
-    Not in pytest-xdist's workers: each collects every test, and only the one that is given it would use the
-    run (the test starts its own then)."""
+    Not in pytest-xdist's workers: each collects every test, and only the one that is given them would use the
+    run (their first starts one then)."""
     sim = [item for item in items if item.name in TEST_NAMES]
     if sim and importlib.util.find_spec("numba_cuda") is not None and not hasattr(config, "workerinput"):
         items[:] = [item for item in items if item.name not in TEST_NAMES] + sim

@@ -52,7 +52,7 @@ class SimulatorRun:
         return self._result
 
     def stop(self) -> None:
-        """Kill it if it still runs (a session that ended before its test)."""
+        """Kill it if it still runs (a session that ended before its tests), and remove its records."""
         if self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
