@@ -14,8 +14,9 @@ On by default (RBEES_CUDA_DENSE=0 turns it off) from MIN_TOKENS tokens. cuBLAS i
 holds its GEMMs. So captured, on an H100 (2026-12-07, docs/benchmarks.md, seventeenth session): the 8B's
 512-token prefill 14,436 tok/s against hmma_kernel's 8,435 (llama.cpp 9,641); the 0.5B's 2,048-token prefill
 72,332 against 60,529, its 256 streams 59,107 against 46,627, 96 streams 29,632 against 24,982, 64 even. (Those
-figures are of three launches a matrix; since 2026-12-07's eighteenth session a launch's matrices go together,
-three launches a chunk (q/k/v of one type nine to three, gate/up six to three): not measured yet.)
+figures are of three launches a matrix. Since the eighteenth session a launch's matrices go together, three
+launches a chunk (q/k/v of one type nine to three, gate/up six to three): 256 streams 58,023 -> 61,476 tok/s, a
+512-token prompt 63,156 -> 66,175, H100, steps of 128 tokens.)
 A step that runs once (a burst's prompts, whose shape never repeats) launches from Python, three launches a
 chunk here against hmma_kernel's one: a worker whose one-off steps took this path answered 64 new streams'
 first tokens after 118-131 ms instead of 21-24, so those steps keep hmma_kernel (`takes`).
