@@ -100,10 +100,8 @@ def dequant_kernel(qt: int):  # noqa: ANN201
         it = i % items
         if r < wh.shape[0]:
             which, row = matrix_row(g0 + r, n0, n1)
-            words = w0 if which == 0 else (w1 if which == 1 else w2)
-            gs = gs0 if which == 0 else (gs1 if which == 1 else gs2)
-            sb = sb0 if which == 0 else (sb1 if which == 1 else sb2)
-            decode(qt, words, gs, sb, off, row, it // 4, it % 4, wv, True)
+            w, gs, sb = (w0, gs0, sb0) if which == 0 else ((w1, gs1, sb1) if which == 1 else (w2, gs2, sb2))
+            decode(qt, w, gs, sb, off, row, it // 4, it % 4, wv, True)
             for m in range(4):
                 wh[r, uint32(4 * it + m)] = pack_f16(wv[2 * m], wv[2 * m + 1])
 
