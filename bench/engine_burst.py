@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import sys
 import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from worker_http import PROMPT  # noqa: E402
+from worker_http import PROMPT, level_figures, median_round  # noqa: E402
 
 from rbees_workerd.engine.engine import Engine  # noqa: E402
 from rbees_workerd.engine.types import GenerationParams  # noqa: E402
@@ -68,26 +67,19 @@ class _Router:
             self.burst.on_step(out)
 
 
-def run_level(scheduler: Scheduler, router: _Router, prompt: list[int], streams: int, max_tokens: int,
+def run_level(scheduler: Scheduler, router: _Router, prompt: list[int], streams_n: int, max_tokens: int,
               tag: str) -> dict[str, float]:  # fmt: skip
-    burst = router.burst = _Burst(streams)
+    burst = router.burst = _Burst(streams_n)
     params = GenerationParams(max_tokens=max_tokens, temperature=0.0)
     t0 = time.perf_counter()
-    for f in [scheduler.submit(f"{tag}-{i}", prompt, params) for i in range(streams)]:
+    for f in [scheduler.submit(f"{tag}-{i}", prompt, params) for i in range(streams_n)]:
         f.result()
     if not burst.done.wait(600):
-        raise SystemExit(f"{streams} streams did not end within 600 s")
-    first, last = min(burst.first.values()), max(burst.last.values())
-    total = sum(burst.tokens.values())
-    ttft = sorted(at - t0 for at in burst.first.values())
-    return {
-        "concurrency": streams,
-        "tokens": total,
-        "aggregate_tokens_per_sec": round(total / (last - t0), 2),
-        "decode_aggregate_tokens_per_sec": round((total - len(burst.first)) / (last - first), 2),
-        "ttft_ms_p50": round(1000 * statistics.median(ttft), 1),
-        "ttft_ms_max": round(1000 * ttft[-1], 1),
-    }
+        raise SystemExit(f"{streams_n} streams did not end within 600 s")
+    last = max(burst.last.values())
+    streams = [{"tokens": n, "first_at": burst.first[job], "last_at": burst.last[job], "ttft_s": burst.first[job] - t0}
+               for job, n in burst.tokens.items()]  # fmt: skip
+    return {"concurrency": streams_n, **level_figures(streams, last - t0)}
 
 
 def main() -> None:
@@ -134,7 +126,7 @@ def main() -> None:
     if failed or len(rounds) < args.rounds:
         raise SystemExit(f"the bursts failed: {failed[0]!r}" if failed else "the bursts did not finish")
     key = "decode_aggregate_tokens_per_sec"
-    results = [sorted((rnd[i] for rnd in rounds), key=lambda r: r[key])[len(rounds) // 2] for i in range(len(levels))]
+    results = [median_round([rnd[i] for rnd in rounds], key) for i in range(len(levels))]
     report = {"levels": results, "rounds": args.rounds, "prompt_tokens": len(prompt),
               "step_tokens": engine.model.max_step_tokens, "backend": engine.backend.name}  # fmt: skip
     if args.json:

@@ -125,32 +125,40 @@ async def run_level(url: str, concurrency: int, max_tokens: int) -> dict[str, fl
         *(_one_stream(where, f"bench-{concurrency}-{i}-{time.monotonic_ns()}", max_tokens) for i in range(concurrency))
     )
     wall = time.perf_counter() - t0
-    total = sum(r["tokens"] for r in results)
-    # decode phase: the tokens after each stream's first, over the span from the first first token to the last token
-    span = max(r["last_at"] for r in results) - min(r["first_at"] for r in results)
-    decode_rate = sum(r["tokens"] - 1 for r in results) / span if span > 0 else 0.0
     timed = [r for r in results if r["end_s"] > r["first_s"] and r["engine_tokens_per_sec"] > 0]
     per_stream = [(r["tokens"] - 1) / (r["end_s"] - r["first_s"]) for r in timed]
     # same job, same time window: what the client saw per token minus what the engine spent per token
     overhead = [1000 / rate - 1000 / r["engine_tokens_per_sec"] for r, rate in zip(timed, per_stream, strict=True)]
     return {
         "concurrency": concurrency,
-        "tokens": total,
-        "wall_s": round(wall, 3),
-        "aggregate_tokens_per_sec": round(total / wall, 2),
-        "decode_aggregate_tokens_per_sec": round(decode_rate, 2),
+        **level_figures(results, wall),
         "per_stream_tokens_per_sec": round(statistics.mean(per_stream), 2),
-        "ttft_ms_mean": round(1000 * statistics.mean(r["ttft_s"] for r in results), 1),
-        "ttft_ms_p50": round(1000 * statistics.median(r["ttft_s"] for r in results), 1),
-        "ttft_ms_max": round(1000 * max(r["ttft_s"] for r in results), 1),
         "engine_reported_tokens_per_sec": round(statistics.mean(r["engine_tokens_per_sec"] for r in results), 2),
         "http_overhead_ms_per_token": round(statistics.mean(overhead), 3),
     }
 
 
-def _median_round(runs: list[dict[str, float]]) -> dict[str, float]:
-    """The run of a level with the median aggregate tokens/s (the upper one of an even count)."""
-    return sorted(runs, key=lambda r: r["aggregate_tokens_per_sec"])[len(runs) // 2]
+def level_figures(streams: list[dict[str, Any]], wall: float) -> dict[str, float]:
+    """A level's figures from its streams' token counts, first and last tokens' stamps and times to first token
+    (this bench's and bench/engine_burst.py's): every token over the wall time, and the tokens after each stream's
+    first over the span from the first first token to the last token (the decode phase)."""
+    total = sum(r["tokens"] for r in streams)
+    span = max(r["last_at"] for r in streams) - min(r["first_at"] for r in streams)
+    decode_rate = sum(r["tokens"] - 1 for r in streams) / span if span > 0 else 0.0
+    return {
+        "tokens": total,
+        "wall_s": round(wall, 3),
+        "aggregate_tokens_per_sec": round(total / wall, 2),
+        "decode_aggregate_tokens_per_sec": round(decode_rate, 2),
+        "ttft_ms_mean": round(1000 * statistics.mean(r["ttft_s"] for r in streams), 1),
+        "ttft_ms_p50": round(1000 * statistics.median(r["ttft_s"] for r in streams), 1),
+        "ttft_ms_max": round(1000 * max(r["ttft_s"] for r in streams), 1),
+    }
+
+
+def median_round(runs: list[dict[str, float]], key: str = "aggregate_tokens_per_sec") -> dict[str, float]:
+    """The run of a level with the median `key` (the upper one of an even count)."""
+    return sorted(runs, key=lambda r: r[key])[len(runs) // 2]
 
 
 def engine_rate(model: str, max_tokens: int) -> float:
@@ -241,7 +249,7 @@ def main() -> None:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(120)
-    results = [_median_round([rnd[i] for rnd in rounds]) for i in range(len(levels))]
+    results = [median_round([rnd[i] for rnd in rounds]) for i in range(len(levels))]
     report: dict[str, Any] = {"levels": results, "rounds": args.rounds}
     single = next((r for r in results if r["concurrency"] == 1), None)
     if single is not None and not args.no_engine:
