@@ -351,10 +351,35 @@ def test_growing_scratch_drops_the_graphs_that_hold_it(be):
     """dense.py's scratch is captured into the steps' graphs by address: a larger buffer replaces it only
     with the graphs gone (a graph replayed on the freed one would write there); a smaller view keeps them."""
     a = be._scratch("probe", (2, 4), np.float32)
-    be._graphs["step"] = "a graph holding a"
-    assert be._scratch("probe", (3,), np.float32).shape == (3,) and "step" in be._graphs
+    be._graphs["step"].keep("probe", "a graph holding a")
+    assert be._scratch("probe", (3,), np.float32).shape == (3,) and "probe" in be._graphs["step"]
     b = be._scratch("probe", (4, 4), np.float32)
-    assert b.shape == (4, 4) and a.shape == (2, 4) and "step" not in be._graphs
+    assert b.shape == (4, 4) and a.shape == (2, 4) and "probe" not in be._graphs["step"]
+
+
+def test_samplings_of_every_row_count_keep_the_steps_graphs(be):
+    """A burst of arrivals samples a different number of rows at nearly every step, each count a graph of its
+    own: those must not push a step's graph out (a 2,048-token step run again from Python took 80-140 ms)."""
+    from rbees_workerd.kernels.cuda.backend import MAX_GRAPHS
+
+    graphs = be._graphs
+    graphs["step"].keep("probe step", "a step's graph")
+    for n in range(2 * MAX_GRAPHS):
+        graphs["sample"].keep(("probe sampling", n), "a sampling's graph")
+    assert "probe step" in graphs["step"] and ("probe sampling", MAX_GRAPHS - 1) not in graphs["sample"]
+    be.forget_graphs()
+    if SIM:
+        return  # the simulator captures nothing: the rest runs on a GPU
+    logits = _dev(be, np.random.default_rng(0).standard_normal((2 * MAX_GRAPHS, 300)).astype(np.float32))
+    x, idx, out = _dev(be, np.ones((4, 8), np.float32)), _dev(be, np.array([3, 1], np.int32)), be.zeros((2, 8))
+    for _ in range(2):  # captured at its second run
+        be.run_step("probe step", lambda: be.gather_rows(x, idx, out))
+    want = np.argmax(be.download(logits), axis=1)
+    for n in range(1, 2 * MAX_GRAPHS + 1):
+        for _ in range(2):
+            np.testing.assert_array_equal(be.sample(logits[:n], _rows(n, temperature=0.0)), want[:n])
+    assert "probe step" in graphs["step"] and len(graphs["sample"]._kept) == MAX_GRAPHS
+    np.testing.assert_array_equal(be.download(out), np.ones((2, 8), np.float32))
 
 
 def test_dense_scratch_is_taken_whole_so_larger_steps_keep_the_graphs(be, monkeypatch):

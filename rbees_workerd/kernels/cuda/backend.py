@@ -39,8 +39,8 @@ if not SIM:
 # numba-cuda would warn of each one at its first launch, in every worker's log.
 warnings.filterwarnings("ignore", message=r"(\x1b\[1m)?Grid size \d+ will likely result in GPU under-utilization")
 
-MAX_GRAPHS = 64  # captured step shapes kept (least recently used dropped)
-MAX_SEEN = 256  # step shapes run once and remembered, to be captured if they come again
+MAX_GRAPHS = 64  # captured graphs kept of each kind, steps and samplings (least recently used dropped)
+MAX_SEEN = 256  # keys of each kind run once and remembered, to be captured if they come again
 PROGRAMMATIC = True  # graphs' kernels launch while the one before runs (see _programmatic_edges)
 GEMM_MIN_TOKENS = 16 if SIM else 32  # float weights: steps of this many tokens take the tiled GEMM (see _many_tokens)
 _STAGING = 1 << 20  # pinned bytes through which small uploads go asynchronously
@@ -180,8 +180,7 @@ class CudaBackend(backend.Backend):
         self._staged = 0  # bytes of the pinned staging buffer in use since the last synchronization
         self._recording: list[Any] | None = None
         self._repeats = False  # whether the step being built came before (and is captured now): see _replay
-        self._graphs: OrderedDict[Hashable, Any] = OrderedDict()
-        self._seen: OrderedDict[Hashable, None] = OrderedDict()  # see _seen_before
+        self._graphs = {kind: _Graphs() for kind in ("step", "sample")}  # see _replay
         self._sample_bufs: dict[tuple[Any, ...], Any] = {}
         self._ptrs: dict[int, tuple[Any, tuple[int, tuple[int, ...]]]] = {}  # see _array_ptr
         self._free_ids: dict[int, list[tuple[np.ndarray, Any]]] = {}  # see _pinned_ids
@@ -449,7 +448,7 @@ class CudaBackend(backend.Backend):
                 # all greedy: argmax_kernel alone, reading no params, so nothing is packed or uploaded
                 args = (logits, ab.dummy, ab.acc, ab.count, ab.ids, False)
                 block = (sample.ARGMAX_THREADS,)
-                self._replay(("sample", ptr), lambda: [_Launch(sample.argmax_kernel, grid, block, args)])
+                self._replay("sample", ptr, lambda: [_Launch(sample.argmax_kernel, grid, block, args)])
                 return self._picks(ab, r_count)
             width = max([len(r.history) for r in rows if r.repetition_penalty != 1.0] + [1])
             width = 1 << (width - 1).bit_length()  # few distinct shapes, few buffers
@@ -466,7 +465,7 @@ class CudaBackend(backend.Backend):
                                             (logits, pb.dev, pb.work, ab.ids)))  # fmt: skip
                 return launches
 
-            self._replay(("sample", ptr, width, some, every), build)
+            self._replay("sample", (ptr, width, some, every), build)
             return self._picks(ab, r_count)
 
     def feed(self, picks: backend.Picks, tokens: Any) -> None:
@@ -528,7 +527,7 @@ class CudaBackend(backend.Backend):
     # ---- steps
     def run_step(self, key: Hashable, step: Callable[[], None]) -> None:
         with _cuda_errors("running a step"):
-            self._replay(("step", key), lambda: self._record(step))
+            self._replay("step", key, lambda: self._record(step))
 
     def _record(self, step: Callable[[], None]) -> list[_Launch]:
         self._recording = []
@@ -538,17 +537,17 @@ class CudaBackend(backend.Backend):
         finally:
             self._recording = None
 
-    def _replay(self, key: Hashable, build: Callable[[], list[_Launch]]) -> None:
-        """Replay the graph captured for key, or build the launches and run them; capture them the
+    def _replay(self, kind: str, key: Hashable, build: Callable[[], list[_Launch]]) -> None:
+        """Replay the graph of `kind` captured for key, or build the launches and run them; capture them the
         second time the key comes. Steps of one-off shapes (a server's steps that mix prompt chunks
         of arriving requests into the decodes) then cost their launches alone, not a capture too, and
         are lowered for few launches (self._repeats: dense.takes)."""
-        graph = self._graphs.get(key)
+        graphs = self._graphs[kind]
+        graph = graphs.get(key)
         if graph is not None:
-            self._graphs.move_to_end(key)
             graph.launch(self._core_stream)
             return
-        repeats = self._repeats = self._seen_before(key)  # (the simulator captures nothing, but lowers the same)
+        repeats = self._repeats = graphs.seen_before(key)  # (the simulator captures nothing, but lowers the same)
         try:
             launches = build()
         finally:
@@ -566,17 +565,43 @@ class CudaBackend(backend.Backend):
         # the steps of vec_kernel products (which load weights before grid_ready) get them
         if PROGRAMMATIC and all(ln.overlap for ln in launches):
             _programmatic_edges(builder.graph_definition.handle)
-        self._graphs[key] = builder.complete()
-        if len(self._graphs) > MAX_GRAPHS:
-            self._graphs.popitem(last=False)
+        graphs.keep(key, builder.complete())
 
     def forget_graphs(self) -> None:
         """Drop every captured graph (tuning tools that change how steps are lowered: bench/cuda_bench.py --sweep)."""
-        self._graphs.clear()
-        self._seen.clear()
+        for graphs in self._graphs.values():
+            graphs.clear()
 
-    def _seen_before(self, key: Hashable) -> bool:
-        """Whether key has come before (the last MAX_SEEN keys are remembered)."""
+
+class _Graphs:
+    """The captured graphs of one kind of launch, the least recently used dropped past MAX_GRAPHS, and the keys
+    run once (the last MAX_SEEN), to be captured if they come again.
+
+    Steps and samplings keep theirs apart: a sampling's key counts its rows, which change at nearly every step
+    while a burst of requests arrives, and in one shared cache they pushed the steps' graphs out; a 2,048-token
+    step whose graph was gone then took the engine 80-140 ms, against 3-15 ms for the steps around it (H100, 0.5B
+    shape, 256 streams over HTTP: 3 rounds of 8)."""
+
+    def __init__(self) -> None:
+        self._kept: OrderedDict[Hashable, Any] = OrderedDict()
+        self._seen: OrderedDict[Hashable, None] = OrderedDict()
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._kept
+
+    def get(self, key: Hashable) -> Any:
+        graph = self._kept.get(key)
+        if graph is not None:
+            self._kept.move_to_end(key)
+        return graph
+
+    def keep(self, key: Hashable, graph: Any) -> None:
+        self._kept[key] = graph
+        if len(self._kept) > MAX_GRAPHS:
+            self._kept.popitem(last=False)
+
+    def seen_before(self, key: Hashable) -> bool:
+        """Whether key has come before (and is forgotten now: it is captured, or ran twice)."""
         if key in self._seen:
             del self._seen[key]
             return True
@@ -584,6 +609,10 @@ class CudaBackend(backend.Backend):
         if len(self._seen) > MAX_SEEN:
             self._seen.popitem(last=False)
         return False
+
+    def clear(self) -> None:
+        self._kept.clear()
+        self._seen.clear()
 
 
 def _programmatic_edges(graph: Any) -> None:
