@@ -76,8 +76,8 @@ def padded(n: int, limit: int) -> int:
 
 
 def padded_sizes(limit: int) -> list[int]:
-    """Every size `padded` gives a step of three tokens or more, at most `limit`."""
-    return sorted({padded(n, limit) for n in range(3, limit + 1)})
+    """Every size `padded` gives a step, at most `limit`: 1, 2, 4, 8, ..."""
+    return sorted({padded(n, limit) for n in range(1, limit + 1)})
 
 
 def cache_slots(slots: int, be: Backend) -> int:
@@ -245,7 +245,9 @@ class Transformer:
         """On a backend that captures steps per shape, run each padded size of a step of several sequences twice
         (all its tokens at position 0 of `pad_slot`): it captures a shape at its
         second step, so a server's steps replay from the first request on. (Measured on the H100, 0.5B shape,
-        256 streams: most steps then ran launch by launch from Python, in shapes seen once or twice.)"""
+        256 streams: most steps then ran launch by launch from Python, in shapes seen once or twice.) The sizes
+        include one and two tokens, the decode steps of the first streams of a burst: captured while serving
+        instead, at a later burst, the two-token step's graph held up the engine for 115-123 ms (H100)."""
         if self.pad_slot is None:
             return
         for size in padded_sizes(self.max_step_tokens):
