@@ -50,7 +50,7 @@ def serve(
 ) -> None:
     """Route requests to rbees workers, queue them, relay their streams; speak the OpenAI API."""
     from rbees_orcd.server import serve as run
-    from rbees_workerd.server import bind_socket
+    from rbees_workerd.listener import bind_socket
 
     try:
         host, port = split_bind(bind)

@@ -21,12 +21,13 @@ import uvicorn
 
 from rbees_orcd.app import create_app
 from rbees_orcd.settings import Settings
+from rbees_workerd.listener import Server
 from rbees_workerd.stream import with_server_send
 
 log = logging.getLogger("rbees_orcd.server")
 
 
-class _Server(uvicorn.Server):
+class _Server(Server):
     """uvicorn, but a SIGTERM/SIGINT ends it with exit 0 (uvicorn re-raises a captured signal at the end), and
     the heap start-up leaves is frozen."""
 

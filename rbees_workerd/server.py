@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from rbees_workerd import logs
 from rbees_workerd.callback import CallbackFailed, send_ready
 from rbees_workerd.errors import AuthFailed, FieldInvalid, InvalidParams, NotReady, PortUnavailable, RbeesError, lookup
+from rbees_workerd.listener import Server, bind_socket
 from rbees_workerd.runtime import WorkerRuntime, start_loading
 from rbees_workerd.schemas import (
     CancelAccepted,
@@ -377,25 +378,12 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 
 # ---- running the daemon --------------------------------------------------------------------------
-class _Server(uvicorn.Server):
+class _Server(Server):
     """uvicorn without its signal handling: the daemon drains on SIGTERM itself, then exits 0."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """The daemon's listening socket, bound before anything else starts, so that a taken port fails at once."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 def internal_error(request: Request, log: logging.Logger) -> JSONResponse:
